@@ -1,0 +1,1 @@
+"""Latent shards: the on-disk format shared with data_pipeline, storage URIs (local or s3://), readers."""
