@@ -1,0 +1,87 @@
+"""The latent autoencoder: loading (hub id, local diffusers folder, or an architecture built from a config),
+encoding images to the posterior mean/std, decoding latents back to images.
+
+Specs accepted by `load_vae`:
+  "stabilityai/sd-vae-ft-ema" (any hub id)  -> AutoencoderKL.from_pretrained; needs the network or HF cache
+  "/path/to/folder"                         -> a local diffusers AutoencoderKL folder
+  "config:sd"                               -> the sd-vae-ft-ema *architecture* with random weights (benchmarks)
+  "config:tiny"                             -> a small 8x-downsampling VAE with random weights (tests, demo)
+Random-weight VAEs are for tests, benchmarks and the offline demo: `load_vae` warns loudly when it builds one.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SD_VAE_ID = "stabilityai/sd-vae-ft-ema"
+SD_SCALING_FACTOR = 0.18215
+
+CONFIGS = {
+    # Architecture of sd-vae-ft-ema (diffusers AutoencoderKL defaults plus the SD block widths).
+    "sd": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+               down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+               norm_num_groups=32, sample_size=256, scaling_factor=SD_SCALING_FACTOR),
+    # Smallest VAE with the same 8x downsampling and 4 latent channels.
+    "tiny": dict(block_out_channels=(32, 64, 64, 64), layers_per_block=1, latent_channels=4,
+                 down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                 norm_num_groups=32, sample_size=256, scaling_factor=SD_SCALING_FACTOR),
+}
+
+
+def build_vae_from_config(name: str, seed: int = 0):
+    from diffusers import AutoencoderKL
+
+    if name not in CONFIGS:
+        raise ValueError(f"unknown VAE config {name!r}; choose one of {sorted(CONFIGS)}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return AutoencoderKL(**CONFIGS[name])
+
+
+def load_vae(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """Load the VAE named by `spec` (see module doc), in eval mode, on `device` in `dtype`."""
+    from diffusers import AutoencoderKL
+
+    if spec.startswith("config:"):
+        name = spec.split(":", 1)[1]
+        warnings.warn(f"VAE {spec!r}: building the {name!r} architecture with RANDOM weights; latents and "
+                      "decoded images are meaningless (fine for tests, benchmarks and the offline demo)",
+                      stacklevel=2)
+        vae = build_vae_from_config(name)
+    elif os.path.isdir(spec):
+        vae = AutoencoderKL.from_pretrained(spec)
+    else:
+        try:
+            vae = AutoencoderKL.from_pretrained(spec)
+        except Exception as exc:  # noqa: BLE001 - re-raised with what to do about it
+            raise RuntimeError(
+                f"could not load VAE {spec!r} from the hub or its cache ({type(exc).__name__}: {exc}). "
+                "On an offline machine download it once elsewhere and pass the local folder, "
+                "or use 'config:tiny' for a random-weight test VAE.") from exc
+    return vae.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def downsample_factor(vae) -> int:
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def scaling_factor(vae) -> float:
+    return float(getattr(vae.config, "scaling_factor", SD_SCALING_FACTOR) or SD_SCALING_FACTOR)
+
+
+@torch.no_grad()
+def encode(vae, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """images in [-1, 1], [N, 3, H, W] -> posterior (mean, std), each [N, C, H/f, W/f], unscaled."""
+    dist = vae.encode(images.to(device=vae.device, dtype=vae.dtype)).latent_dist
+    return dist.mean, dist.std
+
+
+@torch.no_grad()
+def decode(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Unscaled latents [N, C, h, w] -> images in [-1, 1], [N, 3, h*f, w*f]."""
+    return vae.decode(latents.to(device=vae.device, dtype=vae.dtype)).sample.clamp(-1, 1)
