@@ -1,0 +1,176 @@
+"""DiG (arXiv 2405.18428): DiT with the attention replaced by gated linear attention (GLA), a depthwise 3x3
+convolution after each block, and four-direction scanning (see scan.py). Module names follow the official
+release (hustvl/DiG), so its state dicts load (drop their `pos_embed`, which is a fixed buffer here)."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dig.ops import gla
+
+from .base import LatentDiffusionTransformer
+from .embedders import modulate
+from .scan import reorient_after_block, restore_raster
+
+
+class RMSNormSwishGate(nn.Module):
+    """Per-head RMSNorm of the GLA output (one weight vector shared by all heads) times swish(gate)."""
+
+    def __init__(self, head_dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(head_dim))
+
+    def forward(self, o: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        y = F.rms_norm(o.float(), (o.shape[-1],), self.weight.float(), self.eps) * F.silu(gate.float())
+        return y.to(o.dtype)
+
+
+class GatedLinearAttention(nn.Module):
+    """fla's GLA layer as DiG uses it: q, k at D*expand_k, v and output gate at D*expand_v, a low-rank
+    per-key-channel forget gate logsigmoid(W2 W1 x + b) / 16, no short convolution."""
+
+    def __init__(self, hidden_size: int, num_heads: int, expand_k: float = 0.5, expand_v: float = 1.0,
+                 gate_low_rank_dim: int = 16, gate_logit_normalizer: float = 16.0, norm_eps: float = 1e-6,
+                 backend: str = "auto"):
+        super().__init__()
+        key_dim, value_dim = int(hidden_size * expand_k), int(hidden_size * expand_v)
+        if key_dim % num_heads or value_dim % num_heads:
+            raise ValueError(f"GLA: key dim {key_dim} and value dim {value_dim} must be divisible by "
+                             f"num_heads={num_heads}")
+        self.num_heads = num_heads
+        self.gate_logit_normalizer = gate_logit_normalizer
+        self.backend = backend
+        self.q_proj = nn.Linear(hidden_size, key_dim, bias=False)
+        self.k_proj = nn.Linear(hidden_size, key_dim, bias=False)
+        self.v_proj = nn.Linear(hidden_size, value_dim, bias=False)
+        self.g_proj = nn.Linear(hidden_size, value_dim, bias=False)
+        self.gk_proj = nn.Sequential(nn.Linear(hidden_size, gate_low_rank_dim, bias=False),
+                                     nn.Linear(gate_low_rank_dim, key_dim, bias=True))
+        self.o_proj = nn.Linear(value_dim, hidden_size, bias=False)
+        self.g_norm_swish_gate = RMSNormSwishGate(value_dim // num_heads, norm_eps)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight, gain=2 ** -2.5)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        nn.init.ones_(self.g_norm_swish_gate.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, t, _ = x.shape
+        heads = lambda z: z.reshape(n, t, self.num_heads, -1)  # noqa: E731  [N, T, H, head_dim], fla's layout
+        q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
+        gk = F.logsigmoid(heads(self.gk_proj(x))) / self.gate_logit_normalizer
+        o, _ = gla(q, k, v, gk, backend=self.backend)
+        o = self.g_norm_swish_gate(o, heads(self.g_proj(x)))
+        return self.o_proj(o.reshape(n, t, -1))
+
+
+class SwiGLU(nn.Module):
+    """silu(gate) * up -> down, hidden width 256 * ceil(int(D * mlp_ratio * 2/3) / 256)."""
+
+    def __init__(self, hidden_size: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        inner = int(hidden_size * mlp_ratio * 2 / 3)
+        self.intermediate_size = 256 * ((inner + 255) // 256)
+        self.gate_proj = nn.Linear(hidden_size, 2 * self.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(self.intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DiGBlock(nn.Module):
+    """[long-skip fuse] -> adaLN-Zero GLA -> adaLN-Zero SwiGLU -> depthwise 3x3 conv over the token grid."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, gla_backend: str, long_skip: bool):
+        super().__init__()
+        self.skip_linear = nn.Linear(2 * hidden_size, hidden_size) if long_skip else None
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = GatedLinearAttention(hidden_size, num_heads, backend=gla_backend)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = SwiGLU(hidden_size, mlp_ratio)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
+        self.dw_conv = nn.Conv2d(hidden_size, hidden_size, kernel_size=3, padding=1, groups=hidden_size)
+
+    def reset_dw_conv(self) -> None:
+        """Identity: a randomly initialised DWConv costs FID (the paper's ablation)."""
+        with torch.no_grad():
+            self.dw_conv.weight.zero_()
+            self.dw_conv.weight[:, :, 1, 1] = 1.0
+            self.dw_conv.bias.zero_()
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, grid: tuple[int, int],
+                skip: torch.Tensor | None = None) -> torch.Tensor:
+        if self.skip_linear is not None:
+            if skip is None:
+                raise ValueError("this block has a long skip; pass the matching first-half output")
+            x = self.skip_linear(torch.cat([x, skip], dim=-1))
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        n, t, d = x.shape
+        x = self.dw_conv(x.transpose(1, 2).reshape(n, d, *grid))
+        return x.flatten(2).transpose(1, 2)
+
+
+class DiG(LatentDiffusionTransformer):
+    """Diffusion GLA transformer. With long_skip=True this is U-DiG: as in the release, the outputs of blocks
+    0 .. depth/2 - 2 (after their reorientation) are fused, last in first out, into blocks depth/2 + 1 ..
+    depth - 1 by Linear(2D, D); block depth/2 has none. skip_init "zero" initialises those Linears as [I | 0]
+    (the release's "skipzero"), "xavier" like every other Linear (its "skip")."""
+
+    def __init__(self, *, depth: int, hidden_size: int, num_heads: int, patch_size: int, mlp_ratio: float = 4.0,
+                 input_size: int | tuple[int, int] = 32, in_channels: int = 4, num_classes: int = 1000,
+                 learn_sigma: bool = True, class_dropout_prob: float = 0.1, gla_backend: str = "auto",
+                 grad_checkpointing: bool = False, pos_embed_base_size: int | tuple[int, int] | None = None,
+                 long_skip: bool = False, skip_init: str = "zero"):
+        super().__init__(input_size=input_size, patch_size=patch_size, in_channels=in_channels,
+                         hidden_size=hidden_size, num_classes=num_classes, learn_sigma=learn_sigma,
+                         class_dropout_prob=class_dropout_prob, pos_embed_base_size=pos_embed_base_size,
+                         grad_checkpointing=grad_checkpointing)
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1, got {depth}")
+        if long_skip and depth % 2:
+            raise ValueError(f"U-DiG pairs first-half and second-half blocks: depth must be even, got {depth}")
+        if skip_init not in ("zero", "xavier"):
+            raise ValueError(f"skip_init must be 'zero' or 'xavier', got {skip_init!r}")
+        self.depth = depth
+        self.num_heads = num_heads
+        self.long_skip = long_skip
+        self.skip_init = skip_init
+        self.blocks = nn.ModuleList([
+            DiGBlock(hidden_size, num_heads, mlp_ratio, gla_backend, long_skip=long_skip and i > depth // 2)
+            for i in range(depth)
+        ])
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        self.init_shared_weights()
+        for block in self.blocks:
+            block.attn.reset_parameters()  # xavier with gain 2^-2.5, as fla initialises its GLA layer
+            block.reset_dw_conv()
+            if block.skip_linear is not None and self.skip_init == "zero":
+                with torch.no_grad():
+                    d = self.hidden_size
+                    block.skip_linear.weight.zero_()
+                    block.skip_linear.weight[:, :d].copy_(torch.eye(d))
+                    block.skip_linear.bias.zero_()
+
+    def forward_blocks(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        grid = self.grid_size
+        skips: list[torch.Tensor] = []
+        for i, block in enumerate(self.blocks):
+            skip = skips.pop() if block.skip_linear is not None else None
+            x = self.run_block(block, x, c, grid, skip)
+            x, grid = reorient_after_block(x, grid, i)
+            if self.long_skip and i < self.depth // 2 - 1:
+                skips.append(x)
+        x, grid = restore_raster(x, grid, self.depth)
+        assert grid == self.grid_size and not skips
+        return x

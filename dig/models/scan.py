@@ -1,0 +1,36 @@
+"""DiG's spatial reorientation (SREM scanning). GLA is causal, so the token order decides what each token sees.
+
+After block i the sequence is reversed (a 180-degree rotation of the token grid), and after every odd i the
+grid is also transposed (an h x w grid becomes w x h). Block inputs therefore cycle through four scan
+directions: row-major, reversed row-major, column-major, reversed column-major. Both operations are
+involutions and commute, so raster order is restored by undoing the net parity of each before unpatchify.
+Sequences are always (N, T, D) and `grid` is the (rows, cols) shape the current sequence fills row by row.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def transpose_grid(x: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, tuple[int, int]]:
+    rows, cols = grid
+    n, t, d = x.shape
+    if rows * cols != t:
+        raise ValueError(f"grid {grid} does not hold {t} tokens")
+    return x.reshape(n, rows, cols, d).transpose(1, 2).reshape(n, t, d), (cols, rows)
+
+
+def reorient_after_block(x: torch.Tensor, grid: tuple[int, int], index: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """What follows block `index` (0-based): reverse always, then transpose after odd indices."""
+    x = x.flip(1)
+    if index % 2 == 1:
+        x, grid = transpose_grid(x, grid)
+    return x, grid
+
+
+def restore_raster(x: torch.Tensor, grid: tuple[int, int], depth: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Undo the reorientations of `depth` blocks (depth reversals, depth // 2 transposes)."""
+    if (depth // 2) % 2:
+        x, grid = transpose_grid(x, grid)
+    if depth % 2:
+        x = x.flip(1)
+    return x, grid
