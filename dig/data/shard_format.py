@@ -129,3 +129,20 @@ class Manifest:
             raise ValueError(f"manifest format {data.get('format')!r} is not {FORMAT_VERSION!r}")
         data["shards"] = [ShardEntry(**s) for s in data.get("shards", [])]
         return cls(**data)
+
+
+@dataclass
+class LatentStats:
+    """Contents of latent_stats.json: per-channel statistics of the stored (unscaled) posterior means, taken
+    over every sample, both flips and every latent position."""
+    mean: list[float]      # [C]
+    std: list[float]       # [C], population standard deviation
+    count: int             # values per channel the statistics cover
+    over: str = "posterior mean, both flips, unscaled"
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "LatentStats":
+        return cls(**json.loads(text))

@@ -209,3 +209,19 @@ def iter_chunks(uri: str, chunk_size: int = 1 << 20) -> Iterator[bytes]:
             if not chunk:
                 return
             yield chunk
+
+
+def read_range(uri: str, offset: int, size: int) -> bytes:
+    """`size` bytes of `uri` starting at `offset` (S3: one ranged GET), e.g. one member of a tar."""
+    if size == 0:
+        return b""
+    if is_s3(uri):
+        bucket, key = parse_s3(uri)
+        try:
+            body = s3_client().get_object(Bucket=bucket, Key=key, Range=f"bytes={offset}-{offset + size - 1}")["Body"]
+            return body.read()
+        except Exception as exc:  # noqa: BLE001
+            raise _explain(uri, exc) from exc
+    with open(uri, "rb") as f:
+        f.seek(offset)
+        return f.read(size)

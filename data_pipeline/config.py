@@ -1,0 +1,46 @@
+"""Settings of one preprocessing run: a YAML file (configs/preprocess/*.yaml), then command-line flags on top."""
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class PipelineConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    input: str = Field(description="ImageFolder tree or folder of webdataset tars (local path or s3://)")
+    output: str = Field(description="where the shards go (local folder or s3://bucket/prefix)")
+    input_layout: Literal["auto", "folder", "webdataset"] = "auto"
+    resolution: int = Field(256, ge=8, description="image side after the ADM centre crop")
+    vae: str = Field("stabilityai/sd-vae-ft-ema", description="hub id, local diffusers folder, or config:NAME")
+    name: str = Field("train", pattern=r"^[A-Za-z0-9_-]+$", description="shard name prefix")
+    shard_size: int = Field(1000, ge=1, description="samples (input images) per shard")
+    storage_dtype: Literal["float16", "float32"] = "float16"
+    min_side: int = Field(32, ge=1, description="images whose shorter side is below this are rejected")
+
+    # Encoder actors.
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    encode_batch_size: int = Field(64, ge=1, description="images per VAE forward (each also flipped: 2x rows)")
+    num_encoders: int = Field(1, ge=1, description="encoder actors (one GPU each when on GPU)")
+    encoder_cpus: float = Field(1.0, gt=0, description="CPUs reserved per encoder actor")
+
+    # Decode and write tasks.
+    decode_cpus: float = Field(1.0, gt=0, description="CPUs per decode task (one task decodes one shard)")
+    io_threads: int = Field(16, ge=1, description="parallel reads of input images inside a decode task")
+    max_decode_tasks: Optional[int] = Field(None, ge=1, description="cap on concurrent decode tasks")
+
+    ray_address: Optional[str] = Field(None, description="Ray cluster; default RAY_ADDRESS, else a local Ray")
+
+
+def load_config(path: str | None, overrides: dict) -> PipelineConfig:
+    data = {}
+    if path:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of settings")
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return PipelineConfig(**data)
