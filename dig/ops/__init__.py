@@ -1,17 +1,79 @@
 """Token-mixing ops. `gla` is gated linear attention in fla's `[B, T, H, K]` layout.
 
-PLACEHOLDER (owned by the GLA-op work): backend dispatch between fla's `chunk_gla` (CUDA) and the exact
-chunked PyTorch reference. Until then this calls the token-by-token reference in `naive.py`.
+backend="fla" runs flash-linear-attention's Triton `chunk_gla` (CUDA only); backend="torch" the exact chunked
+PyTorch implementation in `gla_torch.py` (any device, float32 compute); backend="auto" picks fla for CUDA tensors
+when fla is installed, else torch.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
-from .naive import naive_recurrent_gla
+from .gla_fla import FlaUnavailableError, fla_installed, gla_fla
+from .gla_torch import gla_torch
+
+BACKENDS = ("auto", "torch", "fla")
+
+__all__ = ["BACKENDS", "FlaUnavailableError", "gla", "gla_fla", "gla_torch", "resolve_backend"]
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The backend `gla` will use for tensors on `device`: "torch" or "fla"."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown GLA backend {backend!r}; expected one of {BACKENDS}")
+    if backend != "auto":
+        return backend
+    if device.type != "cuda":
+        return "torch"
+    if fla_installed():
+        return "fla"
+    if not _warned_fallback:
+        _warn_fallback()
+    return "torch"
+
+
+_warned_fallback = False
+
+
+def _warn_fallback():
+    global _warned_fallback
+    _warned_fallback = True
+    warnings.warn("dig.ops.gla: CUDA tensors but flash-linear-attention is not installed; using the (much slower) "
+                  "PyTorch implementation. `pip install flash-linear-attention` for the Triton kernels.",
+                  stacklevel=3)
+
+
+def _check_inputs(q, k, v, g, initial_state):
+    if q.dim() != 4:
+        raise ValueError(f"q must be [B, T, H, K], got shape {tuple(q.shape)}")
+    if k.shape != q.shape or g.shape != q.shape:
+        raise ValueError(f"q, k, g must share a shape [B, T, H, K]; got q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                         f"g {tuple(g.shape)}")
+    if v.dim() != 4 or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"v must be [B, T, H, V] with q's B, T, H {tuple(q.shape[:3])}; got {tuple(v.shape)}")
+    B, T, H, K = q.shape
+    if T == 0:
+        raise ValueError("empty sequence (T = 0)")
+    if initial_state is not None and initial_state.shape != (B, H, K, v.shape[-1]):
+        raise ValueError(f"initial_state must be [B, H, K, V] = {(B, H, K, v.shape[-1])}, "
+                         f"got {tuple(initial_state.shape)}")
+    tensors = [q, k, v, g] + ([initial_state] if initial_state is not None else [])
+    if len({x.device for x in tensors}) != 1:
+        raise ValueError(f"GLA inputs are on different devices: {[str(x.device) for x in tensors]}")
+    if len({q.dtype, k.dtype, v.dtype}) != 1:
+        raise ValueError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
 
 
 def gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, scale: float | None = None,
         initial_state: torch.Tensor | None = None, output_final_state: bool = False, backend: str = "auto"):
-    """o_t = (q_t*scale) S_t, S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t. Returns (o [B,T,H,V], final state or None)."""
-    return naive_recurrent_gla(q, k, v, g, scale=scale, initial_state=initial_state,
-                               output_final_state=output_final_state)
+    """Gated linear attention, per head: S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t, o_t = (q_t * scale) S_t.
+
+    q, k: [B, T, H, K]; v: [B, T, H, V]; g: [B, T, H, K] log-space forget gates (g <= 0, e.g.
+    logsigmoid(x) / 16); initial_state: [B, H, K, V] or None; scale defaults to K ** -0.5.
+    Returns (o [B, T, H, V] in q's dtype, final state [B, H, K, V] in float32 if output_final_state else None).
+    """
+    _check_inputs(q, k, v, g, initial_state)
+    if resolve_backend(backend, q.device) == "fla":
+        return gla_fla(q, k, v, g, scale=scale, initial_state=initial_state, output_final_state=output_final_state)
+    return gla_torch(q, k, v, g, scale=scale, initial_state=initial_state, output_final_state=output_final_state)

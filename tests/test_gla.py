@@ -1,0 +1,280 @@
+"""dig.ops.gla against an independent float64 token-by-token recurrence (values and every gradient).
+
+GPU tests (`pytest -m gpu tests/test_gla.py` on a CUDA machine with flash-linear-attention installed) check fla's
+chunk_gla through our dispatch against the same recurrence and against the torch backend run in float64.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dig.ops import BACKENDS, FlaUnavailableError, gla, gla_torch, resolve_backend
+from dig.ops.gla_fla import fla_installed, load_chunk_gla
+
+
+def recurrent_gla_float64(q, k, v, g, scale, initial_state=None):
+    """S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t ; o_t = (q_t * scale) S_t, one token at a time in float64."""
+    q, k, v, g = (x.double() for x in (q, k, v, g))
+    B, T, H, K = q.shape
+    S = q.new_zeros(B, H, K, v.shape[-1]) if initial_state is None else initial_state.double()
+    outputs = []
+    for t in range(T):
+        S = g[:, t].exp().unsqueeze(-1) * S + k[:, t].unsqueeze(-1) * v[:, t].unsqueeze(-2)
+        outputs.append(((q[:, t] * scale).unsqueeze(-1) * S).sum(-2))
+    return torch.stack(outputs, dim=1), S
+
+
+def make_gates(kind, shape, generator, device="cpu"):
+    x = torch.randn(shape, generator=generator, device=device)
+    u = torch.rand(shape, generator=generator, device=device)
+    if kind == "dig":  # DiG's gate logit normaliser
+        return F.logsigmoid(x) / 16
+    if kind == "strong":  # exp(cumsum) factorisations overflow within a few tokens
+        return -20 * u
+    if kind == "mixed":  # strong and almost-no decay interleaved inside chunks, per channel
+        return torch.where(x > 0, -20 * u, -0.01 * u)
+    raise ValueError(kind)
+
+
+def make_inputs(B, T, H, K, V, gates="dig", with_state=False, seed=0, device="cpu"):
+    gen = torch.Generator(device=device).manual_seed(seed)
+    q = torch.randn(B, T, H, K, generator=gen, device=device)
+    k = torch.randn(B, T, H, K, generator=gen, device=device)
+    v = torch.randn(B, T, H, V, generator=gen, device=device)
+    g = make_gates(gates, (B, T, H, K), gen, device)
+    h0 = torch.randn(B, H, K, V, generator=gen, device=device) if with_state else None
+    return q, k, v, g, h0
+
+
+def run_with_grads(fn, inputs, cotangents):
+    """fn(q, k, v, g, h0) -> (o, state); returns o, state and the gradients of <o, do> + <state, dstate>."""
+    leaves = [None if x is None else x.detach().clone().requires_grad_() for x in inputs]
+    o, state = fn(*leaves)
+    do, dstate = cotangents
+    ((o.double() * do.double()).sum() + (state.double() * dstate.double()).sum()).backward()
+    return o.detach(), state.detach(), [None if x is None else x.grad for x in leaves]
+
+
+def rel_err(actual, expected):
+    """max |actual - expected| relative to max |expected| (the tensors' natural scale)."""
+    expected = expected.double()
+    return ((actual.double() - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
+
+
+def check(name, actual, expected, tol):
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert torch.isfinite(actual).all(), f"{name}: non-finite values"
+    err = rel_err(actual, expected)
+    assert err <= tol, f"{name}: relative error {err:.3g} > {tol:g}"
+
+
+def compare_with_recurrence(fn, inputs, scale, tol, cotangent_seed=1):
+    q, k, v, g, h0 = inputs
+    B, T, H, K = q.shape
+    gen = torch.Generator(device=q.device).manual_seed(cotangent_seed)
+    cotangents = (torch.randn(B, T, H, v.shape[-1], generator=gen, device=q.device),
+                  torch.randn(B, H, K, v.shape[-1], generator=gen, device=q.device))
+    o, state, grads = run_with_grads(fn, inputs, cotangents)
+    o_ref, state_ref, grads_ref = run_with_grads(lambda *x: recurrent_gla_float64(*x[:4], scale, x[4]),
+                                                 inputs, cotangents)
+    assert o.dtype == q.dtype
+    check("o", o, o_ref, tol)
+    check("final_state", state, state_ref, tol)
+    for name, grad, grad_ref in zip(["dq", "dk", "dv", "dg", "dh0"], grads, grads_ref):
+        if grad_ref is not None:
+            assert grad.dtype == inputs[["dq", "dk", "dv", "dg", "dh0"].index(name)].dtype
+            check(name, grad, grad_ref, tol)
+
+
+# ---------------------------------------------------------------- torch backend (CPU)
+
+@pytest.mark.parametrize("T", [1, 63, 65, 200])
+@pytest.mark.parametrize("gates", ["dig", "strong", "mixed"])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_torch_backend_matches_recurrence(T, gates, with_state):
+    inputs = make_inputs(2, T, 3, 8, 16, gates=gates, with_state=with_state, seed=T)
+    compare_with_recurrence(
+        lambda q, k, v, g, h0: gla(q, k, v, g, initial_state=h0, output_final_state=True, backend="torch"),
+        inputs, scale=8 ** -0.5, tol=2e-5)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 2, 16, 128])
+def test_every_chunk_size_is_exact(chunk_size):
+    inputs = make_inputs(1, 77, 2, 4, 8, gates="mixed", with_state=True, seed=3)
+    compare_with_recurrence(
+        lambda q, k, v, g, h0: gla_torch(q, k, v, g, initial_state=h0, output_final_state=True,
+                                         chunk_size=chunk_size),
+        inputs, scale=0.5, tol=2e-5)
+
+
+def test_custom_scale():
+    inputs = make_inputs(2, 50, 2, 8, 4, gates="dig", with_state=True, seed=5)
+    compare_with_recurrence(
+        lambda q, k, v, g, h0: gla(q, k, v, g, scale=1.7, initial_state=h0, output_final_state=True),
+        inputs, scale=1.7, tol=2e-5)
+
+
+def test_long_sequence_forward():
+    """Many chunks with strong decays: the state carried across 10 chunks stays exact and finite."""
+    q, k, v, g, h0 = make_inputs(1, 640, 2, 8, 8, gates="mixed", with_state=True, seed=7)
+    o, state = gla(q, k, v, g, initial_state=h0, output_final_state=True)
+    o_ref, state_ref = recurrent_gla_float64(q, k, v, g, 8 ** -0.5, h0)
+    check("o", o, o_ref, 2e-5)
+    check("final_state", state, state_ref, 2e-5)
+
+
+def test_bf16_inputs_cast_back():
+    """bf16 in, bf16 out (computed in float32): compared with float64 on the same bf16-rounded inputs."""
+    inputs = [None if x is None else x.bfloat16() for x in make_inputs(2, 100, 2, 16, 16, with_state=True)]
+    compare_with_recurrence(
+        lambda q, k, v, g, h0: gla(q, k, v, g, initial_state=h0, output_final_state=True),
+        inputs, scale=16 ** -0.5, tol=2e-2)
+
+
+def test_autocast_does_not_lower_precision():
+    q, k, v, g, h0 = make_inputs(1, 130, 2, 8, 8, with_state=True, seed=11)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        o, state = gla(q, k, v, g, initial_state=h0, output_final_state=True)
+    o_ref, state_ref = recurrent_gla_float64(q, k, v, g, 8 ** -0.5, h0)
+    assert o.dtype == torch.float32
+    check("o", o, o_ref, 2e-5)
+    check("final_state", state, state_ref, 2e-5)
+
+
+def test_no_final_state_unless_asked():
+    q, k, v, g, _ = make_inputs(1, 10, 1, 4, 4)
+    o, state = gla(q, k, v, g)
+    assert state is None and o.shape == (1, 10, 1, 4)
+
+
+# ---------------------------------------------------------------- dispatch and input checks
+
+def test_fla_backend_on_cpu_tensors_raises():
+    q, k, v, g, _ = make_inputs(1, 8, 1, 4, 4)
+    with pytest.raises(ValueError, match="CUDA"):
+        gla(q, k, v, g, backend="fla")
+
+
+@pytest.mark.skipif(fla_installed(), reason="flash-linear-attention is installed here")
+def test_fla_missing_is_a_clear_error():
+    load_chunk_gla.cache_clear()
+    with pytest.raises(FlaUnavailableError, match="pip install flash-linear-attention"):
+        load_chunk_gla()
+
+
+def test_unknown_backend_raises():
+    q, k, v, g, _ = make_inputs(1, 8, 1, 4, 4)
+    with pytest.raises(ValueError, match="unknown GLA backend"):
+        gla(q, k, v, g, backend="triton")
+
+
+def test_auto_on_cpu_is_torch():
+    assert resolve_backend("auto", torch.device("cpu")) == "torch"
+    assert set(BACKENDS) == {"auto", "torch", "fla"}
+
+
+@pytest.mark.parametrize("bad", ["k_shape", "v_shape", "state_shape", "positive_gate", "dtype_mix", "rank"])
+def test_bad_inputs_raise(bad):
+    q, k, v, g, h0 = make_inputs(1, 8, 2, 4, 6, with_state=True)
+    kwargs = dict(initial_state=h0)
+    if bad == "k_shape":
+        k = k[..., :3]
+    elif bad == "v_shape":
+        v = v[:, :7]
+    elif bad == "state_shape":
+        kwargs["initial_state"] = h0.transpose(-1, -2)
+    elif bad == "positive_gate":
+        g = g.clone()
+        g[0, 3, 1, 2] = 0.5
+    elif bad == "dtype_mix":
+        v = v.double()
+    elif bad == "rank":
+        q, k, g = q[0], k[0], g[0]
+    with pytest.raises(ValueError):
+        gla(q, k, v, g, **kwargs)
+
+
+# ---------------------------------------------------------------- fla backend (CUDA machine)
+
+DIG_SHAPES = [  # (B, T, H, K, V): DiG-XL/2 at 256 px (T=256) and 512 px (T=1024); DiG-S at 1024 px (T=4096)
+    (2, 256, 18, 32, 64),
+    (2, 1024, 18, 32, 64),
+    (1, 4096, 6, 32, 64),
+]
+# Norm-wise relative error bounds for fla (Triton, possibly TF32 dots) against float64.
+FLA_TOL = {torch.float32: 5e-3, torch.bfloat16: 3e-2}
+
+
+def _norm_err(actual, expected):
+    expected = expected.double()
+    return ((actual.double() - expected).norm() / expected.norm().clamp_min(1e-30)).item()
+
+
+def _fla_vs_float64(shape, dtype, gates, with_state, noncontiguous=False):
+    B, T, H, K, V = shape
+    q, k, v, g, h0 = make_inputs(B, T, H, K, V, gates=gates, with_state=with_state, seed=T, device="cuda")
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    if noncontiguous:  # e.g. q as a slice of a fused projection
+        q = torch.cat([q, torch.zeros_like(q)], dim=-1)[..., :K]
+        assert not q.is_contiguous()
+    gen = torch.Generator(device="cuda").manual_seed(99)
+    cotangents = (torch.randn(B, T, H, V, generator=gen, device="cuda"),
+                  torch.randn(B, H, K, V, generator=gen, device="cuda"))
+    inputs = (q, k, v, g, h0)
+    o, state, grads = run_with_grads(
+        lambda *x: gla(*x[:4], initial_state=x[4], output_final_state=True, backend="fla"), inputs, cotangents)
+    # The oracle: the torch backend in float64 on the same (rounded) inputs, itself checked against the
+    # token-by-token recurrence on CPU above and on CUDA in test_fla_matches_recurrence_small.
+    inputs64 = [None if x is None else x.double() for x in inputs]
+    o_ref, state_ref, grads_ref = run_with_grads(
+        lambda *x: gla_torch(*x[:4], initial_state=x[4], output_final_state=True), inputs64, cotangents)
+    assert o.dtype == dtype and state.dtype == torch.float32
+    tol = FLA_TOL[dtype]
+    errors = {"o": _norm_err(o, o_ref), "final_state": _norm_err(state, state_ref)}
+    for name, grad, grad_ref in zip(["dq", "dk", "dv", "dg", "dh0"], grads, grads_ref):
+        if grad_ref is not None:
+            assert torch.isfinite(grad).all(), name
+            errors[name] = _norm_err(grad, grad_ref)
+    bad = {name: err for name, err in errors.items() if not err <= tol}
+    assert not bad, f"fla vs float64 relative errors above {tol:g}: {bad} (all: {errors})"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", DIG_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fla_matches_float64_dig_shapes(shape, dtype):
+    _fla_vs_float64(shape, dtype, gates="dig", with_state=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gates", ["strong", "mixed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fla_strong_decays(gates, dtype):
+    _fla_vs_float64((2, 300, 4, 32, 64), dtype, gates=gates, with_state=True)
+
+
+@pytest.mark.gpu
+def test_fla_noncontiguous_inputs_and_no_initial_state():
+    _fla_vs_float64((2, 200, 4, 32, 64), torch.float32, gates="dig", with_state=False, noncontiguous=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 63, 65, 200])
+def test_fla_matches_recurrence_small(T):
+    """Both backends on CUDA against the token-by-token recurrence, T not a multiple of fla's chunk size."""
+    inputs = make_inputs(2, T, 3, 32, 64, gates="dig", with_state=True, seed=T, device="cuda")
+    for backend, tol in [("fla", 5e-3), ("torch", 2e-5)]:
+        compare_with_recurrence(
+            lambda q, k, v, g, h0: gla(q, k, v, g, initial_state=h0, output_final_state=True, backend=backend),
+            inputs, scale=32 ** -0.5, tol=tol)
+
+
+@pytest.mark.gpu
+def test_auto_picks_fla_on_cuda():
+    assert fla_installed(), "flash-linear-attention must be installed on the GPU machine"
+    assert resolve_backend("auto", torch.device("cuda")) == "fla"
+    q, k, v, g, _ = make_inputs(1, 128, 2, 32, 64, device="cuda")
+    o_auto, _ = gla(q, k, v, g)
+    o_fla, _ = gla(q, k, v, g, backend="fla")
+    torch.testing.assert_close(o_auto, o_fla, rtol=0, atol=0)
