@@ -1,0 +1,225 @@
+"""Training configuration: YAML (configs/train/*.yaml) + dotted `key=value` overrides → typed, validated objects.
+
+OmegaConf reads the YAML and applies the overrides; pydantic turns the result into `TrainConfig`, rejecting
+unknown keys and wrong types with the dotted path of the offending field. Checks that need the runtime (the
+world size) or the data (the shards' manifest) live in `check_world` and `check_manifest` and are called by the
+trainer before any work starts.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run, with a message saying which key and why."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class RunConfig(_Section):
+    name: str = "dig"
+    dir: str = "runs/dig"                  # run directory: resolved config, checkpoints, step logs
+    seed: int = 0
+
+
+class ModelConfig(_Section):
+    name: str = "DiG-XL/2"                 # a name from dig.models.list_models()
+    num_classes: int = 1000
+    learn_sigma: bool = True
+    class_dropout_prob: float = 0.1
+    gla_backend: str = "auto"
+    grad_checkpointing: bool = False       # per-block activation checkpointing (high resolution)
+    pos_embed_base_size: int | None = None  # latent side the sin-cos grid is scaled to (fine-tuning 256 → 1024)
+    init_from: str | None = None           # exported folder or run directory whose (EMA) weights start this run
+    overrides: dict[str, Any] = Field(default_factory=dict)  # extra create_model kwargs (depth, hidden_size, …)
+
+
+class DataConfig(_Section):
+    path: str                              # dataset folder (local or s3://), or a brace pattern of its shards
+    resolution: int                        # image side in pixels; must match the shards' manifest
+    global_batch_size: int = 256
+    micro_batch_size: int = 32             # per rank, per forward
+    shuffle_window_shards: int = 8         # shards loaded and shuffled together (memory ~ this many shards)
+    latent_norm: Literal["scaling_factor", "stats"] = "scaling_factor"
+    random_flip: bool = True
+    read_retries: int = 3
+    on_bad_shard: Literal["skip", "fail"] = "skip"
+    prefetch: bool = True                  # load the next shuffle window in a background thread
+
+    @model_validator(mode="after")
+    def _batches(self):
+        if self.micro_batch_size < 1 or self.global_batch_size < 1:
+            raise ValueError("data.global_batch_size and data.micro_batch_size must be >= 1")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError(f"data.global_batch_size={self.global_batch_size} is not a multiple of "
+                             f"data.micro_batch_size={self.micro_batch_size}")
+        if self.shuffle_window_shards < 1:
+            raise ValueError("data.shuffle_window_shards must be >= 1")
+        return self
+
+
+class OptimConfig(_Section):
+    lr: float = 1e-4
+    warmup_steps: int = 0                  # linear warm-up from 0, then constant
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    grad_clip: float = 1.0                 # max global grad norm; 0 disables
+
+
+class EngineConfig(_Section):
+    zero_stage: Literal[0, 1, 2, 3] = 3
+    precision: Literal["auto", "bf16", "fp32"] = "auto"   # auto: bf16 on GPU, fp32 on CPU
+    deepspeed_config: str | None = "configs/deepspeed/zero.json"  # base knobs; the trainer fills the rest
+
+
+class CheckpointConfig(_Section):
+    every: int = 5000                      # steps between checkpoints (one is also written at exit)
+    keep_last: int = 3
+
+
+class SampleConfig(_Section):
+    num_images: int = 16
+    num_steps: int = 50
+    method: Literal["ddpm", "ddim"] = "ddim"
+    cfg_scale: float = 4.0
+    vae: str | None = None                 # VAE spec for decoding; default: the manifest's
+    seed: int = 0
+
+
+class TrackingConfig(_Section):
+    uri: str | None = None                 # None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
+    experiment: str = "dig"
+    log_every: int = 100
+    sample_every: int = 10000              # 0 disables sample grids
+    sample: SampleConfig = Field(default_factory=SampleConfig)
+    peak_tflops: float | None = None       # per GPU, for MFU; None: looked up from the GPU name
+    log_sample_keys: bool = False          # per-rank jsonl of the sample keys of every step (audits, tests)
+
+
+class TrainConfig(_Section):
+    run: RunConfig = Field(default_factory=RunConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    steps: int = 1000                      # optimizer steps of the whole run (a resumed run continues to this)
+    ema_decay: float = 0.9999
+    max_nonfinite_in_a_row: int = 10       # abort after this many consecutive non-finite losses
+
+    @field_validator("ema_decay")
+    @classmethod
+    def _decay(cls, v):
+        if not 0.0 <= v < 1.0:
+            raise ValueError("ema_decay must be in [0, 1)")
+        return v
+
+    @model_validator(mode="after")
+    def _model_known(self):
+        from dig.models import list_models
+
+        known = list_models()
+        if self.model.name not in known:
+            raise ValueError(f"unknown model {self.model.name!r}; known: {', '.join(known)}")
+        return self
+
+    # --- checks needing the runtime or the data -------------------------------------------------------------
+
+    def grad_accum_steps(self, world_size: int) -> int:
+        per_step = world_size * self.data.micro_batch_size
+        if self.data.global_batch_size % per_step:
+            raise ConfigError(
+                f"data.global_batch_size={self.data.global_batch_size} is not divisible by world size "
+                f"{world_size} x data.micro_batch_size={self.data.micro_batch_size} (= {per_step})")
+        return self.data.global_batch_size // per_step
+
+    def check_world(self, world_size: int) -> None:
+        self.grad_accum_steps(world_size)
+
+    def check_manifest(self, manifest) -> None:
+        if manifest.resolution != self.data.resolution:
+            raise ConfigError(f"data.resolution={self.data.resolution} but the shards at {self.data.path} hold "
+                              f"{manifest.resolution}px latents (latent {manifest.latent_size}x"
+                              f"{manifest.latent_size}); pick the matching dataset or resolution")
+        if self.model.num_classes < len(manifest.classes):
+            raise ConfigError(f"model.num_classes={self.model.num_classes} but the dataset has "
+                              f"{len(manifest.classes)} classes")
+        in_ch = self.model.overrides.get("in_channels", 4)
+        if manifest.latent_channels != in_ch:
+            raise ConfigError(f"the shards hold {manifest.latent_channels}-channel latents but the model takes "
+                              f"{in_ch} (model.overrides.in_channels)")
+
+    def model_kwargs(self, latent_size: int) -> dict[str, Any]:
+        """create_model overrides for this run (latent side from the data)."""
+        kw = dict(input_size=latent_size, num_classes=self.model.num_classes, learn_sigma=self.model.learn_sigma,
+                  class_dropout_prob=self.model.class_dropout_prob, gla_backend=self.model.gla_backend,
+                  grad_checkpointing=self.model.grad_checkpointing)
+        if self.model.pos_embed_base_size is not None:
+            kw["pos_embed_base_size"] = self.model.pos_embed_base_size
+        kw.update(self.model.overrides)
+        return kw
+
+
+def _format_errors(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid training config ({source}):"]
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "<top>"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        lines.append(f"  {where}: {msg}")
+    return "\n".join(lines)
+
+
+def resolve(path: str | None = None, overrides: list[str] | tuple[str, ...] = (),
+            base: dict | None = None) -> dict:
+    """YAML file (optional) merged with `base` and the dotted overrides, as a plain resolved dict."""
+    from omegaconf import OmegaConf
+
+    parts = []
+    if base is not None:
+        parts.append(OmegaConf.create(base))
+    if path is not None:
+        if not os.path.exists(path):
+            raise ConfigError(f"config file {path} does not exist")
+        parts.append(OmegaConf.load(path))
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"overrides must look like key=value (dotted keys), got {bad}")
+    if overrides:
+        parts.append(OmegaConf.from_dotlist(list(overrides)))
+    merged = OmegaConf.merge(*parts) if parts else OmegaConf.create({})
+    return OmegaConf.to_container(merged, resolve=True)
+
+
+def validate(data: dict, source: str = "<dict>") -> TrainConfig:
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, source)) from None
+
+
+def load_config(path: str | None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """`dig train --config PATH key=value …` → a validated TrainConfig."""
+    return validate(resolve(path, overrides), source=path or "<overrides>")
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested dict → {"a.b.c": value}; the form MLflow params take."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out

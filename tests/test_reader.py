@@ -1,0 +1,147 @@
+"""The training shard reader: disjoint ranks, deterministic shuffle, exact resume, posterior draws, bad input."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from dig.data.reader import LatentShardReader, ShardReadError, load_manifest
+from dig.data.shard_format import SAMPLE_KEY_FORMAT
+from dig.data.synthetic import synthetic_sample, write_synthetic_dataset
+
+C, S, K = 4, 8, 10  # channels, latent side, classes
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("latents"))
+    write_synthetic_dataset(root, num_shards=6, samples_per_shard=5, latent_size=S, channels=C, num_classes=K)
+    return root
+
+
+def reader(path, rank=0, world=1, mb=4, **kw):
+    kw.setdefault("window_shards", 2)
+    return LatentShardReader(path, rank=rank, world_size=world, micro_batch_size=mb, seed=kw.pop("seed", 3), **kw)
+
+
+def epoch_keys(r: LatentShardReader, steps: int) -> list[str]:
+    return [k for _ in range(steps) for k in r.next_batch().keys]
+
+
+def test_ranks_read_disjoint_samples_covering_the_epoch(dataset):
+    # 6 shards x 5 = 30 samples, 2 ranks x 3 shards = 15 each, micro-batch 5 -> every sample exactly once.
+    ranks = [reader(dataset, rank=r, world=2, mb=5) for r in range(2)]
+    assert [x.steps_per_epoch(0) for x in ranks] == [3, 3]
+    seen = [epoch_keys(x, 3) for x in ranks]
+    assert not set(seen[0]) & set(seen[1])
+    assert sorted(seen[0] + seen[1]) == [SAMPLE_KEY_FORMAT.format(i) for i in range(30)]
+
+
+def test_quota_drops_the_remainder_equally(tmp_path):
+    # Uneven shards: ranks get 3+4 and 5+6 or similar; every rank yields min(total) rounded to micro-batches.
+    root = str(tmp_path)
+    write_synthetic_dataset(root, num_shards=4, samples_per_shard=[3, 4, 5, 6], latent_size=S, channels=C)
+    ranks = [reader(root, rank=r, world=2, mb=2) for r in range(2)]
+    totals = [sum([3, 4, 5, 6][i] for i in x.rank_shards(0)) for x in ranks]
+    assert ranks[0].quota(0) == min(totals) // 2 * 2
+    keys = [epoch_keys(x, ranks[0].steps_per_epoch(0)) for x in ranks]
+    assert len(set(keys[0])) == len(keys[0]) and not set(keys[0]) & set(keys[1])
+    # the next epoch starts afresh with a different deal
+    assert ranks[0].next_batch() is not None and ranks[0].epoch == 1
+
+
+def test_shuffle_depends_only_on_seed_and_epoch(dataset):
+    a, b, c = reader(dataset, seed=1), reader(dataset, seed=1), reader(dataset, seed=2)
+    ka, kb, kc = (epoch_keys(x, 7) for x in (a, b, c))
+    assert ka == kb and ka != kc
+    e1 = epoch_keys(a, 7)  # epoch 1: a different order of the same 28 of 30 samples' superset
+    assert e1 != ka and len(set(e1)) == 28 and a.epoch == 1
+
+
+def test_posterior_draw_and_flip(dataset):
+    # Independent reference: the synthetic generator gives each sample's (mean, std); the flipped mean is the
+    # mirror image. The reader's latent / scaling_factor must be mean[f] + std[f] * eps with eps ~ N(0, 1).
+    r = reader(dataset, mb=6)
+    scale = load_manifest(dataset)[1].scaling_factor
+    eps, flips = [], []
+    for _ in range(5):
+        batch = r.next_batch()
+        for x, key, label in zip(batch.latents.numpy().astype(np.float64), batch.keys, batch.labels.tolist()):
+            want_label, mean, std = synthetic_sample(int(key), C, S, K)
+            assert label == want_label
+            dist = [np.abs(x / scale - mean[f]).max() for f in (0, 1)]
+            f = int(np.argmin(dist))
+            flips.append(f)
+            eps.append((x / scale - mean[f]) / std[f])
+    eps = np.concatenate([e.ravel() for e in eps])
+    assert abs(eps.mean()) < 0.05 and abs(eps.std() - 1) < 0.05  # 7680 draws: 5-sigma bounds ~0.06
+    assert 5 <= sum(flips) <= 25  # both flips occur (30 samples, p=1/2 each)
+
+
+def test_stats_normalisation(dataset):
+    r = reader(dataset, mb=30, latent_norm="stats", random_flip=False)
+    x = r.next_batch().latents.numpy().astype(np.float64)
+    # per-channel stats were computed from the unflipped means; the draws add noise std <= 0.5 on data std ~4
+    assert np.all(np.abs(x.mean(axis=(0, 2, 3))) < 0.1) and np.all(np.abs(x.std(axis=(0, 2, 3)) - 1) < 0.1)
+
+
+@pytest.mark.parametrize("stop_after", [1, 3, 7, 9])  # inside a window, at a window edge, across epochs
+def test_resume_continues_exactly(dataset, stop_after):
+    straight = reader(dataset, mb=4)
+    want = [straight.next_batch() for _ in range(stop_after + 5)]
+    first = reader(dataset, mb=4)
+    for _ in range(stop_after):
+        first.next_batch()
+    state = first.state_dict()
+    first.close()
+    resumed = reader(dataset, mb=4)
+    resumed.load_state_dict(state)
+    for w in want[stop_after:]:
+        got = resumed.next_batch()
+        assert got.keys == w.keys
+        assert np.array_equal(got.latents.numpy(), w.latents.numpy())
+        assert np.array_equal(got.labels.numpy(), w.labels.numpy())
+
+
+def test_resume_refuses_a_different_world(dataset):
+    state = reader(dataset, rank=0, world=2, mb=2).state_dict()
+    with pytest.raises(ValueError, match="world_size"):
+        reader(dataset, rank=0, world=3, mb=2).load_state_dict(state)
+
+
+def test_brace_pattern_selects_shards(dataset):
+    r = reader(os.path.join(dataset, "train-{000001..000002}.tar"), mb=5)
+    keys = epoch_keys(r, 2)
+    assert sorted(keys) == [SAMPLE_KEY_FORMAT.format(i) for i in range(5, 15)]
+
+
+def test_shape_mismatch_is_an_error_at_start(dataset):
+    with pytest.raises(ValueError, match="latents are 8x8, the run expects 32x32"):
+        reader(dataset, expected_latent_size=32)
+
+
+def test_unreadable_shard_is_retried_then_skipped_or_fatal(tmp_path):
+    root = str(tmp_path)
+    write_synthetic_dataset(root, num_shards=3, samples_per_shard=4, latent_size=S, channels=C)
+    os.truncate(os.path.join(root, "train-000001.tar"), 700)  # cut inside the first member
+    r = reader(root, mb=4, read_retries=1, window_shards=1, prefetch=False)
+    keys = epoch_keys(r, 3)
+    assert r.shards_skipped == 1
+    good = {SAMPLE_KEY_FORMAT.format(i) for i in (0, 1, 2, 3, 8, 9, 10, 11)}
+    assert set(keys) == good and r.samples_repeated == 4  # the short rank repeats to stay in step
+    strict = reader(root, mb=4, read_retries=0, window_shards=1, prefetch=False, on_bad_shard="fail")
+    with pytest.raises(ShardReadError, match="train-000001.tar unreadable"):
+        epoch_keys(strict, 3)
+
+
+def test_s3_reader_matches_local(tmp_path, s3_bucket):
+    local = str(tmp_path)
+    write_synthetic_dataset(local, num_shards=3, samples_per_shard=4, latent_size=S, channels=C)
+    remote = f"s3://{s3_bucket}/latents"
+    write_synthetic_dataset(remote, num_shards=3, samples_per_shard=4, latent_size=S, channels=C)
+    a, b = reader(local, mb=4), reader(remote, mb=4)
+    for _ in range(4):
+        x, y = a.next_batch(), b.next_batch()
+        assert x.keys == y.keys and np.array_equal(x.latents.numpy(), y.latents.numpy())
+    a.close(), b.close()
