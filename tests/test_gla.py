@@ -211,19 +211,19 @@ def _norm_err(actual, expected):
     return ((actual.double() - expected).norm() / expected.norm().clamp_min(1e-30)).item()
 
 
-def _fla_vs_float64(shape, dtype, gates, with_state, noncontiguous=False):
+def _fla_vs_float64(shape, dtype, gates, with_state, noncontiguous=False, device="cuda", backend="fla"):
     B, T, H, K, V = shape
-    q, k, v, g, h0 = make_inputs(B, T, H, K, V, gates=gates, with_state=with_state, seed=T, device="cuda")
+    q, k, v, g, h0 = make_inputs(B, T, H, K, V, gates=gates, with_state=with_state, seed=T, device=device)
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     if noncontiguous:  # e.g. q as a slice of a fused projection
         q = torch.cat([q, torch.zeros_like(q)], dim=-1)[..., :K]
         assert not q.is_contiguous()
-    gen = torch.Generator(device="cuda").manual_seed(99)
-    cotangents = (torch.randn(B, T, H, V, generator=gen, device="cuda"),
-                  torch.randn(B, H, K, V, generator=gen, device="cuda"))
+    gen = torch.Generator(device=device).manual_seed(99)
+    cotangents = (torch.randn(B, T, H, V, generator=gen, device=device),
+                  torch.randn(B, H, K, V, generator=gen, device=device))
     inputs = (q, k, v, g, h0)
     o, state, grads = run_with_grads(
-        lambda *x: gla(*x[:4], initial_state=x[4], output_final_state=True, backend="fla"), inputs, cotangents)
+        lambda *x: gla(*x[:4], initial_state=x[4], output_final_state=True, backend=backend), inputs, cotangents)
     # The oracle: the torch backend in float64 on the same (rounded) inputs, itself checked against the
     # token-by-token recurrence on CPU above and on CUDA in test_fla_matches_recurrence_small.
     inputs64 = [None if x is None else x.double() for x in inputs]
@@ -264,7 +264,7 @@ def test_fla_noncontiguous_inputs_and_no_initial_state():
 def test_fla_matches_recurrence_small(T):
     """Both backends on CUDA against the token-by-token recurrence, T not a multiple of fla's chunk size."""
     inputs = make_inputs(2, T, 3, 32, 64, gates="dig", with_state=True, seed=T, device="cuda")
-    for backend, tol in [("fla", 5e-3), ("torch", 2e-5)]:
+    for backend, tol in [("fla", 1e-2), ("torch", 2e-5)]:
         compare_with_recurrence(
             lambda q, k, v, g, h0: gla(q, k, v, g, initial_state=h0, output_final_state=True, backend=backend),
             inputs, scale=32 ** -0.5, tol=tol)
@@ -277,4 +277,4 @@ def test_auto_picks_fla_on_cuda():
     q, k, v, g, _ = make_inputs(1, 128, 2, 32, 64, device="cuda")
     o_auto, _ = gla(q, k, v, g)
     o_fla, _ = gla(q, k, v, g, backend="fla")
-    torch.testing.assert_close(o_auto, o_fla, rtol=0, atol=0)
+    torch.testing.assert_close(o_auto, o_fla, rtol=1e-5, atol=1e-5)

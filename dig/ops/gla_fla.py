@@ -62,4 +62,4 @@ def gla_fla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, 
         initial_state = initial_state.float().contiguous()  # fla keeps (and asserts) float32 states
     o, final_state = chunk_gla(q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(), scale=scale,
                                initial_state=initial_state, output_final_state=output_final_state, **layout_kwargs)
-    return o.to(q.dtype), (final_state if output_final_state else None)
+    return o.to(q.dtype), (final_state.float() if output_final_state else None)
