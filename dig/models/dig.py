@@ -29,7 +29,8 @@ class RMSNormSwishGate(nn.Module):
 
 class GatedLinearAttention(nn.Module):
     """fla's GLA layer as DiG uses it: q, k at D*expand_k, v and output gate at D*expand_v, a low-rank
-    per-key-channel forget gate logsigmoid(W2 W1 x + b) / 16, no short convolution."""
+    per-key-channel forget gate logsigmoid(W2 W1 x + b) / 16, no short convolution. The output norm's eps is
+    1e-6, not fla's layer default 1e-5: the release builds the layer with its GLAConfig's rms_norm_eps=1e-6."""
 
     def __init__(self, hidden_size: int, num_heads: int, expand_k: float = 0.5, expand_v: float = 1.0,
                  gate_low_rank_dim: int = 16, gate_logit_normalizer: float = 16.0, norm_eps: float = 1e-6,
@@ -123,7 +124,9 @@ class DiG(LatentDiffusionTransformer):
     """Diffusion GLA transformer. With long_skip=True this is U-DiG: as in the release, the outputs of blocks
     0 .. depth/2 - 2 (after their reorientation) are fused, last in first out, into blocks depth/2 + 1 ..
     depth - 1 by Linear(2D, D); block depth/2 has none. skip_init "zero" initialises those Linears as [I | 0]
-    (the release's "skipzero"), "xavier" like every other Linear (its "skip")."""
+    (the release's "skipzero"), "xavier" like every other Linear (its "skip"). Kept from the release: a skip
+    is fused in the scan order it was stored in, which for odd block indices is the transpose of the current
+    order: spatially misaligned, as in the release (for non-square grids the two grids even differ in shape)."""
 
     def __init__(self, *, depth: int, hidden_size: int, num_heads: int, patch_size: int, mlp_ratio: float = 4.0,
                  input_size: int | tuple[int, int] = 32, in_channels: int = 4, num_classes: int = 1000,

@@ -40,8 +40,8 @@ def list_models() -> list[str]:
 
 def allowed_overrides(name: str) -> list[str]:
     factory = _get(name)
-    params = inspect.signature(factory.func).parameters
-    return sorted(k for k in params if k not in _FIXED and k != "self")
+    fixed = _FIXED if name.startswith("U-DiG") else _FIXED | {"skip_init"}
+    return sorted(k for k in inspect.signature(factory.func).parameters if k not in fixed)
 
 
 def _get(name: str) -> partial:
@@ -56,8 +56,6 @@ def create_model(name: str, **overrides) -> nn.Module:
     mlp_ratio; DiG/U-DiG also gla_backend; U-DiG also skip_init ("zero" | "xavier")."""
     factory = _get(name)
     allowed = allowed_overrides(name)
-    if not name.startswith("U-DiG"):
-        allowed = [k for k in allowed if k != "skip_init"]
     unknown = sorted(set(overrides) - set(allowed))
     if unknown:
         raise ValueError(f"unknown override(s) {unknown} for {name}; allowed: {', '.join(allowed)}")
