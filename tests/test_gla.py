@@ -163,6 +163,48 @@ def test_fla_missing_is_a_clear_error():
         load_chunk_gla()
 
 
+@pytest.fixture
+def fake_fla(tmp_path, monkeypatch):
+    """Installs a stand-in `fla` package whose chunk_gla has a given signature (the shapes fla's API has had)."""
+    import sys
+
+    def install(version, params):
+        pkg = tmp_path / "fla"
+        (pkg / "ops" / "gla").mkdir(parents=True)
+        (pkg / "__init__.py").write_text(f"__version__ = {version!r}\n")
+        (pkg / "ops" / "__init__.py").write_text("")
+        (pkg / "ops" / "gla" / "__init__.py").write_text(f"def chunk_gla(q, k, v, g, {params}):\n    pass\n")
+        for name in [m for m in sys.modules if m == "fla" or m.startswith("fla.")]:
+            monkeypatch.delitem(sys.modules, name)
+        monkeypatch.syspath_prepend(str(tmp_path))
+        load_chunk_gla.cache_clear()
+
+    yield install
+    # Drop the stand-in modules; monkeypatch then puts back any real fla modules it removed.
+    for name in [m for m in sys.modules if m == "fla" or m.startswith("fla.")]:
+        del sys.modules[name]
+    load_chunk_gla.cache_clear()
+
+
+@pytest.mark.parametrize("version, params, expected", [
+    ("0.3.0", "scale=None, initial_state=None, output_final_state=False, cu_seqlens=None, head_first=False",
+     {"head_first": False}),
+    ("0.6.0", "scale=None, initial_state=None, output_final_state=False, cu_seqlens=None", {}),
+    ("0.7.1", "scale=None, initial_state=None, output_final_state=False, cu_seqlens=None, state_v_first=False",
+     {"state_v_first": False}),
+])
+def test_fla_layout_arguments_follow_its_signature(fake_fla, version, params, expected):
+    fake_fla(version, params)
+    chunk_gla, layout_kwargs = load_chunk_gla()
+    assert chunk_gla.__module__ == "fla.ops.gla" and layout_kwargs == expected
+
+
+def test_fla_too_old_is_refused(fake_fla):
+    fake_fla("0.1.2", "scale=None, initial_state=None, output_final_state=False")
+    with pytest.raises(FlaUnavailableError, match="too old"):
+        load_chunk_gla()
+
+
 def test_unknown_backend_raises():
     q, k, v, g, _ = make_inputs(1, 8, 1, 4, 4)
     with pytest.raises(ValueError, match="unknown GLA backend"):

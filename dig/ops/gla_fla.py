@@ -33,8 +33,11 @@ def load_chunk_gla():
         raise FlaUnavailableError(
             "backend='fla' needs flash-linear-attention (`pip install flash-linear-attention`, or the `gpu` extra "
             "of this package); it is not installed. Use backend='torch' for the PyTorch implementation.")
-    import fla  # noqa: PLC0415 - imports Triton, so only when asked for
-    from fla.ops.gla import chunk_gla
+    try:  # imports Triton (and, in full flash-linear-attention releases, transformers): only when asked for
+        import fla
+        from fla.ops.gla import chunk_gla
+    except ImportError as e:
+        raise FlaUnavailableError(f"flash-linear-attention is installed but does not import: {e}") from e
 
     version = getattr(fla, "__version__", None)
     if version is not None:
