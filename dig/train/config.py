@@ -99,7 +99,7 @@ class TrackingConfig(_Section):
     sample_every: int = 10000              # 0 disables sample grids
     sample: SampleConfig = Field(default_factory=SampleConfig)
     peak_tflops: float | None = None       # per GPU, for MFU; None: looked up from the GPU name
-    log_sample_keys: bool = False          # per-rank jsonl of the sample keys of every step (audits, tests)
+    step_log: bool = False                 # <run dir>/steps/rank_*.jsonl: every step's losses and sample keys
 
 
 class TrainConfig(_Section):
@@ -123,11 +123,16 @@ class TrainConfig(_Section):
 
     @model_validator(mode="after")
     def _model_known(self):
-        from dig.models import list_models
+        from dig.models import allowed_overrides, list_models
 
         known = list_models()
         if self.model.name not in known:
             raise ValueError(f"unknown model {self.model.name!r}; known: {', '.join(known)}")
+        allowed = set(allowed_overrides(self.model.name))
+        unknown = sorted(set(self.model.overrides) - allowed)
+        if unknown:
+            raise ValueError(f"model.overrides {unknown} are not options of {self.model.name}; "
+                             f"allowed: {', '.join(sorted(allowed))}")
         return self
 
     # --- checks needing the runtime or the data -------------------------------------------------------------
@@ -158,9 +163,12 @@ class TrainConfig(_Section):
 
     def model_kwargs(self, latent_size: int) -> dict[str, Any]:
         """create_model overrides for this run (latent side from the data)."""
+        from dig.models import allowed_overrides
+
         kw = dict(input_size=latent_size, num_classes=self.model.num_classes, learn_sigma=self.model.learn_sigma,
-                  class_dropout_prob=self.model.class_dropout_prob, gla_backend=self.model.gla_backend,
-                  grad_checkpointing=self.model.grad_checkpointing)
+                  class_dropout_prob=self.model.class_dropout_prob, grad_checkpointing=self.model.grad_checkpointing)
+        if "gla_backend" in allowed_overrides(self.model.name):
+            kw["gla_backend"] = self.model.gla_backend
         if self.model.pos_embed_base_size is not None:
             kw["pos_embed_base_size"] = self.model.pos_embed_base_size
         kw.update(self.model.overrides)

@@ -1,0 +1,106 @@
+"""`dig` console script. Subcommands are a table: add one by writing `_cmd_<name>(args)` and an entry in
+`COMMANDS` with a function that declares its arguments."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _args_train(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="YAML in configs/train/")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=2e-4")
+
+
+def _cmd_train(args) -> int:
+    from dig.train.config import ConfigError, resolve, validate
+
+    try:
+        resolved = resolve(args.config, args.overrides)
+        cfg = validate(resolved, source=args.config)
+    except ConfigError as exc:
+        print(f"dig train: {exc}", file=sys.stderr)
+        return 2
+    from dig.train.trainer import train
+
+    train(cfg, resolved)
+    return 0
+
+
+def _args_export(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", help="run directory (its latest checkpoint) or a checkpoint folder")
+    p.add_argument("--out", required=True, help="folder for model.safetensors + config.json")
+    p.add_argument("--weights", choices=["ema", "raw"], default="ema")
+
+
+def _cmd_export(args) -> int:
+    from dig.train.export import export
+
+    print(export(args.source, args.out, weights=args.weights))
+    return 0
+
+
+def _args_sample(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="exported folder (dig export) or a run directory / checkpoint folder")
+    p.add_argument("--out", required=True, help="PNG file for the grid")
+    p.add_argument("--labels", default="", help="comma-separated class indices (default: spread over classes)")
+    p.add_argument("--num-images", type=int, default=16)
+    p.add_argument("--sampling-steps", type=int, default=250)
+    p.add_argument("--method", choices=["ddpm", "ddim"], default="ddpm")
+    p.add_argument("--cfg-scale", type=float, default=4.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vae", default=None, help="VAE spec (default: the one the latents were made with)")
+    p.add_argument("--device", default=None)
+
+
+def _cmd_sample(args) -> int:
+    import os
+    import tempfile
+
+    import torch
+
+    from dig.data.reader import LatentNormalizer
+    from dig.train.export import CONFIG_FILE, export, load_exported
+    from dig.train.grid import grid_labels, sample_grid
+    from dig.vae import load_vae
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    folder = args.model
+    if not os.path.exists(os.path.join(folder, CONFIG_FILE)):
+        folder = export(folder, tempfile.mkdtemp(prefix="dig-export-"))
+    model, info = load_exported(folder, device=device)
+    labels = ([int(x) for x in args.labels.split(",")] if args.labels
+              else grid_labels(args.num_images, model.num_classes))
+    vae = load_vae(args.vae or info["vae"], device=device)
+    image = sample_grid(model, vae, LatentNormalizer.from_dict(info["normalizer"]), labels, info["latent_shape"],
+                        args.sampling_steps, args.method, args.cfg_scale, args.seed, device)
+    image.save(args.out)
+    print(args.out)
+    return 0
+
+
+COMMANDS = {
+    "train": ("train DiG with DeepSpeed (run under torchrun/deepspeed for several processes)", _args_train,
+              _cmd_train),
+    "export": ("write a checkpoint's consolidated weights as safetensors + config.json", _args_export,
+               _cmd_export),
+    "sample": ("sample a grid of images from an exported model or a run", _args_sample, _cmd_sample),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dig", description="DiG pretraining system")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (help_text, add_args, run) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        add_args(p)
+        p.set_defaults(run=run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

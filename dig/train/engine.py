@@ -1,0 +1,125 @@
+"""DeepSpeed: process group, device, precision and the engine (ZeRO stage, AdamW, grad clipping, lr schedule).
+
+The model stays a plain single-device nn.Module; everything about parallelism and precision is decided here
+from the typed config. On a machine without CUDA DeepSpeed's CPU accelerator is used over gloo (set
+DS_ACCELERATOR=cpu before deepspeed is imported: `setup_environment` does it) and training runs in fp32.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .config import TrainConfig
+
+
+@dataclass
+class Runtime:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    bf16: bool
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self):
+        """bf16 autocast around the forward (params are bf16 in the engine, inputs and embeddings are fp32)."""
+        if not self.bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+
+
+def free_loopback_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def setup_environment() -> None:
+    """Defaults for a single process started without a launcher, and the CPU accelerator without CUDA."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_loopback_port()))
+    os.environ.setdefault("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1"))  # DeepSpeed's CPU comm reads it
+
+
+def init_distributed(cfg: TrainConfig) -> Runtime:
+    setup_environment()
+    import deepspeed
+
+    cuda = torch.cuda.is_available()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    import torch.distributed as dist
+
+    precision = cfg.engine.precision
+    bf16 = cuda if precision == "auto" else precision == "bf16"
+    return Runtime(rank=dist.get_rank(), local_rank=local_rank, world_size=dist.get_world_size(),
+                   device=torch.device("cuda", local_rank) if cuda else torch.device("cpu"), bf16=bf16)
+
+
+def deepspeed_config(cfg: TrainConfig, runtime: Runtime) -> dict:
+    """The DeepSpeed JSON: base knobs from engine.deepspeed_config, everything the run decides filled in."""
+    base: dict = {}
+    if cfg.engine.deepspeed_config:
+        with open(cfg.engine.deepspeed_config) as f:
+            base = json.load(f)
+    zero = dict(base.get("zero_optimization", {}))
+    zero["stage"] = cfg.engine.zero_stage
+    if cfg.engine.zero_stage < 3:
+        zero = {k: v for k, v in zero.items() if not k.startswith("stage3_")}
+    o = cfg.optim
+    base.update({
+        "train_batch_size": cfg.data.global_batch_size,
+        "train_micro_batch_size_per_gpu": cfg.data.micro_batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum_steps(runtime.world_size),
+        # torch's AdamW: DeepSpeed's fused/CPU Adam would be compiled at start-up.
+        "optimizer": {"type": "AdamW", "params": {"lr": o.lr, "betas": list(o.betas), "eps": o.eps,
+                                                  "weight_decay": o.weight_decay, "torch_adam": True}},
+        "gradient_clipping": o.grad_clip,
+        "bf16": {"enabled": runtime.bf16},
+        "fp16": {"enabled": False},
+        "zero_optimization": zero,
+        "steps_per_print": 10 ** 12,
+        "wall_clock_breakdown": False,
+    })
+    return base
+
+
+def warmup_then_constant(warmup_steps: int):
+    """lr multiplier for optimizer step i (0-based): (i+1)/warmup during warm-up, then 1."""
+    def factor(i: int) -> float:
+        return 1.0 if warmup_steps <= 0 else min(1.0, (i + 1) / warmup_steps)
+    return factor
+
+
+def build_engine(model: torch.nn.Module, cfg: TrainConfig, runtime: Runtime):
+    import deepspeed
+
+    def scheduler(optimizer):
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_constant(cfg.optim.warmup_steps))
+
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
+                                                                            if p.requires_grad],
+                                           config=deepspeed_config(cfg, runtime), lr_scheduler=scheduler)
+    return engine
+
+
+def shutdown() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -1,0 +1,346 @@
+"""The training loop: data → loss → engine step → EMA → checkpoint → metrics, one named step each.
+
+`Trainer(cfg, resolved).fit()` is what `dig train` runs in every process of a torchrun/deepspeed launch.
+A run directory holds everything needed to continue: start the same command again and it resumes from the
+run directory's `latest` checkpoint (weights, optimizer, lr schedule, EMA, data position, RNG states, MLflow
+run). See dig/train/checkpoint.py for the layout and dig/train/ema.py for where the EMA lives under ZeRO-3.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import time
+
+import torch
+import torch.distributed as dist
+
+from dig.data.reader import Batch, LatentShardReader
+
+from . import checkpoint
+from .config import TrainConfig
+from .ema import ShardedEMA
+from .engine import Runtime, build_engine, init_distributed, shutdown
+from .tracking import make_tracker
+
+log = logging.getLogger("dig.train")
+
+# bf16 dense peak per GPU, TFLOP/s, for MFU when tracking.peak_tflops is not set
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
+
+
+class TrainingAborted(RuntimeError):
+    """Training stopped on purpose (e.g. too many non-finite losses in a row); the message says why."""
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, resolved: dict):
+        self.cfg, self.resolved = cfg, resolved
+        self.rt: Runtime = init_distributed(cfg)
+        cfg.check_world(self.rt.world_size)
+        self.accum = cfg.grad_accum_steps(self.rt.world_size)
+        self.run_dir = cfg.run.dir
+        os.makedirs(self.run_dir, exist_ok=True)
+
+        self.data = LatentShardReader(
+            cfg.data.path, rank=self.rt.rank, world_size=self.rt.world_size,
+            micro_batch_size=cfg.data.micro_batch_size, seed=cfg.run.seed,
+            window_shards=cfg.data.shuffle_window_shards, latent_norm=cfg.data.latent_norm,
+            random_flip=cfg.data.random_flip, read_retries=cfg.data.read_retries,
+            on_bad_shard=cfg.data.on_bad_shard, prefetch=cfg.data.prefetch)
+        manifest = self.data.manifest
+        cfg.check_manifest(manifest)
+        self.latent_shape = list(self.data.sample_shape)
+
+        resume_from = checkpoint.latest_checkpoint(self.run_dir)
+        self.model_kwargs = cfg.model_kwargs(manifest.latent_size)
+        init_state = None
+        if cfg.model.init_from and resume_from is None:
+            init_state = self._init_weights_from(cfg.model.init_from)
+
+        from dig.diffusion import create_diffusion
+        from dig.models import create_model
+
+        torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
+        model = create_model(cfg.model.name, **self.model_kwargs)
+        if init_state is not None:
+            model.load_state_dict(init_state, strict=True)
+        self.flops_per_image = training_flops_per_image(model)
+        self.engine = build_engine(model, cfg, self.rt)
+        self.diffusion = create_diffusion(learn_sigma=cfg.model.learn_sigma)
+        self.ema = ShardedEMA(self.engine.module, cfg.ema_decay, cfg.engine.zero_stage)
+
+        self.step = 0
+        self.nonfinite_total = 0
+        self.nonfinite_in_a_row = 0
+        torch.manual_seed(cfg.run.seed * 1_000_003 + 7919 * (self.rt.rank + 1))  # per-rank t, noise, dropout
+        if resume_from is not None:
+            self._resume(resume_from)
+        self.tracker = make_tracker(self.rt.is_main, self.run_dir, cfg, resolved, self.step)
+        if self.rt.is_main:
+            with open(os.path.join(self.run_dir, "config.json"), "w") as f:
+                json.dump(resolved, f, indent=1)
+        self._stop_requested = False
+        self._sample_model = None
+        self._vae = None
+        self._window = _MetricWindow()
+        self._last_saved_step = self.step if resume_from is not None else -1
+
+    # --- setup helpers --------------------------------------------------------------------------------------
+
+    def _init_weights_from(self, source: str) -> dict:
+        """Weights of an exported folder or a run/checkpoint (its EMA) to start from; adapts the position grid."""
+        from safetensors.torch import load_file
+
+        from .export import CONFIG_FILE, WEIGHTS_FILE
+
+        if os.path.exists(os.path.join(source, CONFIG_FILE)):
+            with open(os.path.join(source, CONFIG_FILE)) as f:
+                src_kwargs = json.load(f)["model_kwargs"]
+            state = load_file(os.path.join(source, WEIGHTS_FILE))
+        else:
+            ckpt = checkpoint.resolve_checkpoint(source)
+            src_kwargs = checkpoint.load_trainer_meta(ckpt)["model_kwargs"]
+            state = checkpoint.load_ema_full(ckpt)
+        src_grid = src_kwargs.get("pos_embed_base_size") or src_kwargs["input_size"]
+        if self.cfg.model.pos_embed_base_size is None and src_grid != self.model_kwargs["input_size"]:
+            # the sin-cos grid is a fixed buffer: "interpolating" = scaling positions to the source's grid
+            self.model_kwargs["pos_embed_base_size"] = src_grid
+            if self.rt.is_main:
+                log.info("init_from %s: latent %s -> %s, position grid scaled to base size %s", source,
+                         src_kwargs["input_size"], self.model_kwargs["input_size"], src_grid)
+        return state
+
+    def _resume(self, ckpt: str) -> None:
+        state = checkpoint.load_rank_state(ckpt, self.rt.rank, self.rt.world_size)
+        checkpoint.load_engine(self.engine, ckpt)
+        self.ema = ShardedEMA(self.engine.module, self.cfg.ema_decay, self.cfg.engine.zero_stage)
+        self.ema.load_full(checkpoint.load_ema_full(ckpt))
+        self.data.load_state_dict(state["data"])
+        self.step = state["step"]
+        self.nonfinite_total = state["nonfinite_total"]
+        self.nonfinite_in_a_row = state["nonfinite_in_a_row"]
+        checkpoint.set_rng_state(state["rng"])
+        if self.rt.is_main:
+            log.info("resumed from %s at step %d", ckpt, self.step)
+
+    # --- the loop -------------------------------------------------------------------------------------------
+
+    def fit(self) -> None:
+        self._install_signal_handlers()
+        status = "FAILED"
+        try:
+            while self.step < self.cfg.steps and not self._should_stop():
+                t0 = time.perf_counter()
+                metrics = self.train_step()
+                self.step += 1
+                self.update_ema()
+                self._window.add(metrics, time.perf_counter() - t0)
+                self.maybe_checkpoint()
+                self.maybe_log_metrics()
+                self.maybe_log_samples()
+            self.save_checkpoint()
+            status = "FINISHED" if self.step >= self.cfg.steps else "KILLED"
+        finally:
+            self.tracker.close(status)
+            self.data.close()
+            if status != "FAILED":
+                shutdown()
+
+    def next_batch(self) -> Batch:
+        return self.data.next_batch()
+
+    def forward_loss(self, batch: Batch):
+        """Diffusion loss of one micro-batch; returns (loss for backward, global [loss, mse, vb, nonfinite])."""
+        x = batch.latents.to(self.rt.device, non_blocking=True)
+        y = batch.labels.to(self.rt.device, non_blocking=True)
+        t = torch.randint(0, self.diffusion.num_timesteps, (x.shape[0],), device=self.rt.device)
+        with self.rt.autocast():
+            terms = self.diffusion.training_losses(self.engine, x, t, model_kwargs=dict(y=y))
+        loss = terms["loss"].float().mean()
+        stats = torch.stack([loss.detach(), terms["mse"].float().mean().detach(),
+                             terms["vb"].float().mean().detach(),
+                             (~torch.isfinite(loss)).float()])
+        dist.all_reduce(stats)  # every rank must agree on skipping
+        stats[:3] /= self.rt.world_size
+        return loss, stats
+
+    def train_step(self) -> dict:
+        """One optimizer step over `accum` finite micro-batches; non-finite ones are dropped and counted."""
+        totals = torch.zeros(3, device=self.rt.device)
+        keys: list[str] = []
+        for _ in range(self.accum):
+            while True:
+                batch = self.next_batch()
+                loss, stats = self.forward_loss(batch)
+                if stats[3].item() == 0:
+                    self.nonfinite_in_a_row = 0
+                    break
+                self.skip_nonfinite(batch)
+            self.engine.backward(loss)
+            self.engine.step()
+            totals += stats[:3]
+            keys += batch.keys
+        totals /= self.accum
+        loss, mse, vb = totals.tolist()
+        metrics = {"loss": loss, "mse": mse, "vb": vb}
+        if self.cfg.tracking.step_log:
+            self._write_step_log(metrics, keys)
+        return metrics
+
+    def skip_nonfinite(self, batch: Batch) -> None:
+        self.nonfinite_total += 1
+        self.nonfinite_in_a_row += 1
+        log.warning("step %d: non-finite loss, batch skipped (%d in a row, %d in total); keys on rank %d: %s",
+                    self.step + 1, self.nonfinite_in_a_row, self.nonfinite_total, self.rt.rank, batch.keys[:8])
+        limit = self.cfg.max_nonfinite_in_a_row
+        if self.nonfinite_in_a_row >= limit:
+            raise TrainingAborted(
+                f"aborting at step {self.step + 1}: {self.nonfinite_in_a_row} non-finite losses in a row "
+                f"(max_nonfinite_in_a_row={limit}). Check the data (NaN/Inf latents: keys on rank "
+                f"{self.rt.rank} of the last batch: {batch.keys[:8]}) or lower the learning rate; the last "
+                f"checkpoint in {self.run_dir} is unaffected")
+
+    def update_ema(self) -> None:
+        self.ema.update()
+
+    def maybe_checkpoint(self) -> None:
+        every = self.cfg.checkpoint.every
+        if every > 0 and self.step % every == 0:
+            self.save_checkpoint()
+
+    def save_checkpoint(self) -> None:
+        if self._last_saved_step == self.step:
+            return
+        meta = {
+            "world_size": self.rt.world_size, "config": self.resolved, "model_name": self.cfg.model.name,
+            "model_kwargs": self.model_kwargs, "latent_shape": self.latent_shape,
+            "normalizer": self.data.normalizer.to_dict(), "vae": self.cfg.tracking.sample.vae
+            or self.data.manifest.vae, "classes": self.data.manifest.classes,
+            "mlflow_run_id": self.tracker.run_id if hasattr(self, "tracker") else None,
+        }
+        rank_state = {"data": self.data.state_dict(), "nonfinite_total": self.nonfinite_total,
+                      "nonfinite_in_a_row": self.nonfinite_in_a_row}
+        path = checkpoint.save(self.run_dir, self.step, self.engine, self.ema, rank_state, meta,
+                               self.cfg.checkpoint.keep_last)
+        self._last_saved_step = self.step
+        self.tracker.set_tags({"checkpoint.latest": os.path.abspath(path),
+                               f"checkpoint.step_{self.step:09d}": os.path.abspath(path)})
+
+    def maybe_log_metrics(self) -> None:
+        every = self.cfg.tracking.log_every
+        if every <= 0 or self.step % every:
+            return
+        w = self._window
+        metrics = w.means()
+        metrics["lr"] = self.engine.get_lr()[0]
+        grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is not None:
+            metrics["grad_norm"] = float(grad_norm)
+        images_per_sec = w.steps * self.cfg.data.global_batch_size / max(w.seconds, 1e-9)
+        metrics["img_per_sec"] = images_per_sec
+        metrics["epoch"] = self.data.epoch
+        metrics["nonfinite_skipped"] = self.nonfinite_total
+        metrics["shards_skipped"] = self.data.shards_skipped
+        metrics["samples_repeated"] = self.data.samples_repeated
+        if self.rt.device.type == "cuda":
+            peak = self._peak_flops()
+            if peak:
+                metrics["mfu"] = self.flops_per_image * images_per_sec / self.rt.world_size / peak
+            metrics["gpu_mem_max_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+            torch.cuda.reset_peak_memory_stats()
+        self.tracker.log_metrics(metrics, step=self.step)
+        if self.rt.is_main:
+            log.info("step %d %s", self.step, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+        self._window = _MetricWindow()
+
+    def maybe_log_samples(self) -> None:
+        every = self.cfg.tracking.sample_every
+        if every <= 0 or self.step % every:
+            return
+        ema = self.ema.full_state_dict()  # collective
+        if not self.rt.is_main:
+            return
+        from dig.models import create_model
+        from dig.vae import load_vae
+
+        from .grid import grid_labels, sample_grid
+
+        s = self.cfg.tracking.sample
+        if self._sample_model is None:
+            self._sample_model = create_model(self.cfg.model.name, **self.model_kwargs).to(self.rt.device).eval()
+            self._vae = load_vae(s.vae or self.data.manifest.vae, device=self.rt.device)
+        self._sample_model.load_state_dict(ema, strict=True)
+        labels = grid_labels(s.num_images, len(self.data.manifest.classes))
+        rng = torch.random.fork_rng(devices=[self.rt.local_rank] if self.rt.device.type == "cuda" else [])
+        with rng, self.rt.autocast():  # sampling must not move the training RNG streams
+            image = sample_grid(self._sample_model, self._vae, self.data.normalizer, labels, self.latent_shape,
+                                s.num_steps, s.method, s.cfg_scale, s.seed, self.rt.device)
+        self.tracker.log_image(image, f"samples/step_{self.step:09d}.png")
+
+    # --- plumbing -------------------------------------------------------------------------------------------
+
+    def _peak_flops(self) -> float | None:
+        if self.cfg.tracking.peak_tflops:
+            return self.cfg.tracking.peak_tflops * 1e12
+        name = torch.cuda.get_device_name(self.rt.device)
+        for key, tflops in PEAK_BF16_TFLOPS.items():
+            if key in name:
+                return tflops * 1e12
+        return None
+
+    def _write_step_log(self, metrics: dict, keys: list[str]) -> None:
+        folder = os.path.join(self.run_dir, "steps")
+        os.makedirs(folder, exist_ok=True)
+        record = {"step": self.step + 1, **metrics, "keys": keys}
+        with open(os.path.join(folder, f"rank_{self.rt.rank:05d}.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _install_signal_handlers(self) -> None:
+        def request_stop(signum, frame):
+            self._stop_requested = True
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, request_stop)
+
+    def _should_stop(self) -> bool:
+        """All ranks stop together when any of them got SIGTERM/SIGINT (then a checkpoint is written)."""
+        flag = torch.tensor([float(self._stop_requested)], device=self.rt.device)
+        dist.all_reduce(flag)
+        return bool(flag.item())
+
+
+class _MetricWindow:
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.steps = 0
+        self.seconds = 0.0
+
+    def add(self, metrics: dict, seconds: float) -> None:
+        for k, v in metrics.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.steps += 1
+        self.seconds += seconds
+
+    def means(self) -> dict:
+        return {k: v / max(self.steps, 1) for k, v in self.sums.items()}
+
+
+def training_flops_per_image(model) -> float:
+    """Approximate training FLOPs per image: 6 x (weights touched per token) x tokens for the linear layers,
+    plus the GLA state updates (about 2 D^2 / H per token per block forward), x3 for forward + backward."""
+    gh, gw = model.grid_size if hasattr(model, "grid_size") else (model.input_size, model.input_size)
+    tokens = gh * gw
+    dense = sum(p.numel() for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n)
+    flops = 6.0 * dense * tokens
+    blocks = getattr(model, "blocks", [])
+    hidden = getattr(model, "hidden_size", None)
+    heads = getattr(model, "num_heads", None)
+    if hidden and heads and "DiG" in type(model).__name__:
+        flops += 3.0 * len(blocks) * tokens * 2.0 * hidden * hidden / heads
+    return flops
+
+
+def train(cfg: TrainConfig, resolved: dict) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    Trainer(cfg, resolved).fit()
