@@ -28,20 +28,16 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         return "torch"
     if fla_installed():
         return "fla"
-    if not _warned_fallback:
-        _warn_fallback()
+    global _warned_no_fla
+    if not _warned_no_fla:
+        _warned_no_fla = True
+        warnings.warn("dig.ops.gla: CUDA tensors but flash-linear-attention is not installed; using the (much "
+                      "slower) PyTorch implementation. `pip install flash-linear-attention` for the Triton kernels.",
+                      stacklevel=3)
     return "torch"
 
 
-_warned_fallback = False
-
-
-def _warn_fallback():
-    global _warned_fallback
-    _warned_fallback = True
-    warnings.warn("dig.ops.gla: CUDA tensors but flash-linear-attention is not installed; using the (much slower) "
-                  "PyTorch implementation. `pip install flash-linear-attention` for the Triton kernels.",
-                  stacklevel=3)
+_warned_no_fla = False
 
 
 def _check_inputs(q, k, v, g, initial_state):
