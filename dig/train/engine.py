@@ -70,11 +70,21 @@ def init_distributed(cfg: TrainConfig) -> Runtime:
                    device=torch.device("cuda", local_rank) if cuda else torch.device("cpu"), bf16=bf16)
 
 
+def _find_config_file(path: str) -> str:
+    """A path as given, else relative to the source checkout (configs/ ships beside the dig package)."""
+    if os.path.isabs(path) or os.path.exists(path):
+        return path
+    in_checkout = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), path)
+    if os.path.exists(in_checkout):
+        return in_checkout
+    raise FileNotFoundError(f"engine.deepspeed_config: {path} not found (relative to {os.getcwd()} or the checkout)")
+
+
 def deepspeed_config(cfg: TrainConfig, runtime: Runtime) -> dict:
     """The DeepSpeed JSON: base knobs from engine.deepspeed_config, everything the run decides filled in."""
     base: dict = {}
     if cfg.engine.deepspeed_config:
-        with open(cfg.engine.deepspeed_config) as f:
+        with open(_find_config_file(cfg.engine.deepspeed_config)) as f:
             base = json.load(f)
     zero = dict(base.get("zero_optimization", {}))
     zero["stage"] = cfg.engine.zero_stage
