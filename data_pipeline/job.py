@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -30,9 +31,16 @@ class PipelineError(RuntimeError):
 def connect_ray(address: str | None):
     """Join the cluster at `address` / RAY_ADDRESS (what `ray job submit` sets), or start a local Ray that
     listens on loopback only."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    host = (address or "").rpartition(":")[0].removeprefix("ray://").strip("[]")
+    if not address or host in (LOOPBACK, "localhost", "::1"):
+        # Single-machine cluster: without this Ray swaps a loopback address for the machine's routable IP
+        # (and a local Ray binds it). Ray reads it when first imported.
+        if "ray" in sys.modules and os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") != "0":
+            log.warning("ray was imported before connect_ray; it may not stay on loopback")
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     import ray
 
-    address = address or os.environ.get("RAY_ADDRESS")
     if address:
         return ray.init(address=address, log_to_driver=True)
     return ray.init(_node_ip_address=LOOPBACK, include_dashboard=False, configure_logging=True)
@@ -71,15 +79,24 @@ def _claim_output(cfg: PipelineConfig, record: dict) -> None:
     storage.write_bytes(uri, json.dumps(record, indent=1).encode())
 
 
+def storage_runtime_env() -> dict:
+    """The driver's AWS settings (credentials, region, endpoint), for the tasks that read and write storage:
+    what works on the driver then works on every worker, whatever environment their nodes started with."""
+    env_vars = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+    return {"env_vars": env_vars} if env_vars else {}
+
+
 def build_dataset(cfg: PipelineConfig, rows: list[dict], use_gpu: bool):
     import ray.data
     from ray.data import ActorPoolStrategy, TaskPoolStrategy
+
+    runtime_env = storage_runtime_env() or None
 
     ds = ray.data.from_items(rows, override_num_blocks=len(rows))
     decode_compute = TaskPoolStrategy(size=cfg.max_decode_tasks) if cfg.max_decode_tasks else None
     ds = ds.map(decode_shard, fn_kwargs=dict(resolution=cfg.resolution, min_side=cfg.min_side,
                                              io_threads=cfg.io_threads),
-                compute=decode_compute,
+                compute=decode_compute, runtime_env=runtime_env,
                 # Declared through a function so Ray does not fuse decoding into the encoder actors (it fuses
                 # a task stage into an actor stage with equal resources): decoding scales on CPUs separately.
                 ray_remote_args_fn=functools.partial(dict, num_cpus=cfg.decode_cpus))
@@ -89,7 +106,7 @@ def build_dataset(cfg: PipelineConfig, rows: list[dict], use_gpu: bool):
                                    batch_size=cfg.encode_batch_size, storage_dtype=cfg.storage_dtype),
         compute=ActorPoolStrategy(size=cfg.num_encoders), num_gpus=1 if use_gpu else 0, num_cpus=cfg.encoder_cpus)
     return ds.map(write_shard, fn_kwargs=dict(output=cfg.output, name=cfg.name, storage_dtype=cfg.storage_dtype),
-                  num_cpus=0.5)
+                  num_cpus=0.5, runtime_env=runtime_env)
 
 
 def _read_done(cfg: PipelineConfig, indices: list[int]) -> dict[int, dict]:
@@ -147,10 +164,9 @@ def run(cfg: PipelineConfig) -> dict:
         raise PipelineError(f"resolution {cfg.resolution} is not a multiple of the VAE's {geometry['downsample']}x "
                             "downsampling")
 
-    import ray
-
     connect_ray(cfg.ray_address)
-    listing = list_inputs(cfg.input, cfg.input_layout)
+    import ray
+    listing = list_inputs(cfg.input, cfg.input_layout, storage_runtime_env() or None)
     if not listing.items:
         raise PipelineError(f"{cfg.input}: no input images found")
     if listing.ignored:

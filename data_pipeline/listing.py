@@ -55,14 +55,15 @@ def detect_layout(names: list[str]) -> str:
     raise ValueError("the input holds neither images in class folders nor .tar files")
 
 
-def list_inputs(root: str, layout: str = "auto") -> Listing:
+def list_inputs(root: str, layout: str = "auto", runtime_env: dict | None = None) -> Listing:
+    """The sorted listing of `root`; tar headers are scanned by Ray tasks run with `runtime_env`."""
     names = storage.list_names(root)
     if layout == "auto":
         layout = detect_layout(names)
     if layout == "folder":
         return _list_folder(root, names)
     if layout == "webdataset":
-        return _list_webdataset(root, [n for n in names if n.endswith(".tar")])
+        return _list_webdataset(root, [n for n in names if n.endswith(".tar")], runtime_env)
     raise ValueError(f"unknown input layout {layout!r} (folder, webdataset or auto)")
 
 
@@ -114,10 +115,10 @@ def scan_tar(uri: str) -> tuple[list[dict], list[str]]:
     return samples, ignored
 
 
-def _list_webdataset(root: str, tar_names: list[str]) -> Listing:
+def _list_webdataset(root: str, tar_names: list[str], runtime_env: dict | None = None) -> Listing:
     import ray
 
-    scan = ray.remote(num_cpus=0.25)(scan_tar)
+    scan = ray.remote(num_cpus=0.25, runtime_env=runtime_env)(scan_tar)
     uris = [storage.join(root, n) for n in tar_names]
     results = ray.get([scan.remote(u) for u in uris])
     items, ignored = [], []

@@ -1,0 +1,248 @@
+"""Test inputs for the latent pipeline (an ImageFolder tree whose expected RGB content is known from how each
+file was made, plus unreadable files), the reference encoding, and the decode-stage tests that need no Ray."""
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+
+RESOLUTION = 64
+MIN_SIDE = 32
+
+
+@dataclass
+class ImageTree:
+    root: str
+    classes: list[str]
+    expected_rgb: dict[str, np.ndarray] = field(default_factory=dict)  # source -> RGB the decoder must produce
+    bad: dict[str, str] = field(default_factory=dict)                  # source -> what is wrong with it
+    ignored: list[str] = field(default_factory=list)                   # files that are not images
+
+    @property
+    def listing(self) -> list[str]:
+        """Every image-named file, sorted: the global sample index is the position in this list."""
+        return sorted([*self.expected_rgb, *self.bad])
+
+
+def _smooth_rgb(rng, h, w) -> np.ndarray:
+    """A left-right asymmetric colour image (so the flip is distinguishable), smooth enough for JPEG."""
+    y, x = np.mgrid[0:h, 0:w] / max(h, w)
+    phase = rng.uniform(0, 2 * np.pi, 3)
+    chans = [np.sin(3 * x * (c + 1) + phase[c]) * 0.4 + 0.4 * x + 0.2 * y for c in range(3)]
+    return np.clip(np.stack(chans, -1) * 200 + 20, 0, 255).astype(np.uint8)
+
+
+def _encode(image: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def make_image_tree(root: str, seed: int = 0) -> ImageTree:
+    rng = np.random.default_rng(seed)
+    tree = ImageTree(root=root, classes=["n01_cat", "n02_dog"])
+    files: dict[str, bytes] = {}
+
+    def rgb_file(name, h, w):
+        arr = _smooth_rgb(rng, h, w)
+        files[name] = _encode(Image.fromarray(arr), "PNG")
+        tree.expected_rgb[name] = arr
+
+    rgb_file("n01_cat/a.png", 64, 80)
+    rgb_file("n01_cat/b.png", 100, 70)
+    rgb_file("n01_cat/big.png", 140, 150)         # short side >= 2*64: one BOX halving first
+    grey = _smooth_rgb(rng, 72, 72)[..., 0]
+    files["n01_cat/grey.png"] = _encode(Image.fromarray(grey, mode="L"), "PNG")
+    tree.expected_rgb["n01_cat/grey.png"] = np.repeat(grey[..., None], 3, -1)
+    # 16-bit greyscale: g * 257 maps 0..255 onto 0..65535; keeping the top 8 bits must give back g.
+    g16 = _smooth_rgb(rng, 66, 90)[..., 1]
+    files["n02_dog/deep.png"] = _encode(Image.fromarray(g16.astype(np.uint16) * 257), "PNG")
+    tree.expected_rgb["n02_dog/deep.png"] = np.repeat(g16[..., None], 3, -1)
+    # RGBA: transparent left half -> white, opaque right half -> the colours.
+    rgba = _smooth_rgb(rng, 64, 64)
+    alpha = np.full((64, 64), 255, np.uint8)
+    alpha[:, :32] = 0
+    files["n02_dog/alpha.png"] = _encode(Image.fromarray(np.dstack([rgba, alpha]), mode="RGBA"), "PNG")
+    expected = rgba.copy()
+    expected[:, :32] = 255
+    tree.expected_rgb["n02_dog/alpha.png"] = expected
+    # CMYK JPEG: the expected RGB is PIL's own CMYK->RGB of the decoded file.
+    cmyk = Image.fromarray(_smooth_rgb(rng, 80, 64)).convert("CMYK")
+    files["n02_dog/cmyk.jpg"] = _encode(cmyk, "JPEG", quality=95)
+    tree.expected_rgb["n02_dog/cmyk.jpg"] = np.asarray(Image.open(io.BytesIO(files["n02_dog/cmyk.jpg"])).convert("RGB"))
+    rgb_file("n02_dog/z.png", 96, 64)
+
+    jpeg = _encode(Image.fromarray(_smooth_rgb(rng, 96, 96)), "JPEG", quality=90)
+    files["n01_cat/empty.jpg"] = b""
+    tree.bad["n01_cat/empty.jpg"] = "empty"
+    files["n02_dog/truncated.jpg"] = jpeg[: len(jpeg) // 2]
+    tree.bad["n02_dog/truncated.jpg"] = "decode"
+    files["n02_dog/garbage.png"] = rng.integers(0, 256, 3000, dtype=np.uint8).tobytes()
+    tree.bad["n02_dog/garbage.png"] = "decode"
+    files["n01_cat/tiny.png"] = _encode(Image.fromarray(_smooth_rgb(rng, 16, 40)), "PNG")
+    tree.bad["n01_cat/tiny.png"] = "too small"
+    files["n01_cat/notes.txt"] = b"not an image"
+    tree.ignored.append("n01_cat/notes.txt")
+
+    for name, data in files.items():
+        path = os.path.join(root, name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(data)
+    return tree
+
+
+def dit_center_crop_arr(pil_image: Image.Image, image_size: int) -> np.ndarray:
+    """Reference: the centre crop of DiT's train.py (from ADM), restated independently for the tests."""
+    while min(*pil_image.size) >= 2 * image_size:
+        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
+    scale = image_size / min(*pil_image.size)
+    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
+    arr = np.array(pil_image)
+    crop_y = (arr.shape[0] - image_size) // 2
+    crop_x = (arr.shape[1] - image_size) // 2
+    return arr[crop_y: crop_y + image_size, crop_x: crop_x + image_size]
+
+
+def reference_encoding(vae, rgb: np.ndarray, resolution: int = RESOLUTION):
+    """Direct fp32 encoding of one image and its mirror image: (mean, std), each float64 [2, C, h, w]."""
+    import torch
+
+    from dig.vae import encode
+
+    crop = dit_center_crop_arr(Image.fromarray(rgb), resolution)
+    x = torch.from_numpy(crop.astype(np.float64) / 255.0 * 2.0 - 1.0).permute(2, 0, 1)[None].float()
+    mirrored = torch.from_numpy(np.ascontiguousarray(crop[:, ::-1]).astype(np.float64) / 255.0 * 2.0 - 1.0)
+    x = torch.cat([x, mirrored.permute(2, 0, 1)[None].float()])
+    mean, std = encode(vae, x)
+    return mean.double().numpy(), std.double().numpy()
+
+
+def read_shard(data: bytes) -> list:
+    """All samples of one shard tar, decoded with the shard format's reader (grouped by webdataset key)."""
+    import tarfile
+
+    from dig.data.shard_format import decode_sample
+
+    samples: dict[str, dict] = {}
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        for member in tar:
+            key, _, ext = member.name.partition(".")
+            samples.setdefault(key, {"__key__": key})[ext] = tar.extractfile(member).read()
+    return [decode_sample(s) for s in samples.values()]
+
+
+# ---- decode stage, listing and early failures (no Ray) ----
+
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tarfile  # noqa: E402
+
+import pytest  # noqa: E402
+
+from data_pipeline.images import RejectedImage, load_image  # noqa: E402
+from data_pipeline.listing import InputItem, ShardSpec, assign_shards, list_inputs, scan_tar  # noqa: E402
+from data_pipeline.shards import decode_shard  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    return make_image_tree(str(tmp_path_factory.mktemp("images")))
+
+
+def _bytes(tree, name):
+    with open(os.path.join(tree.root, name), "rb") as f:
+        return f.read()
+
+
+def test_decode_gives_rgb_then_adm_crop(tree):
+    for name, rgb in tree.expected_rgb.items():
+        got = load_image(_bytes(tree, name), RESOLUTION, MIN_SIDE)
+        assert got.shape == (RESOLUTION, RESOLUTION, 3) and got.dtype == np.uint8, name
+        np.testing.assert_array_equal(got, dit_center_crop_arr(Image.fromarray(rgb), RESOLUTION), err_msg=name)
+
+
+@pytest.mark.parametrize("reason,pattern", [("empty", "0 bytes"), ("decode", "cannot decode"),
+                                            ("too small", "too small")])
+def test_bad_images_are_rejected_with_reason(tree, reason, pattern):
+    names = [n for n, why in tree.bad.items() if why == reason]
+    assert names
+    for name in names:
+        with pytest.raises(RejectedImage, match=pattern):
+            load_image(_bytes(tree, name), RESOLUTION, MIN_SIDE)
+
+
+def test_folder_listing_and_shard_assignment(tree):
+    listing = list_inputs(tree.root)
+    assert listing.layout == "folder" and listing.classes == tree.classes
+    assert [it.source for it in listing.items] == tree.listing
+    assert [it.label for it in listing.items] == [tree.classes.index(s.split("/")[0]) for s in tree.listing]
+    assert listing.ignored == tree.ignored
+    shards = assign_shards(listing.items, 5)
+    assert [s.index for s in shards] == [0, 1, 2]
+    assert [it for s in shards for it in s.items] == listing.items
+    assert [s.first for s in shards] == [0, 5, 10]
+    assert ShardSpec.from_row(shards[1].to_row()) == shards[1]
+
+
+def test_webdataset_tar_input_reads_members_by_byte_range(tree, tmp_path):
+    good = sorted(tree.expected_rgb)[:4]
+    tar_path = tmp_path / "part-000.tar"
+    with tarfile.open(tar_path, "w") as tar:
+        for i, name in enumerate(good):
+            for member, data in ((f"s{i}.{name.rsplit('.', 1)[1]}", _bytes(tree, name)),
+                                 (f"s{i}.cls", str(10 + i).encode())):
+                info = tarfile.TarInfo(member)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        info = tarfile.TarInfo("orphan.cls")
+        info.size = 1
+        tar.addfile(info, io.BytesIO(b"3"))
+    samples, ignored = scan_tar(str(tar_path))
+    assert [s["key"] for s in samples] == [f"s{i}" for i in range(4)]
+    assert [s["label"] for s in samples] == [10, 11, 12, 13]
+    assert ignored == ["orphan (no image)"]
+    items = [InputItem(source=f"part-000.tar/{s['key']}", label=s["label"], class_name=str(s["label"]),
+                       uri=str(tar_path), offset=s["offset"], size=s["size"]) for s in samples]
+    out = decode_shard(ShardSpec(0, 0, items).to_row(), RESOLUTION, MIN_SIDE, io_threads=2)
+    assert json.loads(out["rejects"]) == [] and json.loads(out["kept"]) == [0, 1, 2, 3]
+    for image, name in zip(out["images"], good):
+        np.testing.assert_array_equal(image, dit_center_crop_arr(Image.fromarray(tree.expected_rgb[name]),
+                                                                 RESOLUTION))
+
+
+def test_decode_stage_counts_rejects_and_keeps_the_rest(tree):
+    listing = list_inputs(tree.root)
+    out = decode_shard(ShardSpec(0, 0, listing.items).to_row(), RESOLUTION, MIN_SIDE, io_threads=4)
+    rejects = json.loads(out["rejects"])
+    assert {r["source"] for r in rejects} == set(tree.bad)
+    assert [r["index"] for r in rejects] == [tree.listing.index(r["source"]) for r in rejects]
+    assert [listing.items[i].source for i in json.loads(out["kept"])] == sorted(tree.expected_rgb)
+    assert out["images"].shape == (len(tree.expected_rgb), RESOLUTION, RESOLUTION, 3)
+
+
+def _run_cli(args, env):
+    return subprocess.run([sys.executable, "-m", "data_pipeline", *args], capture_output=True, text=True,
+                          env=env, timeout=120, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_missing_bucket_or_credentials_fail_before_any_work(tree, s3_server, tmp_path):
+    base = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    args = ["--input", tree.root, "--resolution", "64", "--vae", "config:tiny"]
+    missing_bucket = _run_cli([*args, "--output", "s3://no-such-bucket-anywhere/latents"], {**base, **s3_server.env()})
+    assert missing_bucket.returncode == 2
+    assert "bucket 'no-such-bucket-anywhere' does not exist" in missing_bucket.stderr
+
+    no_creds = {k: v for k, v in {**base, **s3_server.env()}.items()
+                if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE")}
+    no_creds.update(AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), AWS_CONFIG_FILE=str(tmp_path / "none"),
+                    AWS_EC2_METADATA_DISABLED="true")
+    result = _run_cli([*args, "--output", "s3://some-bucket/latents"], no_creds)
+    assert result.returncode == 2 and "no AWS credentials" in result.stderr
+    # "Before any work": no Ray was started and nothing was listed or written.
+    for r in (missing_bucket, result):
+        assert "Ray" not in r.stdout + r.stderr and "inputs" not in r.stdout
