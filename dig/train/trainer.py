@@ -137,9 +137,9 @@ class Trainer:
                 self.step += 1
                 self.update_ema()
                 self._window.add(metrics, time.perf_counter() - t0)
-                self.maybe_checkpoint()
-                self.maybe_log_metrics()
+                self.maybe_log_metrics()   # before the checkpoint: a crash right after it loses no metrics
                 self.maybe_log_samples()
+                self.maybe_checkpoint()
             self.save_checkpoint()
             status = "FINISHED" if self.step >= self.cfg.steps else "KILLED"
         finally:
@@ -168,6 +168,7 @@ class Trainer:
 
     def train_step(self) -> dict:
         """One optimizer step over `accum` finite micro-batches; non-finite ones are dropped and counted."""
+        lr = self.engine.get_lr()[0]  # the rate this step uses (the scheduler moves on after it)
         totals = torch.zeros(3, device=self.rt.device)
         keys: list[str] = []
         for _ in range(self.accum):
@@ -184,7 +185,7 @@ class Trainer:
             keys += batch.keys
         totals /= self.accum
         loss, mse, vb = totals.tolist()
-        metrics = {"loss": loss, "mse": mse, "vb": vb}
+        metrics = {"loss": loss, "mse": mse, "vb": vb, "lr": lr}
         if self.cfg.tracking.step_log:
             self._write_step_log(metrics, keys)
         return metrics
@@ -234,7 +235,6 @@ class Trainer:
             return
         w = self._window
         metrics = w.means()
-        metrics["lr"] = self.engine.get_lr()[0]
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is not None:
             metrics["grad_norm"] = float(grad_norm)
@@ -268,15 +268,17 @@ class Trainer:
         from .grid import grid_labels, sample_grid
 
         s = self.cfg.tracking.sample
-        if self._sample_model is None:
-            self._sample_model = create_model(self.cfg.model.name, **self.model_kwargs).to(self.rt.device).eval()
-            self._vae = load_vae(s.vae or self.data.manifest.vae, device=self.rt.device)
-        self._sample_model.load_state_dict(ema, strict=True)
-        labels = grid_labels(s.num_images, len(self.data.manifest.classes))
-        rng = torch.random.fork_rng(devices=[self.rt.local_rank] if self.rt.device.type == "cuda" else [])
-        with rng, self.rt.autocast():  # sampling must not move the training RNG streams
-            image = sample_grid(self._sample_model, self._vae, self.data.normalizer, labels, self.latent_shape,
-                                s.num_steps, s.method, s.cfg_scale, s.seed, self.rt.device)
+        # Building the model (random init) and sampling must not move the training RNG streams, or a resumed
+        # run (which did not sample at the checkpoint step) would draw different timesteps and noise.
+        with torch.random.fork_rng(devices=[self.rt.local_rank] if self.rt.device.type == "cuda" else []):
+            if self._sample_model is None:
+                self._sample_model = create_model(self.cfg.model.name, **self.model_kwargs).to(self.rt.device)
+                self._vae = load_vae(s.vae or self.data.manifest.vae, device=self.rt.device)
+            self._sample_model.load_state_dict(ema, strict=True)
+            labels = grid_labels(s.num_images, len(self.data.manifest.classes))
+            with self.rt.autocast():
+                image = sample_grid(self._sample_model.eval(), self._vae, self.data.normalizer, labels,
+                                    self.latent_shape, s.num_steps, s.method, s.cfg_scale, s.seed, self.rt.device)
         self.tracker.log_image(image, f"samples/step_{self.step:09d}.png")
 
     # --- plumbing -------------------------------------------------------------------------------------------

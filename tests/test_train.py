@@ -1,0 +1,250 @@
+"""End to end on CPU over loopback: two processes with DeepSpeed ZeRO-3 over gloo train a tiny DiG on shards
+served by moto's S3 server, logging to a real `mlflow server`.
+
+References are independent of the trainer: per-step weights consolidated from the ZeRO-3 checkpoints by
+DeepSpeed's zero_to_fp32, a float64 EMA recurrence over them, the per-step records of an uninterrupted run,
+and what MLflow's own client reads back from the server.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import boto3
+import numpy as np
+import psutil
+import pytest
+import torch
+
+from dig.data.synthetic import write_synthetic_dataset
+from mlflow_server import mlflow_tracking_server  # noqa: F401  (fixture)
+from servers import free_port
+
+pytestmark = pytest.mark.slow
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(REPO, "configs", "train", "tiny-cpu.yaml")
+SEED, DECAY, STEPS = 5, 0.5, 6
+MODEL = dict(depth=2, hidden_size=64, num_heads=2)
+
+
+def common_overrides(run_dir: str, data: str, tracking_uri: str) -> list[str]:
+    return [f"run.dir={run_dir}", f"run.seed={SEED}", f"data.path={data}", "data.global_batch_size=8",
+            "data.micro_batch_size=2",  # 2 ranks x 2 x 2 accumulation steps
+            "data.shuffle_window_shards=2", f"steps={STEPS}", f"ema_decay={DECAY}", "optim.warmup_steps=2",
+            "tracking.log_every=1", "tracking.sample_every=3", "tracking.step_log=true",
+            "tracking.sample.num_steps=4", f"tracking.uri={tracking_uri}", "tracking.experiment=test-train"]
+
+
+def env_for(s3_server) -> dict:
+    env = {**os.environ, **s3_server.env(), "TORCH_EXTENSIONS_DIR": os.path.join(REPO, ".torch_extensions"),
+           "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+def torchrun(overrides: list[str], env: dict, cwd: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", "-m", "dig.cli", "train", "--config", TINY, *overrides]
+    log = open(os.path.join(cwd, f"train-{time.monotonic_ns()}.log"), "wb")
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc.log_path = log.name
+    return proc
+
+
+def kill_launch(proc: subprocess.Popen) -> list:
+    """SIGKILL torchrun and every worker (torchrun starts its workers in their own process groups)."""
+    launch = psutil.Process(proc.pid)
+    procs = [launch, *launch.children(recursive=True)]
+    for p in procs:
+        p.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    _, alive = psutil.wait_procs(procs, timeout=30)
+    assert not alive, f"still alive after SIGKILL: {alive}"
+    return procs
+
+
+def finish(proc: subprocess.Popen, timeout: float = 240) -> None:
+    try:
+        rc = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_launch(proc)
+        raise
+    if rc != 0:
+        with open(proc.log_path) as f:
+            raise AssertionError(f"training exited with {rc}:\n{f.read()[-6000:]}")
+
+
+def step_records(run_dir: str, rank: int) -> dict[int, dict]:
+    """The last record of every step (a killed run may have logged steps that the resumed run redid)."""
+    out = {}
+    with open(os.path.join(run_dir, "steps", f"rank_{rank:05d}.jsonl")) as f:
+        for line in f:
+            rec = json.loads(line)
+            out[rec["step"]] = rec
+    return out
+
+
+@pytest.fixture(scope="module")
+def s3_latents(s3_server):
+    bucket = f"train-latents-{os.getpid()}"
+    boto3.client("s3", endpoint_url=s3_server.endpoint_url).create_bucket(Bucket=bucket)
+    # the s3_server fixture points this process's AWS environment at the loopback server
+    write_synthetic_dataset(f"s3://{bucket}/latents", num_shards=4, samples_per_shard=6, latent_size=8,
+                            channels=4, num_classes=10)
+    return f"s3://{bucket}/latents"
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory, s3_server, s3_latents, mlflow_tracking_server):
+    """6 steps uninterrupted, a checkpoint after every step (kept) for the EMA reference."""
+    work = str(tmp_path_factory.mktemp("straight"))
+    run_dir = os.path.join(work, "run")
+    overrides = common_overrides(run_dir, s3_latents, mlflow_tracking_server.uri) + [
+        "checkpoint.every=1", "checkpoint.keep_last=10"]
+    finish(torchrun(overrides, env_for(s3_server), work))
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def killed_and_resumed_run(tmp_path_factory, s3_server, s3_latents, mlflow_tracking_server):
+    """Checkpoint at step 3, SIGKILL of torchrun and both workers (no clean exit), then the same command."""
+    work = str(tmp_path_factory.mktemp("resumed"))
+    run_dir = os.path.join(work, "run")
+    overrides = common_overrides(run_dir, s3_latents, mlflow_tracking_server.uri) + ["checkpoint.every=3"]
+    env = env_for(s3_server)
+    first = torchrun(overrides, env, work)
+    marker = os.path.join(run_dir, "checkpoints", "latest")
+    deadline = time.monotonic() + 240
+    while not (os.path.exists(marker) and open(marker).read().strip() == "step_000000003"):
+        assert first.poll() is None, f"first run ended early ({first.returncode}); log: {first.log_path}"
+        assert time.monotonic() < deadline, "no checkpoint at step 3"
+        time.sleep(0.02)
+    assert len(kill_launch(first)) == 3, "expected torchrun and two workers"
+    assert first.returncode == -signal.SIGKILL
+    killed_at = open(marker).read().strip()
+    with open(os.path.join(run_dir, "tracking.json")) as f:
+        first_mlflow_run = json.load(f)["run_id"]
+    logged_before = [len(open(os.path.join(run_dir, "steps", f"rank_{r:05d}.jsonl")).readlines()) for r in (0, 1)]
+    finish(torchrun(overrides, env, work))
+    redone = []
+    for r, n in zip((0, 1), logged_before):
+        with open(os.path.join(run_dir, "steps", f"rank_{r:05d}.jsonl")) as f:
+            redone.append([json.loads(line)["step"] for line in f.readlines()[n:]])
+    return run_dir, killed_at, first_mlflow_run, redone
+
+
+def test_exact_resume_after_sigkill(straight_run, killed_and_resumed_run):
+    run_dir, killed_at, _, redone = killed_and_resumed_run
+    assert killed_at == "step_000000003"
+    assert redone == [[4, 5, 6], [4, 5, 6]]  # the second launch resumed at step 3 and did the rest
+    for rank in (0, 1):
+        want, got = step_records(straight_run, rank), step_records(run_dir, rank)
+        assert sorted(want) == sorted(got) == list(range(1, STEPS + 1))
+        for step in want:
+            assert got[step]["keys"] == want[step]["keys"], f"rank {rank} step {step}: different samples"
+            assert len(set(got[step]["keys"])) == 4
+            for k in ("loss", "mse", "vb"):
+                assert got[step][k] == want[step][k], f"rank {rank} step {step}: {k} differs"
+    # ranks read disjoint samples at every step
+    r0, r1 = step_records(straight_run, 0), step_records(straight_run, 1)
+    assert all(not set(r0[s]["keys"]) & set(r1[s]["keys"]) for s in r0)
+
+
+def test_resumed_run_continues_the_same_mlflow_run(killed_and_resumed_run, mlflow_tracking_server):
+    from mlflow import MlflowClient
+
+    run_dir, _, first_run_id, _ = killed_and_resumed_run
+    with open(os.path.join(run_dir, "tracking.json")) as f:
+        assert json.load(f)["run_id"] == first_run_id
+    client = MlflowClient(tracking_uri=mlflow_tracking_server.uri)
+    run = client.get_run(first_run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["last_resume_step"] == "3"
+    steps = {m.step for m in client.get_metric_history(first_run_id, "loss")}
+    assert steps == set(range(1, STEPS + 1))
+
+
+def test_metrics_and_sample_image_visible_in_mlflow(straight_run, mlflow_tracking_server, tmp_path):
+    from mlflow import MlflowClient
+    from PIL import Image
+
+    with open(os.path.join(straight_run, "tracking.json")) as f:
+        run_id = json.load(f)["run_id"]
+    client = MlflowClient(tracking_uri=mlflow_tracking_server.uri)
+    run = client.get_run(run_id)
+    records = step_records(straight_run, 0)
+    history = {m.step: m.value for m in client.get_metric_history(run_id, "loss")}
+    assert history == pytest.approx({s: r["loss"] for s, r in records.items()}, rel=1e-6)
+    for key in ("mse", "vb", "lr", "grad_norm", "img_per_sec", "nonfinite_skipped", "shards_skipped"):
+        assert key in run.data.metrics, key
+    lr = {m.step: m.value for m in client.get_metric_history(run_id, "lr")}
+    assert lr[1] == pytest.approx(0.5e-3) and lr[2] == pytest.approx(1e-3) and lr[6] == pytest.approx(1e-3)
+    assert run.data.params["data.micro_batch_size"] == "2" and run.data.params["model.name"] == "DiG-S/2"
+    assert run.data.tags["checkpoint.latest"].endswith("step_000000006")
+    names = [a.path for a in client.list_artifacts(run_id, "samples")]
+    assert names == ["samples/step_000000003.png", "samples/step_000000006.png"]
+    local = client.download_artifacts(run_id, "samples/step_000000006.png", str(tmp_path))
+    image = Image.open(local)
+    assert image.size == (128, 128)  # 4 samples of 64x64 in a 2x2 grid
+    assert np.asarray(image).std() > 0
+
+
+def consolidated(ckpt: str) -> dict[str, torch.Tensor]:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(ckpt, tag="engine")
+
+
+@pytest.fixture(scope="module")
+def reference_ema(straight_run) -> dict[str, torch.Tensor]:
+    """float64 EMA over the initial weights and the consolidated weights after each of the 6 steps."""
+    from dig.models import create_model
+
+    torch.manual_seed(SEED)  # the trainer's documented initialisation: same seed, then create_model
+    w0 = create_model("DiG-S/2", input_size=8, num_classes=10, **MODEL).state_dict()
+    ema = {k: v.double() for k, v in w0.items()}
+    for step in range(1, STEPS + 1):
+        weights = consolidated(os.path.join(straight_run, "checkpoints", f"step_{step:09d}"))
+        assert set(weights) == set(ema)
+        ema = {k: DECAY * ema[k] + (1 - DECAY) * weights[k].double() for k in ema}
+    return ema
+
+
+def test_ema_equals_ema_of_consolidated_weights(straight_run, reference_ema):
+    from safetensors.torch import load_file
+
+    ema = load_file(os.path.join(straight_run, "checkpoints", f"step_{STEPS:09d}", "ema.safetensors"))
+    final = consolidated(os.path.join(straight_run, "checkpoints", f"step_{STEPS:09d}"))
+    assert set(ema) == set(reference_ema)
+    moved = 0
+    for k, ref in reference_ema.items():
+        torch.testing.assert_close(ema[k].double(), ref, rtol=1e-6, atol=1e-7, msg=k)
+        moved += int(not torch.allclose(ema[k], final[k]))
+    assert moved > len(ema) // 2  # the EMA is not just the current weights
+
+
+def test_export_reproduces_the_ema_model(straight_run, reference_ema, tmp_path):
+    from dig.cli import main
+    from dig.models import create_model
+    from dig.train.export import load_exported
+
+    out = str(tmp_path / "export")
+    assert main(["export", straight_run, "--out", out]) == 0
+    model, info = load_exported(out)
+    assert info["step"] == STEPS and info["latent_shape"] == [4, 8, 8]
+    reference = create_model("DiG-S/2", input_size=8, num_classes=10, **MODEL).eval()
+    reference.load_state_dict({k: v.float() for k, v in reference_ema.items()})
+    g = torch.Generator().manual_seed(0)
+    x, t, y = torch.randn(3, 4, 8, 8, generator=g), torch.tensor([1, 500, 999]), torch.tensor([0, 3, 10])
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, t, y), reference(x, t, y), rtol=1e-5, atol=1e-5)
+    png = str(tmp_path / "grid.png")
+    assert main(["sample", out, "--out", png, "--num-images", "2", "--sampling-steps", "3",
+                 "--vae", "config:tiny"]) == 0
+    from PIL import Image
+
+    assert Image.open(png).size == (128, 64)
