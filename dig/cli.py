@@ -20,9 +20,13 @@ def _cmd_train(args) -> int:
     except ConfigError as exc:
         print(f"dig train: {exc}", file=sys.stderr)
         return 2
-    from dig.train.trainer import train
+    from dig.train.trainer import TrainingAborted, train
 
-    train(cfg, resolved)
+    try:
+        train(cfg, resolved)
+    except (ConfigError, TrainingAborted) as exc:
+        print(f"dig train: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, ConfigError) else 3
     return 0
 
 

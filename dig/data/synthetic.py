@@ -60,8 +60,9 @@ def write_synthetic_dataset(root: str, *, num_shards: int = 4, samples_per_shard
         storage.write_bytes(storage.join(root, shard_name(name, s)), buf.getvalue())
         storage.write_bytes(storage.join(root, shard_done_name(name, s)), json.dumps({"count": count}).encode())
         manifest.shards.append(ShardEntry(name=shard_name(name, s), count=count, keys=keys))
-    stacked = np.stack(means).astype(np.float64)
-    stats = {"mean": stacked.mean(axis=(0, 2, 3)).tolist(), "std": stacked.std(axis=(0, 2, 3)).tolist()}
-    storage.write_bytes(storage.join(root, STATS_NAME), json.dumps(stats).encode())
+    if means:  # statistics of the finite samples (none: no statistics file)
+        stacked = np.stack(means).astype(np.float64)
+        stats = {"mean": stacked.mean(axis=(0, 2, 3)).tolist(), "std": stacked.std(axis=(0, 2, 3)).tolist()}
+        storage.write_bytes(storage.join(root, STATS_NAME), json.dumps(stats).encode())
     storage.write_bytes(storage.join(root, MANIFEST_NAME), manifest.to_json().encode())
     return manifest

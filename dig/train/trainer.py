@@ -16,7 +16,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from dig.data.reader import Batch, LatentShardReader
+from dig.data.reader import Batch, LatentShardReader, load_manifest
 
 from . import checkpoint
 from .config import TrainConfig
@@ -37,6 +37,7 @@ class TrainingAborted(RuntimeError):
 class Trainer:
     def __init__(self, cfg: TrainConfig, resolved: dict):
         self.cfg, self.resolved = cfg, resolved
+        cfg.check_manifest(load_manifest(cfg.data.path)[1])  # wrong data fails before any process group
         self.rt: Runtime = init_distributed(cfg)
         cfg.check_world(self.rt.world_size)
         self.accum = cfg.grad_accum_steps(self.rt.world_size)
@@ -50,7 +51,6 @@ class Trainer:
             random_flip=cfg.data.random_flip, read_retries=cfg.data.read_retries,
             on_bad_shard=cfg.data.on_bad_shard, prefetch=cfg.data.prefetch)
         manifest = self.data.manifest
-        cfg.check_manifest(manifest)
         self.latent_shape = list(self.data.sample_shape)
 
         resume_from = checkpoint.latest_checkpoint(self.run_dir)
@@ -142,8 +142,11 @@ class Trainer:
                 self.maybe_checkpoint()
             self.save_checkpoint()
             status = "FINISHED" if self.step >= self.cfg.steps else "KILLED"
+        except TrainingAborted:
+            status = "ABORTED"  # every rank took the same decision, so they can leave together
+            raise
         finally:
-            self.tracker.close(status)
+            self.tracker.close("FAILED" if status == "ABORTED" else status)
             self.data.close()
             if status != "FAILED":
                 shutdown()

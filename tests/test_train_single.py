@@ -1,0 +1,111 @@
+"""`dig train` in one process (DeepSpeed ZeRO-3 on the CPU accelerator, world size 1), MLflow's local default
+store: bad input (non-finite losses, wrong resolution) and fine-tuning at a larger resolution from an export."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dig.data.reader import LatentShardReader
+from dig.data.synthetic import write_synthetic_dataset
+
+pytestmark = pytest.mark.slow
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(REPO, "configs", "train", "tiny-cpu.yaml")
+MODEL = dict(depth=2, hidden_size=64, num_heads=2)
+
+
+def dig_train(cwd: str, *overrides: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": os.path.join(REPO, ".torch_extensions"), "DS_ACCELERATOR": "cpu",
+           "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
+    for k in ("MLFLOW_TRACKING_URI", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    cmd = [sys.executable, "-m", "dig.cli", "train", "--config", TINY, "run.dir=run", "tracking.sample_every=0",
+           "tracking.log_every=1", "data.global_batch_size=4", "data.micro_batch_size=4", *overrides]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_nonfinite_losses_are_skipped_and_counted(tmp_path):
+    bad = frozenset({9})  # NaN posterior mean: a micro-batch holding it has a NaN loss
+    write_synthetic_dataset(str(tmp_path / "latents"), num_shards=4, samples_per_shard=4, nonfinite_indices=bad)
+    done = dig_train(str(tmp_path), f"data.path={tmp_path / 'latents'}", "steps=6", "run.seed=1",
+                     "max_nonfinite_in_a_row=10", "tracking.step_log=true")
+    assert done.returncode == 0, done.stderr[-4000:]
+    # Independent of the trainer: replay the reader's batch sequence and count the batches holding a bad key
+    # until 6 clean ones have been seen.
+    reader = LatentShardReader(str(tmp_path / "latents"), rank=0, world_size=1, micro_batch_size=4, seed=1,
+                               window_shards=2)
+    clean, skipped, clean_keys = 0, 0, []
+    while clean < 6:
+        keys = reader.next_batch().keys
+        if {int(k) for k in keys} & bad:
+            skipped += 1
+        else:
+            clean += 1
+            clean_keys.append(keys)
+    reader.close()
+    assert skipped > 0
+    with open(tmp_path / "run" / "steps" / "rank_00000.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    assert [r["keys"] for r in records] == clean_keys
+    assert "non-finite loss, batch skipped" in done.stderr
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")  # the default store, in the cwd
+    run_id = json.load(open(tmp_path / "run" / "tracking.json"))["run_id"]
+    history = {m.step: m.value for m in client.get_metric_history(run_id, "nonfinite_skipped")}
+    assert history[6] == skipped
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_abort_after_too_many_nonfinite_losses_in_a_row(tmp_path):
+    write_synthetic_dataset(str(tmp_path / "latents"), num_shards=2, samples_per_shard=4,
+                            nonfinite_indices=frozenset(range(8)))
+    done = dig_train(str(tmp_path), f"data.path={tmp_path / 'latents'}", "steps=6", "max_nonfinite_in_a_row=3")
+    assert done.returncode == 3
+    assert "aborting at step 1: 3 non-finite losses in a row (max_nonfinite_in_a_row=3)" in done.stderr
+    assert not os.path.exists(tmp_path / "run" / "checkpoints" / "latest")
+
+
+def test_resolution_not_matching_the_shards_fails_at_start(tmp_path):
+    write_synthetic_dataset(str(tmp_path / "latents"), num_shards=2, samples_per_shard=4)
+    done = dig_train(str(tmp_path), f"data.path={tmp_path / 'latents'}", "data.resolution=256")
+    assert done.returncode == 2
+    assert "data.resolution=256 but the shards" in done.stderr and "hold 64px latents" in done.stderr
+
+
+def test_finetune_at_higher_resolution_from_an_export(tmp_path):
+    """A 64px (8x8 latent) model, exported by hand, starts a 128px (16x16) run: the weights load unchanged
+    (lr 0 keeps them) and the position grid is scaled to the 8x8 base."""
+    from safetensors.torch import save_file
+
+    from dig.models import create_model
+    from dig.train.export import load_exported
+
+    torch.manual_seed(123)
+    source = create_model("DiG-S/2", input_size=8, num_classes=10, **MODEL)
+    src_dir = tmp_path / "source"
+    src_dir.mkdir()
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(src_dir / "model.safetensors"))
+    (src_dir / "config.json").write_text(json.dumps({"model": "DiG-S/2", "model_kwargs": dict(
+        input_size=8, num_classes=10, **MODEL)}))
+    write_synthetic_dataset(str(tmp_path / "latents16"), num_shards=2, samples_per_shard=4, latent_size=16)
+    done = dig_train(str(tmp_path), f"data.path={tmp_path / 'latents16'}", "data.resolution=128", "steps=1",
+                     "optim.lr=0", f"model.init_from={src_dir}")
+    assert done.returncode == 0, done.stderr[-4000:]
+    meta = json.load(open(tmp_path / "run" / "checkpoints" / "step_000000001" / "trainer.json"))
+    assert meta["model_kwargs"]["input_size"] == 16 and meta["model_kwargs"]["pos_embed_base_size"] == 8
+
+    from dig.train.export import export
+
+    model, _ = load_exported(export(str(tmp_path / "run"), str(tmp_path / "raw"), weights="raw"))
+    for name, value in source.state_dict().items():
+        assert torch.equal(model.state_dict()[name], value), name
+    reference = create_model("DiG-S/2", input_size=16, num_classes=10, pos_embed_base_size=8, **MODEL)
+    assert torch.equal(model.pos_embed, reference.pos_embed)
