@@ -2,7 +2,6 @@
 yet, then write rejects.jsonl, latent_stats.json and (last) manifest.json from every shard's done record."""
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import math
@@ -96,10 +95,10 @@ def build_dataset(cfg: PipelineConfig, rows: list[dict], use_gpu: bool):
     decode_compute = TaskPoolStrategy(size=cfg.max_decode_tasks) if cfg.max_decode_tasks else None
     ds = ds.map(decode_shard, fn_kwargs=dict(resolution=cfg.resolution, min_side=cfg.min_side,
                                              io_threads=cfg.io_threads),
-                compute=decode_compute, runtime_env=runtime_env,
-                # Declared through a function so Ray does not fuse decoding into the encoder actors (it fuses
-                # a task stage into an actor stage with equal resources): decoding scales on CPUs separately.
-                ray_remote_args_fn=functools.partial(dict, num_cpus=cfg.decode_cpus))
+                compute=decode_compute, runtime_env=runtime_env, num_cpus=cfg.decode_cpus,
+                # A decode task holds a shard of decoded and cropped images. Declaring that memory also keeps
+                # Ray from fusing decoding into the encoder actors (it fuses stages with equal resources).
+                memory=cfg.shard_size * cfg.resolution ** 2 * 3 * 2)
     ds = ds.map_batches(
         LatentEncoder, batch_size=1, batch_format="numpy",
         fn_constructor_kwargs=dict(vae=cfg.vae, precision=cfg.precision, device="cuda" if use_gpu else "cpu",

@@ -70,7 +70,7 @@ def local_ray_cluster(num_cpus: int = 2, object_store_mb: int = 300, log_path: s
         yield RayCluster(gcs_address=f"{LOOPBACK}:{port}", dashboard_url=dashboard_url, temp_dir=temp_dir,
                          pid=proc.pid, auth_env=auth_env)
     finally:
-        stop_process(proc, timeout=30)
+        stop_process(proc, timeout=10)
         log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
 

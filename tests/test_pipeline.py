@@ -168,9 +168,9 @@ def test_corrupt_inputs_counted_listed_and_skipped(s3_run, tree):
 
 def test_kill_mid_run_then_rerun_is_exactly_once(ray_head, tree, tmp_path):
     output = str(tmp_path / "latents")
-    num_shards = len(tree.listing)  # one input per shard: shards of rejects only are written (empty) too
+    num_shards = -(-len(tree.listing) // 2)
     # Each shard waits 4 s between its tar upload and its done record: a kill can land in that window.
-    args = pipeline_args(tree.root, output, "--shard-size", "1")
+    args = pipeline_args(tree.root, output, "--shard-size", "2")
     job = start_job(args, {**ray_head.env(), "DIG_PIPELINE_PAUSE_BEFORE_DONE": "4"}, str(tmp_path / "killed.log"))
 
     def state():
@@ -202,7 +202,7 @@ def test_kill_mid_run_then_rerun_is_exactly_once(ray_head, tree, tmp_path):
     assert summary["shards_skipped"] == len(done_before)
     assert summary["shards_written"] == num_shards - len(done_before)
     manifest, samples = read_dataset(output, all_tars=True)
-    check_exactly_once(tree, manifest, samples, shard_size=1)
+    check_exactly_once(tree, manifest, samples, shard_size=2)
     assert not [n for n in os.listdir(output) if n.startswith(".tmp-")]
 
 
