@@ -9,6 +9,8 @@ import sys
 def _args_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="YAML in configs/train/")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=2e-4")
+    # DeepSpeed's launcher appends --local_rank unless told --no_local_rank; LOCAL_RANK in the environment rules
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
 
 def _cmd_train(args) -> int:

@@ -1,6 +1,7 @@
 """Training config: YAML + dotted overrides → typed objects; clear errors for what cannot run."""
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -97,3 +98,15 @@ def test_warmup_then_constant():
 def test_cli_reports_config_errors(capsys):
     assert main(["train", "--config", TINY, "optim.lrr=1"]) == 2
     assert "optim.lrr: unknown key" in capsys.readouterr().err
+
+
+def test_params_carry_no_credentials():
+    from dig.train.config import flatten
+    from dig.train.tracking import redact
+
+    cfg = load_config(TINY, ["tracking.uri=https://alice:s3cret@mlflow.example.org"])
+    params = redact(flatten(cfg.model_dump()))
+    assert params["tracking.uri"] == "https://<redacted>@mlflow.example.org"
+    assert "s3cret" not in json.dumps(params, default=str)
+    assert redact({"storage.aws_secret_access_key": "x", "data.path": "s3://b/p"}) == {
+        "storage.aws_secret_access_key": "<redacted>", "data.path": "s3://b/p"}

@@ -34,7 +34,8 @@ def test_nonfinite_losses_are_skipped_and_counted(tmp_path):
     bad = frozenset({9})  # NaN posterior mean: a micro-batch holding it has a NaN loss
     write_synthetic_dataset(str(tmp_path / "latents"), num_shards=4, samples_per_shard=4, nonfinite_indices=bad)
     done = dig_train(str(tmp_path), f"data.path={tmp_path / 'latents'}", "steps=6", "run.seed=1",
-                     "max_nonfinite_in_a_row=10", "tracking.step_log=true")
+                     "max_nonfinite_in_a_row=10", "tracking.step_log=true", "checkpoint.every=2",
+                     "checkpoint.keep_last=2")
     assert done.returncode == 0, done.stderr[-4000:]
     # Independent of the trainer: replay the reader's batch sequence and count the batches holding a bad key
     # until 6 clean ones have been seen.
@@ -54,6 +55,8 @@ def test_nonfinite_losses_are_skipped_and_counted(tmp_path):
         records = [json.loads(line) for line in f]
     assert [r["keys"] for r in records] == clean_keys
     assert "non-finite loss, batch skipped" in done.stderr
+    checkpoints = sorted(os.listdir(tmp_path / "run" / "checkpoints"))
+    assert checkpoints == ["latest", "step_000000004", "step_000000006"]  # keep_last=2
 
     from mlflow import MlflowClient
 
@@ -109,3 +112,33 @@ def test_finetune_at_higher_resolution_from_an_export(tmp_path):
         assert torch.equal(model.state_dict()[name], value), name
     reference = create_model("DiG-S/2", input_size=16, num_classes=10, pos_embed_base_size=8, **MODEL)
     assert torch.equal(model.pos_embed, reference.pos_embed)
+
+
+def test_sigterm_checkpoints_and_stops(tmp_path):
+    """SIGTERM (what schedulers send before killing) ends the run after the current step with a checkpoint."""
+    import signal
+    import time
+
+    write_synthetic_dataset(str(tmp_path / "latents"), num_shards=2, samples_per_shard=8)
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": os.path.join(REPO, ".torch_extensions"), "DS_ACCELERATOR": "cpu",
+           "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    cmd = [sys.executable, "-m", "dig.cli", "train", "--config", TINY, "run.dir=run", "tracking.sample_every=0",
+           f"data.path={tmp_path / 'latents'}", "steps=100000", "checkpoint.every=100000", "tracking.step_log=true"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "run" / "steps" / "rank_00000.jsonl"
+    deadline = time.monotonic() + 240
+    while not (log.exists() and len(log.read_text().splitlines()) >= 2):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    steps_done = len(log.read_text().splitlines())
+    from dig.train.checkpoint import latest_checkpoint
+
+    assert latest_checkpoint(str(tmp_path / "run")).endswith(f"step_{steps_done:09d}")
+    from mlflow import MlflowClient
+
+    run_id = json.load(open(tmp_path / "run" / "tracking.json"))["run_id"]
+    assert MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db").get_run(run_id).info.status == "KILLED"
