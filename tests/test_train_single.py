@@ -113,6 +113,14 @@ def test_finetune_at_higher_resolution_from_an_export(tmp_path):
     reference = create_model("DiG-S/2", input_size=16, num_classes=10, pos_embed_base_size=8, **MODEL)
     assert torch.equal(model.pos_embed, reference.pos_embed)
 
+    # resuming keeps the architecture the run started with (the scaled grid came from init_from, not the YAML)
+    done = dig_train(str(tmp_path), f"data.path={tmp_path / 'latents16'}", "data.resolution=128", "steps=2",
+                     "optim.lr=0", f"model.init_from={src_dir}")
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "resumed from" in done.stderr
+    meta = json.load(open(tmp_path / "run" / "checkpoints" / "step_000000002" / "trainer.json"))
+    assert meta["model_kwargs"]["pos_embed_base_size"] == 8
+
 
 def test_sigterm_checkpoints_and_stops(tmp_path):
     """SIGTERM (what schedulers send before killing) ends the run after the current step with a checkpoint."""

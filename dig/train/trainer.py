@@ -19,7 +19,7 @@ import torch.distributed as dist
 from dig.data.reader import Batch, LatentShardReader, load_manifest
 
 from . import checkpoint
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
 from .ema import ShardedEMA
 from .engine import Runtime, build_engine, init_distributed, shutdown
 from .tracking import make_tracker
@@ -56,7 +56,9 @@ class Trainer:
         resume_from = checkpoint.latest_checkpoint(self.run_dir)
         self.model_kwargs = cfg.model_kwargs(manifest.latent_size)
         init_state = None
-        if cfg.model.init_from and resume_from is None:
+        if resume_from is not None:
+            self.model_kwargs = self._resumed_model_kwargs(resume_from)
+        elif cfg.model.init_from:
             init_state = self._init_weights_from(cfg.model.init_from)
 
         from dig.diffusion import create_diffusion
@@ -69,7 +71,6 @@ class Trainer:
         self.flops_per_image = training_flops_per_image(model)
         self.engine = build_engine(model, cfg, self.rt)
         self.diffusion = create_diffusion(learn_sigma=cfg.model.learn_sigma)
-        self.ema = ShardedEMA(self.engine.module, cfg.ema_decay, cfg.engine.zero_stage)
 
         self.step = 0
         self.nonfinite_total = 0
@@ -77,6 +78,8 @@ class Trainer:
         torch.manual_seed(cfg.run.seed * 1_000_003 + 7919 * (self.rt.rank + 1))  # per-rank t, noise, dropout
         if resume_from is not None:
             self._resume(resume_from)
+        else:
+            self.ema = ShardedEMA(self.engine.module, cfg.ema_decay, cfg.engine.zero_stage)  # = initial weights
         self.tracker = make_tracker(self.rt.is_main, self.run_dir, cfg, resolved, self.step)
         if self.rt.is_main:
             with open(os.path.join(self.run_dir, "config.json"), "w") as f:
@@ -111,6 +114,21 @@ class Trainer:
                 log.info("init_from %s: latent %s -> %s, position grid scaled to base size %s", source,
                          src_kwargs["input_size"], self.model_kwargs["input_size"], src_grid)
         return state
+
+    def _resumed_model_kwargs(self, ckpt: str) -> dict:
+        """The architecture the run was started with (incl. a position grid set by init_from); only runtime
+        options (activation checkpointing, GLA backend) may change on resume."""
+        saved = dict(checkpoint.load_trainer_meta(ckpt)["model_kwargs"])
+        runtime_keys = ("grad_checkpointing", "gla_backend")
+        current = {k: v for k, v in self.model_kwargs.items() if k not in runtime_keys}
+        changed = {k: (saved.get(k), v) for k, v in current.items()
+                   if saved.get(k) != v and not (k == "pos_embed_base_size" and self.cfg.model.pos_embed_base_size
+                                                 is None)}
+        if changed:
+            raise ConfigError(f"cannot resume {ckpt}: the model changed since it was written "
+                              f"(key: (checkpoint, now)): {changed}; start a new run.dir with model.init_from")
+        saved.update({k: v for k, v in self.model_kwargs.items() if k in runtime_keys})
+        return saved
 
     def _resume(self, ckpt: str) -> None:
         state = checkpoint.load_rank_state(ckpt, self.rt.rank, self.rt.world_size)
@@ -222,7 +240,7 @@ class Trainer:
             "model_kwargs": self.model_kwargs, "latent_shape": self.latent_shape,
             "normalizer": self.data.normalizer.to_dict(), "vae": self.cfg.tracking.sample.vae
             or self.data.manifest.vae, "classes": self.data.manifest.classes,
-            "mlflow_run_id": self.tracker.run_id if hasattr(self, "tracker") else None,
+            "mlflow_run_id": self.tracker.run_id,
         }
         rank_state = {"data": self.data.state_dict(), "nonfinite_total": self.nonfinite_total,
                       "nonfinite_in_a_row": self.nonfinite_in_a_row}
