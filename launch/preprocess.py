@@ -1,9 +1,10 @@
 """Submit the latent preprocessing job (`python -m data_pipeline …`) to a Ray cluster.
 
 With RAY_ADDRESS (the cluster's dashboard/job address, e.g. http://head:8265) the job goes there through
-`ray job submit`, with this checkout as its working dir and the forwarded environment (AWS_*, HF_*, MLFLOW_*,
-…; launch/env.py) in its runtime_env. Without RAY_ADDRESS a Ray head is started on 127.0.0.1 here, the job is
-submitted to it the same way, and the head is stopped (by its PID) when the job ends.
+`ray job submit`, with this checkout (not the current directory) as its working dir and the forwarded
+environment (AWS_*, HF_*, MLFLOW_*, …; launch/env.py) in its runtime_env. Without RAY_ADDRESS a Ray head is
+started on 127.0.0.1 here, the job is submitted to it the same way, and the head is stopped (by its PID) when
+the job ends.
 
     python -m launch.preprocess --input s3://bucket/imagenet/train --output s3://bucket/latents/in1k-256 \\
         --config configs/preprocess/<x>.yaml [--dry-run] [-- --resolution 512 ...]
@@ -21,6 +22,8 @@ from typing import Mapping, Sequence
 
 from launch.env import describe, forwarded_env
 
+# The code the job runs: this checkout (data_pipeline/ and dig/), whatever the caller's current directory.
+CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Paths under the working dir that never need to travel with the job (.gitignore'd paths are skipped by Ray).
 WORKING_DIR_EXCLUDES = [".git", "tests", "bench", "*.ckpt", "*.pt"]
 
@@ -76,14 +79,17 @@ def plan_job(pipeline_args: Sequence[str], input_uri: str | None = None, output_
                 value = os.path.abspath(value)
             args += [flag, value]
     if config:
-        args += ["--config", os.path.relpath(config) if not os.path.isabs(config) else config]
+        # Inside the checkout the job finds the file in its copy of the working dir; elsewhere by absolute path.
+        config = os.path.abspath(config)
+        inside = os.path.commonpath([config, CHECKOUT]) == CHECKOUT
+        args += ["--config", os.path.relpath(config, CHECKOUT) if inside else config]
     args += list(pipeline_args)
     if not any(a == "--input" or a.startswith("--input=") for a in args) and not config:
         raise SubmitError("nothing to preprocess: give INPUT=… and OUTPUT=… (or a CONFIG that sets them)")
 
     # Locally the job uses this interpreter; a cluster's nodes have their own (DIG_RAY_PYTHON overrides).
     job_python = environ.get("DIG_RAY_PYTHON") or ("python" if address else (python or sys.executable))
-    runtime_env = {"working_dir": ".", "excludes": WORKING_DIR_EXCLUDES, "env_vars": forwarded_env(environ)}
+    runtime_env = {"working_dir": CHECKOUT, "excludes": WORKING_DIR_EXCLUDES, "env_vars": forwarded_env(environ)}
     return JobPlan(address=address, entrypoint=[job_python, "-m", "data_pipeline", *args],
                    runtime_env=runtime_env)
 

@@ -262,7 +262,7 @@ def test_preprocess_plan_for_a_cluster(tmp_path):
     assert command[split + 1:] == plan.entrypoint
     assert command[:5] == ["/py", "-m", "ray.scripts.scripts", "job", "submit"]
     opts = dict(zip(command[5:split:2], command[6:split:2]))
-    assert opts["--address"] == "http://head-node:8265" and opts["--working-dir"] == "."
+    assert opts["--address"] == "http://head-node:8265" and opts["--working-dir"] == REPO
     assert json.loads(opts["--runtime-env-json"])["env_vars"] == env_vars
     # Local paths become absolute: the job runs in an unpacked copy of the working dir.
     local = preprocess.plan_job([], "imgs", "out", environ={})
