@@ -24,7 +24,8 @@ class PipelineConfig(BaseModel):
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
     device: Literal["auto", "cuda", "cpu"] = "auto"
     encode_batch_size: int = Field(64, ge=1, description="images per VAE forward (each also flipped: 2x rows)")
-    num_encoders: int = Field(1, ge=1, description="encoder actors (one GPU each when on GPU)")
+    num_encoders: Optional[int] = Field(None, ge=1, description="encoder actors, one GPU each on GPU; default: "
+                                        "one per GPU of the cluster, or 1 without GPUs")
     encoder_cpus: float = Field(1.0, gt=0, description="CPUs reserved per encoder actor")
 
     # Decode and write tasks.

@@ -85,7 +85,7 @@ def storage_runtime_env() -> dict:
     return {"env_vars": env_vars} if env_vars else {}
 
 
-def build_dataset(cfg: PipelineConfig, rows: list[dict], use_gpu: bool):
+def build_dataset(cfg: PipelineConfig, rows: list[dict], use_gpu: bool, num_encoders: int):
     import ray.data
     from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
@@ -103,7 +103,7 @@ def build_dataset(cfg: PipelineConfig, rows: list[dict], use_gpu: bool):
         LatentEncoder, batch_size=1, batch_format="numpy",
         fn_constructor_kwargs=dict(vae=cfg.vae, precision=cfg.precision, device="cuda" if use_gpu else "cpu",
                                    batch_size=cfg.encode_batch_size, storage_dtype=cfg.storage_dtype),
-        compute=ActorPoolStrategy(size=cfg.num_encoders), num_gpus=1 if use_gpu else 0, num_cpus=cfg.encoder_cpus)
+        compute=ActorPoolStrategy(size=num_encoders), num_gpus=1 if use_gpu else 0, num_cpus=cfg.encoder_cpus)
     return ds.map(write_shard, fn_kwargs=dict(output=cfg.output, name=cfg.name, storage_dtype=cfg.storage_dtype),
                   num_cpus=0.5, runtime_env=runtime_env)
 
@@ -177,16 +177,20 @@ def run(cfg: PipelineConfig) -> dict:
     done = [s.index for s in shards if shard_format.shard_done_name(cfg.name, s.index) in present]
     todo = [s for s in shards if shard_format.shard_done_name(cfg.name, s.index) not in present]
     todo_inputs = sum(len(s.items) for s in todo)
-    use_gpu = cfg.device == "cuda" or (cfg.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    use_gpu = cfg.device == "cuda" or (cfg.device == "auto" and gpus > 0)
+    if use_gpu and gpus == 0:
+        raise PipelineError("device 'cuda' requested but the Ray cluster has no GPUs")
+    num_encoders = cfg.num_encoders or (gpus if use_gpu else 1)
     print(f"[data_pipeline] {len(listing.items)} inputs ({listing.layout}, {len(listing.classes)} classes) -> "
           f"{len(shards)} shards of {cfg.shard_size}; {len(done)} already done, {len(todo)} to do; "
-          f"encoder on {'GPU' if use_gpu else 'CPU'} x{cfg.num_encoders}", flush=True)
+          f"encoder on {'GPU' if use_gpu else 'CPU'} x{num_encoders}", flush=True)
 
     records = _read_done(cfg, done)
     encode_start = time.monotonic()
     samples_out = rejects = 0
     if todo:
-        for row in build_dataset(cfg, [s.to_row() for s in todo], use_gpu).iter_rows():
+        for row in build_dataset(cfg, [s.to_row() for s in todo], use_gpu, num_encoders).iter_rows():
             record = json.loads(row["record"])
             records[record["index"]] = record
             samples_out += record["count"]
