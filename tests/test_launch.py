@@ -385,3 +385,20 @@ def test_forwarded_env_masks_secrets_in_logs():
     text = launch_env.describe(env)
     assert "hunter2" not in text and "AWS_SECRET_ACCESS_KEY=***" in text and "AWS_REGION=eu" in text
     assert "PATH" not in env
+
+
+def test_ray_cluster_example_passes_rays_own_schema():
+    """launch/ray-cluster.yaml is what `ray up` accepts: Ray's defaults merged in, then its JSON schema."""
+    import yaml
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    with open(os.path.join(REPO, "launch", "ray-cluster.yaml")) as f:
+        config = yaml.safe_load(f)
+    prepared = prepare_config(config)
+    validate_config(prepared)
+    assert prepared["head_node_type"] == "head"
+    workers = prepared["available_node_types"]["gpu_worker"]
+    assert workers["max_workers"] <= prepared["max_workers"]
+    # Job entrypoints say `python`: Ray must start from the venv so that `python` is the installed one.
+    assert all("$HOME/dig/.venv/bin:$PATH" in " ".join(prepared[k])
+               for k in ("head_start_ray_commands", "worker_start_ray_commands"))
