@@ -172,6 +172,9 @@ def run(cfg: PipelineConfig) -> dict:
         log.warning("%d names under %s are not inputs and were ignored, e.g. %s", len(listing.ignored),
                     cfg.input, listing.ignored[:3])
     _claim_output(cfg, _job_record(cfg, listing))
+    partial = storage.remove_partial_writes(cfg.output)
+    if partial:
+        log.info("removed %d partial writes an interrupted run left in %s", partial, cfg.output)
     shards = assign_shards(listing.items, cfg.shard_size)
     present = set(storage.list_names(cfg.output))
     done = [s.index for s in shards if shard_format.shard_done_name(cfg.name, s.index) in present]

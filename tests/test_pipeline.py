@@ -198,6 +198,9 @@ def test_kill_mid_run_then_rerun_is_exactly_once(ray_head, tree, tmp_path):
         # The kill did not land between a tar and its done record this time: make that state explicitly.
         os.unlink(done_before.pop())
 
+    # What a writer killed mid-copy leaves behind (storage.upload_file's temporary name): the re-run removes it.
+    with open(os.path.join(output, ".tmp-killed-train-000003.tar"), "wb") as f:
+        f.write(b"half a tar")
     summary = finish_job(start_job(args, ray_head.env(), str(tmp_path / "rerun.log")))
     assert summary["shards_skipped"] == len(done_before)
     assert summary["shards_written"] == num_shards - len(done_before)

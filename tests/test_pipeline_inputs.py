@@ -246,3 +246,24 @@ def test_missing_bucket_or_credentials_fail_before_any_work(tree, s3_server, tmp
     # "Before any work": no Ray was started and nothing was listed or written.
     for r in (missing_bucket, result):
         assert "Ray" not in r.stdout + r.stderr and "inputs" not in r.stdout
+
+
+def test_partial_writes_are_removed_and_finished_ones_kept(s3_server, tmp_path):
+    import boto3
+
+    from dig.data import storage
+
+    client = boto3.client("s3", endpoint_url=s3_server.endpoint_url)
+    client.create_bucket(Bucket="partial-writes")
+    client.put_object(Bucket="partial-writes", Key="out/train-000000.tar", Body=b"done")
+    client.create_multipart_upload(Bucket="partial-writes", Key="out/train-000001.tar")
+    client.create_multipart_upload(Bucket="partial-writes", Key="elsewhere/x.tar")
+    assert storage.remove_partial_writes("s3://partial-writes/out") == 1
+    left = client.list_multipart_uploads(Bucket="partial-writes").get("Uploads", [])
+    assert [u["Key"] for u in left] == ["elsewhere/x.tar"]
+    assert storage.read_bytes("s3://partial-writes/out/train-000000.tar") == b"done"
+
+    (tmp_path / "train-000000.tar").write_bytes(b"done")
+    (tmp_path / ".tmp-abc-train-000001.tar").write_bytes(b"half")
+    assert storage.remove_partial_writes(str(tmp_path)) == 1
+    assert sorted(os.listdir(tmp_path)) == ["train-000000.tar"]

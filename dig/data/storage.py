@@ -225,3 +225,27 @@ def read_range(uri: str, offset: int, size: int) -> bytes:
     with open(uri, "rb") as f:
         f.seek(offset)
         return f.read(size)
+
+
+def remove_partial_writes(folder: str) -> int:
+    """Drop what interrupted writers left directly under `folder`: local `.tmp-*` files (see write_bytes and
+    upload_file) or, on S3, multipart uploads that were never completed (invisible, but stored and billed).
+    Only for a folder no other writer is using right now. Returns how many were removed."""
+    if is_s3(folder):
+        bucket, prefix = parse_s3(folder)
+        prefix = prefix.rstrip("/") + "/" if prefix else ""
+        removed = 0
+        try:
+            for page in s3_client().get_paginator("list_multipart_uploads").paginate(Bucket=bucket, Prefix=prefix):
+                for upload in page.get("Uploads", []):
+                    s3_client().abort_multipart_upload(Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+                    removed += 1
+        except Exception as exc:  # noqa: BLE001
+            raise _explain(folder, exc) from exc
+        return removed
+    if not os.path.isdir(folder):
+        return 0
+    stale = [n for n in os.listdir(folder) if n.startswith(".tmp-")]
+    for name in stale:
+        os.unlink(os.path.join(folder, name))
+    return len(stale)
