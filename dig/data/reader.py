@@ -19,7 +19,6 @@ its current window (counted) rather than desynchronise the ranks.
 from __future__ import annotations
 
 import io
-import json
 import logging
 import threading
 import time
@@ -31,7 +30,7 @@ import numpy as np
 import torch
 
 from . import storage
-from .shard_format import MANIFEST_NAME, NUM_FLIPS, STATS_NAME, Manifest, decode_sample
+from .shard_format import MANIFEST_NAME, NUM_FLIPS, STATS_NAME, LatentStats, Manifest, decode_sample
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +63,8 @@ class LatentNormalizer:
             uri = storage.join(root, STATS_NAME)
             if not storage.exists(uri):
                 raise FileNotFoundError(f"data.latent_norm=stats but {uri} does not exist")
-            stats = json.loads(storage.read_bytes(uri))
-            mean, std = np.asarray(stats["mean"], np.float32), np.asarray(stats["std"], np.float32)
+            stats = LatentStats.from_json(storage.read_bytes(uri))
+            mean, std = np.asarray(stats.mean, np.float32), np.asarray(stats.std, np.float32)
             if mean.shape != (c,) or std.shape != (c,):
                 raise ValueError(f"{uri}: mean/std must have {c} entries, got {mean.shape} and {std.shape}")
             return cls(1.0 / std, -mean / std, kind)
@@ -211,6 +210,8 @@ class LatentShardReader:
                     raise ValueError(f"{len(samples)} samples, the manifest says {entry.count}")
                 return samples
             except Exception as exc:  # noqa: BLE001 - retried, then skipped or raised with the cause
+                if self._closed:  # a prefetch still running when the reader was closed
+                    return []
                 last = exc
                 if attempt < self.read_retries:
                     time.sleep(min(0.5 * 2 ** attempt, 8.0))

@@ -11,7 +11,7 @@ import json
 import numpy as np
 
 from . import storage
-from .shard_format import (MANIFEST_NAME, STATS_NAME, Manifest, ShardEntry, encode_sample,
+from .shard_format import (MANIFEST_NAME, STATS_NAME, LatentStats, Manifest, ShardEntry, encode_sample,
                            shard_done_name, shard_name)
 
 
@@ -62,7 +62,8 @@ def write_synthetic_dataset(root: str, *, num_shards: int = 4, samples_per_shard
         manifest.shards.append(ShardEntry(name=shard_name(name, s), count=count, keys=keys))
     if means:  # statistics of the finite samples (none: no statistics file)
         stacked = np.stack(means).astype(np.float64)
-        stats = {"mean": stacked.mean(axis=(0, 2, 3)).tolist(), "std": stacked.std(axis=(0, 2, 3)).tolist()}
-        storage.write_bytes(storage.join(root, STATS_NAME), json.dumps(stats).encode())
+        stats = LatentStats(mean=stacked.mean(axis=(0, 2, 3)).tolist(), std=stacked.std(axis=(0, 2, 3)).tolist(),
+                            count=int(stacked[:, 0].size), over="posterior mean, unflipped, unscaled")
+        storage.write_bytes(storage.join(root, STATS_NAME), stats.to_json().encode())
     storage.write_bytes(storage.join(root, MANIFEST_NAME), manifest.to_json().encode())
     return manifest
