@@ -7,6 +7,8 @@ import argparse
 import logging
 import sys
 
+import yaml
+
 from dig.data.storage import StorageError
 
 from .config import PipelineConfig, load_config
@@ -22,8 +24,17 @@ def parse_args(argv: list[str] | None = None) -> PipelineConfig:
         parser.add_argument("--" + name.replace("_", "-"), dest=name, default=None,
                             help=f"{field.description or ''} (default: {field.default})"
                             if not field.is_required() else field.description)
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="settings as in the YAML (e.g. shard_size=500); flags win over these")
     args = vars(parser.parse_args(argv))
-    return load_config(args.pop("config"), args)
+    settings = {}
+    for item in args.pop("overrides"):
+        key, sep, value = item.partition("=")
+        if not sep or key.replace("-", "_") not in PipelineConfig.model_fields:
+            parser.error(f"expected key=value with a known setting, got {item!r}")
+        settings[key.replace("-", "_")] = yaml.safe_load(value)
+    settings.update({k: v for k, v in args.items() if k != "config" and v is not None})
+    return load_config(args["config"], settings)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -59,7 +59,7 @@ def vae_geometry(spec: str) -> dict:
 
 
 def _job_record(cfg: PipelineConfig, listing: Listing) -> dict:
-    return {"input": cfg.input, "layout": listing.layout, "num_inputs": len(listing.items),
+    return {"input": cfg.input.rstrip("/"), "layout": listing.layout, "num_inputs": len(listing.items),
             "listing_sha256": listing.fingerprint(), "resolution": cfg.resolution, "vae": cfg.vae,
             "precision": cfg.precision, "name": cfg.name, "shard_size": cfg.shard_size,
             "storage_dtype": cfg.storage_dtype, "min_side": cfg.min_side}

@@ -97,6 +97,9 @@ def read_dataset(root: str, all_tars: bool = False):
 
 def check_exactly_once(tree, manifest, samples, shard_size=SHARD_SIZE):
     assert sorted(samples) == sorted(tree.expected_rgb)
+    # Shards whose inputs were all rejected are complete but empty, and not listed.
+    with_samples = {shard_format.shard_name("train", tree.listing.index(s) // shard_size) for s in tree.expected_rgb}
+    assert [e.name for e in manifest.shards] == sorted(with_samples)
     for entry in manifest.shards:
         in_tar = [src for src, (name, _) in samples.items() if name == entry.name]
         assert sorted(entry.keys) == sorted(in_tar) and entry.count == len(in_tar), entry.name

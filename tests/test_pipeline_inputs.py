@@ -73,7 +73,7 @@ def make_image_tree(root: str, seed: int = 0) -> ImageTree:
     cmyk = Image.fromarray(_smooth_rgb(rng, 80, 64)).convert("CMYK")
     files["n02_dog/cmyk.jpg"] = _encode(cmyk, "JPEG", quality=95)
     tree.expected_rgb["n02_dog/cmyk.jpg"] = np.asarray(Image.open(io.BytesIO(files["n02_dog/cmyk.jpg"])).convert("RGB"))
-    rgb_file("n02_dog/z.png", 96, 64)
+    rgb_file("n02_dog/a_z.png", 96, 64)  # sorts first: the dog shard of garbage + truncated is all rejects
 
     jpeg = _encode(Image.fromarray(_smooth_rgb(rng, 96, 96)), "JPEG", quality=90)
     files["n01_cat/empty.jpg"] = b""
