@@ -39,9 +39,7 @@ class ShardedEMA:
         torch._foreach_lerp_(self.shadow, sources, 1.0 - d)
 
     # --- gather / scatter ----------------------------------------------------------------------------------
-
-    def _partition_size(self, p) -> int:
-        return p.ds_tensor.ds_numel
+    # The fp32 partitions are equally sized (padded) on every rank, as DeepSpeed's own fp32 all-gather assumes.
 
     @torch.no_grad()
     def full_state_dict(self, to_cpu: bool = True) -> dict[str, torch.Tensor]:
@@ -50,7 +48,7 @@ class ShardedEMA:
         for (name, p), local in zip(self.params, self.shadow):
             if self.zero3:
                 world = dist.get_world_size()
-                size = self._partition_size(p)
+                size = local.numel()
                 buf = torch.empty(world * size, dtype=torch.float32, device=local.device)
                 _all_gather(buf, local.reshape(-1).contiguous())
                 full = buf.narrow(0, 0, p.ds_numel).view(p.ds_shape)
@@ -70,7 +68,7 @@ class ShardedEMA:
             if self.zero3:
                 if tuple(t.shape) != tuple(p.ds_shape):
                     raise ValueError(f"EMA {name}: shape {tuple(t.shape)}, the model has {tuple(p.ds_shape)}")
-                size, rank = self._partition_size(p), dist.get_rank()
+                size, rank = local.numel(), dist.get_rank()
                 flat = t.reshape(-1)
                 part = flat[rank * size:(rank + 1) * size]
                 local.zero_()

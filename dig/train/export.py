@@ -23,9 +23,7 @@ def export(source: str, out_dir: str, weights: str = "ema") -> str:
     if weights == "ema":
         state = checkpoint.load_ema_full(ckpt)
     elif weights == "raw":
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        state = get_fp32_state_dict_from_zero_checkpoint(ckpt, tag=checkpoint.ENGINE_TAG)
+        state = raw_weights(ckpt)
     else:
         raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
     state = {k: v.detach().float().contiguous() for k, v in state.items()}
@@ -45,6 +43,19 @@ def export(source: str, out_dir: str, weights: str = "ema") -> str:
     with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
         json.dump(info, f, indent=1)
     return out_dir
+
+
+def raw_weights(ckpt: str) -> dict[str, torch.Tensor]:
+    """The trained (non-EMA) fp32 weights of a checkpoint: ZeRO shards consolidated by DeepSpeed's zero_to_fp32,
+    or, for ZeRO stage 0 (no shards), the module state DeepSpeed saved whole."""
+    engine_dir = os.path.join(ckpt, checkpoint.ENGINE_TAG)
+    if any(name.startswith("zero_pp_rank_") and "optim_states" in name for name in os.listdir(engine_dir)):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(ckpt, tag=checkpoint.ENGINE_TAG)
+    state = torch.load(os.path.join(engine_dir, "mp_rank_00_model_states.pt"), map_location="cpu",
+                       weights_only=False)  # written by this trainer's DeepSpeed engine
+    return state["module"]
 
 
 def load_exported(folder: str, device: str | torch.device = "cpu", **overrides):
