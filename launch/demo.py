@@ -43,7 +43,7 @@ class DemoSize:
     sample_steps: int     # diffusion steps for the grids
 
 
-FULL = DemoSize(images_per_class=24, shard_size=16, steps=300, checkpoint_every=100, sample_every=100,
+FULL = DemoSize(images_per_class=24, shard_size=16, steps=200, checkpoint_every=100, sample_every=100,
                 sample_steps=25)
 # The test-suite variant: no grids during training (the final grid still comes from the checkpoint).
 QUICK = DemoSize(images_per_class=3, shard_size=6, steps=4, checkpoint_every=2, sample_every=0, sample_steps=4)
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="demo_out", help="folder for images, latents, run, export, samples.png")
     parser.add_argument("--quick", action="store_true", help="a shortened variant (tests): fewer images/steps")
-    parser.add_argument("--steps", type=int, help="training steps (default 300; 4 with --quick)")
+    parser.add_argument("--steps", type=int, help="training steps (default 200; 4 with --quick)")
     parser.add_argument("--vae", help="VAE spec (default: sd-vae-ft-ema if cached locally, else config:tiny)")
     args = parser.parse_args(argv)
     size = QUICK if args.quick else FULL
