@@ -76,11 +76,16 @@ def test_abort_after_too_many_nonfinite_losses_in_a_row(tmp_path):
     assert not os.path.exists(tmp_path / "run" / "checkpoints" / "latest")
 
 
-def test_resolution_not_matching_the_shards_fails_at_start(tmp_path):
+def test_resolution_not_matching_the_shards_fails_at_start(tmp_path, capsys):
+    # in this process: the check runs before DeepSpeed or a process group is touched
+    from dig.cli import main
+
     write_synthetic_dataset(str(tmp_path / "latents"), num_shards=2, samples_per_shard=4)
-    done = dig_train(str(tmp_path), f"data.path={tmp_path / 'latents'}", "data.resolution=256")
-    assert done.returncode == 2
-    assert "data.resolution=256 but the shards" in done.stderr and "hold 64px latents" in done.stderr
+    assert main(["train", "--config", TINY, f"run.dir={tmp_path / 'run'}", f"data.path={tmp_path / 'latents'}",
+                 "data.resolution=256"]) == 2
+    err = capsys.readouterr().err
+    assert "data.resolution=256 but the shards" in err and "hold 64px latents (latent 8x8)" in err
+    assert not os.path.exists(tmp_path / "run")
 
 
 def test_finetune_at_higher_resolution_from_an_export(tmp_path):

@@ -117,12 +117,13 @@ def prune(run_dir: str, keep_last: int) -> None:
     root = os.path.join(run_dir, CHECKPOINTS)
     current = latest_checkpoint(run_dir)
     folders = sorted(d for d in os.listdir(root) if d.startswith("step_") and os.path.isdir(os.path.join(root, d)))
-    newest_first = folders[::-1]
-    for name in newest_first[max(keep_last, 1):]:
-        path = os.path.join(root, name)
-        if current is not None and os.path.samefile(path, current):
-            continue
-        shutil.rmtree(path, ignore_errors=True)
+    current_name = os.path.basename(current) if current else None
+    # Folders past `latest` are leftovers of a save that crashed before `latest` moved: never complete.
+    stale = [n for n in folders if current_name is not None and n > current_name]
+    complete = [n for n in folders if n not in stale]
+    for name in stale + complete[::-1][max(keep_last, 1):]:
+        if name != current_name:
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
 def load_trainer_meta(ckpt: str) -> dict:

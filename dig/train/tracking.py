@@ -85,14 +85,29 @@ class MlflowTracker(NullTracker):
         self.run_id = run.info.run_id
         log.info("MLflow run %s at %s", self.run_id, self.uri)
 
+    # A tracking server that is briefly unreachable must not end a long training run: failures after MLflow's
+    # own retries are logged as warnings and counted (reported with the next successful metrics).
+    failures = 0
+
+    def _guard(self, what: str, fn, *args, **kwargs) -> None:
+        try:
+            fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - reported, counted, training goes on
+            self.failures += 1
+            log.warning("MLflow %s failed (%s: %s); %d tracking failures so far", what, type(exc).__name__, exc,
+                        self.failures)
+
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        self.mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+        values = {k: float(v) for k, v in metrics.items()}
+        if self.failures:
+            values["tracking_failures"] = float(self.failures)
+        self._guard("log_metrics", self.mlflow.log_metrics, values, step=step)
 
     def log_image(self, image, artifact_file: str) -> None:
-        self.mlflow.log_image(image, artifact_file=artifact_file)
+        self._guard("log_image", self.mlflow.log_image, image, artifact_file=artifact_file)
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        self.mlflow.set_tags(tags)
+        self._guard("set_tags", self.mlflow.set_tags, tags)
 
     def close(self, status: str = "FINISHED") -> None:
         self.mlflow.end_run(status=status)
