@@ -116,23 +116,12 @@ def plan_launch(config: str, overrides: Sequence[str] = (), environ: Mapping[str
         raise LaunchError(f"MASTER_PORT must be <= 65535, got {master_port}")
     gpus_per_node = _int_setting(environ, "GPUS_PER_NODE", None, 1)
 
-    force_cpu = environ.get("DS_ACCELERATOR", "").strip().lower() == "cpu"
-    if gpu_count is None:
-        gpu_count = 0 if force_cpu or hostfile else visible_gpu_count()
     env = forwarded_env(environ)
     if hostfile:
         return _plan_deepspeed(config, overrides, environ, env, python, hostfile, nnodes, node_rank,
                                master_addr, master_port, gpus_per_node)
 
     nnodes = nnodes or 1
-    cpu = force_cpu or gpu_count == 0
-    if cpu:
-        env["DS_ACCELERATOR"] = "cpu"
-        nproc = gpus_per_node or 1
-    else:
-        if gpus_per_node and gpus_per_node > gpu_count:
-            raise LaunchError(f"GPUS_PER_NODE={gpus_per_node} but only {gpu_count} GPU(s) are visible here")
-        nproc = gpus_per_node or gpu_count
     if nnodes > 1:
         if not master_addr:
             raise LaunchError(f"NNODES={nnodes} needs MASTER_ADDR: the address of node 0 that every node can "
@@ -142,6 +131,18 @@ def plan_launch(config: str, overrides: Sequence[str] = (), environ: Mapping[str
                               f"then 1..{nnodes - 1})")
     if node_rank is not None and node_rank >= nnodes:
         raise LaunchError(f"NODE_RANK={node_rank} is out of range for NNODES={nnodes} (0..{nnodes - 1})")
+
+    cpu = environ.get("DS_ACCELERATOR", "").strip().lower() == "cpu"
+    if gpu_count is None and not cpu:
+        gpu_count = visible_gpu_count()  # imports torch: only once the cheap checks passed
+    cpu = cpu or gpu_count == 0
+    if cpu:
+        env["DS_ACCELERATOR"] = "cpu"
+        nproc = gpus_per_node or 1
+    else:
+        if gpus_per_node and gpus_per_node > gpu_count:
+            raise LaunchError(f"GPUS_PER_NODE={gpus_per_node} but only {gpu_count} GPU(s) are visible here")
+        nproc = gpus_per_node or gpu_count
 
     command = [python, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--nproc-per-node={nproc}"]
     if nnodes == 1 and not master_addr:
@@ -190,7 +191,8 @@ def _plan_deepspeed(config, overrides, environ, env, python, hostfile, nnodes, n
     summary = (f"deepspeed ({launcher}): {len(used)} node(s) from {hostfile} "
                f"[{', '.join(h for h, _ in used)}], {sum(slots)} process(es)"
                + (f", master {master_addr}:{master_port}" if master_addr else ""))
-    # DeepSpeed exports only a few prefixes to remote nodes; the rest travels in its DS_ENV_FILE.
+    # DeepSpeed exports only a few prefixes to remote nodes; the rest travels in its DS_ENV_FILE (it quotes
+    # values itself).
     return LaunchPlan(mode="deepspeed", command=command, env=env, summary=summary, remote_env=dict(env))
 
 

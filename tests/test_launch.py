@@ -402,3 +402,39 @@ def test_ray_cluster_example_passes_rays_own_schema():
     # Job entrypoints say `python`: Ray must start from the venv so that `python` is the installed one.
     assert all("$HOME/dig/.venv/bin:$PATH" in " ".join(prepared[k])
                for k in ("head_start_ray_commands", "worker_start_ray_commands"))
+
+
+@pytest.mark.slow
+def test_hostfile_launch_hands_the_environment_to_deepspeeds_pdsh_command(config, tmp_path, monkeypatch):
+    """DeepSpeed's real runner, with stand-ins for the two programs that would leave this machine (ssh for its
+    reachability check, pdsh for the fan-out): the pdsh command line it builds must export our variables."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "ssh").write_text("#!/bin/sh\nexit 0\n")
+    (bin_dir / "pdsh").write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$PDSH_RECORD"\n')
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node-a slots=2\nnode-b slots=2\n")
+    environ = clean_env(HOSTFILE=str(hostfile), MASTER_ADDR="127.0.0.1", PATH=f"{bin_dir}:{os.environ['PATH']}",
+                        AWS_SECRET_ACCESS_KEY="s3cr3t", AWS_ENDPOINT_URL="http://127.0.0.1:9",
+                        DIG_NOTE="two words", PDSH_RECORD=str(tmp_path / "pdsh.txt"))
+    monkeypatch.setattr(os, "environ", environ)
+    plan = train.plan_launch(config, ["steps=3"], environ=environ)
+    before = set(os.listdir("/tmp"))
+    assert train.run(plan) == 0
+    argv = (tmp_path / "pdsh.txt").read_text().splitlines()
+    assert argv[argv.index("-w") + 1] == "node-a,node-b"
+    remote = " ".join(argv[argv.index("-w") + 2:])
+    for expected in ("export AWS_SECRET_ACCESS_KEY=s3cr3t;", "export AWS_ENDPOINT_URL=http://127.0.0.1:9;",
+                     "export NCCL_NVLS_ENABLE=0;",
+                     "export TORCH_SYMM_MEM_DISABLE_MULTICAST=1;", "export NVSHMEM_DISABLE_NVLS=1;"):
+        assert expected in remote, (expected, remote)
+    assert remote.endswith(f"dig.cli train --config {config} steps=3")
+    # The remote shell reads the exports back as they were set here.
+    exports = remote[:remote.index(f"cd {os.getcwd()};")]
+    echoed = subprocess.run(["bash", "-c", exports + ' printf "%s|" "$DIG_NOTE" "$AWS_SECRET_ACCESS_KEY"'],
+                            capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"}).stdout
+    assert echoed == "two words|s3cr3t|"
+    # The credentials file existed only for the launch.
+    assert not [n for n in set(os.listdir("/tmp")) - before if n.startswith("dig-launch-env-")]
