@@ -246,7 +246,7 @@ def test_slurm_script_starts_one_launcher_per_node(config, tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 # make preprocess
 
-def test_preprocess_plan_for_a_cluster(tmp_path):
+def test_preprocess_plan_for_a_cluster(tmp_path, monkeypatch):
     environ = {"RAY_ADDRESS": "head-node:8265", "AWS_ACCESS_KEY_ID": "AKIA", "AWS_SECRET_ACCESS_KEY": "s",
                "HF_HOME": "/cache/hf", "PATH": "/usr/bin", "HOME": "/root"}
     plan = preprocess.plan_job(["--resolution", "512"], "s3://b/images", "s3://b/latents", environ=environ)
@@ -264,6 +264,11 @@ def test_preprocess_plan_for_a_cluster(tmp_path):
     opts = dict(zip(command[5:split:2], command[6:split:2]))
     assert opts["--address"] == "http://head-node:8265" and opts["--working-dir"] == REPO
     assert json.loads(opts["--runtime-env-json"])["env_vars"] == env_vars
+    # A config inside the checkout is named relative to it (the job's working dir), wherever we call from.
+    monkeypatch.chdir(tmp_path)
+    with_config = preprocess.plan_job([], config=os.path.join(REPO, "configs", "preprocess", "tiny.yaml"),
+                                      environ=environ)
+    assert with_config.entrypoint[-2:] == ["--config", os.path.join("configs", "preprocess", "tiny.yaml")]
     # Local paths become absolute: the job runs in an unpacked copy of the working dir.
     local = preprocess.plan_job([], "imgs", "out", environ={})
     assert local.address is None
