@@ -112,10 +112,12 @@ def straight_run(tmp_path_factory, s3_server, s3_latents, mlflow_tracking_server
 
 @pytest.fixture(scope="module")
 def killed_and_resumed_run(tmp_path_factory, s3_server, s3_latents, mlflow_tracking_server):
-    """Checkpoint at step 3, SIGKILL of torchrun and both workers (no clean exit), then the same command."""
+    """Checkpoint at step 3, SIGKILL of torchrun and both workers (no clean exit), then the same command.
+    This run also recomputes activations per block (model.grad_checkpointing), which must not change a bit."""
     work = str(tmp_path_factory.mktemp("resumed"))
     run_dir = os.path.join(work, "run")
-    overrides = common_overrides(run_dir, s3_latents, mlflow_tracking_server.uri) + ["checkpoint.every=3"]
+    overrides = common_overrides(run_dir, s3_latents, mlflow_tracking_server.uri) + [
+        "checkpoint.every=3", "model.grad_checkpointing=true"]
     env = env_for(s3_server)
     first = torchrun(overrides, env, work)
     marker = os.path.join(run_dir, "checkpoints", "latest")
