@@ -30,7 +30,7 @@ CLASSES = ("red_disc", "green_square", "blue_stripes", "yellow_ring")
 RESOLUTION = 64
 FALLBACK_VAE = "config:tiny"
 # Settings that would send the demo elsewhere than this machine.
-CLUSTER_VARS = ("RAY_ADDRESS", "HOSTFILE", "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT")
+CLUSTER_VARS = ("RAY_ADDRESS", "HOSTFILE", "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "GPUS_PER_NODE")
 
 
 @dataclass
@@ -149,7 +149,7 @@ def run_training(overrides: list[str]) -> None:
     from launch.train import plan_launch
     from launch.train import run as run_launch
 
-    os.environ.setdefault("GPUS_PER_NODE", "1")  # one process: the tiny model's batch does not need more
+    os.environ["GPUS_PER_NODE"] = "1"  # one process: the tiny config's batch (8 = 2 x 4) fits no more ranks
     rc = run_launch(plan_launch(TRAIN_CONFIG, overrides))
     if rc != 0:
         raise SystemExit(f"[demo] training failed (exit {rc}); its log is above")
