@@ -68,6 +68,12 @@ class LatentDiffusionTransformer(nn.Module):
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
 
+    def compile_blocks(self, **compile_kwargs) -> None:
+        """Regional compilation: torch.compile each block in place (they share one compiled graph), which fuses
+        the elementwise work around the matmuls (adaLN modulate, norms, gates) and cuts saved activations."""
+        for block in self.blocks:
+            block.compile(**compile_kwargs)
+
     def run_block(self, block: nn.Module, *args):
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():
             return checkpoint(block, *args, use_reentrant=False)

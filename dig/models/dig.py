@@ -14,6 +14,12 @@ from .embedders import modulate
 from .scan import reorient_after_block, restore_raster
 
 
+@torch.compiler.disable
+def _gla(q, k, v, g, backend):
+    """Outside torch.compile graphs: the fla kernels are their own autograd Function with Triton kernels."""
+    return gla(q, k, v, g, backend=backend)
+
+
 class RMSNormSwishGate(nn.Module):
     """Per-head RMSNorm of the GLA output (one weight vector shared by all heads) times swish(gate)."""
 
@@ -63,10 +69,14 @@ class GatedLinearAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, t, _ = x.shape
+        if x.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(x.device.type):
+            # Cast once: autocast would cast x separately for each of the five projections below, and each
+            # linear would save its own copy of it for backward.
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         heads = lambda z: z.reshape(n, t, self.num_heads, -1)  # noqa: E731  [N, T, H, head_dim], fla's layout
         q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
         gk = F.logsigmoid(heads(self.gk_proj(x))) / self.gate_logit_normalizer
-        o, _ = gla(q, k, v, gk, backend=self.backend)
+        o, _ = _gla(q, k, v, gk, self.backend)
         o = self.g_norm_swish_gate(o, heads(self.g_proj(x)))
         return self.o_proj(o.reshape(n, t, -1))
 
@@ -116,8 +126,10 @@ class DiGBlock(nn.Module):
         x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         n, t, d = x.shape
-        x = self.dw_conv(x.transpose(1, 2).reshape(n, d, *grid))
-        return x.flatten(2).transpose(1, 2)
+        # (N, T, D) tokens are an NHWC image: convolve it channels-last and read the result back as tokens,
+        # both without a copy.
+        x = self.dw_conv(x.reshape(n, *grid, d).permute(0, 3, 1, 2))
+        return x.permute(0, 2, 3, 1).reshape(n, t, d)
 
 
 class DiG(LatentDiffusionTransformer):
