@@ -1,0 +1,86 @@
+"""Shared benchmark plumbing: device ceilings (bf16 matmul rate, copy bandwidth), event timing, environment."""
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import platform
+import statistics
+from typing import Callable
+
+import torch
+
+
+def versions() -> dict[str, str]:
+    info = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "python": platform.python_version(), "torch": torch.__version__}
+    for dist in ("triton", "fla-core", "flash-linear-attention", "deepspeed"):
+        try:
+            info[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda or "?"
+    return info
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, warmup: int = 2, repeat: int = 5) -> list[float]:
+    """Per-call wall times in ms (CUDA events on GPU, perf_counter elsewhere) after `warmup` untimed calls."""
+    import time
+
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeat):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def matmul_peak_tflops(device: torch.device, n: int = 8192, repeat: int = 10) -> float:
+    """Measured bf16 dense matmul rate on random data (the MFU denominator)."""
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    ms = median(time_ms(lambda: a @ b, device, warmup=3, repeat=repeat))
+    return 2 * n ** 3 / (ms * 1e-3) / 1e12
+
+
+def copy_bandwidth_gbs(device: torch.device, nbytes: int = 4 << 30, repeat: int = 10) -> float:
+    """Device-to-device copy, counting bytes read plus bytes written."""
+    src = torch.empty(nbytes // 2, device=device, dtype=torch.bfloat16).normal_()
+    dst = torch.empty_like(src)
+    ms = median(time_ms(lambda: dst.copy_(src), device, warmup=3, repeat=repeat))
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def fmt_table(rows: list[dict], columns: list[str]) -> str:
+    """Markdown table of `rows` restricted to `columns` (missing cells blank)."""
+    def cell(v):
+        if v is None:
+            return ""
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
