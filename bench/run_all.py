@@ -110,10 +110,12 @@ def main(argv=None) -> None:
                 continue
             other = by_key.get((models[1], res, variant))
             if other and "img_s" in r and "img_s" in other:
-                ratios.append({"res": res, "variant": variant, "DiG/DiT img/s": r["img_s"] / other["img_s"],
-                               "DiG/DiT peak mem": r.get("peak_gib", 0) / max(other.get("peak_gib", 1e-9), 1e-9)})
+                ratio = {"res": res, "variant": variant, "DiG/DiT img/s": r["img_s"] / other["img_s"]}
+                if "peak_gib" in r and "peak_gib" in other:
+                    ratio["DiG/DiT peak mem"] = r["peak_gib"] / other["peak_gib"]
+                ratios.append(ratio)
         results["ratios"] = ratios
-        tables.append("DiG-XL/2 vs DiT-XL/2\n" + fmt_table(ratios, ["res", "variant", "DiG/DiT img/s",
+        tables.append(f"{models[0]} vs {models[1]}\n" + fmt_table(ratios, ["res", "variant", "DiG/DiT img/s",
                                                                    "DiG/DiT peak mem"]))
 
     if "memory" in sections:
