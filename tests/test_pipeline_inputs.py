@@ -267,3 +267,33 @@ def test_partial_writes_are_removed_and_finished_ones_kept(s3_server, tmp_path):
     (tmp_path / ".tmp-abc-train-000001.tar").write_bytes(b"half")
     assert storage.remove_partial_writes(str(tmp_path)) == 1
     assert sorted(os.listdir(tmp_path)) == ["train-000000.tar"]
+
+
+def test_output_of_a_different_job_is_refused(tmp_path):
+    from data_pipeline.config import PipelineConfig
+    from data_pipeline.job import PipelineError, _claim_output
+
+    cfg = PipelineConfig(input="in", output=str(tmp_path))
+    record = {"input": "in", "listing_sha256": "abc", "resolution": 256, "shard_size": 1000}
+    _claim_output(cfg, record)
+    _claim_output(cfg, dict(record))  # the same job again: a resume
+    with pytest.raises(PipelineError, match=r"different job \(differs in \['listing_sha256', 'resolution'\]\)"):
+        _claim_output(cfg, {**record, "listing_sha256": "def", "resolution": 512})
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision,tol", [("fp32", 2e-3), ("bf16", 5e-2)])
+def test_gpu_encoder_actor_matches_cpu_reference(tree, precision, tol):
+    from data_pipeline.encoder import LatentEncoder
+    from dig.vae import load_vae
+
+    with pytest.warns(UserWarning, match="RANDOM"):
+        cpu_vae = load_vae("config:tiny")
+        encoder = LatentEncoder("config:tiny", precision=precision, device="cuda", batch_size=3)
+    names = sorted(tree.expected_rgb)
+    crops = np.stack([dit_center_crop_arr(Image.fromarray(tree.expected_rgb[n]), RESOLUTION) for n in names])
+    mean, std = encoder.encode_images(crops)
+    for i, name in enumerate(names):
+        ref_mean, ref_std = reference_encoding(cpu_vae, tree.expected_rgb[name])
+        np.testing.assert_allclose(mean[i].astype(np.float64), ref_mean, rtol=tol, atol=tol, err_msg=name)
+        np.testing.assert_allclose(std[i].astype(np.float64), ref_std, rtol=tol, atol=tol, err_msg=name)
