@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import io
-import warnings
 
 import numpy as np
 from PIL import Image, ImageFile
@@ -59,13 +58,11 @@ def load_image(data: bytes, resolution: int, min_side: int) -> np.ndarray:
     if not data:
         raise RejectedImage("empty file (0 bytes)")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:
-                image.load()
-                if min(image.size) < min_side:
-                    raise RejectedImage(f"too small: {image.size[0]}x{image.size[1]} (shorter side < {min_side})")
-                rgb = to_rgb(image)
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            if min(image.size) < min_side:
+                raise RejectedImage(f"too small: {image.size[0]}x{image.size[1]} (shorter side < {min_side})")
+            rgb = to_rgb(image)
     except RejectedImage:
         raise
     except Exception as exc:  # noqa: BLE001 - every decoder failure is a counted reject, not a crash
