@@ -145,10 +145,12 @@ def finalize(cfg: PipelineConfig, listing: Listing, num_shards: int, records: di
         vae=cfg.vae, scaling_factor=geometry["scaling_factor"], dtype=cfg.storage_dtype, classes=listing.classes,
         shards=shards, name=cfg.name,
         extra={"input": cfg.input, "layout": listing.layout, "num_inputs": len(listing.items),
-               "num_rejects": len(rejects), "shard_size": cfg.shard_size, "precision": cfg.precision,
-               "listing_sha256": listing.fingerprint(), "flips": ["none", "horizontal"]})
+               "num_rejects": len(rejects), "num_ignored": len(listing.ignored), "shard_size": cfg.shard_size,
+               "precision": cfg.precision, "listing_sha256": listing.fingerprint(),
+               "flips": ["none", "horizontal"]})
     storage.write_bytes(storage.join(cfg.output, shard_format.MANIFEST_NAME), manifest.to_json().encode())
-    summary.update(samples_total=manifest.num_samples, rejects_total=len(rejects))
+    summary.update(samples_total=manifest.num_samples, rejects_total=len(rejects),
+                   ignored_names=len(listing.ignored))
     return manifest
 
 

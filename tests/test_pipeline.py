@@ -165,10 +165,12 @@ def test_corrupt_inputs_counted_listed_and_skipped(s3_run, tree):
     assert set(rejects) == set(tree.bad)
     for source, why in tree.bad.items():
         assert rejects[source]["index"] == tree.listing.index(source)
-        assert {"empty": "0 bytes", "decode": "cannot decode", "too small": "too small"}[why] in rejects[source]["reason"]
+        expected = {"empty": "0 bytes", "decode": "cannot decode", "too small": "too small"}[why]
+        assert expected in rejects[source]["reason"]
     assert summary["rejects"] == len(tree.bad)
     manifest = shard_format.Manifest.from_json(storage.read_bytes(storage.join(output, shard_format.MANIFEST_NAME)))
     assert manifest.extra["num_rejects"] == len(tree.bad) and manifest.extra["num_inputs"] == len(tree.listing)
+    assert manifest.extra["num_ignored"] == len(tree.ignored) == summary["ignored_names"]
 
 
 def test_kill_mid_run_then_rerun_is_exactly_once(ray_head, tree, tmp_path):
