@@ -40,14 +40,13 @@ def decode_shard(row: dict, resolution: int, min_side: int, io_threads: int) -> 
     spec = ShardSpec.from_row(row)
 
     def load(item: InputItem):
+        # Only the content can make a reject. A failed read (after boto3's retries) fails the shard instead:
+        # a re-run redoes it, where a reject would have dropped a good image for good.
+        data = _read_item(item)
         try:
-            return load_image(_read_item(item), resolution, min_side), None
+            return load_image(data, resolution, min_side), None
         except RejectedImage as exc:
             return None, str(exc)
-        except storage.StorageError as exc:
-            return None, f"cannot read: {exc}"
-        except OSError as exc:  # a local file vanished or is unreadable
-            return None, f"cannot read: {type(exc).__name__}: {exc}"
 
     with ThreadPoolExecutor(max_workers=min(io_threads, max(1, len(spec.items)))) as pool:
         results = list(pool.map(load, spec.items))

@@ -297,3 +297,11 @@ def test_gpu_encoder_actor_matches_cpu_reference(tree, precision, tol):
         ref_mean, ref_std = reference_encoding(cpu_vae, tree.expected_rgb[name])
         np.testing.assert_allclose(mean[i].astype(np.float64), ref_mean, rtol=tol, atol=tol, err_msg=name)
         np.testing.assert_allclose(std[i].astype(np.float64), ref_std, rtol=tol, atol=tol, err_msg=name)
+
+
+def test_unreadable_input_fails_the_shard_instead_of_becoming_a_reject(tree):
+    listing = list_inputs(tree.root)
+    vanished = InputItem(source="n01_cat/gone.png", label=0, class_name="n01_cat",
+                         uri=os.path.join(tree.root, "n01_cat/gone.png"))
+    with pytest.raises(FileNotFoundError, match="gone.png"):
+        decode_shard(ShardSpec(0, 0, [listing.items[0], vanished]).to_row(), RESOLUTION, MIN_SIDE, io_threads=2)
