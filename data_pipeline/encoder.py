@@ -27,6 +27,8 @@ class LatentEncoder:
         from dig.vae import load_vae
 
         self.device = resolve_device(device)
+        if self.device == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest convolutions
         self.vae = load_vae(vae, device=self.device, dtype=getattr(torch, PRECISIONS[precision]))
         self.batch_size = batch_size
         self.storage_dtype = storage_dtype
