@@ -40,3 +40,17 @@ def test_missing_credentials_fail_clearly(s3_server, monkeypatch, tmp_path):
             storage.check_access("s3://any-bucket/x")
     finally:
         storage._client_for_process.cache_clear()
+
+
+def test_local_writes_follow_the_umask(tmp_path):
+    import os
+    import stat
+
+    storage.write_bytes(str(tmp_path / "a.json"), b"{}")
+    src = tmp_path / "src.bin"
+    src.write_bytes(b"x" * 10)
+    storage.upload_file(str(src), str(tmp_path / "out" / "b.tar"))
+    expected = stat.S_IMODE(src.stat().st_mode)  # what a plain open() gives in this process
+    for p in (tmp_path / "a.json", tmp_path / "out" / "b.tar"):
+        assert stat.S_IMODE(p.stat().st_mode) == expected != 0o600, p
+    assert not [n for n in os.listdir(tmp_path / "out") if n.startswith(".tmp-")]

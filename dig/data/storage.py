@@ -11,7 +11,7 @@ import functools
 import os
 import shutil
 import tempfile
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Callable, Iterator
 
 S3_PREFIX = "s3://"
 
@@ -149,6 +149,35 @@ def open_read(uri: str) -> BinaryIO:
     return open(uri, "rb")
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# Read once: os.umask can only be read by setting it, which would race with threads creating files.
+_UMASK = _read_umask()
+
+
+def _atomic_local_write(path: str, write: Callable[[BinaryIO], None]) -> None:
+    """Write through `write(file)` to a temporary sibling, fsync, then rename over `path`: readers see the old
+    file or the whole new one. The file gets the permissions a plain open() would give (mkstemp's are 0600)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        os.fchmod(fd, 0o666 & ~_UMASK)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
 def write_bytes(uri: str, data: bytes) -> None:
     if is_s3(uri):
         bucket, key = parse_s3(uri)
@@ -157,19 +186,7 @@ def write_bytes(uri: str, data: bytes) -> None:
         except Exception as exc:  # noqa: BLE001
             raise _explain(uri, exc) from exc
         return
-    folder = os.path.dirname(os.path.abspath(uri))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(uri))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, uri)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    _atomic_local_write(uri, lambda f: f.write(data))
 
 
 def upload_file(local_path: str, uri: str) -> None:
@@ -181,17 +198,12 @@ def upload_file(local_path: str, uri: str) -> None:
         except Exception as exc:  # noqa: BLE001
             raise _explain(uri, exc) from exc
         return
-    folder = os.path.dirname(os.path.abspath(uri))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(uri))
-    os.close(fd)
-    try:
-        shutil.copyfile(local_path, tmp)
-        os.replace(tmp, uri)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+
+    def copy(dst: BinaryIO) -> None:
+        with open(local_path, "rb") as src:
+            shutil.copyfileobj(src, dst, 1 << 20)
+
+    _atomic_local_write(uri, copy)
 
 
 def delete(uri: str) -> None:
