@@ -11,8 +11,10 @@ Order of one epoch, all derived from (seed, epoch) so every rank computes the sa
 Per sample a horizontal-flip choice and a posterior draw `mean + std * eps` come from a generator seeded by
 (seed, epoch, sample key): no RNG state to save, and a sample gets the same draw however it is reached.
 
-The position is (epoch, window, offset into the window's permutation): `state_dict()` after k batches and
-`load_state_dict()` in a new process continue with batch k+1 exactly. Unreadable shards are retried, then
+Micro-batches are assembled ahead by a background thread (`prefetch_batches`), the next window is loaded
+while the current one is consumed (`prefetch`). The position is (epoch, window, offset into the window's
+permutation) *as of the batches handed out*: `state_dict()` after k batches and `load_state_dict()` in a new
+process continue with batch k+1 exactly, however far the threads had read ahead. Unreadable shards are retried, then
 skipped and counted (or raise, `on_bad_shard="fail"`); a rank short of samples after a skip repeats samples of
 its current window (counted) rather than desynchronise the ranks.
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import io
 import logging
+import queue
 import threading
 import time
 import zlib
@@ -135,7 +138,7 @@ class LatentShardReader:
     def __init__(self, path: str, *, rank: int, world_size: int, micro_batch_size: int, seed: int = 0,
                  window_shards: int = 8, latent_norm: str = "scaling_factor", random_flip: bool = True,
                  read_retries: int = 3, on_bad_shard: str = "skip", prefetch: bool = True,
-                 expected_latent_size: int | None = None):
+                 prefetch_batches: int = 4, expected_latent_size: int | None = None):
         self.root, self.manifest = load_manifest(path)
         if expected_latent_size is not None and self.manifest.latent_size != expected_latent_size:
             raise ValueError(f"{path}: latents are {self.manifest.latent_size}x{self.manifest.latent_size}, "
@@ -152,18 +155,27 @@ class LatentShardReader:
         shape = (self.manifest.latent_channels, self.manifest.latent_size, self.manifest.latent_size)
         self.sample_shape = shape
         # position
-        self.epoch, self.window, self.offset, self.consumed = 0, 0, 0, 0
+        self._epoch, self._window, self._offset, self._consumed = 0, 0, 0, 0
         # counters (reported to tracking)
         self.shards_skipped = 0
         self.samples_repeated = 0
         self._window_samples: list | None = None   # decoded samples of the current window, permuted
         self._window_id: tuple[int, int] | None = None
-        self._pool = ThreadPoolExecutor(max_workers=min(8, window_shards), thread_name_prefix="shard-read")
+        # two pools: a window load (one at a time, the next one ahead) waits on the shard reads it fans out
+        self._shard_pool = ThreadPoolExecutor(max_workers=min(8, window_shards), thread_name_prefix="shard-read")
+        self._window_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="window-load")
         self._prefetched: dict[tuple[int, int], object] = {}
         self._lock = threading.Lock()
         self._closed = False
         self._bad_shards: set[int] = set()   # skipped once, not retried again by this process
         self._repeat: tuple[int, list] | None = None
+        self._plans: dict[int, tuple[int, list[list[int]]]] = {}
+        # batches assembled ahead by a background thread (flip choice, posterior draw, normalisation, stacking)
+        self.prefetch_batches = prefetch_batches
+        self._queue: queue.Queue = queue.Queue(maxsize=max(prefetch_batches, 1))
+        self._producer: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._handed: dict | None = None
         if self.quota(0) < micro_batch_size:
             raise ValueError(f"{path}: rank {rank} gets fewer than micro_batch_size={micro_batch_size} samples "
                              f"per epoch across {world_size} ranks; the dataset is too small")
@@ -174,18 +186,27 @@ class LatentShardReader:
         order = np.random.default_rng(_seed(self.seed, epoch, 0x5A4D)).permutation(len(self.manifest.shards))
         return [int(i) for i in order[(self.rank if rank is None else rank)::self.world_size]]
 
+    def _plan(self, epoch: int) -> tuple[int, list[list[int]]]:
+        """(quota, this rank's windows of shard indices) of `epoch`, computed once per epoch."""
+        if epoch not in self._plans:
+            counts = [s.count for s in self.manifest.shards]
+            totals = [sum(counts[i] for i in self.rank_shards(epoch, r)) for r in range(self.world_size)]
+            quota = min(totals) // self.micro_batch_size * self.micro_batch_size
+            shards = self.rank_shards(epoch)
+            windows = [shards[i:i + self.window_shards] for i in range(0, len(shards), self.window_shards)]
+            self._plans = {e: p for e, p in self._plans.items() if e >= epoch - 1}
+            self._plans[epoch] = (quota, windows)
+        return self._plans[epoch]
+
     def quota(self, epoch: int) -> int:
         """Samples every rank yields in `epoch`: the smallest rank total, rounded down to micro-batches."""
-        totals = [sum(self.manifest.shards[i].count for i in self.rank_shards(epoch, r))
-                  for r in range(self.world_size)]
-        return min(totals) // self.micro_batch_size * self.micro_batch_size
+        return self._plan(epoch)[0]
 
     def steps_per_epoch(self, epoch: int = 0) -> int:
         return self.quota(epoch) // self.micro_batch_size
 
     def _windows(self, epoch: int) -> list[list[int]]:
-        shards = self.rank_shards(epoch)
-        return [shards[i:i + self.window_shards] for i in range(0, len(shards), self.window_shards)]
+        return self._plan(epoch)[1]
 
     # --- loading ----------------------------------------------------------------------------------------------
 
@@ -228,7 +249,7 @@ class LatentShardReader:
         windows = self._windows(epoch)
         if window >= len(windows):
             return []
-        parts = list(self._pool.map(self._read_shard, windows[window]))
+        parts = list(self._shard_pool.map(self._read_shard, windows[window]))
         samples = [s for part in parts for s in part]
         perm = np.random.default_rng(_seed(self.seed, epoch, self.rank, window, 0x77)).permutation(len(samples))
         return [samples[i] for i in perm]
@@ -237,52 +258,52 @@ class LatentShardReader:
         key = (epoch, window)
         fut = self._prefetched.pop(key, None)
         if fut is None:
-            fut = self._pool.submit(self._load_window, epoch, window) if self.prefetch else None
+            fut = self._window_pool.submit(self._load_window, epoch, window) if self.prefetch else None
         return fut
 
     def _current_window(self, window: int | None = None) -> list:
-        key = (self.epoch, self.window if window is None else window)
+        key = (self._epoch, self._window if window is None else window)
         if self._window_id != key:
             fut = self._window_future(*key)
             self._window_samples = fut.result() if fut is not None else self._load_window(*key)
             self._window_id = key
             if self.prefetch:
-                nxt = (self.epoch, key[1] + 1)
-                if key[1] + 1 >= len(self._windows(self.epoch)):
-                    nxt = (self.epoch + 1, 0)
+                nxt = (self._epoch, key[1] + 1)
+                if key[1] + 1 >= len(self._windows(self._epoch)):
+                    nxt = (self._epoch + 1, 0)
                 if nxt not in self._prefetched:
-                    self._prefetched = {nxt: self._pool.submit(self._load_window, *nxt)}
+                    self._prefetched = {nxt: self._window_pool.submit(self._load_window, *nxt)}
         return self._window_samples
 
     # --- iteration --------------------------------------------------------------------------------------------
 
     def _next_sample(self):
-        if self.consumed >= self.quota(self.epoch):
-            self.epoch, self.window, self.offset, self.consumed = self.epoch + 1, 0, 0, 0
-        n_windows = len(self._windows(self.epoch))
-        while self.window < n_windows:
+        if self._consumed >= self.quota(self._epoch):
+            self._epoch, self._window, self._offset, self._consumed = self._epoch + 1, 0, 0, 0
+        n_windows = len(self._windows(self._epoch))
+        while self._window < n_windows:
             samples = self._current_window()
-            if self.offset < len(samples):
-                sample = samples[self.offset]
-                self.offset += 1
-                self.consumed += 1
-                return self.epoch, sample
-            self.window, self.offset = self.window + 1, 0
+            if self._offset < len(samples):
+                sample = samples[self._offset]
+                self._offset += 1
+                self._consumed += 1
+                return self._epoch, sample
+            self._window, self._offset = self._window + 1, 0
         # Short of the quota (skipped shards): repeat samples of the last readable window so ranks stay in step.
-        if self._repeat is None or self._repeat[0] != self.epoch:
+        if self._repeat is None or self._repeat[0] != self._epoch:
             samples = []
             for window in reversed(range(n_windows)):
                 samples = self._current_window(window)
                 if samples:
                     break
-            self._repeat = (self.epoch, samples)
+            self._repeat = (self._epoch, samples)
         samples = self._repeat[1]
         if not samples:
-            raise ShardReadError(f"rank {self.rank}: no readable shard in epoch {self.epoch}")
-        sample = samples[self.consumed % len(samples)]
-        self.consumed += 1
+            raise ShardReadError(f"rank {self.rank}: no readable shard in epoch {self._epoch}")
+        sample = samples[self._consumed % len(samples)]
+        self._consumed += 1
         self.samples_repeated += 1
-        return self.epoch, sample
+        return self._epoch, sample
 
     def draw(self, epoch: int, sample) -> np.ndarray:
         """The training latent of `sample` in `epoch`: flip choice and posterior draw seeded by its key."""
@@ -292,7 +313,7 @@ class LatentShardReader:
         x = sample.mean[flip].astype(np.float32) + sample.std[flip].astype(np.float32) * eps
         return self.normalizer.normalize(x)
 
-    def next_batch(self) -> Batch:
+    def _build_batch(self) -> Batch:
         latents, labels, keys = [], [], []
         for _ in range(self.micro_batch_size):
             epoch, sample = self._next_sample()
@@ -301,6 +322,61 @@ class LatentShardReader:
             keys.append(sample.key)
         return Batch(torch.from_numpy(np.stack(latents)), torch.tensor(labels, dtype=torch.int64), keys)
 
+    def _position(self) -> dict:
+        return {"epoch": self._epoch, "window": self._window, "offset": self._offset, "consumed": self._consumed,
+                "shards_skipped": self.shards_skipped, "samples_repeated": self.samples_repeated}
+
+    def next_batch(self) -> Batch:
+        """The next micro-batch. With prefetch_batches > 0 it was assembled ahead by a background thread; the
+        position reported by state_dict() is always that right after the batches handed out so far."""
+        if self.prefetch_batches <= 0:
+            batch = self._build_batch()
+            self._handed = self._position()
+            return batch
+        if self._producer is None:
+            self._producer = threading.Thread(target=self._produce, name="batch-prefetch", daemon=True)
+            self._producer.start()
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            self._stop_producer()
+            raise item
+        batch, self._handed = item
+        return batch
+
+    def _produce(self) -> None:
+        while not self._stop.is_set():
+            try:
+                item = (self._build_batch(), self._position())
+            except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
+                item = exc
+            while not self._stop.is_set():
+                try:
+                    self._queue.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if isinstance(item, BaseException):
+                return
+
+    def _stop_producer(self) -> None:
+        if self._producer is None:
+            return
+        self._stop.set()
+        while self._producer.is_alive():
+            try:
+                self._queue.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        self._producer.join()
+        self._producer = None
+        self._queue = queue.Queue(maxsize=max(self.prefetch_batches, 1))
+        self._stop.clear()
+
+    @property
+    def epoch(self) -> int:
+        """Epoch of the last batch handed out (the prefetching thread may already be ahead)."""
+        return (self._handed or self._position())["epoch"]
+
     def __iter__(self):
         while True:
             yield self.next_batch()
@@ -308,25 +384,27 @@ class LatentShardReader:
     # --- resume -----------------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "window": self.window, "offset": self.offset, "consumed": self.consumed,
-                "rank": self.rank, "world_size": self.world_size, "seed": self.seed,
+        return {**(self._handed or self._position()), "rank": self.rank, "world_size": self.world_size, "seed": self.seed,
                 "micro_batch_size": self.micro_batch_size, "window_shards": self.window_shards,
-                "shards": [s.name for s in self.manifest.shards],
-                "shards_skipped": self.shards_skipped, "samples_repeated": self.samples_repeated}
+                "shards": [s.name for s in self.manifest.shards]}
 
     def load_state_dict(self, state: dict) -> None:
+        self._stop_producer()
         mine = self.state_dict()
         for k in ("rank", "world_size", "seed", "micro_batch_size", "window_shards", "shards"):
             if state[k] != mine[k]:
                 what = "the dataset's shard list" if k == "shards" else f"{k} ({state[k]} -> {mine[k]})"
                 raise ValueError(f"cannot resume the data position: {what} changed since the checkpoint; "
                                  "resume with the same dataset, world size, seed and batch geometry")
-        self.epoch, self.window, self.offset, self.consumed = (state["epoch"], state["window"], state["offset"],
+        self._epoch, self._window, self._offset, self._consumed = (state["epoch"], state["window"], state["offset"],
                                                                state["consumed"])
         self.shards_skipped, self.samples_repeated = state["shards_skipped"], state["samples_repeated"]
         self._window_id, self._window_samples, self._prefetched, self._repeat = None, None, {}, None
+        self._handed = None
 
     def close(self) -> None:
         self._closed = True
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._stop_producer()
+        self._window_pool.shutdown(wait=False, cancel_futures=True)
+        self._shard_pool.shutdown(wait=False, cancel_futures=True)
 

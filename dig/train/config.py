@@ -50,6 +50,7 @@ class DataConfig(_Section):
     read_retries: int = 3
     on_bad_shard: Literal["skip", "fail"] = "skip"
     prefetch: bool = True                  # load the next shuffle window in a background thread
+    prefetch_batches: int = 4              # micro-batches assembled ahead by a background thread (0: inline)
 
     @model_validator(mode="after")
     def _batches(self):

@@ -49,7 +49,8 @@ class Trainer:
             micro_batch_size=cfg.data.micro_batch_size, seed=cfg.run.seed,
             window_shards=cfg.data.shuffle_window_shards, latent_norm=cfg.data.latent_norm,
             random_flip=cfg.data.random_flip, read_retries=cfg.data.read_retries,
-            on_bad_shard=cfg.data.on_bad_shard, prefetch=cfg.data.prefetch)
+            on_bad_shard=cfg.data.on_bad_shard, prefetch=cfg.data.prefetch,
+            prefetch_batches=cfg.data.prefetch_batches)
         manifest = self.data.manifest
         self.latent_shape = list(self.data.sample_shape)
 
