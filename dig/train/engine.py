@@ -100,6 +100,10 @@ def deepspeed_config(cfg: TrainConfig, runtime: Runtime) -> dict:
                                                   "weight_decay": o.weight_decay, "torch_adam": True}},
         "gradient_clipping": o.grad_clip,
         "bf16": {"enabled": runtime.bf16},
+        # The forward runs under bf16 autocast (Runtime.autocast). Without this section DeepSpeed's engine.forward
+        # turns an enclosing CUDA autocast *off* ("enabled outside DeepSpeed but disabled within"), and fp32
+        # inputs meet bf16 weights. (CPU runs never saw it: that check only looks at CUDA autocast.)
+        "torch_autocast": {"enabled": runtime.bf16, "dtype": "bfloat16"},
         "fp16": {"enabled": False},
         "zero_optimization": zero,
         "steps_per_print": 10 ** 12,
