@@ -65,13 +65,14 @@ def _cmd_sample(args) -> int:
     import torch
 
     from dig.data.reader import LatentNormalizer
-    from dig.train.export import CONFIG_FILE, export, load_exported
+    from dig.train.export import WEIGHTS_FILE, export, load_exported
     from dig.train.grid import grid_labels, sample_grid
     from dig.vae import load_vae
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     folder = args.model
-    if not os.path.exists(os.path.join(folder, CONFIG_FILE)):
+    # A run directory has a config.json too (the resolved training config): only weights mark an export.
+    if not os.path.exists(os.path.join(folder, WEIGHTS_FILE)):
         folder = export(folder, tempfile.mkdtemp(prefix="dig-export-"))
     model, info = load_exported(folder, device=device)
     labels = ([int(x) for x in args.labels.split(",")] if args.labels

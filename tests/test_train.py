@@ -250,3 +250,15 @@ def test_export_reproduces_the_ema_model(straight_run, reference_ema, tmp_path):
     from PIL import Image
 
     assert Image.open(png).size == (128, 64)
+
+
+def test_sample_straight_from_a_run_directory(straight_run, tmp_path):
+    """A run directory holds config.json (the training config) but no weights: sample must export it first."""
+    from PIL import Image
+
+    from dig.cli import main
+
+    png = str(tmp_path / "grid.png")
+    assert main(["sample", straight_run, "--out", png, "--num-images", "2", "--sampling-steps", "2",
+                 "--vae", "config:tiny"]) == 0
+    assert Image.open(png).size == (128, 64)
