@@ -85,12 +85,42 @@ def _cmd_sample(args) -> int:
     return 0
 
 
+# `dig bench SUITE …` runs a script of the checkout's bench/ folder (benchmarks are not installed with the
+# package); what each measures and the recorded results are in BENCHMARKS.md.
+BENCH_SUITES = {
+    "gpu": "bench/run_all.py",                           # DiG vs DiT step, GLA op vs SDPA, memory (GPU)
+    "trainer-overhead": "bench/bench_trainer_overhead.py",  # full `dig train` step vs the bare model step
+    "pipeline": "bench/bench_pipeline.py",               # Ray latent pipeline vs the bare VAE encoder
+}
+
+
+def _args_bench(p: argparse.ArgumentParser) -> None:
+    p.add_argument("suite", choices=sorted(BENCH_SUITES), help="which benchmark (see BENCHMARKS.md)")
+    p.add_argument("bench_args", nargs=argparse.REMAINDER, help="passed on to the benchmark (try --help)")
+
+
+def _cmd_bench(args) -> int:
+    import os
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = os.path.join(root, BENCH_SUITES[args.suite])
+    if not os.path.exists(script):
+        print(f"dig bench: {script} not found; benchmarks run from a source checkout (git clone, then "
+              "`make install`)", file=sys.stderr)
+        return 2
+    module = os.path.relpath(script, root)[:-3].replace(os.sep, ".")
+    return subprocess.call([sys.executable, "-m", module, *args.bench_args], cwd=root)
+
+
 COMMANDS = {
     "train": ("train DiG with DeepSpeed (run under torchrun/deepspeed for several processes)", _args_train,
               _cmd_train),
     "export": ("write a checkpoint's consolidated weights as safetensors + config.json", _args_export,
                _cmd_export),
     "sample": ("sample a grid of images from an exported model or a run", _args_sample, _cmd_sample),
+    "bench": ("run a benchmark from the checkout's bench/ folder (results: BENCHMARKS.md)", _args_bench,
+              _cmd_bench),
 }
 
 
