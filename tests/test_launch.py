@@ -352,8 +352,9 @@ def test_make_mlflow_ui_serves_the_local_store(tmp_path):
 
     store = f"sqlite:///{tmp_path}/mlflow.db"
     mlflow.set_tracking_uri(store)
-    exp = mlflow.set_experiment("launch-test")
-    with mlflow.start_run(experiment_id=exp.experiment_id) as run:
+    # With a sqlite store the default artifact root is ./mlruns of the working directory: keep it in tmp_path.
+    exp_id = mlflow.create_experiment("launch-test", artifact_location=(tmp_path / "artifacts").as_uri())
+    with mlflow.start_run(experiment_id=exp_id) as run:
         mlflow.log_metric("loss", 0.25, step=3)
         (tmp_path / "note.txt").write_text("hello")
         mlflow.log_artifact(str(tmp_path / "note.txt"))
@@ -368,7 +369,7 @@ def test_make_mlflow_ui_serves_the_local_store(tmp_path):
         base = f"http://{LOOPBACK}:{port}"
         wait_http(base + "/health", timeout=120, proc=server)
         req = urllib.request.Request(base + "/api/2.0/mlflow/runs/search", method="POST",
-                                     data=json.dumps({"experiment_ids": [exp.experiment_id]}).encode(),
+                                     data=json.dumps({"experiment_ids": [exp_id]}).encode(),
                                      headers={"Content-Type": "application/json"})
         runs = json.loads(urllib.request.urlopen(req, timeout=30).read())["runs"]
         assert [r["info"]["run_id"] for r in runs] == [run.info.run_id]
