@@ -2,7 +2,8 @@
 
   python -m data_pipeline --input URI --output URI --resolution 256 --vae ID_OR_PATH [--config YAML] [key=value]
 
-Stages (one row = one shard of `shard_size` consecutive inputs of the sorted listing):
+Stages (one row = one shard: `shard_size` inputs dealt from a seeded permutation of the sorted listing, so every
+shard mixes classes; a sample's key stays its index in the sorted listing):
   listing.py   sorted input listing (ImageFolder or webdataset tars, local or s3://) and shard assignment
   shards.py    decode_shard (Ray tasks: read, decode, ADM crop) and write_shard (tar, then its done record)
   encoder.py   LatentEncoder (Ray actor pool, GPU when present): image + mirror image -> posterior mean/std

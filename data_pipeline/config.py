@@ -17,6 +17,9 @@ class PipelineConfig(BaseModel):
     vae: str = Field("stabilityai/sd-vae-ft-ema", description="hub id, local diffusers folder, or config:NAME")
     name: str = Field("train", pattern=r"^[A-Za-z0-9_-]+$", description="shard name prefix")
     shard_size: int = Field(1000, ge=1, description="samples (input images) per shard")
+    shuffle: bool = Field(True, description="deal inputs into shards in a seeded pseudo-random order, so every "
+                          "shard mixes classes; false: consecutive inputs of the sorted listing per shard")
+    shuffle_seed: int = Field(0, ge=0, description="seed of the shard assignment (numpy default_rng)")
     storage_dtype: Literal["float16", "float32"] = "float16"
     min_side: int = Field(32, ge=1, description="images whose shorter side is below this are rejected")
 

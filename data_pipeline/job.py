@@ -14,7 +14,7 @@ from dig.data import shard_format, storage
 
 from .config import PipelineConfig
 from .encoder import LatentEncoder
-from .listing import Listing, assign_shards, list_inputs
+from .listing import Listing, assign_shards, assignment_fingerprint, list_inputs, shard_order
 from .shards import decode_shard, write_shard
 
 log = logging.getLogger("data_pipeline")
@@ -58,11 +58,13 @@ def vae_geometry(spec: str) -> dict:
             "scaling_factor": scaling_factor(vae)}
 
 
-def _job_record(cfg: PipelineConfig, listing: Listing) -> dict:
+def _job_record(cfg: PipelineConfig, listing: Listing, assignment_sha256: str) -> dict:
+    # The shuffle settings and the deal order's fingerprint decide which shard each input is in.
     return {"input": cfg.input.rstrip("/"), "layout": listing.layout, "num_inputs": len(listing.items),
             "listing_sha256": listing.fingerprint(), "resolution": cfg.resolution, "vae": cfg.vae,
             "precision": cfg.precision, "name": cfg.name, "shard_size": cfg.shard_size,
-            "storage_dtype": cfg.storage_dtype, "min_side": cfg.min_side}
+            "shuffle": cfg.shuffle, "shuffle_seed": cfg.shuffle_seed if cfg.shuffle else None,
+            "assignment_sha256": assignment_sha256, "storage_dtype": cfg.storage_dtype, "min_side": cfg.min_side}
 
 
 def _claim_output(cfg: PipelineConfig, record: dict) -> None:
@@ -146,6 +148,7 @@ def finalize(cfg: PipelineConfig, listing: Listing, num_shards: int, records: di
         shards=shards, name=cfg.name,
         extra={"input": cfg.input, "layout": listing.layout, "num_inputs": len(listing.items),
                "num_rejects": len(rejects), "num_ignored": len(listing.ignored), "shard_size": cfg.shard_size,
+               "shuffle": cfg.shuffle, "shuffle_seed": cfg.shuffle_seed if cfg.shuffle else None,
                "precision": cfg.precision, "listing_sha256": listing.fingerprint(),
                "flips": ["none", "horizontal"]})
     storage.write_bytes(storage.join(cfg.output, shard_format.MANIFEST_NAME), manifest.to_json().encode())
@@ -173,11 +176,12 @@ def run(cfg: PipelineConfig) -> dict:
     if listing.ignored:
         log.warning("%d names under %s are not inputs and were ignored, e.g. %s", len(listing.ignored),
                     cfg.input, listing.ignored[:3])
-    _claim_output(cfg, _job_record(cfg, listing))
+    order = shard_order(len(listing.items), cfg.shuffle, cfg.shuffle_seed)
+    _claim_output(cfg, _job_record(cfg, listing, assignment_fingerprint(order)))
     partial = storage.remove_partial_writes(cfg.output)
     if partial:
         log.info("removed %d partial writes an interrupted run left in %s", partial, cfg.output)
-    shards = assign_shards(listing.items, cfg.shard_size)
+    shards = assign_shards(listing.items, cfg.shard_size, order=order)
     present = set(storage.list_names(cfg.output))
     done = [s.index for s in shards if shard_format.shard_done_name(cfg.name, s.index) in present]
     todo = [s for s in shards if shard_format.shard_done_name(cfg.name, s.index) not in present]
@@ -187,8 +191,9 @@ def run(cfg: PipelineConfig) -> dict:
     if use_gpu and gpus == 0:
         raise PipelineError("device 'cuda' requested but the Ray cluster has no GPUs")
     num_encoders = cfg.num_encoders or (gpus if use_gpu else 1)
+    dealt = f"shuffled, seed {cfg.shuffle_seed}" if cfg.shuffle else "unshuffled"
     print(f"[data_pipeline] {len(listing.items)} inputs ({listing.layout}, {len(listing.classes)} classes) -> "
-          f"{len(shards)} shards of {cfg.shard_size}; {len(done)} already done, {len(todo)} to do; "
+          f"{len(shards)} shards of {cfg.shard_size} ({dealt}); {len(done)} already done, {len(todo)} to do; "
           f"encoder on {'GPU' if use_gpu else 'CPU'} x{num_encoders}", flush=True)
 
     records = _read_done(cfg, done)

@@ -6,8 +6,15 @@ Two input layouts, on a local path or s3://bucket/prefix:
               a Ray task (never on the driver) to find the members' byte ranges, so images are read later by
               ranged reads.
 Only names (and, for tars, headers and the tiny cls members) are read here; the images are read by the decode
-stage. Sample i of the sorted listing goes to shard i // shard_size, so a re-run assigns every input to the
-same shard.
+stage.
+
+Shard assignment: a sorted ImageFolder listing is grouped by class, so consecutive inputs would make
+single-class shards and a trainer shuffling within a window of shards would see only a few classes per batch.
+Shard k therefore takes positions k*shard_size ... of a pseudo-random permutation of the sorted listing
+(numpy's default_rng(shuffle_seed).permutation), and lists its inputs in ascending global index (reads of a
+tar input stay in file order). A sample keeps its global index in the sorted listing as its key, and the same
+inputs and settings give the same assignment on a re-run. With shuffle off, shard k holds inputs
+k*shard_size ... (k+1)*shard_size - 1 of the sorted listing.
 """
 from __future__ import annotations
 
@@ -16,6 +23,8 @@ import json
 import posixpath
 import tarfile
 from dataclasses import asdict, dataclass
+
+import numpy as np
 
 from dig.data import storage
 
@@ -135,18 +144,44 @@ def _list_webdataset(root: str, tar_names: list[str], runtime_env: dict | None =
 @dataclass
 class ShardSpec:
     index: int
-    first: int               # global sample index of the shard's first input
+    indices: list[int]       # global sample index (position in the sorted listing) of each item, ascending
     items: list[InputItem]
 
+    def __post_init__(self):
+        if len(self.indices) != len(self.items):
+            raise ValueError(f"shard {self.index}: {len(self.indices)} indices for {len(self.items)} items")
+
     def to_row(self) -> dict:
-        return {"shard": self.index, "first": self.first, "items": json.dumps([asdict(it) for it in self.items])}
+        return {"shard": self.index, "indices": json.dumps(self.indices),
+                "items": json.dumps([asdict(it) for it in self.items])}
 
     @classmethod
     def from_row(cls, row: dict) -> "ShardSpec":
-        return cls(int(row["shard"]), int(row["first"]), [InputItem(**it) for it in json.loads(row["items"])])
+        return cls(int(row["shard"]), json.loads(row["indices"]), [InputItem(**it) for it in json.loads(row["items"])])
 
 
-def assign_shards(items: list[InputItem], shard_size: int) -> list[ShardSpec]:
+def shard_order(num_items: int, shuffle: bool = True, seed: int = 0) -> np.ndarray:
+    """Global indices in the order they are dealt into shards: a seeded permutation, or 0..n-1 unshuffled."""
+    if not shuffle:
+        return np.arange(num_items, dtype=np.int64)
+    return np.random.default_rng(seed).permutation(num_items).astype(np.int64)
+
+
+def assignment_fingerprint(order: np.ndarray) -> str:
+    """Identifies the deal order, so a numpy whose permutation differs cannot silently re-deal a resumed job."""
+    return hashlib.sha256(np.ascontiguousarray(order, dtype="<i8").tobytes()).hexdigest()
+
+
+def assign_shards(items: list[InputItem], shard_size: int, shuffle: bool = True, seed: int = 0,
+                  order: np.ndarray | None = None) -> list[ShardSpec]:
+    """Shard k gets positions k*shard_size ... of `order` (default: shard_order(len(items), shuffle, seed)),
+    sorted by global index; every input lands in exactly one shard."""
     if shard_size < 1:
         raise ValueError("shard_size must be at least 1")
-    return [ShardSpec(i // shard_size, i, items[i:i + shard_size]) for i in range(0, len(items), shard_size)]
+    if order is None:
+        order = shard_order(len(items), shuffle, seed)
+    shards = []
+    for k, start in enumerate(range(0, len(items), shard_size)):
+        indices = sorted(order[start:start + shard_size].tolist())
+        shards.append(ShardSpec(k, indices, [items[i] for i in indices]))
+    return shards

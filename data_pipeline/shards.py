@@ -53,7 +53,7 @@ def decode_shard(row: dict, resolution: int, min_side: int, io_threads: int) -> 
     kept, images, rejects = [], [], []
     for pos, (item, (image, reason)) in enumerate(zip(spec.items, results)):
         if image is None:
-            rejects.append({"index": spec.first + pos, "source": item.source, "reason": reason})
+            rejects.append({"index": spec.indices[pos], "source": item.source, "reason": reason})
         else:
             kept.append(pos)
             images.append(image)
@@ -82,7 +82,7 @@ def write_shard(row: dict, output: str, name: str, storage_dtype: str) -> dict:
         with wds.TarWriter(local) as sink:
             for j, pos in enumerate(kept):
                 item = spec.items[pos]
-                sample = shard_format.encode_sample(spec.first + pos, item.source, item.label, item.class_name,
+                sample = shard_format.encode_sample(spec.indices[pos], item.source, item.label, item.class_name,
                                                     mean[j], std[j], dtype=storage_dtype)
                 sink.write(sample)
                 keys.append(item.source)

@@ -97,18 +97,27 @@ def read_dataset(root: str, all_tars: bool = False):
     return manifest, samples
 
 
-def check_exactly_once(tree, manifest, samples, shard_size=SHARD_SIZE):
+def expected_shard_of(n: int, shard_size: int, seed: int) -> dict[int, int]:
+    """Reference: global index -> shard, dealing numpy's default_rng(seed).permutation(n) shard_size at a time."""
+    return {int(i): pos // shard_size for pos, i in enumerate(np.random.default_rng(seed).permutation(n))}
+
+
+def check_exactly_once(tree, manifest, samples, shard_size=SHARD_SIZE, seed=0):
     assert sorted(samples) == sorted(tree.expected_rgb)
+    shard_of = expected_shard_of(len(tree.listing), shard_size, seed)
     # Shards whose inputs were all rejected are complete but empty, and not listed.
-    with_samples = {shard_format.shard_name("train", tree.listing.index(s) // shard_size) for s in tree.expected_rgb}
+    with_samples = {shard_format.shard_name("train", shard_of[tree.listing.index(s)]) for s in tree.expected_rgb}
     assert [e.name for e in manifest.shards] == sorted(with_samples)
     for entry in manifest.shards:
         in_tar = [src for src, (name, _) in samples.items() if name == entry.name]
         assert sorted(entry.keys) == sorted(in_tar) and entry.count == len(in_tar), entry.name
+        keys_in_tar_order = [sample.key for name, sample in samples.values() if name == entry.name]
+        assert keys_in_tar_order == sorted(keys_in_tar_order), entry.name
     for source, (name, sample) in samples.items():
         index = tree.listing.index(source)
         assert sample.key == shard_format.SAMPLE_KEY_FORMAT.format(index)
-        assert name == shard_format.shard_name("train", index // shard_size)
+        assert name == shard_format.shard_name("train", shard_of[index])
+    assert manifest.extra["shuffle"] is True and manifest.extra["shuffle_seed"] == seed
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +186,7 @@ def test_kill_mid_run_then_rerun_is_exactly_once(ray_head, tree, tmp_path):
     output = str(tmp_path / "latents")
     num_shards = -(-len(tree.listing) // 2)
     # Each shard waits 4 s between its tar upload and its done record: a kill can land in that window.
-    args = pipeline_args(tree.root, output, "--shard-size", "2")
+    args = pipeline_args(tree.root, output, "--shard-size", "2", "--shuffle-seed", "7")
     job = start_job(args, {**ray_head.env(), "DIG_PIPELINE_PAUSE_BEFORE_DONE": "4"}, str(tmp_path / "killed.log"))
 
     def state():
@@ -212,7 +221,7 @@ def test_kill_mid_run_then_rerun_is_exactly_once(ray_head, tree, tmp_path):
     assert summary["shards_skipped"] == len(done_before)
     assert summary["shards_written"] == num_shards - len(done_before)
     manifest, samples = read_dataset(output, all_tars=True)
-    check_exactly_once(tree, manifest, samples, shard_size=2)
+    check_exactly_once(tree, manifest, samples, shard_size=2, seed=7)
     assert not [n for n in os.listdir(output) if n.startswith(".tmp-")]
 
 

@@ -176,17 +176,69 @@ def test_bad_images_are_rejected_with_reason(tree, reason, pattern):
             load_image(_bytes(tree, name), RESOLUTION, MIN_SIDE)
 
 
+def expected_shards(n: int, shard_size: int, seed: int | None) -> list[list[int]]:
+    """Reference assignment: shard k = positions k*shard_size... of numpy's seeded permutation (None: unshuffled),
+    each shard's global indices ascending."""
+    order = list(range(n)) if seed is None else np.random.default_rng(seed).permutation(n).tolist()
+    return [sorted(order[k:k + shard_size]) for k in range(0, n, shard_size)]
+
+
 def test_folder_listing_and_shard_assignment(tree):
     listing = list_inputs(tree.root)
     assert listing.layout == "folder" and listing.classes == tree.classes
     assert [it.source for it in listing.items] == tree.listing
     assert [it.label for it in listing.items] == [tree.classes.index(s.split("/")[0]) for s in tree.listing]
     assert listing.ignored == tree.ignored
-    shards = assign_shards(listing.items, 5)
+    shards = assign_shards(listing.items, 5)  # default: shuffled with seed 0
     assert [s.index for s in shards] == [0, 1, 2]
-    assert [it for s in shards for it in s.items] == listing.items
-    assert [s.first for s in shards] == [0, 5, 10]
+    assert [s.indices for s in shards] == expected_shards(len(tree.listing), 5, seed=0)
+    for s in shards:
+        assert [it.source for it in s.items] == [tree.listing[i] for i in s.indices]
     assert ShardSpec.from_row(shards[1].to_row()) == shards[1]
+    unshuffled = assign_shards(listing.items, 5, shuffle=False)
+    assert [it for s in unshuffled for it in s.items] == listing.items
+    assert [s.indices for s in unshuffled] == [list(range(0, 5)), list(range(5, 10)), list(range(10, 12))]
+
+
+def _class_sorted_items(num_classes: int, per_class: int) -> list[InputItem]:
+    """What an ImageFolder listing looks like: sorted by class folder, so consecutive items share a class."""
+    return [InputItem(source=f"c{c:02d}/img{j:03d}.png", label=c, class_name=f"c{c:02d}", uri=f"/in/c{c:02d}/{j}")
+            for c in range(num_classes) for j in range(per_class)]
+
+
+def test_shuffled_shards_mix_classes_and_partition_the_listing():
+    items = _class_sorted_items(4, 12)
+    shards = assign_shards(items, 8, shuffle=True, seed=0)
+    assert len(shards) == 6 and [s.index for s in shards] == list(range(6))
+    # A partition: every global index in exactly one shard, shard sizes as with consecutive dealing.
+    all_indices = [i for s in shards for i in s.indices]
+    assert sorted(all_indices) == list(range(48)) and [len(s.indices) for s in shards] == [8] * 6
+    for s in shards:
+        assert s.indices == sorted(s.indices)                      # read in listing order inside a shard
+        assert s.items == [items[i] for i in s.indices]            # the item is the one its index names
+        assert len({it.label for it in s.items}) > 1, f"shard {s.index} holds one class: {s.items}"
+    assert [s.indices for s in shards] == expected_shards(48, 8, seed=0)
+    # Deterministic: the same call again (a re-run) deals every input to the same shard.
+    assert [s.indices for s in assign_shards(items, 8, shuffle=True, seed=0)] == [s.indices for s in shards]
+    # Another seed deals differently; shuffle off keeps the old single-class consecutive shards.
+    assert [s.indices for s in assign_shards(items, 8, seed=1)] == expected_shards(48, 8, seed=1)
+    assert [s.indices for s in assign_shards(items, 8, seed=1)] != [s.indices for s in shards]
+    unshuffled = assign_shards(items, 8, shuffle=False, seed=0)
+    assert [s.indices for s in unshuffled] == [list(range(k, k + 8)) for k in range(0, 48, 8)]
+    assert [len({it.label for it in s.items}) for s in unshuffled] == [1, 2, 1, 1, 2, 1]  # 12 per class, 8 per shard
+    # A ragged last shard keeps the partition.
+    ragged = assign_shards(items[:45], 8, seed=3)
+    assert sorted(i for s in ragged for i in s.indices) == list(range(45))
+    assert [len(s.items) for s in ragged] == [8] * 5 + [5]
+
+
+def test_shuffle_settings_from_flags():
+    from data_pipeline.__main__ import parse_args
+
+    cfg = parse_args(["--input", "in", "--output", "out"])
+    assert cfg.shuffle is True and cfg.shuffle_seed == 0
+    cfg = parse_args(["--input", "in", "--output", "out", "--shuffle", "false", "shuffle_seed=7"])
+    assert cfg.shuffle is False and cfg.shuffle_seed == 7
 
 
 def test_webdataset_tar_input_reads_members_by_byte_range(tree, tmp_path):
@@ -208,7 +260,7 @@ def test_webdataset_tar_input_reads_members_by_byte_range(tree, tmp_path):
     assert ignored == ["orphan (no image)"]
     items = [InputItem(source=f"part-000.tar/{s['key']}", label=s["label"], class_name=str(s["label"]),
                        uri=str(tar_path), offset=s["offset"], size=s["size"]) for s in samples]
-    out = decode_shard(ShardSpec(0, 0, items).to_row(), RESOLUTION, MIN_SIDE, io_threads=2)
+    out = decode_shard(ShardSpec(0, [0, 1, 2, 3], items).to_row(), RESOLUTION, MIN_SIDE, io_threads=2)
     assert json.loads(out["rejects"]) == [] and json.loads(out["kept"]) == [0, 1, 2, 3]
     for image, name in zip(out["images"], good):
         np.testing.assert_array_equal(image, dit_center_crop_arr(Image.fromarray(tree.expected_rgb[name]),
@@ -217,12 +269,15 @@ def test_webdataset_tar_input_reads_members_by_byte_range(tree, tmp_path):
 
 def test_decode_stage_counts_rejects_and_keeps_the_rest(tree):
     listing = list_inputs(tree.root)
-    out = decode_shard(ShardSpec(0, 0, listing.items).to_row(), RESOLUTION, MIN_SIDE, io_threads=4)
-    rejects = json.loads(out["rejects"])
-    assert {r["source"] for r in rejects} == set(tree.bad)
+    rejects, kept = [], []
+    for spec in assign_shards(listing.items, 5, seed=0):  # shuffled: a shard's global indices are not contiguous
+        out = decode_shard(spec.to_row(), RESOLUTION, MIN_SIDE, io_threads=4)
+        rejects += json.loads(out["rejects"])
+        kept += [spec.items[pos].source for pos in json.loads(out["kept"])]
+        assert out["images"].shape == (len(json.loads(out["kept"])), RESOLUTION, RESOLUTION, 3)
+    assert sorted(r["source"] for r in rejects) == sorted(tree.bad)
     assert [r["index"] for r in rejects] == [tree.listing.index(r["source"]) for r in rejects]
-    assert [listing.items[i].source for i in json.loads(out["kept"])] == sorted(tree.expected_rgb)
-    assert out["images"].shape == (len(tree.expected_rgb), RESOLUTION, RESOLUTION, 3)
+    assert sorted(kept) == sorted(tree.expected_rgb)
 
 
 def _run_cli(args, env):
@@ -281,6 +336,28 @@ def test_output_of_a_different_job_is_refused(tmp_path):
         _claim_output(cfg, {**record, "listing_sha256": "def", "resolution": 512})
 
 
+def test_output_dealt_with_other_shuffle_settings_is_refused(tree, tmp_path):
+    from data_pipeline.config import PipelineConfig
+    from data_pipeline.job import PipelineError, _claim_output, _job_record
+    from data_pipeline.listing import assignment_fingerprint, shard_order
+
+    listing = list_inputs(tree.root)
+
+    def claim(**settings):
+        cfg = PipelineConfig(input=tree.root, output=str(tmp_path), **settings)
+        order = shard_order(len(listing.items), cfg.shuffle, cfg.shuffle_seed)
+        _claim_output(cfg, _job_record(cfg, listing, assignment_fingerprint(order)))
+
+    claim(shuffle_seed=5)
+    claim(shuffle_seed=5)  # a resume
+    with pytest.raises(PipelineError, match=r"differs in \['assignment_sha256', 'shuffle_seed'\]"):
+        claim(shuffle_seed=6)
+    with pytest.raises(PipelineError, match=r"differs in \['assignment_sha256', 'shuffle', 'shuffle_seed'\]"):
+        claim(shuffle=False)
+    record = json.loads((tmp_path / "job.json").read_text())
+    assert record["shuffle"] is True and record["shuffle_seed"] == 5
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision,tol", [("fp32", 2e-3), ("bf16", 5e-2)])
 def test_gpu_encoder_actor_matches_cpu_reference(tree, precision, tol):
@@ -304,4 +381,5 @@ def test_unreadable_input_fails_the_shard_instead_of_becoming_a_reject(tree):
     vanished = InputItem(source="n01_cat/gone.png", label=0, class_name="n01_cat",
                          uri=os.path.join(tree.root, "n01_cat/gone.png"))
     with pytest.raises(FileNotFoundError, match="gone.png"):
-        decode_shard(ShardSpec(0, 0, [listing.items[0], vanished]).to_row(), RESOLUTION, MIN_SIDE, io_threads=2)
+        decode_shard(ShardSpec(0, [0, 99], [listing.items[0], vanished]).to_row(), RESOLUTION, MIN_SIDE,
+                     io_threads=2)
