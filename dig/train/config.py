@@ -34,6 +34,7 @@ class ModelConfig(_Section):
     class_dropout_prob: float = 0.1
     gla_backend: str = "auto"
     grad_checkpointing: bool = False       # per-block activation checkpointing (high resolution)
+    compile: bool = False                  # regional torch.compile of each block (BENCHMARKS.md); ZeRO 0-2 only
     pos_embed_base_size: int | None = None  # latent side the sin-cos grid is scaled to (fine-tuning 256 → 1024)
     init_from: str | None = None           # exported folder or run directory whose (EMA) weights start this run
     overrides: dict[str, Any] = Field(default_factory=dict)  # extra create_model kwargs (depth, hidden_size, …)
@@ -121,6 +122,14 @@ class TrainConfig(_Section):
         if not 0.0 <= v < 1.0:
             raise ValueError("ema_decay must be in [0, 1)")
         return v
+
+    @model_validator(mode="after")
+    def _compile_needs_no_zero3(self):
+        if self.model.compile and self.engine.zero_stage == 3:
+            raise ValueError("model.compile=true is not supported with engine.zero_stage=3 yet: ZeRO-3's parameter "
+                             "gather/release hooks would run inside the compiled blocks, which is untested. Use "
+                             "engine.zero_stage=2 (or 0/1), or leave model.compile off")
+        return self
 
     @model_validator(mode="after")
     def _model_known(self):

@@ -70,6 +70,10 @@ class Trainer:
         if init_state is not None:
             model.load_state_dict(init_state, strict=True)
         self.flops_per_image = training_flops_per_image(model)
+        if cfg.model.compile:
+            model.compile_blocks()  # in place: parameter names, state dicts and checkpoints are unchanged
+            if self.rt.is_main:
+                log.info("model.compile: %d blocks compiled with torch.compile (regional)", len(model.blocks))
         self.engine = build_engine(model, cfg, self.rt)
         self.diffusion = create_diffusion(learn_sigma=cfg.model.learn_sigma)
 
