@@ -11,7 +11,7 @@ import functools
 import os
 import shutil
 import tempfile
-from typing import BinaryIO, Callable, Iterator
+from typing import BinaryIO, Callable
 
 S3_PREFIX = "s3://"
 
@@ -204,23 +204,6 @@ def upload_file(local_path: str, uri: str) -> None:
             shutil.copyfileobj(src, dst, 1 << 20)
 
     _atomic_local_write(uri, copy)
-
-
-def delete(uri: str) -> None:
-    if is_s3(uri):
-        bucket, key = parse_s3(uri)
-        s3_client().delete_object(Bucket=bucket, Key=key)
-    elif os.path.exists(uri):
-        os.unlink(uri)
-
-
-def iter_chunks(uri: str, chunk_size: int = 1 << 20) -> Iterator[bytes]:
-    with open_read(uri) as f:
-        while True:
-            chunk = f.read(chunk_size)
-            if not chunk:
-                return
-            yield chunk
 
 
 def read_range(uri: str, offset: int, size: int) -> bytes:
