@@ -9,19 +9,34 @@
 
     python -m bench.bench_trainer_overhead --model DiG-B/2 --resolution 256 --batch 64 --steps 30
     python -m bench.bench_trainer_overhead --quick        # CPU dry run at a tiny size
+    python -m bench.bench_trainer_overhead --tiny --resolution 64 --batch 2 --steps 40 --profile --cprofile 25
 
 Prints a table (median ms/step, img/s, overhead %) and writes results.json under --out.
+
+Where the time goes (host overhead shows best on the CPU with a small compute, e.g. --tiny or batch 2):
+  --profile     mean ms per step of each phase of both loops (data, forward, backward, optimizer step, EMA,
+                logging, ...; "other" is the rest of the step: bookkeeping and host syncs). On CUDA every phase
+                boundary synchronises, so phases are attributed correctly but the step is slower than unprofiled;
+                the median table comes from separate, unprofiled steps.
+  --cprofile N  the N Python functions with the most own time over the trainer's profiled steps (cProfile):
+                DeepSpeed's per-module hooks, the reader, the EMA, ...
 """
 from __future__ import annotations
 
 import argparse
+import cProfile
+import collections
+import io
 import json
 import os
+import pstats
 import statistics
 import tempfile
 import time
 
 import torch
+
+TINY = {"depth": 2, "hidden_size": 64, "num_heads": 2}
 
 
 def _sync(device: torch.device) -> None:
@@ -29,8 +44,71 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+class Phases:
+    """Wall time per named phase, summed over steps; wraps callables in place."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.seconds: dict[str, float] = collections.defaultdict(float)
+        self.enabled = False
+
+    def wrap(self, name: str, fn):
+        def timed(*args, **kwargs):
+            if not self.enabled:
+                return fn(*args, **kwargs)
+            _sync(self.device)
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                _sync(self.device)
+                self.seconds[name] += time.perf_counter() - t0
+        return timed
+
+    def table(self, steps: int, total: float) -> dict[str, float]:
+        out = {k: v / steps * 1e3 for k, v in self.seconds.items()}
+        out["other"] = total / steps * 1e3 - sum(out.values())
+        out["total"] = total / steps * 1e3
+        return out
+
+
+def _timed_loop(step_fn, steps: int, device: torch.device) -> list[float]:
+    times = []
+    for _ in range(steps):
+        _sync(device)
+        t0 = time.perf_counter()
+        step_fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def _phase_loop(step_fn, steps: int, device: torch.device, phases: Phases) -> dict[str, float]:
+    phases.enabled = True
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step_fn()
+    _sync(device)
+    phases.enabled = False
+    return phases.table(steps, time.perf_counter() - t0)
+
+
+def _cprofile_loop(step_fn, steps: int, device: torch.device, top: int) -> str:
+    prof = cProfile.Profile()
+    _sync(device)
+    prof.enable()
+    for _ in range(steps):
+        step_fn()
+    _sync(device)
+    prof.disable()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(top)
+    return buf.getvalue()
+
+
 def bare_step_times(name: str, kwargs: dict, batch: int, steps: int, warmup: int, device: torch.device,
-                    bf16: bool, lr: float) -> list[float]:
+                    bf16: bool, lr: float, profile: bool) -> tuple[list[float], dict | None]:
     from dig.diffusion import create_diffusion
     from dig.models import create_model
 
@@ -41,26 +119,36 @@ def bare_step_times(name: str, kwargs: dict, batch: int, steps: int, warmup: int
     h, w = model.latent_hw
     x = torch.randn(batch, model.in_channels, h, w, device=device)
     y = torch.randint(0, model.num_classes, (batch,), device=device)
-    times = []
-    for _ in range(warmup + steps):
-        _sync(device)
-        t0 = time.perf_counter()
+    phases = Phases(device)
+
+    def forward():
         t = torch.randint(0, diffusion.num_timesteps, (batch,), device=device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = diffusion.training_losses(model, x, t, model_kwargs=dict(y=y))["loss"].mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+            return diffusion.training_losses(model, x, t, model_kwargs=dict(y=y))["loss"].mean()
+
+    def optimizer_step():
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+
+    forward_p, backward_p = phases.wrap("forward", forward), phases.wrap("backward", lambda l: l.backward())
+    step_p = phases.wrap("optimizer step", optimizer_step)
+
+    def step():
+        loss = forward_p()
+        opt.zero_grad(set_to_none=True)
+        backward_p(loss)
+        step_p()
         loss.item()  # the trainer reads its loss back every step too
-        _sync(device)
-        times.append(time.perf_counter() - t0)
+
+    _timed_loop(step, warmup, device)
+    times = _timed_loop(step, steps, device)
+    table = _phase_loop(step, steps, device, phases) if profile else None
     del model, opt
-    return times[warmup:]
+    return times, table
 
 
 def trainer_step_times(name: str, overrides: dict, resolution: int, batch: int, steps: int, warmup: int,
-                       zero_stage: int, workdir: str, log_every: int) -> tuple[list[float], torch.device]:
+                       zero_stage: int, workdir: str, log_every: int, profile: bool, cprofile: int):
     from dig.data.synthetic import write_synthetic_dataset
     from dig.train import trainer as trainer_module
     from dig.train.config import resolve, validate
@@ -72,7 +160,8 @@ def trainer_step_times(name: str, overrides: dict, resolution: int, batch: int, 
         os.environ.setdefault(key, value)
     latent = resolution // 8
     per_shard = max(batch, 64)
-    num_shards = max(2, -(-(warmup + steps + 4) * batch // per_shard))
+    runs = 2 + bool(profile) + bool(cprofile)
+    num_shards = max(2, -(-(warmup + runs * steps + 4) * batch // per_shard))
     data = os.path.join(workdir, "latents")
     write_synthetic_dataset(data, num_shards=num_shards, samples_per_shard=per_shard, latent_size=latent,
                             resolution=resolution, num_classes=1000, dtype="float16")
@@ -81,7 +170,7 @@ def trainer_step_times(name: str, overrides: dict, resolution: int, batch: int, 
         "model": {"name": name, "overrides": overrides},
         "data": {"path": data, "resolution": resolution, "global_batch_size": batch, "micro_batch_size": batch},
         "engine": {"zero_stage": zero_stage},
-        "steps": warmup + steps, "checkpoint": {"every": 0},
+        "steps": warmup + runs * steps, "checkpoint": {"every": 0},
         "tracking": {"log_every": log_every, "sample_every": 0},
     }
     resolved = resolve(base=base)
@@ -89,22 +178,30 @@ def trainer_step_times(name: str, overrides: dict, resolution: int, batch: int, 
     trainer_module.make_tracker = lambda *a, **k: NullTracker()
     tr = trainer_module.Trainer(cfg, resolved)
     device = tr.rt.device
-    times = []
-    for _ in range(warmup + steps):
-        _sync(device)
-        t0 = time.perf_counter()
-        metrics = tr.train_step()
-        tr.step += 1
-        tr.update_ema()
-        tr._window.add(metrics, time.perf_counter() - t0)
-        tr.maybe_log_metrics()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
+    phases = Phases(device)
+    # the phases of a step, timed where the trainer calls them
+    tr.data.next_batch = phases.wrap("data", tr.data.next_batch)
+    tr.forward_loss = phases.wrap("forward", tr.forward_loss)
+    tr.engine.backward = phases.wrap("backward", tr.engine.backward)
+    tr.engine.step = phases.wrap("optimizer step", tr.engine.step)
+    tr.update_ema = phases.wrap("ema", tr.update_ema)
+    tr.maybe_log_metrics = phases.wrap("logging", tr.maybe_log_metrics)
+    tr._should_stop = phases.wrap("stop check", tr._should_stop)
+
+    def step():
+        if tr._should_stop():
+            raise RuntimeError("the trainer was asked to stop")
+        tr.run_step()
+
+    _timed_loop(step, warmup, device)
+    times = _timed_loop(step, steps, device)
+    table = _phase_loop(step, steps, device, phases) if profile else None
+    report = _cprofile_loop(step, steps, device, cprofile) if cprofile else None
     tr.data.close()
     from dig.train.engine import shutdown
 
     shutdown()
-    return times[warmup:], device
+    return times, device, table, report
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -117,40 +214,60 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--zero-stage", type=int, default=3)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--out", default=None)
+    p.add_argument("--tiny", action="store_true", help=f"the model at {TINY} (host overhead dominates)")
     p.add_argument("--quick", action="store_true", help="CPU dry run: tiny model, few steps")
+    p.add_argument("--profile", action="store_true", help="per-phase ms/step of both loops (extra steps)")
+    p.add_argument("--cprofile", type=int, default=0, metavar="N", help="top N Python functions by own time")
     a = p.parse_args(argv)
-    overrides: dict = {}
+    overrides: dict = dict(TINY) if a.tiny else {}
     if a.quick:
         a.model, a.resolution, a.batch, a.steps, a.warmup = "DiG-S/2", 64, 4, 3, 1
-        overrides = {"depth": 2, "hidden_size": 64, "num_heads": 2}
+        overrides = dict(TINY)
 
     with tempfile.TemporaryDirectory() as work:
-        trainer_times, device = trainer_step_times(a.model, overrides, a.resolution, a.batch, a.steps, a.warmup,
-                                                   a.zero_stage, work, a.log_every)
+        trainer_times, device, trainer_phases, report = trainer_step_times(
+            a.model, overrides, a.resolution, a.batch, a.steps, a.warmup, a.zero_stage, work, a.log_every,
+            a.profile, a.cprofile)
         torch.cuda.empty_cache() if device.type == "cuda" else None
         kwargs = dict(input_size=a.resolution // 8, num_classes=1000, **overrides)
-        bare_times = bare_step_times(a.model, kwargs, a.batch, a.steps, a.warmup, device,
-                                     bf16=device.type == "cuda", lr=1e-4)
+        bare_times, bare_phases = bare_step_times(a.model, kwargs, a.batch, a.steps, a.warmup, device,
+                                                  bf16=device.type == "cuda", lr=1e-4, profile=a.profile)
 
     rows = []
     for label, times in (("bare model step", bare_times), (f"dig train step (ZeRO-{a.zero_stage})", trainer_times)):
         med = statistics.median(times)
-        rows.append({"step": label, "median_ms": med * 1e3, "img_per_s": a.batch / med})
+        rows.append({"step": label, "median_ms": med * 1e3, "img_per_s": a.batch / med,
+                     "min_ms": min(times) * 1e3, "max_ms": max(times) * 1e3})
     overhead = rows[1]["median_ms"] / rows[0]["median_ms"] - 1
-    result = {"model": a.model, "resolution": a.resolution, "batch": a.batch, "steps": a.steps,
+    result = {"model": a.model, "overrides": overrides, "resolution": a.resolution, "batch": a.batch,
+              "steps": a.steps, "zero_stage": a.zero_stage,
               "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "rows": rows, "overhead": overhead,
-              "trainer_ms": [t * 1e3 for t in trainer_times], "bare_ms": [t * 1e3 for t in bare_times]}
+              "trainer_ms": [t * 1e3 for t in trainer_times], "bare_ms": [t * 1e3 for t in bare_times],
+              "phases_ms": {"bare": bare_phases, "trainer": trainer_phases}}
     if a.out:
         os.makedirs(a.out, exist_ok=True)
-        with open(os.path.join(a.out, "trainer_overhead.json"), "w") as f:
+        tag = f"{a.model.replace('/', '_')}_{a.resolution}_zero{a.zero_stage}"
+        with open(os.path.join(a.out, f"trainer_overhead_{tag}.json"), "w") as f:
             json.dump(result, f, indent=1)
-    print(f"\n{a.model} {a.resolution}px batch {a.batch}, {a.steps} timed steps after {a.warmup} warm-up, "
+    size = f"{a.model}{' (tiny)' if overrides else ''}"
+    print(f"\n{size} {a.resolution}px batch {a.batch}, {a.steps} timed steps after {a.warmup} warm-up, "
           f"{result['device']}")
-    print(f"{'step':<28}{'median ms':>12}{'img/s':>10}")
+    print(f"{'step':<28}{'median ms':>12}{'min':>9}{'max':>9}{'img/s':>10}")
     for r in rows:
-        print(f"{r['step']:<28}{r['median_ms']:>12.1f}{r['img_per_s']:>10.1f}")
+        print(f"{r['step']:<28}{r['median_ms']:>12.1f}{r['min_ms']:>9.1f}{r['max_ms']:>9.1f}{r['img_per_s']:>10.1f}")
     print(f"overhead of the full trainer step: {overhead * 100:+.1f}%")
+    if a.profile:
+        print(f"\nphases, mean ms/step over {a.steps} profiled steps"
+              f"{' (synchronised at every phase boundary)' if device.type == 'cuda' else ''}")
+        names = list(dict.fromkeys([*trainer_phases, *bare_phases]))
+        names = [n for n in names if n not in ("other", "total")] + ["other", "total"]
+        print(f"{'phase':<18}{'bare':>10}{'trainer':>10}")
+        for n in names:
+            b, t = bare_phases.get(n), trainer_phases.get(n)
+            print(f"{n:<18}{'' if b is None else f'{b:.2f}':>10}{'' if t is None else f'{t:.2f}':>10}")
+    if report:
+        print(f"\ntrainer, top {a.cprofile} Python functions by own time over {a.steps} steps:\n{report}")
 
 
 if __name__ == "__main__":

@@ -155,14 +155,7 @@ class Trainer:
         status = "FAILED"
         try:
             while self.step < self.cfg.steps and not self._should_stop():
-                t0 = time.perf_counter()
-                metrics = self.train_step()
-                self.step += 1
-                self.update_ema()
-                self._window.add(metrics, time.perf_counter() - t0)
-                self.maybe_log_metrics()   # before the checkpoint: a crash right after it loses no metrics
-                self.maybe_log_samples()
-                self.maybe_checkpoint()
+                self.run_step()
             self.save_checkpoint()
             status = "FINISHED" if self.step >= self.cfg.steps else "KILLED"
         except TrainingAborted:
@@ -173,6 +166,17 @@ class Trainer:
             self.data.close()
             if status != "FAILED":
                 shutdown()
+
+    def run_step(self) -> None:
+        """One optimizer step and everything due after it (EMA, metrics, sample grid, checkpoint)."""
+        t0 = time.perf_counter()
+        metrics = self.train_step()
+        self.step += 1
+        self.update_ema()
+        self._window.add(metrics, time.perf_counter() - t0)
+        self.maybe_log_metrics()   # before the checkpoint: a crash right after it loses no metrics
+        self.maybe_log_samples()
+        self.maybe_checkpoint()
 
     def next_batch(self) -> Batch:
         return self.data.next_batch()
