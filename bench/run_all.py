@@ -37,6 +37,9 @@ def main(argv=None) -> None:
     ap.add_argument("--budget-s", type=float, default=float("inf"),
                     help="start no new model case after this many seconds (the rest are listed as skipped)")
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--gla-backends", default="fla,triton",
+                    help="GLA backends: compared side by side in the gla section; each one is a DiG row in the "
+                         "model section (DiT runs once)")
     ap.add_argument("--out", default=os.environ.get("OUT", ""))
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
@@ -45,6 +48,9 @@ def main(argv=None) -> None:
     torch._dynamo.config.cache_size_limit = 64
     torch._dynamo.config.accumulated_cache_size_limit = 512
     sections = set(args.sections.split(","))
+    gla_backends = tuple(args.gla_backends.split(","))
+    if device.type != "cuda":
+        gla_backends = ("torch",)
     cases = QUICK_CASES if args.quick else GPU_CASES
     if args.resolutions:
         keep = {int(r) for r in args.resolutions.split(",")}
@@ -73,49 +79,54 @@ def main(argv=None) -> None:
             tokens = (res // 16) ** 2
             try:
                 row = bench_gla_vs_sdpa(batch, tokens, device, copy_gbs=copy_gbs, peak_tflops=peak,
-                                        repeat=2 if args.quick else 10)
+                                        repeat=2 if args.quick else 10, backends=gla_backends)
             except Exception as e:  # noqa: BLE001  reported in the table
                 row = {"batch": batch, "tokens": tokens, "error": f"{type(e).__name__}: {e}"[:160]}
             row["res"] = res
             rows.append(row)
             log(f"gla {row}")
         results["gla"] = rows
-        tables.append("GLA fwd+bwd (18 heads, K 32, V 64) vs SDPA fwd+bwd (16 heads, d 72), bf16\n" + fmt_table(
-            rows, ["res", "batch", "tokens", "gla_ms", "gla_floor_ms", "gla_over_floor", "sdpa_ms", "sdpa/gla",
-                   "sdpa_tflops", "error"]))
+        per_backend = [c for b in gla_backends for c in (f"{b}_ms", f"{b}_over_floor")]
+        tables.append("GLA fwd+bwd (18 heads, K 32, V 64) vs SDPA fwd+bwd (16 heads, d 72), bf16; sdpa/gla uses "
+                      f"the {gla_backends[0]} backend\n" + fmt_table(
+                          rows, ["res", "batch", "tokens", *per_backend, "gla_floor_ms", "sdpa_ms", "sdpa/gla",
+                                 "sdpa_tflops", "error"]))
 
     if "model" in sections:
         rows = []
         for variant in args.variants.split(","):
             for res, batch, ckpt in cases:
-                for name in models:
+                for name, backend in [(m, b) for m in models for b in (gla_backends if "DiG" in m else ("",))]:
                     if time.perf_counter() - t_start > args.budget_s:
-                        rows.append({"model": name, "res": res, "batch": batch, "variant": variant,
+                        rows.append({"model": name, "gla": backend, "res": res, "batch": batch, "variant": variant,
                                      "error": "skipped (time budget)"})
                         continue
+                    overrides = {"gla_backend": backend} if backend else {}
                     row = bench_train_step(name, res, batch, device, variant=variant, checkpointing=ckpt,
                                            warmup=1 if args.quick or res >= 4096 else 2,
                                            repeat=2 if args.quick else (3 if res >= 4096 else args.repeat),
-                                           peak_tflops=peak)
+                                           peak_tflops=peak, **overrides)
+                    row["gla"] = backend
                     rows.append(row)
                     log(f"model {row}")
         results["model"] = rows
         tables.append("Training step (fwd + bwd + AdamW; fp32 params, bf16 autocast)\n" + fmt_table(
-            rows, ["model", "res", "batch", "variant", "ms", "img_s", "peak_gib", "tflops", "mfu", "spread",
+            rows, ["model", "gla", "res", "batch", "variant", "ms", "img_s", "peak_gib", "tflops", "mfu", "spread",
                    "wall_s", "error"]))
         ratios = []
-        by_key = {(r["model"], r["res"], r["variant"]): r for r in rows}
-        for (name, res, variant), r in by_key.items():
+        by_key = {(r["model"], r["gla"], r["res"], r["variant"]): r for r in rows}
+        for (name, backend, res, variant), r in by_key.items():
             if not name.startswith("DiG"):
                 continue
-            other = by_key.get((models[1], res, variant))
+            other = by_key.get((models[1], "", res, variant))
             if other and "img_s" in r and "img_s" in other:
-                ratio = {"res": res, "variant": variant, "DiG/DiT img/s": r["img_s"] / other["img_s"]}
+                ratio = {"res": res, "variant": variant, "gla": backend,
+                         "DiG/DiT img/s": r["img_s"] / other["img_s"]}
                 if "peak_gib" in r and "peak_gib" in other:
                     ratio["DiG/DiT peak mem"] = r["peak_gib"] / other["peak_gib"]
                 ratios.append(ratio)
         results["ratios"] = ratios
-        tables.append(f"{models[0]} vs {models[1]}\n" + fmt_table(ratios, ["res", "variant", "DiG/DiT img/s",
+        tables.append(f"{models[0]} vs {models[1]}\n" + fmt_table(ratios, ["res", "variant", "gla", "DiG/DiT img/s",
                                                                    "DiG/DiT peak mem"]))
 
     if "memory" in sections:

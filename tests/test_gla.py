@@ -1,7 +1,9 @@
 """dig.ops.gla against an independent float64 token-by-token recurrence (values and every gradient).
 
-GPU tests (`pytest -m gpu tests/test_gla.py` on a CUDA machine with flash-linear-attention installed) check fla's
-chunk_gla through our dispatch against the same recurrence and against the torch backend run in float64.
+GPU tests (`pytest -m gpu tests/test_gla.py` on a CUDA machine with Triton and flash-linear-attention installed)
+check our fused Triton kernels and fla's chunk_gla through our dispatch against the same recurrence and against
+the torch backend run in float64. tests/test_gla_triton.py runs the Triton kernels on the CPU through Triton's
+interpreter.
 """
 from __future__ import annotations
 
@@ -208,12 +210,19 @@ def test_fla_too_old_is_refused(fake_fla):
 def test_unknown_backend_raises():
     q, k, v, g, _ = make_inputs(1, 8, 1, 4, 4)
     with pytest.raises(ValueError, match="unknown GLA backend"):
+        gla(q, k, v, g, backend="cuda")
+
+
+def test_triton_backend_on_cpu_tensors_raises(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    q, k, v, g, _ = make_inputs(1, 8, 1, 4, 4)
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
         gla(q, k, v, g, backend="triton")
 
 
 def test_auto_on_cpu_is_torch():
     assert resolve_backend("auto", torch.device("cpu")) == "torch"
-    assert set(BACKENDS) == {"auto", "torch", "fla"}
+    assert set(BACKENDS) == {"auto", "torch", "fla", "triton"}
 
 
 @pytest.mark.parametrize("bad", ["k_shape", "v_shape", "state_shape", "positive_gate", "dtype_mix", "rank"])
@@ -237,14 +246,16 @@ def test_bad_inputs_raise(bad):
         gla(q, k, v, g, **kwargs)
 
 
-# ---------------------------------------------------------------- fla backend (CUDA machine)
+# ---------------------------------------------------------------- Triton and fla backends (CUDA machine)
+
+GPU_BACKENDS = ["triton", "fla"]
 
 DIG_SHAPES = [  # (B, T, H, K, V): DiG-XL/2 at 256 px (T=256) and 512 px (T=1024); DiG-S at 1024 px (T=4096)
     (2, 256, 18, 32, 64),
     (2, 1024, 18, 32, 64),
     (1, 4096, 6, 32, 64),
 ]
-# Norm-wise relative error bounds for fla (Triton, possibly TF32 dots) against float64.
+# Norm-wise relative error bounds for the Triton kernels (fla's possibly with TF32 dots) against float64.
 FLA_TOL = {torch.float32: 5e-3, torch.bfloat16: 3e-2}
 
 
@@ -253,7 +264,7 @@ def _norm_err(actual, expected):
     return ((actual.double() - expected).norm() / expected.norm().clamp_min(1e-30)).item()
 
 
-def _fla_vs_float64(shape, dtype, gates, with_state, noncontiguous=False, device="cuda", backend="fla"):
+def _kernel_vs_float64(shape, dtype, gates, with_state, noncontiguous=False, device="cuda", backend="fla"):
     B, T, H, K, V = shape
     q, k, v, g, h0 = make_inputs(B, T, H, K, V, gates=gates, with_state=with_state, seed=T, device=device)
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
@@ -279,44 +290,66 @@ def _fla_vs_float64(shape, dtype, gates, with_state, noncontiguous=False, device
             assert torch.isfinite(grad).all(), name
             errors[name] = _norm_err(grad, grad_ref)
     bad = {name: err for name, err in errors.items() if not err <= tol}
-    assert not bad, f"fla vs float64 relative errors above {tol:g}: {bad} (all: {errors})"
+    assert not bad, f"{backend} vs float64 relative errors above {tol:g}: {bad} (all: {errors})"
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("shape", DIG_SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_fla_matches_float64_dig_shapes(shape, dtype):
-    _fla_vs_float64(shape, dtype, gates="dig", with_state=True)
+def test_kernel_matches_float64_dig_shapes(shape, dtype, backend):
+    _kernel_vs_float64(shape, dtype, gates="dig", with_state=True, backend=backend)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("gates", ["strong", "mixed"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_fla_strong_decays(gates, dtype):
-    _fla_vs_float64((2, 300, 4, 32, 64), dtype, gates=gates, with_state=True)
+def test_kernel_strong_decays(gates, dtype, backend):
+    _kernel_vs_float64((2, 300, 4, 32, 64), dtype, gates=gates, with_state=True, backend=backend)
 
 
 @pytest.mark.gpu
-def test_fla_noncontiguous_inputs_and_no_initial_state():
-    _fla_vs_float64((2, 200, 4, 32, 64), torch.float32, gates="dig", with_state=False, noncontiguous=True)
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_kernel_noncontiguous_inputs_and_no_initial_state(backend):
+    _kernel_vs_float64((2, 200, 4, 32, 64), torch.float32, gates="dig", with_state=False, noncontiguous=True,
+                       backend=backend)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(2, 100, 3, 20, 24), (1, 70, 2, 64, 128), (3, 5, 2, 16, 16)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_triton_other_head_sizes(shape, dtype):
+    """Head sizes that are not powers of two (masked lanes), the largest supported heads, T below one chunk."""
+    _kernel_vs_float64(shape, dtype, gates="mixed", with_state=True, backend="triton")
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("T", [1, 63, 65, 200])
-def test_fla_matches_recurrence_small(T):
-    """Both backends on CUDA against the token-by-token recurrence, T not a multiple of fla's chunk size."""
+def test_kernels_match_recurrence_small(T):
+    """Every backend on CUDA against the token-by-token recurrence, T not a multiple of a chunk size."""
     inputs = make_inputs(2, T, 3, 32, 64, gates="dig", with_state=True, seed=T, device="cuda")
-    for backend, tol in [("fla", 1e-2), ("torch", 2e-5)]:
+    for backend, tol in [("triton", 2e-5), ("fla", 1e-2), ("torch", 2e-5)]:
         compare_with_recurrence(
             lambda q, k, v, g, h0: gla(q, k, v, g, initial_state=h0, output_final_state=True, backend=backend),
             inputs, scale=32 ** -0.5, tol=tol)
 
 
 @pytest.mark.gpu
-def test_auto_picks_fla_on_cuda():
+def test_auto_choice_on_cuda():
     assert fla_installed(), "flash-linear-attention must be installed on the GPU machine"
-    assert resolve_backend("auto", torch.device("cuda")) == "fla"
-    q, k, v, g, _ = make_inputs(1, 128, 2, 32, 64, device="cuda")
+    q, k, v, g, _ = make_inputs(160, 128, 2, 32, 64, device="cuda")
+    assert resolve_backend("auto", q.device, q, v) == "triton"
     o_auto, _ = gla(q, k, v, g)
-    o_fla, _ = gla(q, k, v, g, backend="fla")
-    torch.testing.assert_close(o_auto, o_fla, rtol=1e-5, atol=1e-5)
+    o_triton, _ = gla(q, k, v, g, backend="triton")
+    torch.testing.assert_close(o_auto, o_triton, rtol=0, atol=0)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    q_long, _, v_long, _, _ = make_inputs(1, 64, sms - 1, 32, 64, device="cuda")  # fewer sequences than SMs
+    assert resolve_backend("auto", q.device, q_long, v_long) == "fla"
+    q_wide, _, v_wide, _, _ = make_inputs(2, 16, sms, 32, 64, device="cuda")
+    assert resolve_backend("auto", q.device, q_wide, v_wide) == "triton"
+    q_big, _, v_big, _, _ = make_inputs(1, 16, 1, 128, 256, device="cuda")
+    assert resolve_backend("auto", q.device, q_big, v_big) == "fla"
+    with pytest.raises(ValueError, match="K <= 64, V <= 128"):
+        gla(q_big, q_big, v_big, torch.zeros_like(q_big), backend="triton")

@@ -1,9 +1,9 @@
 """GPU tests for the models (run on the GPU machine: `pytest -m gpu tests/test_gpu.py`; skipped without CUDA).
 
-- DiG with GLA backend "fla" (Triton chunk_gla) against the same weights in float64 with the exact PyTorch GLA,
+- DiG with GLA backends "triton" (our fused kernels) and "fla" (fla's chunk_gla) against the same weights in float64 with the exact PyTorch GLA,
   in fp32 and under bf16 autocast, outputs and parameter gradients; the fp32 torch backend is held to the
   same oracle so the bound is calibrated against a path without fla.
-- A bf16-autocast training run of DiG-S/2 for 300 steps with DiT's diffusion loss: finite losses that fall.
+- A bf16-autocast training run of DiG-S/2 (default backend: triton) for 300 steps with DiT's diffusion loss: finite losses that fall.
 - Regional compilation (`compile_blocks`) computes what the eager model computes.
 """
 from __future__ import annotations
@@ -48,8 +48,9 @@ def forward_and_grads(model, x, t, y, autocast_dtype=None):
     return out.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+@pytest.mark.parametrize("backend", ["triton", "fla"])
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 3e-3), (torch.bfloat16, 3e-2)])
-def test_dig_fla_matches_float64_torch_backend(dtype, tol):
+def test_dig_kernels_match_float64_torch_backend(dtype, tol, backend):
     model = randomized_dig().eval()
     n = 4
     x = torch.randn(n, 4, 16, 16, device="cuda")
@@ -60,12 +61,12 @@ def test_dig_fla_matches_float64_torch_backend(dtype, tol):
     ref_out, ref_grads = forward_and_grads(oracle, x.double(), t, y)
 
     autocast = dtype if dtype != torch.float32 else None
-    fla_out, fla_grads = forward_and_grads(set_backend(model, "fla"), x, t, y, autocast)
+    fla_out, fla_grads = forward_and_grads(set_backend(model, backend), x, t, y, autocast)
     assert torch.isfinite(fla_out).all()
     assert rel(fla_out, ref_out) < tol
     worst = max(rel(fla_grads[k], ref_grads[k]) for k in ref_grads)
     assert worst < 5 * tol, worst
-    # the GLA token mixers received gradient through the fla kernel
+    # the GLA token mixers received gradient through the kernel
     assert all(fla_grads[f"blocks.{i}.attn.q_proj.weight"].abs().sum() > 0 for i in range(4))
 
     if dtype == torch.float32:  # calibration: the torch backend in fp32 lands well inside the same bound
@@ -73,9 +74,10 @@ def test_dig_fla_matches_float64_torch_backend(dtype, tol):
         assert rel(torch_out, ref_out) < tol / 10
 
 
-def test_compiled_blocks_match_eager():
+@pytest.mark.parametrize("backend", ["triton", "fla"])
+def test_compiled_blocks_match_eager(backend):
     model = randomized_dig(seed=1).eval()
-    set_backend(model, "fla")
+    set_backend(model, backend)
     x = torch.randn(2, 4, 16, 16, device="cuda")
     t = torch.randint(0, 1000, (2,), device="cuda")
     y = torch.randint(0, 1000, (2,), device="cuda")
@@ -89,7 +91,8 @@ def test_compiled_blocks_match_eager():
 
 def test_bf16_training_loss_is_finite_and_falls():
     torch.manual_seed(0)
-    model = create_model("DiG-S/2", input_size=32, gla_backend="fla").cuda().train()
+    model = create_model("DiG-S/2", input_size=32).cuda().train()
+    assert model.blocks[0].attn.backend == "auto"
     diffusion = create_diffusion()
     opt = torch.optim.AdamW(model.parameters(), lr=2e-4, weight_decay=0.0)
     g = torch.Generator(device="cuda").manual_seed(0)

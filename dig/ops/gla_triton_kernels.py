@@ -1,0 +1,215 @@
+"""Triton kernels of the fused-chunk GLA (`gla_triton.py` has the math, the numerics and the autograd wrapper).
+
+Imported only when backend="triton" is used: importing it needs Triton. Notation per chunk of BT tokens:
+gc = in-chunk inclusive cumulative gate sum (<= 0, decreasing), gl = the chunk's total gate (its last gc),
+q is already multiplied by the attention scale.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _mm(a, b, PRECISION: tl.constexpr):
+    return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def _offsets(i_t, T, HK, HV, base_qk, base_v, K: tl.constexpr, V: tl.constexpr,
+             BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    o_t = i_t * BT + tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    o_v = tl.arange(0, BV)
+    m_qk = (o_t[:, None] < T) & (o_k[None, :] < K)
+    m_v = (o_t[:, None] < T) & (o_v[None, :] < V)
+    p_qk = base_qk + o_t[:, None].to(tl.int64) * HK + o_k[None, :]
+    p_v = base_v + o_t[:, None].to(tl.int64) * HV + o_v[None, :]
+    return p_qk, p_v, m_qk, m_v
+
+
+@triton.jit
+def _load_qkgv(q, k, g, v, p_qk, p_v, m_qk, m_v, scale):
+    b_q = tl.load(q + p_qk, mask=m_qk, other=0.).to(tl.float32) * scale
+    b_k = tl.load(k + p_qk, mask=m_qk, other=0.).to(tl.float32)
+    b_g = tl.load(g + p_qk, mask=m_qk, other=0.).to(tl.float32)  # padding rows: no decay and no key
+    b_v = tl.load(v + p_v, mask=m_v, other=0.).to(tl.float32)
+    return b_q, b_k, b_g, b_v
+
+
+@triton.jit
+def _row(x, j, BT: tl.constexpr):
+    """Row j of a [BT, N] register tile as an [N] vector."""
+    return tl.sum(tl.where((tl.arange(0, BT) == j)[:, None], x, 0.), axis=0)
+
+
+@triton.jit
+def _col(x, j, BT: tl.constexpr):
+    """Column j of a [M, BT] register tile as an [M] vector."""
+    return tl.sum(tl.where((tl.arange(0, BT) == j)[None, :], x, 0.), axis=1)
+
+
+# Intra-chunk terms. Fast path (factorised): exp(gc_i - gc_j) = exp(gc_i) * exp(-gc_j), so every term is a
+# tensor-core product of q~ = q e^{gc} and k~ = k e^{-gc}; this is taken when the chunk's decay is at most
+# max_decay nats in every channel, so e^{-gc} stays far from float32 overflow. Otherwise (extreme gates) an exact
+# loop over the chunk's keys forms each exp(gc_i - gc_j) directly with a non-positive exponent.
+
+@triton.jit
+def _scores(b_q, b_k, gc, gl, max_decay, PRECISION: tl.constexpr, BT: tl.constexpr):
+    """A[i, j] = sum_k q_ik k_jk exp(gc_ik - gc_jk) for j <= i, else 0."""
+    o_i = tl.arange(0, BT)
+    causal = o_i[:, None] >= o_i[None, :]
+    if tl.min(gl, axis=0) >= -max_decay:
+        A = _mm(b_q * tl.exp(gc), tl.trans(b_k * tl.exp(-gc)), PRECISION)
+    else:
+        A = tl.zeros([BT, BT], dtype=tl.float32)
+        for j in range(0, BT):
+            k_j, gc_j = _row(b_k, j, BT), _row(gc, j, BT)
+            a_j = tl.sum(b_q * k_j[None, :] * tl.exp(tl.minimum(gc - gc_j[None, :], 0.)), axis=1)
+            A = tl.where((o_i == j)[None, :], a_j[:, None], A)
+    return tl.where(causal, A, 0.)
+
+
+@triton.jit
+def _scores_grad_q(dA, b_k, gc, gl, max_decay, PRECISION: tl.constexpr, BT: tl.constexpr):
+    """dq_i = sum_{j <= i} dA_ij k_j exp(gc_i - gc_j), for dA already zero above the diagonal."""
+    if tl.min(gl, axis=0) >= -max_decay:
+        dq = _mm(dA, b_k * tl.exp(-gc), PRECISION) * tl.exp(gc)
+    else:
+        dq = tl.zeros(b_k.shape, dtype=tl.float32)
+        for j in range(0, BT):
+            k_j, gc_j = _row(b_k, j, BT), _row(gc, j, BT)
+            dq += _col(dA, j, BT)[:, None] * k_j[None, :] * tl.exp(tl.minimum(gc - gc_j[None, :], 0.))
+    return dq
+
+
+@triton.jit
+def _scores_grad_k(dA, b_q, gc, gl, max_decay, PRECISION: tl.constexpr, BT: tl.constexpr):
+    """dk_j = sum_{i >= j} dA_ij q_i exp(gc_i - gc_j), for dA already zero above the diagonal."""
+    o_i = tl.arange(0, BT)
+    if tl.min(gl, axis=0) >= -max_decay:
+        dk = _mm(tl.trans(dA), b_q * tl.exp(gc), PRECISION) * tl.exp(-gc)
+    else:
+        dk = tl.zeros(b_q.shape, dtype=tl.float32)
+        for j in range(0, BT):
+            gc_j = _row(gc, j, BT)
+            dk_j = tl.sum(_col(dA, j, BT)[:, None] * b_q * tl.exp(tl.minimum(gc - gc_j[None, :], 0.)), axis=0)
+            dk = tl.where((o_i == j)[:, None], dk_j[None, :], dk)
+    return dk
+
+
+@triton.jit
+def fwd_kernel(q, k, v, g, o, h0, ht, scale, max_decay,
+               T: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+               BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
+               USE_H0: tl.constexpr, STORE_HT: tl.constexpr):
+    i_bh = tl.program_id(0)
+    i_b = (i_bh // H).to(tl.int64)
+    i_h = i_bh % H
+    HK, HV = H * K, H * V
+    base_qk = i_b * T * HK + i_h * K
+    base_v = i_b * T * HV + i_h * V
+    o_k = tl.arange(0, BK)
+    o_v = tl.arange(0, BV)
+    m_s = (o_k[:, None] < K) & (o_v[None, :] < V)
+    p_s = i_bh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :]
+    if USE_H0:
+        S = tl.load(h0 + p_s, mask=m_s, other=0.).to(tl.float32)
+    else:
+        S = tl.zeros([BK, BV], dtype=tl.float32)
+    for i_t in range(0, (T + BT - 1) // BT):
+        p_qk, p_v, m_qk, m_v = _offsets(i_t, T, HK, HV, base_qk, base_v, K, V, BT, BK, BV)
+        b_q, b_k, b_g, b_v = _load_qkgv(q, k, g, v, p_qk, p_v, m_qk, m_v, scale)
+        gc = tl.cumsum(b_g, axis=0)
+        gl = tl.sum(b_g, axis=0)
+        A = _scores(b_q, b_k, gc, gl, max_decay, PRECISION, BT)
+        b_o = _mm(A, b_v, PRECISION) + _mm(b_q * tl.exp(gc), S, PRECISION)
+        tl.store(o + p_v, b_o.to(o.dtype.element_ty), mask=m_v)
+        S = S * tl.exp(gl)[:, None] + _mm(tl.trans(b_k * tl.exp(gl[None, :] - gc)), b_v, PRECISION)
+    if STORE_HT:
+        tl.store(ht + p_s, S, mask=m_s)
+
+
+@triton.jit
+def bwd_dq_kernel(q, k, v, g, do, dq, dht, final_dg, h0, scale, max_decay,
+                  T: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                  BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
+                  USE_H0: tl.constexpr, USE_DHT: tl.constexpr):
+    """Forward sweep: dq in float32 and, with a final-state gradient, the gate-gradient term sum_v S_T * dS_T
+    that every position's dg receives."""
+    i_bh = tl.program_id(0)
+    i_b = (i_bh // H).to(tl.int64)
+    i_h = i_bh % H
+    HK, HV = H * K, H * V
+    base_qk = i_b * T * HK + i_h * K
+    base_v = i_b * T * HV + i_h * V
+    o_k = tl.arange(0, BK)
+    o_v = tl.arange(0, BV)
+    o_i = tl.arange(0, BT)
+    m_s = (o_k[:, None] < K) & (o_v[None, :] < V)
+    p_s = i_bh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :]
+    if USE_H0:
+        S = tl.load(h0 + p_s, mask=m_s, other=0.).to(tl.float32)
+    else:
+        S = tl.zeros([BK, BV], dtype=tl.float32)
+    for i_t in range(0, (T + BT - 1) // BT):
+        p_qk, p_v, m_qk, m_v = _offsets(i_t, T, HK, HV, base_qk, base_v, K, V, BT, BK, BV)
+        b_q, b_k, b_g, b_v = _load_qkgv(q, k, g, v, p_qk, p_v, m_qk, m_v, scale)
+        b_do = tl.load(do + p_v, mask=m_v, other=0.).to(tl.float32)
+        gc = tl.cumsum(b_g, axis=0)
+        gl = tl.sum(b_g, axis=0)
+        dA = tl.where(o_i[:, None] >= o_i[None, :], _mm(b_do, tl.trans(b_v), PRECISION), 0.)
+        b_dq = _scores_grad_q(dA, b_k, gc, gl, max_decay, PRECISION, BT)
+        b_dq += _mm(b_do, tl.trans(S), PRECISION) * tl.exp(gc)
+        tl.store(dq + p_qk, b_dq * scale, mask=m_qk)
+        S = S * tl.exp(gl)[:, None] + _mm(tl.trans(b_k * tl.exp(gl[None, :] - gc)), b_v, PRECISION)
+    if USE_DHT:
+        b_dht = tl.load(dht + p_s, mask=m_s, other=0.).to(tl.float32)
+        tl.store(final_dg + i_bh.to(tl.int64) * K + o_k, tl.sum(S * b_dht, axis=1), mask=o_k < K)
+
+
+@triton.jit
+def bwd_dkv_kernel(q, k, v, g, do, dq, dk, dv, dg, dht, final_dg, dh0, scale, max_decay,
+                   T: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                   BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
+                   USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr):
+    """Reverse sweep: dk, dv, and dg as the reverse cumulative sum of q*dq - k*dk."""
+    i_bh = tl.program_id(0)
+    i_b = (i_bh // H).to(tl.int64)
+    i_h = i_bh % H
+    HK, HV = H * K, H * V
+    base_qk = i_b * T * HK + i_h * K
+    base_v = i_b * T * HV + i_h * V
+    o_k = tl.arange(0, BK)
+    o_v = tl.arange(0, BV)
+    o_i = tl.arange(0, BT)
+    m_s = (o_k[:, None] < K) & (o_v[None, :] < V)
+    p_s = i_bh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :]
+    if USE_DHT:
+        dS = tl.load(dht + p_s, mask=m_s, other=0.).to(tl.float32)
+        dg_after = tl.load(final_dg + i_bh.to(tl.int64) * K + o_k, mask=o_k < K, other=0.)
+    else:
+        dS = tl.zeros([BK, BV], dtype=tl.float32)
+        dg_after = tl.zeros([BK], dtype=tl.float32)
+    NT: tl.constexpr = (T + BT - 1) // BT
+    for i_r in range(0, NT):
+        i_t = NT - 1 - i_r
+        p_qk, p_v, m_qk, m_v = _offsets(i_t, T, HK, HV, base_qk, base_v, K, V, BT, BK, BV)
+        b_q, b_k, b_g, b_v = _load_qkgv(q, k, g, v, p_qk, p_v, m_qk, m_v, scale)
+        b_do = tl.load(do + p_v, mask=m_v, other=0.).to(tl.float32)
+        gc = tl.cumsum(b_g, axis=0)
+        gl = tl.sum(b_g, axis=0)
+        to_end = tl.exp(gl[None, :] - gc)
+        A = _scores(b_q, b_k, gc, gl, max_decay, PRECISION, BT)
+        dA = tl.where(o_i[:, None] >= o_i[None, :], _mm(b_do, tl.trans(b_v), PRECISION), 0.)
+        b_dk = _scores_grad_k(dA, b_q, gc, gl, max_decay, PRECISION, BT)
+        b_dk += _mm(b_v, tl.trans(dS), PRECISION) * to_end
+        b_dv = _mm(tl.trans(A), b_do, PRECISION) + _mm(b_k * to_end, dS, PRECISION)
+        tl.store(dk + p_qk, b_dk.to(dk.dtype.element_ty), mask=m_qk)
+        tl.store(dv + p_v, b_dv.to(dv.dtype.element_ty), mask=m_v)
+        b_dq = tl.load(dq + p_qk, mask=m_qk, other=0.)  # gradient of the unscaled q
+        dG = b_q / scale * b_dq - b_k * b_dk
+        b_dg = tl.cumsum(dG, axis=0, reverse=True) + dg_after[None, :]
+        tl.store(dg + p_qk, b_dg.to(dg.dtype.element_ty), mask=m_qk)
+        dg_after += tl.sum(dG, axis=0)
+        dS = dS * tl.exp(gl)[:, None] + _mm(tl.trans(b_q * tl.exp(gc)), b_do, PRECISION)
+    if STORE_DH0:
+        tl.store(dh0 + p_s, dS, mask=m_s)

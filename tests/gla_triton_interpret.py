@@ -1,0 +1,26 @@
+"""Runs dig.ops.gla_triton under Triton's CPU interpreter: `TRITON_INTERPRET=1 python gla_triton_interpret.py IN OUT`.
+
+IN holds a list of cases (inputs, cotangents, module settings); OUT receives each case's output, final state and
+input gradients. A separate process because Triton chooses interpreted or compiled kernels when they are
+defined, and the GPU tests of the same session need the compiled ones.
+"""
+import importlib
+import os
+import sys
+
+import torch
+
+assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+module = importlib.import_module("dig.ops.gla_triton")
+
+results = []
+for case in torch.load(sys.argv[1]):
+    for name, value in case["settings"].items():
+        setattr(module, name, value)
+    leaves = [None if x is None else x.clone().requires_grad_() for x in case["inputs"]]
+    o, state = module.gla_triton(*leaves[:4], initial_state=leaves[4], output_final_state=True)
+    do, dstate = case["cotangents"]
+    ((o.double() * do).sum() + (state.double() * dstate).sum()).backward()
+    results.append({"o": o.detach(), "state": state.detach(),
+                    "grads": [None if x is None else x.grad for x in leaves]})
+torch.save(results, sys.argv[2])

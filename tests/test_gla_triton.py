@@ -1,0 +1,78 @@
+"""The fused Triton GLA kernels (dig/ops/gla_triton*.py) on the CPU, through Triton's interpreter, against the
+float64 token-by-token recurrence of test_gla.py: outputs, final states and all five input gradients.
+
+Covers both intra-chunk paths (the factorised tensor-core path at DiG's gates; the exact per-key loop for strong
+decays, and forced), sequences shorter than and not a multiple of a chunk, head sizes that are not powers of two
+(masked lanes), chunk sizes 16/32/64, with and without states, float32 and bf16 inputs. The interpreter runs
+dots in float32, so bf16 inputs are exact here up to their rounding; tests/test_gla.py runs the same kernels on
+a GPU (tensor cores, TF32) against the float64 oracle.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_gla import check, make_inputs, recurrent_gla_float64, run_with_grads
+
+CASES = {  # id: (B, T, H, K, V, gates, with_state, dtype, module settings)
+    "dig-fp32": (1, 40, 2, 32, 64, "dig", True, torch.float32, {}),
+    "masked-lanes-no-state": (2, 33, 1, 20, 24, "dig", False, torch.float32, {}),
+    "shorter-than-chunk": (1, 7, 2, 16, 16, "mixed", True, torch.float32, {}),
+    "strong-decay-loop": (1, 50, 1, 32, 64, "strong", True, torch.float32, {}),
+    "mixed-decay": (1, 45, 2, 32, 64, "mixed", True, torch.float32, {}),
+    "forced-loop": (1, 40, 2, 32, 64, "dig", True, torch.float32, {"FACTORISED_MAX_DECAY": -1.0}),
+    "chunk32": (1, 100, 2, 32, 64, "mixed", True, torch.float32, {"CHUNK": 32}),
+    "chunk64-strong": (1, 70, 1, 32, 64, "strong", True, torch.float32, {"CHUNK": 64}),
+    "bf16": (2, 70, 3, 32, 64, "dig", True, torch.bfloat16, {}),
+}
+DEFAULTS = {"CHUNK": 16, "FACTORISED_MAX_DECAY": 40.0}
+TOL = {torch.float32: 2e-5, torch.bfloat16: 1.5e-2}  # bf16: the output and gradients are rounded to bf16
+
+
+def _case_inputs(B, T, H, K, V, gates, with_state, dtype, seed):
+    q, k, v, g, h0 = make_inputs(B, T, H, K, V, gates=gates, with_state=with_state, seed=seed)
+    q, k, v, g = (x.to(dtype) for x in (q, k, v, g))
+    gen = torch.Generator().manual_seed(seed + 1000)
+    cotangents = (torch.randn(B, T, H, V, generator=gen, dtype=torch.float64),
+                  torch.randn(B, H, K, V, generator=gen, dtype=torch.float64))
+    return (q, k, v, g, h0), cotangents
+
+
+@pytest.fixture(scope="module")
+def interpreted(tmp_path_factory):
+    """Every case run once in one interpreter process; returns {id: (inputs, cotangents, result)}."""
+    folder = tmp_path_factory.mktemp("gla_triton")
+    cases = []
+    for i, (name, (*shape_and_kind, settings)) in enumerate(CASES.items()):
+        inputs, cotangents = _case_inputs(*shape_and_kind, seed=i)
+        cases.append({"id": name, "inputs": inputs, "cotangents": cotangents, "settings": {**DEFAULTS, **settings}})
+    torch.save(cases, folder / "in.pt")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    worker = Path(__file__).with_name("gla_triton_interpret.py")
+    proc = subprocess.run([sys.executable, str(worker), str(folder / "in.pt"), str(folder / "out.pt")], env=env,
+                          capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[1])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = torch.load(folder / "out.pt")
+    return {c["id"]: (c["inputs"], c["cotangents"], r) for c, r in zip(cases, results)}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_interpreted_kernels_match_float64_recurrence(interpreted, case):
+    inputs, cotangents, got = interpreted[case]
+    dtype = CASES[case][7]
+    scale = inputs[0].shape[-1] ** -0.5
+    o_ref, state_ref, grads_ref = run_with_grads(lambda *x: recurrent_gla_float64(*x[:4], scale, x[4]),
+                                                 inputs, cotangents)
+    assert got["o"].dtype == dtype and got["state"].dtype == torch.float32
+    check("o", got["o"], o_ref, TOL[dtype])
+    check("final_state", got["state"], state_ref, TOL[dtype])
+    for name, grad, grad_ref, x in zip(["dq", "dk", "dv", "dg", "dh0"], got["grads"], grads_ref, inputs):
+        if x is None:
+            continue
+        assert grad.dtype == x.dtype, name
+        check(name, grad, grad_ref, TOL[dtype])
