@@ -182,6 +182,7 @@ def trainer_step_times(name: str, overrides: dict, resolution: int, batch: int, 
     # the phases of a step, timed where the trainer calls them
     tr.data.next_batch = phases.wrap("data", tr.data.next_batch)
     tr.forward_loss = phases.wrap("forward", tr.forward_loss)
+    tr.agree = phases.wrap("loss readback", tr.agree)
     tr.engine.backward = phases.wrap("backward", tr.engine.backward)
     tr.engine.step = phases.wrap("optimizer step", tr.engine.step)
     tr.update_ema = phases.wrap("ema", tr.update_ema)

@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import time
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -89,7 +90,8 @@ class Trainer:
         if self.rt.is_main:
             with open(os.path.join(self.run_dir, "config.json"), "w") as f:
                 json.dump(resolved, f, indent=1)
-        self._stop_requested = False
+        self._stop_requested = False  # set by the signal handler of this process
+        self._stop_agreed = False     # some rank asked to stop, as of the last `agree`
         self._sample_model = None
         self._vae = None
         self._window = _MetricWindow()
@@ -182,40 +184,50 @@ class Trainer:
         return self.data.next_batch()
 
     def forward_loss(self, batch: Batch):
-        """Diffusion loss of one micro-batch; returns (loss for backward, global [loss, mse, vb, nonfinite])."""
+        """Diffusion loss of one micro-batch; returns (loss for backward, this rank's [loss, mse, vb, non-finite,
+        stop requested] as a device tensor, for `agree`)."""
         x = batch.latents.to(self.rt.device, non_blocking=True)
         y = batch.labels.to(self.rt.device, non_blocking=True)
         t = torch.randint(0, self.diffusion.num_timesteps, (x.shape[0],), device=self.rt.device)
         with self.rt.autocast():
             terms = self.diffusion.training_losses(self.engine, x, t, model_kwargs=dict(y=y))
         loss = terms["loss"].float().mean()
-        stats = torch.stack([loss.detach(), terms["mse"].float().mean().detach(),
-                             terms["vb"].float().mean().detach(),
-                             (~torch.isfinite(loss)).float()])
-        dist.all_reduce(stats)  # every rank must agree on skipping
-        stats[:3] /= self.rt.world_size
+        detached = loss.detach()
+        stats = torch.stack([detached, terms["mse"].float().mean().detach(), terms["vb"].float().mean().detach(),
+                             (~torch.isfinite(detached)).float(),
+                             detached.new_full((), float(self._stop_requested))])  # a fill, not a host copy
         return loss, stats
+
+    def agree(self, stats: torch.Tensor) -> _StepStats:
+        """Sum `stats` over the ranks and read them back: the step's only host sync. Every rank gets the same
+        numbers, so all take the same decision on skipping a non-finite micro-batch and on stopping."""
+        if self.rt.world_size > 1:
+            dist.all_reduce(stats)
+        loss, mse, vb, nonfinite, stop = stats.tolist()
+        n = self.rt.world_size
+        if stop > 0:
+            self._stop_agreed = True
+        return _StepStats(loss / n, mse / n, vb / n, nonfinite > 0)
 
     def train_step(self) -> dict:
         """One optimizer step over `accum` finite micro-batches; non-finite ones are dropped and counted."""
         lr = self.engine.get_lr()[0]  # the rate this step uses (the scheduler moves on after it)
-        totals = torch.zeros(3, device=self.rt.device)
+        loss_sum = mse_sum = vb_sum = 0.0
         keys: list[str] = []
         for _ in range(self.accum):
             while True:
                 batch = self.next_batch()
                 loss, stats = self.forward_loss(batch)
-                if stats[3].item() == 0:
+                agreed = self.agree(stats)
+                if not agreed.nonfinite:
                     self.nonfinite_in_a_row = 0
                     break
                 self.skip_nonfinite(batch)
             self.engine.backward(loss)
             self.engine.step()
-            totals += stats[:3]
+            loss_sum, mse_sum, vb_sum = loss_sum + agreed.loss, mse_sum + agreed.mse, vb_sum + agreed.vb
             keys += batch.keys
-        totals /= self.accum
-        loss, mse, vb = totals.tolist()
-        metrics = {"loss": loss, "mse": mse, "vb": vb, "lr": lr}
+        metrics = {"loss": loss_sum / self.accum, "mse": mse_sum / self.accum, "vb": vb_sum / self.accum, "lr": lr}
         if self.cfg.tracking.step_log:
             self._write_step_log(metrics, keys)
         return metrics
@@ -336,10 +348,19 @@ class Trainer:
             signal.signal(sig, request_stop)
 
     def _should_stop(self) -> bool:
-        """All ranks stop together when any of them got SIGTERM/SIGINT (then a checkpoint is written)."""
-        flag = torch.tensor([float(self._stop_requested)], device=self.rt.device)
-        dist.all_reduce(flag)
-        return bool(flag.item())
+        """All ranks stop together when any of them got SIGTERM/SIGINT (then a checkpoint is written). The request
+        travels with the loss statistics (`agree`), so asking costs no collective: a request that came in before
+        a step's last forward stops the run after that step, a later one after the next."""
+        if self.rt.world_size == 1:
+            return self._stop_requested
+        return self._stop_agreed
+
+
+class _StepStats(NamedTuple):
+    loss: float
+    mse: float
+    vb: float
+    nonfinite: bool
 
 
 class _MetricWindow:
