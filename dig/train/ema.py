@@ -23,7 +23,10 @@ class ShardedEMA:
         self.decay = decay
         self.zero3 = zero_stage == 3
         self.params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-        self.shadow = [self._source(p).detach().clone().float() for _, p in self.params]
+        # Looked up once: DeepSpeed's getter synchronises a stream per call, and the views stay valid because
+        # DeepSpeed updates its fp32 partitions in place (optimizer step, checkpoint load).
+        sources = [self._source(p) for _, p in self.params]
+        self.shadow, self._pairs = _shadow_with_flat_spans(sources)
 
     def _source(self, p: torch.nn.Parameter) -> torch.Tensor:
         if self.zero3:
@@ -34,9 +37,10 @@ class ShardedEMA:
 
     @torch.no_grad()
     def update(self, decay: float | None = None) -> None:
+        """`ema += (1 - decay) * (w - ema)`: one fused kernel per flat buffer of weights (a few under ZeRO)."""
         d = self.decay if decay is None else decay
-        sources = [self._source(p).float() for _, p in self.params]
-        torch._foreach_lerp_(self.shadow, sources, 1.0 - d)
+        shadows, sources = self._pairs
+        torch._foreach_lerp_(shadows, [s if s.dtype == torch.float32 else s.float() for s in sources], 1.0 - d)
 
     # --- gather / scatter ----------------------------------------------------------------------------------
     # The fp32 partitions are equally sized (padded) on every rank, as DeepSpeed's own fp32 all-gather assumes.
@@ -80,3 +84,36 @@ class ShardedEMA:
 def _all_gather(out: torch.Tensor, local: torch.Tensor) -> None:
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     gather(out, local)
+
+
+def _shadow_with_flat_spans(sources: list[torch.Tensor]):
+    """fp32 copies of `sources` and the (shadow, source) tensor pairs an update lerps. DeepSpeed keeps the weights
+    as views into a few flat buffers; where sources are contiguous views sharing a buffer (and cover most of the
+    span between the first and the last), the shadow is one flat tensor too and the pair is the whole span,
+    padding included, so an update is a handful of big kernels instead of one per parameter."""
+    shadow: list[torch.Tensor | None] = [None] * len(sources)
+    pair_shadows, pair_sources = [], []
+    by_storage: dict[tuple, list[int]] = {}
+    for i, src in enumerate(sources):
+        if src.is_contiguous() and src.numel():
+            key = (src.untyped_storage().data_ptr(), src.dtype, src.device)
+            by_storage.setdefault(key, []).append(i)
+    for members in by_storage.values():
+        lo = min(sources[i].storage_offset() for i in members)
+        hi = max(sources[i].storage_offset() + sources[i].numel() for i in members)
+        if len(members) < 2 or hi - lo > 2 * sum(sources[i].numel() for i in members):
+            continue
+        span = sources[members[0]].as_strided((hi - lo,), (1,), lo)
+        flat = span.detach().clone().float()
+        for i in members:
+            start = sources[i].storage_offset() - lo
+            shadow[i] = flat[start:start + sources[i].numel()].view(sources[i].shape)
+        pair_shadows.append(flat)
+        pair_sources.append(span)
+    for i, src in enumerate(sources):
+        if shadow[i] is None:
+            shadow[i] = src.detach().clone().float()
+            pair_shadows.append(shadow[i])
+            pair_sources.append(src)
+    return shadow, (pair_shadows, pair_sources)
+
