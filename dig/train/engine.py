@@ -89,7 +89,11 @@ def deepspeed_config(cfg: TrainConfig, runtime: Runtime) -> dict:
     zero = dict(base.get("zero_optimization", {}))
     zero["stage"] = cfg.engine.zero_stage
     if cfg.engine.zero_stage < 3:
-        zero = {k: v for k, v in zero.items() if not k.startswith("stage3_")}
+        zero = {k: v for k, v in zero.items() if not k.startswith("stage3_") and k != "leaf_module"}
+    if runtime.world_size == 1:
+        # Nothing to overlap with one rank, and overlapping costs host syncs: ZeRO-2 synchronises the device per
+        # reduce bucket and at the end of every backward when overlap_comm is on.
+        zero["overlap_comm"] = False
     o = cfg.optim
     base.update({
         "train_batch_size": cfg.data.global_batch_size,
@@ -119,8 +123,23 @@ def warmup_then_constant(warmup_steps: int):
     return factor
 
 
+def zero3_leaf_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The units ZeRO-3 gathers and releases whole: the blocks of the model's block lists. ZeRO-3 otherwise runs
+    its Python gather/release and gradient hooks around every submodule and parameter (about 20 modules per DiG
+    block: projections, low-rank gate, norms, ...), which costs more host time than the GPU spends on those small
+    layers; a whole block is at most a few tens of MB of bf16 weights. The embedders stay as they are: DeepSpeed
+    0.19 does not re-gather a leaf's weights for the backward when none of the leaf's inputs needs a gradient."""
+    return [block for child in model.children() if isinstance(child, torch.nn.ModuleList) for block in child]
+
+
 def build_engine(model: torch.nn.Module, cfg: TrainConfig, runtime: Runtime):
     import deepspeed
+
+    if cfg.engine.zero_stage == 3:
+        from deepspeed.utils import set_z3_leaf_module
+
+        for module in zero3_leaf_modules(model):
+            set_z3_leaf_module(module, True)
 
     def scheduler(optimizer):
         return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_constant(cfg.optim.warmup_steps))
