@@ -11,29 +11,39 @@ Order of one epoch, all derived from (seed, epoch) so every rank computes the sa
 Per sample a horizontal-flip choice and a posterior draw `mean + std * eps` come from a generator seeded by
 (seed, epoch, sample key): no RNG state to save, and a sample gets the same draw however it is reached.
 
-Micro-batches are assembled ahead by a background thread (`prefetch_batches`), the next window is loaded
-while the current one is consumed (`prefetch`). The position is (epoch, window, offset into the window's
-permutation) *as of the batches handed out*: `state_dict()` after k batches and `load_state_dict()` in a new
-process continue with batch k+1 exactly, however far the threads had read ahead. Unreadable shards are retried, then
-skipped and counted (or raise, `on_bad_shard="fail"`); a rank short of samples after a skip repeats samples of
-its current window (counted) rather than desynchronise the ranks.
+Where the work happens: a window is loaded by a worker *process* (`prefetch`; the next window while the current
+one is consumed): it fetches and decodes the shards, permutes the samples and makes every sample's draw, and
+hands back one array of training latents. Tar parsing and per-sample draws are Python work that, in a thread,
+would take the GIL from the training loop for hundreds of ms per window. Micro-batches are then cut from that
+array ahead by a background thread (`prefetch_batches`), in pinned memory when asked (`pin_memory`, so the
+copy to the GPU is asynchronous). The position is (epoch, window, offset into the window's permutation) *as of
+the batches handed out*: `state_dict()` after k batches and `load_state_dict()` in a new process continue with
+batch k+1 exactly, however far the workers had read ahead. Unreadable shards are retried, then skipped and
+counted (or raise, `on_bad_shard="fail"`); a rank short of samples after a skip repeats samples of its current
+window (counted) rather than desynchronise the ranks.
 """
 from __future__ import annotations
 
 import io
 import logging
+import multiprocessing
+import os
 import queue
+import tarfile
 import threading
 import time
 import zlib
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from . import storage
 from .shard_format import MANIFEST_NAME, NUM_FLIPS, STATS_NAME, LatentStats, Manifest, decode_sample
+
+if TYPE_CHECKING:  # torch is imported where batches are made: the window-loading process never needs it
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +87,8 @@ class LatentNormalizer:
         return x * self.scale + self.shift
 
     def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        import torch
+
         scale = torch.as_tensor(self.scale, dtype=x.dtype, device=x.device)
         shift = torch.as_tensor(self.shift, dtype=x.dtype, device=x.device)
         return (x - shift) / scale
@@ -132,13 +144,144 @@ def _key_number(key: str) -> int:
     return int(key) if key.isdigit() else zlib.crc32(key.encode())
 
 
+@dataclass(frozen=True)
+class _WindowJob:
+    """Everything needed to load one shuffle window, picklable for the loading process."""
+    root: str
+    shards: tuple[tuple[int, str, int], ...]   # (index in the manifest, file name, sample count)
+    seed: int
+    epoch: int
+    rank: int
+    window: int
+    sample_shape: tuple[int, int, int]
+    scale: np.ndarray                          # LatentNormalizer.scale / .shift
+    shift: np.ndarray
+    random_flip: bool
+    read_retries: int
+    on_bad_shard: str
+    known_bad: frozenset[int] = frozenset()    # shards this reader already skipped: not read again
+
+
+@dataclass
+class _Window:
+    """A loaded window: the training latent (drawn, normalised) of each of its samples, in shuffled order."""
+    latents: np.ndarray                        # [N, C, h, w] float32
+    labels: np.ndarray                         # [N] int64
+    keys: list[str]
+    bad_shards: list[int] = field(default_factory=list)   # skipped in this load (counted by the reader)
+    warnings: list[str] = field(default_factory=list)     # logged by the reader's own process
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def _tar_samples(data: bytes) -> list[dict]:
+    """Raw webdataset samples of a tar: consecutive members `<key>.<field>` grouped by key."""
+    samples: list[dict] = []
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            folder, _, base = member.name.rpartition("/")
+            stem, dot, suffix = base.partition(".")
+            if not dot:
+                raise ValueError(f"tar member {member.name!r} is not <key>.<field>")
+            key = f"{folder}/{stem}" if folder else stem
+            if not samples or samples[-1]["__key__"] != key:
+                samples.append({"__key__": key})
+            samples[-1][suffix] = tar.extractfile(member).read()
+    return samples
+
+
+def _read_shard(job: _WindowJob, index: int, name: str, count: int) -> tuple[list | None, str | None]:
+    """(decoded samples, None), or (None, why) for a shard skipped after its retries."""
+    uri = storage.join(job.root, name)
+    last: Exception | None = None
+    for attempt in range(job.read_retries + 1):
+        try:
+            samples = [decode_sample(s) for s in _tar_samples(storage.read_bytes(uri))]
+            for s in samples:
+                if s.mean.shape != (NUM_FLIPS, *job.sample_shape) or s.std.shape != s.mean.shape:
+                    raise ValueError(f"sample {s.key}: latent shape {s.mean.shape}/{s.std.shape}, expected "
+                                     f"{(NUM_FLIPS, *job.sample_shape)} from the manifest")
+            if len(samples) != count:
+                raise ValueError(f"{len(samples)} samples, the manifest says {count}")
+            return samples, None
+        except Exception as exc:  # noqa: BLE001 - retried, then skipped or raised with the cause
+            last = exc
+            if attempt < job.read_retries:
+                time.sleep(min(0.5 * 2 ** attempt, 8.0))
+    if job.on_bad_shard == "fail":
+        raise ShardReadError(f"shard {uri} unreadable after {job.read_retries + 1} attempts: {last}") from last
+    return None, f"skipping unreadable shard {uri} after {job.read_retries + 1} attempts ({last})"
+
+
+def _draw(job: _WindowJob, sample) -> np.ndarray:
+    """The training latent of `sample` in `job.epoch` before normalisation: flip choice and posterior draw
+    seeded by (seed, epoch, key), so a sample gets the same draw however it is reached."""
+    rng = np.random.default_rng(_seed(job.seed, job.epoch, _key_number(sample.key), 0xF11B))
+    flip = int(rng.integers(NUM_FLIPS)) if job.random_flip else 0
+    eps = rng.standard_normal(job.sample_shape, dtype=np.float32)
+    return sample.mean[flip].astype(np.float32) + sample.std[flip].astype(np.float32) * eps
+
+
+def _load_window(job: _WindowJob) -> _Window:
+    """Fetch the window's shards concurrently, permute its samples, draw every training latent."""
+    todo = [s for s in job.shards if s[0] not in job.known_bad]
+    with ThreadPoolExecutor(max_workers=max(1, min(8, len(todo))), thread_name_prefix="shard-read") as pool:
+        parts = list(pool.map(lambda s: _read_shard(job, *s), todo))
+    window = _Window(np.empty((0, *job.sample_shape), np.float32), np.empty(0, np.int64), [])
+    samples = []
+    for (index, _, _), (part, why) in zip(todo, parts):
+        if part is None:
+            window.bad_shards.append(index)
+            window.warnings.append(why)
+        else:
+            samples.extend(part)
+    perm = np.random.default_rng(_seed(job.seed, job.epoch, job.rank, job.window, 0x77)).permutation(len(samples))
+    samples = [samples[i] for i in perm]
+    if samples:
+        window.latents = np.stack([_draw(job, s) for s in samples]) * job.scale + job.shift
+        window.labels = np.array([s.label for s in samples], dtype=np.int64)
+        window.keys = [s.key for s in samples]
+    return window
+
+
+def _init_loader(environ: dict[str, str]) -> None:
+    """Initializer of the loading process: the reader's environment (storage settings and credentials; the fork
+    server it comes from may have started earlier), and leave when the reader's process is gone, even if it was
+    killed."""
+    os.environ.clear()
+    os.environ.update(environ)
+    parent = multiprocessing.parent_process()
+
+    def watch():
+        from multiprocessing.connection import wait
+
+        wait([parent.sentinel])
+        os._exit(0)
+
+    if parent is not None:
+        threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+def _loader_context():
+    # A fresh interpreter (forked from a clean server process), not a fork of the training process: that one
+    # holds CUDA, NCCL and many threads.
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])  # imported once by the server (if this starts it), not per loader
+    return ctx
+
+
 class LatentShardReader:
     """Batches of training latents for one rank; see the module doc for the order and the resume contract."""
 
     def __init__(self, path: str, *, rank: int, world_size: int, micro_batch_size: int, seed: int = 0,
                  window_shards: int = 8, latent_norm: str = "scaling_factor", random_flip: bool = True,
                  read_retries: int = 3, on_bad_shard: str = "skip", prefetch: bool = True,
-                 prefetch_batches: int = 4, expected_latent_size: int | None = None):
+                 prefetch_batches: int = 4, pin_memory: bool = False, expected_latent_size: int | None = None):
         self.root, self.manifest = load_manifest(path)
         if expected_latent_size is not None and self.manifest.latent_size != expected_latent_size:
             raise ValueError(f"{path}: latents are {self.manifest.latent_size}x{self.manifest.latent_size}, "
@@ -159,18 +302,15 @@ class LatentShardReader:
         # counters (reported to tracking)
         self.shards_skipped = 0
         self.samples_repeated = 0
-        self._window_samples: list | None = None   # decoded samples of the current window, permuted
+        self._window_data: _Window | None = None   # the current window
         self._window_id: tuple[int, int] | None = None
-        # two pools: a window load (one at a time, the next one ahead) waits on the shard reads it fans out
-        self._shard_pool = ThreadPoolExecutor(max_workers=min(8, window_shards), thread_name_prefix="shard-read")
-        self._window_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="window-load")
+        self._loader: ProcessPoolExecutor | None = None   # started at the first window load (prefetch)
         self._prefetched: dict[tuple[int, int], object] = {}
-        self._lock = threading.Lock()
-        self._closed = False
-        self._bad_shards: set[int] = set()   # skipped once, not retried again by this process
-        self._repeat: tuple[int, list] | None = None
+        self._bad_shards: set[int] = set()   # skipped once, not retried again by this reader
+        self._repeat: tuple[int, _Window] | None = None
+        self.pin_memory = pin_memory
         self._plans: dict[int, tuple[int, list[list[int]]]] = {}
-        # batches assembled ahead by a background thread (flip choice, posterior draw, normalisation, stacking)
+        # batches cut from the loaded windows ahead by a background thread (stacking, pinning)
         self.prefetch_batches = prefetch_batches
         self._queue: queue.Queue = queue.Queue(maxsize=max(prefetch_batches, 1))
         self._producer: threading.Thread | None = None
@@ -210,117 +350,84 @@ class LatentShardReader:
 
     # --- loading ----------------------------------------------------------------------------------------------
 
-    def _read_shard(self, index: int) -> list:
-        if index in self._bad_shards or self._closed:
-            return []
-        entry = self.manifest.shards[index]
-        uri = storage.join(self.root, entry.name)
-        from webdataset.tariterators import group_by_keys, tar_file_expander
+    def _job(self, epoch: int, window: int) -> _WindowJob:
+        shards = tuple((i, self.manifest.shards[i].name, self.manifest.shards[i].count)
+                       for i in self._windows(epoch)[window])
+        return _WindowJob(self.root, shards, self.seed, epoch, self.rank, window, self.sample_shape,
+                          self.normalizer.scale, self.normalizer.shift, self.random_flip, self.read_retries,
+                          self.on_bad_shard, frozenset(self._bad_shards))
 
-        last: Exception | None = None
-        for attempt in range(self.read_retries + 1):
-            try:
-                data = storage.read_bytes(uri)
-                files = tar_file_expander([{"url": uri, "stream": io.BytesIO(data)}])
-                samples = [decode_sample(s) for s in group_by_keys(files)]
-                for s in samples:
-                    if s.mean.shape != (NUM_FLIPS, *self.sample_shape) or s.std.shape != s.mean.shape:
-                        raise ValueError(f"sample {s.key}: latent shape {s.mean.shape}/{s.std.shape}, expected "
-                                         f"{(NUM_FLIPS, *self.sample_shape)} from the manifest")
-                if len(samples) != entry.count:
-                    raise ValueError(f"{len(samples)} samples, the manifest says {entry.count}")
-                return samples
-            except Exception as exc:  # noqa: BLE001 - retried, then skipped or raised with the cause
-                if self._closed:  # a prefetch still running when the reader was closed
-                    return []
-                last = exc
-                if attempt < self.read_retries:
-                    time.sleep(min(0.5 * 2 ** attempt, 8.0))
-        if self.on_bad_shard == "fail":
-            raise ShardReadError(f"shard {uri} unreadable after {self.read_retries + 1} attempts: {last}") from last
-        with self._lock:
-            self._bad_shards.add(index)
-            self.shards_skipped += 1
-        log.warning("skipping unreadable shard %s after %d attempts (%s); skipped so far: %d",
-                    uri, self.read_retries + 1, last, self.shards_skipped)
-        return []
+    def _submit(self, epoch: int, window: int):
+        if self._loader is None:
+            self._loader = ProcessPoolExecutor(max_workers=1, mp_context=_loader_context(),
+                                               initializer=_init_loader, initargs=(dict(os.environ),))
+        return self._loader.submit(_load_window, self._job(epoch, window))
 
-    def _load_window(self, epoch: int, window: int) -> list:
-        windows = self._windows(epoch)
-        if window >= len(windows):
-            return []
-        parts = list(self._shard_pool.map(self._read_shard, windows[window]))
-        samples = [s for part in parts for s in part]
-        perm = np.random.default_rng(_seed(self.seed, epoch, self.rank, window, 0x77)).permutation(len(samples))
-        return [samples[i] for i in perm]
+    def _take(self, window: _Window) -> _Window:
+        """Count and report the shards a load skipped (here: the loading process has no logging set up)."""
+        for index, why in zip(window.bad_shards, window.warnings):
+            if index not in self._bad_shards:
+                self._bad_shards.add(index)
+                self.shards_skipped += 1
+                log.warning("%s; skipped so far: %d", why, self.shards_skipped)
+        return window
 
-    def _window_future(self, epoch: int, window: int):
-        key = (epoch, window)
-        fut = self._prefetched.pop(key, None)
-        if fut is None:
-            fut = self._window_pool.submit(self._load_window, epoch, window) if self.prefetch else None
-        return fut
-
-    def _current_window(self, window: int | None = None) -> list:
+    def _current_window(self, window: int | None = None) -> _Window:
         key = (self._epoch, self._window if window is None else window)
         if self._window_id != key:
-            fut = self._window_future(*key)
-            self._window_samples = fut.result() if fut is not None else self._load_window(*key)
+            fut = self._prefetched.pop(key, None)
+            if fut is None and self.prefetch:
+                fut = self._submit(*key)
+            self._window_data = self._take(fut.result() if fut is not None else _load_window(self._job(*key)))
             self._window_id = key
             if self.prefetch:
                 nxt = (self._epoch, key[1] + 1)
                 if key[1] + 1 >= len(self._windows(self._epoch)):
                     nxt = (self._epoch + 1, 0)
                 if nxt not in self._prefetched:
-                    self._prefetched = {nxt: self._window_pool.submit(self._load_window, *nxt)}
-        return self._window_samples
+                    self._prefetched = {nxt: self._submit(*nxt)}
+        return self._window_data
 
     # --- iteration --------------------------------------------------------------------------------------------
 
-    def _next_sample(self):
+    def _next_sample(self) -> tuple[_Window, int]:
+        """(window, row) of the next sample."""
         if self._consumed >= self.quota(self._epoch):
             self._epoch, self._window, self._offset, self._consumed = self._epoch + 1, 0, 0, 0
         n_windows = len(self._windows(self._epoch))
         while self._window < n_windows:
-            samples = self._current_window()
-            if self._offset < len(samples):
-                sample = samples[self._offset]
+            window = self._current_window()
+            if self._offset < len(window):
+                row = self._offset
                 self._offset += 1
                 self._consumed += 1
-                return self._epoch, sample
+                return window, row
             self._window, self._offset = self._window + 1, 0
         # Short of the quota (skipped shards): repeat samples of the last readable window so ranks stay in step.
         if self._repeat is None or self._repeat[0] != self._epoch:
-            samples = []
-            for window in reversed(range(n_windows)):
-                samples = self._current_window(window)
-                if samples:
+            window = None
+            for w in reversed(range(n_windows)):
+                window = self._current_window(w)
+                if len(window):
                     break
-            self._repeat = (self._epoch, samples)
-        samples = self._repeat[1]
-        if not samples:
+            self._repeat = (self._epoch, window)
+        window = self._repeat[1]
+        if window is None or not len(window):
             raise ShardReadError(f"rank {self.rank}: no readable shard in epoch {self._epoch}")
-        sample = samples[self._consumed % len(samples)]
+        row = self._consumed % len(window)
         self._consumed += 1
         self.samples_repeated += 1
-        return self._epoch, sample
-
-    def draw(self, epoch: int, sample) -> np.ndarray:
-        """The training latent of `sample` in `epoch`: flip choice and posterior draw seeded by its key."""
-        rng = np.random.default_rng(_seed(self.seed, epoch, _key_number(sample.key), 0xF11B))
-        flip = int(rng.integers(NUM_FLIPS)) if self.random_flip else 0
-        eps = rng.standard_normal(self.sample_shape, dtype=np.float32)
-        x = sample.mean[flip].astype(np.float32) + sample.std[flip].astype(np.float32) * eps
-        return self.normalizer.normalize(x)
+        return window, row
 
     def _build_batch(self) -> Batch:
-        latents, labels, keys = [], [], []
-        for _ in range(self.micro_batch_size):
-            epoch, sample = self._next_sample()
-            latents.append(self.draw(epoch, sample))
-            labels.append(sample.label)
-            keys.append(sample.key)
-        return Batch(torch.from_numpy(np.stack(latents)), torch.tensor(labels, dtype=torch.int64), keys)
+        import torch
+
+        rows = [self._next_sample() for _ in range(self.micro_batch_size)]
+        latents = torch.from_numpy(np.stack([w.latents[i] for w, i in rows]))
+        labels = torch.from_numpy(np.array([w.labels[i] for w, i in rows], dtype=np.int64))
+        if self.pin_memory:
+            latents, labels = latents.pin_memory(), labels.pin_memory()
+        return Batch(latents, labels, [w.keys[i] for w, i in rows])
 
     def _position(self) -> dict:
         return {"epoch": self._epoch, "window": self._window, "offset": self._offset, "consumed": self._consumed,
@@ -399,12 +506,12 @@ class LatentShardReader:
         self._epoch, self._window, self._offset, self._consumed = (state["epoch"], state["window"], state["offset"],
                                                                state["consumed"])
         self.shards_skipped, self.samples_repeated = state["shards_skipped"], state["samples_repeated"]
-        self._window_id, self._window_samples, self._prefetched, self._repeat = None, None, {}, None
+        self._window_id, self._window_data, self._prefetched, self._repeat = None, None, {}, None
         self._handed = None
 
     def close(self) -> None:
-        self._closed = True
         self._stop_producer()
-        self._window_pool.shutdown(wait=False, cancel_futures=True)
-        self._shard_pool.shutdown(wait=False, cancel_futures=True)
+        if self._loader is not None:
+            self._loader.shutdown(wait=False, cancel_futures=True)
+            self._loader = None
 

@@ -50,8 +50,8 @@ class DataConfig(_Section):
     random_flip: bool = True
     read_retries: int = 3
     on_bad_shard: Literal["skip", "fail"] = "skip"
-    prefetch: bool = True                  # load the next shuffle window in a background thread
-    prefetch_batches: int = 4              # micro-batches assembled ahead by a background thread (0: inline)
+    prefetch: bool = True                  # load shuffle windows in a background process, the next one ahead
+    prefetch_batches: int = 4              # micro-batches cut ahead by a background thread (0: inline)
 
     @model_validator(mode="after")
     def _batches(self):

@@ -51,7 +51,7 @@ class Trainer:
             window_shards=cfg.data.shuffle_window_shards, latent_norm=cfg.data.latent_norm,
             random_flip=cfg.data.random_flip, read_retries=cfg.data.read_retries,
             on_bad_shard=cfg.data.on_bad_shard, prefetch=cfg.data.prefetch,
-            prefetch_batches=cfg.data.prefetch_batches)
+            prefetch_batches=cfg.data.prefetch_batches, pin_memory=self.rt.device.type == "cuda")
         manifest = self.data.manifest
         self.latent_shape = list(self.data.sample_shape)
 
