@@ -122,20 +122,22 @@ def test_shape_mismatch_is_an_error_at_start(dataset):
         reader(dataset, expected_latent_size=32)
 
 
-def test_unreadable_shard_is_retried_then_skipped_or_fatal(tmp_path):
+@pytest.mark.parametrize("prefetch", [False, True])  # windows loaded inline, or by the loading process
+def test_unreadable_shard_is_retried_then_skipped_or_fatal(tmp_path, prefetch):
     root = str(tmp_path)
     write_synthetic_dataset(root, num_shards=3, samples_per_shard=4, latent_size=S, channels=C)
     os.truncate(os.path.join(root, "train-000001.tar"), 700)  # cut inside the first member
-    r = reader(root, mb=4, read_retries=1, window_shards=1, prefetch=False)
+    r = reader(root, mb=4, read_retries=1, window_shards=1, prefetch=prefetch)
     keys = epoch_keys(r, 3)
     position = r.state_dict()  # counters as of the batches handed out (a prefetching thread may be ahead)
     assert position["shards_skipped"] == 1
     good = {SAMPLE_KEY_FORMAT.format(i) for i in (0, 1, 2, 3, 8, 9, 10, 11)}
     assert set(keys) == good and position["samples_repeated"] == 4  # the short rank repeats to stay in step
     r.close()
-    strict = reader(root, mb=4, read_retries=0, window_shards=1, prefetch=False, on_bad_shard="fail")
+    strict = reader(root, mb=4, read_retries=0, window_shards=1, prefetch=prefetch, on_bad_shard="fail")
     with pytest.raises(ShardReadError, match="train-000001.tar unreadable"):
         epoch_keys(strict, 3)
+    strict.close()
 
 
 def test_s3_reader_matches_local(tmp_path, s3_bucket):
@@ -148,3 +150,58 @@ def test_s3_reader_matches_local(tmp_path, s3_bucket):
         x, y = a.next_batch(), b.next_batch()
         assert x.keys == y.keys and np.array_equal(x.latents.numpy(), y.latents.numpy())
     a.close(), b.close()
+
+
+def test_windows_loaded_by_the_loading_process_equal_inline_loads(dataset):
+    inline, ahead = reader(dataset, mb=4, prefetch=False, prefetch_batches=0), reader(dataset, mb=4)
+    for _ in range(9):  # two epochs
+        a, b = inline.next_batch(), ahead.next_batch()
+        assert a.keys == b.keys and np.array_equal(a.latents.numpy(), b.latents.numpy())
+        assert np.array_equal(a.labels.numpy(), b.labels.numpy())
+    ahead.close()
+
+
+LOADER_OWNER = """
+import sys
+from dig.data.reader import LatentShardReader
+
+if __name__ == "__main__":  # the loading process starts from a fresh interpreter, which imports this module
+    r = LatentShardReader(sys.argv[1], rank=0, world_size=1, micro_batch_size=4, window_shards=2)
+    r.next_batch()
+    print("ready", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_loading_process_ends_when_the_reader_process_is_killed(dataset, tmp_path):
+    """SIGKILL (an OOM kill, a scheduler) leaves no shard-loading process behind."""
+    import subprocess
+    import sys
+
+    import psutil
+
+    script = tmp_path / "owner.py"
+    script.write_text(LOADER_OWNER)
+    owner = subprocess.Popen([sys.executable, str(script), dataset], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             text=True, env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(
+                                 os.path.abspath(__file__)))})
+    try:
+        assert owner.stdout.readline().strip() == "ready"
+        children = psutil.Process(owner.pid).children(recursive=True)
+        assert children, "the reader started no loading process"
+    finally:
+        owner.kill()
+        owner.wait(timeout=30)
+    _, alive = psutil.wait_procs(children, timeout=30)
+    assert not alive, f"left behind: {[p.cmdline() for p in alive]}"
+
+
+@pytest.mark.gpu
+def test_pinned_batches_equal_pageable_ones(dataset):
+    pinned, plain = reader(dataset, mb=4, pin_memory=True), reader(dataset, mb=4)
+    for _ in range(3):
+        a, b = pinned.next_batch(), plain.next_batch()
+        assert a.latents.is_pinned() and a.labels.is_pinned() and not b.latents.is_pinned()
+        assert a.keys == b.keys and np.array_equal(a.latents.numpy(), b.latents.numpy())
+    pinned.close(), plain.close()
+

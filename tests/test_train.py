@@ -56,16 +56,22 @@ def torchrun(overrides: list[str], env: dict, cwd: str) -> subprocess.Popen:
     return proc
 
 
-def kill_launch(proc: subprocess.Popen) -> list:
-    """SIGKILL torchrun and every worker (torchrun starts its workers in their own process groups)."""
+def kill_launch(proc: subprocess.Popen) -> list[list[str]]:
+    """SIGKILL torchrun and every process under it (torchrun starts its workers in their own process groups);
+    returns their command lines."""
     launch = psutil.Process(proc.pid)
     procs = [launch, *launch.children(recursive=True)]
+    cmdlines = []
     for p in procs:
+        try:
+            cmdlines.append(p.cmdline())
+        except psutil.NoSuchProcess:
+            cmdlines.append([])
         p.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     _, alive = psutil.wait_procs(procs, timeout=30)
     assert not alive, f"still alive after SIGKILL: {alive}"
-    return procs
+    return cmdlines
 
 
 def finish(proc: subprocess.Popen, timeout: float = 240) -> None:
@@ -126,7 +132,8 @@ def killed_and_resumed_run(tmp_path_factory, s3_server, s3_latents, mlflow_track
         assert first.poll() is None, f"first run ended early ({first.returncode}); log: {first.log_path}"
         assert time.monotonic() < deadline, "no checkpoint at step 3"
         time.sleep(0.02)
-    assert len(kill_launch(first)) == 3, "expected torchrun and two workers"
+    killed = kill_launch(first)
+    assert sum("dig.cli" in cmd for cmd in killed[1:]) == 2, f"expected torchrun and two workers: {killed}"
     assert first.returncode == -signal.SIGKILL
     killed_at = open(marker).read().strip()
     with open(os.path.join(run_dir, "tracking.json")) as f:
@@ -262,3 +269,31 @@ def test_sample_straight_from_a_run_directory(straight_run, tmp_path):
     assert main(["sample", straight_run, "--out", png, "--num-images", "2", "--sampling-steps", "2",
                  "--vae", "config:tiny"]) == 0
     assert Image.open(png).size == (128, 64)
+
+
+def test_sigterm_to_one_rank_stops_both_with_a_checkpoint(tmp_path):
+    """The stop request travels with the loss statistics: SIGTERM to rank 1 alone (as a node-level preemption
+    might deliver it) ends both ranks after the same step, with a checkpoint of that step, and exit status 0."""
+    write_synthetic_dataset(str(tmp_path / "latents"), num_shards=4, samples_per_shard=8, latent_size=8,
+                            channels=4, num_classes=10)
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": os.path.join(REPO, ".torch_extensions"), "DS_ACCELERATOR": "cpu",
+           "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    run_dir = str(tmp_path / "run")
+    proc = torchrun([f"run.dir={run_dir}", f"data.path={tmp_path / 'latents'}", "data.global_batch_size=4",
+                     "data.micro_batch_size=2", "steps=100000", "checkpoint.every=100000", "tracking.step_log=true",
+                     "tracking.sample_every=0", "tracking.log_every=5"], env, str(tmp_path))
+    logs = [os.path.join(run_dir, "steps", f"rank_{r:05d}.jsonl") for r in (0, 1)]
+    deadline = time.monotonic() + 240
+    while not (os.path.exists(logs[1]) and len(open(logs[1]).readlines()) >= 2):
+        assert proc.poll() is None and time.monotonic() < deadline, f"no steps logged; log: {proc.log_path}"
+        time.sleep(0.05)
+    rank1 = [p for p in psutil.Process(proc.pid).children(recursive=True)
+             if "dig.cli" in p.cmdline() and p.environ().get("RANK") == "1"]
+    assert len(rank1) == 1
+    rank1[0].send_signal(signal.SIGTERM)
+    finish(proc, timeout=120)
+    steps = [len(open(log).readlines()) for log in logs]
+    assert steps[0] == steps[1] >= 2
+    marker = os.path.join(run_dir, "checkpoints", "latest")
+    assert open(marker).read().strip() == f"step_{steps[0]:09d}"

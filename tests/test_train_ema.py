@@ -1,6 +1,7 @@
-"""ShardedEMA under real DeepSpeed ZeRO-3 with 2 processes (gloo), on parameters whose sizes do not divide by
-the world size (padded partitions): the gathered EMA must equal a float64 EMA of the full fp32 weights that
-DeepSpeed itself gathers (safe_get_full_fp32_param) after every step, and survive a save/load round trip."""
+"""ShardedEMA under real DeepSpeed (ZeRO-3 and ZeRO-2) with 2 processes (gloo), on parameters whose sizes do not
+divide by the world size (padded partitions): the gathered EMA must equal a float64 EMA of the full fp32 weights
+that DeepSpeed itself gathers (safe_get_full_fp32_param) after every step, and survive a save/load round trip.
+The update lerps DeepSpeed's flat weight buffers whole; a unit test checks that on plain tensors."""
 from __future__ import annotations
 
 import json
@@ -27,15 +28,16 @@ WORKER = textwrap.dedent("""
     deepspeed.init_distributed(dist_backend="gloo")
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 7))  # 15, 5, 35, 7
+    stage = int(sys.argv[2])
     config = {"train_batch_size": 4, "train_micro_batch_size_per_gpu": 2,
               "optimizer": {"type": "AdamW", "params": {"lr": 0.05, "torch_adam": True}},
-              "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+              "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0}}
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
     decay = 0.7
     full = lambda: {n: safe_get_full_fp32_param(p).detach().double().clone()
                     for n, p in engine.module.named_parameters()}
     reference = full()
-    ema = ShardedEMA(engine.module, decay, zero_stage=3)
+    ema = ShardedEMA(engine.module, decay, zero_stage=stage)
     torch.manual_seed(1 + dist.get_rank())
     for step in range(4):
         x = torch.randn(2, 3)
@@ -48,7 +50,7 @@ WORKER = textwrap.dedent("""
     gathered = ema.full_state_dict()
     err = max((gathered[n].double() - reference[n]).abs().max().item() for n in reference)
     moved = max((gathered[n].double() - weights[n]).abs().max().item() for n in reference)
-    again = ShardedEMA(engine.module, decay, zero_stage=3)
+    again = ShardedEMA(engine.module, decay, zero_stage=stage)
     again.load_full(gathered)
     roundtrip = all(torch.equal(a, b) for a, b in zip(again.shadow, ema.shadow))
     parts = [s.numel() for s in ema.shadow]
@@ -60,16 +62,47 @@ WORKER = textwrap.dedent("""
 """)
 
 
-def test_sharded_ema_matches_float64_ema_of_gathered_weights(tmp_path):
+@pytest.mark.parametrize("stage", [3, 2])
+def test_sharded_ema_matches_float64_ema_of_gathered_weights(tmp_path, stage):
     script, result = tmp_path / "worker.py", tmp_path / "result.json"
     script.write_text(WORKER)
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": os.path.join(REPO, ".torch_extensions"), "DS_ACCELERATOR": "cpu",
            "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", str(script), str(result)]
+           f"--master_port={free_port()}", str(script), str(result), str(stage)]
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-5000:]
     out = json.loads(result.read_text())
     assert out["shapes"] == {"0.weight": [5, 3], "0.bias": [5], "2.weight": [7, 5], "2.bias": [7]}
-    assert out["parts"] == [8, 3, 18, 4]  # ceil(n / 2): the partitions are padded
+    # ZeRO-3: each rank holds ceil(n / 2) of every parameter (padded); ZeRO-2: whole parameters
+    assert out["parts"] == ([8, 3, 18, 4] if stage == 3 else [15, 5, 35, 7])
     assert out["err"] < 1e-6 and out["moved"] > 1e-4 and out["roundtrip"]
+
+
+def test_flat_span_update_equals_per_parameter_lerp():
+    """Weights that are views into shared flat buffers (as DeepSpeed keeps them) get one flat shadow per buffer;
+    the shadow views, an update and a write through a view behave exactly as per-parameter copies would."""
+    import torch
+
+    from dig.train.ema import _shadow_with_flat_spans
+
+    g = torch.Generator().manual_seed(0)
+    flat_a, flat_b = torch.randn(40, generator=g), torch.randn(30, generator=g)
+    sources = [flat_a[0:15].view(3, 5), flat_a[16:21], flat_a[24:39].view(15, 1),  # gaps between views
+               flat_b[2:8].view(2, 3), flat_b[10:16],
+               torch.randn(4, 4, generator=g).t(),                                    # not contiguous
+               torch.randn(6, generator=g).to(torch.bfloat16)]                       # alone in its buffer
+    shadow, (shadows, srcs) = _shadow_with_flat_spans(sources)
+    assert len(shadows) == 4  # two flat spans, two single tensors
+    assert all(s.dtype == torch.float32 and torch.equal(s, src.float()) for s, src in zip(shadow, sources))
+    reference = [src.double().clone() for src in sources]
+    for decay in (0.9, 0.5):
+        for src in sources:
+            src.add_(torch.randn(src.shape, generator=g).to(src.dtype))
+        torch._foreach_lerp_(shadows, [x.float() for x in srcs], 1.0 - decay)
+        reference = [decay * r + (1 - decay) * src.double() for r, src in zip(reference, sources)]
+    for s, r in zip(shadow, reference):
+        torch.testing.assert_close(s.double(), r, rtol=1e-6, atol=1e-6)
+    shadow[1].fill_(7.0)  # load_full writes through the per-parameter views
+    assert shadows[0][16:21].eq(7.0).all()
+

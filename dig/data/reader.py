@@ -12,15 +12,18 @@ Per sample a horizontal-flip choice and a posterior draw `mean + std * eps` come
 (seed, epoch, sample key): no RNG state to save, and a sample gets the same draw however it is reached.
 
 Where the work happens: a window is loaded by a worker *process* (`prefetch`; the next window while the current
-one is consumed): it fetches and decodes the shards, permutes the samples and makes every sample's draw, and
-hands back one array of training latents. Tar parsing and per-sample draws are Python work that, in a thread,
-would take the GIL from the training loop for hundreds of ms per window. Micro-batches are then cut from that
-array ahead by a background thread (`prefetch_batches`), in pinned memory when asked (`pin_memory`, so the
-copy to the GPU is asynchronous). The position is (epoch, window, offset into the window's permutation) *as of
-the batches handed out*: `state_dict()` after k batches and `load_state_dict()` in a new process continue with
-batch k+1 exactly, however far the workers had read ahead. Unreadable shards are retried, then skipped and
-counted (or raise, `on_bad_shard="fail"`); a rank short of samples after a skip repeats samples of its current
-window (counted) rather than desynchronise the ranks.
+one is consumed): it fetches and decodes the shards, permutes the samples, makes every sample's draw and hands
+back one array of training latents. Tar parsing and per-sample draws are Python work that, in a thread, would
+take the GIL from the training loop for hundreds of ms per window. The loading process is a fresh interpreter
+(multiprocessing's forkserver): a script that reads batches needs the `if __name__ == "__main__":` guard.
+Micro-batches are then cut from the window ahead by a background thread (`prefetch_batches`), in pinned memory
+when asked (`pin_memory`: the copy to the GPU is then asynchronous).
+
+The position is (epoch, window, offset into the window's permutation) *as of the batches handed out*:
+`state_dict()` after k batches and `load_state_dict()` in a new process continue with batch k+1 exactly, however
+far the workers had read ahead. Unreadable shards are retried, then skipped and counted (or raise,
+`on_bad_shard="fail"`); a rank short of samples after a skip repeats samples of its current window (counted)
+rather than desynchronise the ranks.
 """
 from __future__ import annotations
 

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 from dataclasses import dataclass
 
 import torch
 
 from .config import TrainConfig
+
+log = logging.getLogger("dig.train")
 
 
 @dataclass
@@ -138,8 +141,11 @@ def build_engine(model: torch.nn.Module, cfg: TrainConfig, runtime: Runtime):
     if cfg.engine.zero_stage == 3:
         from deepspeed.utils import set_z3_leaf_module
 
-        for module in zero3_leaf_modules(model):
+        leaves = zero3_leaf_modules(model)
+        for module in leaves:
             set_z3_leaf_module(module, True)
+        if runtime.is_main:
+            log.info("ZeRO-3: %d blocks gathered whole (DeepSpeed leaf modules)", len(leaves))
 
     def scheduler(optimizer):
         return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_constant(cfg.optim.warmup_steps))
