@@ -3,12 +3,14 @@ float64 token-by-token recurrence of test_gla.py: outputs, final states and all 
 
 Covers both intra-chunk paths (the factorised tensor-core path at DiG's gates; the exact per-key loop for strong
 decays, and forced), sequences shorter than and not a multiple of a chunk, head sizes that are not powers of two
-(masked lanes), chunk sizes 16/32/64, with and without states, float32 and bf16 inputs. The interpreter runs
+(masked lanes), chunk sizes 16/32/64, with and without states (without: the registered torch operator DiG
+uses, also checked to compile inside one graph), float32 and bf16 inputs. The interpreter runs
 dots in float32, so bf16 inputs are exact here up to their rounding; tests/test_gla.py runs the same kernels on
 a GPU (tensor cores, TF32) against the float64 oracle.
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -19,9 +21,11 @@ import torch
 
 from test_gla import check, make_inputs, recurrent_gla_float64, run_with_grads
 
-CASES = {  # id: (B, T, H, K, V, gates, with_state, dtype, module settings)
+CASES = {  # id: (B, T, H, K, V, gates, with_state, dtype, module settings); "op" cases: no final state either
     "dig-fp32": (1, 40, 2, 32, 64, "dig", True, torch.float32, {}),
     "masked-lanes-no-state": (2, 33, 1, 20, 24, "dig", False, torch.float32, {}),
+    "op-dig": (2, 50, 2, 32, 64, "dig", False, torch.float32, {}),
+    "op-strong-bf16": (1, 37, 3, 32, 64, "strong", False, torch.bfloat16, {}),
     "shorter-than-chunk": (1, 7, 2, 16, 16, "mixed", True, torch.float32, {}),
     "strong-decay-loop": (1, 50, 1, 32, 64, "strong", True, torch.float32, {}),
     "mixed-decay": (1, 45, 2, 32, 64, "mixed", True, torch.float32, {}),
@@ -50,7 +54,8 @@ def interpreted(tmp_path_factory):
     cases = []
     for i, (name, (*shape_and_kind, settings)) in enumerate(CASES.items()):
         inputs, cotangents = _case_inputs(*shape_and_kind, seed=i)
-        cases.append({"id": name, "inputs": inputs, "cotangents": cotangents, "settings": {**DEFAULTS, **settings}})
+        cases.append({"id": name, "inputs": inputs, "cotangents": cotangents, "settings": {**DEFAULTS, **settings},
+                      "stateless": name.startswith("op-")})
     torch.save(cases, folder / "in.pt")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     worker = Path(__file__).with_name("gla_triton_interpret.py")
@@ -66,13 +71,31 @@ def test_interpreted_kernels_match_float64_recurrence(interpreted, case):
     inputs, cotangents, got = interpreted[case]
     dtype = CASES[case][7]
     scale = inputs[0].shape[-1] ** -0.5
+    if case.startswith("op-"):  # no final state: its cotangent is zero
+        cotangents = (cotangents[0], torch.zeros_like(cotangents[1]))
     o_ref, state_ref, grads_ref = run_with_grads(lambda *x: recurrent_gla_float64(*x[:4], scale, x[4]),
                                                  inputs, cotangents)
-    assert got["o"].dtype == dtype and got["state"].dtype == torch.float32
+    assert got["o"].dtype == dtype
     check("o", got["o"], o_ref, TOL[dtype])
-    check("final_state", got["state"], state_ref, TOL[dtype])
+    if case.startswith("op-"):
+        assert got["state"] is None
+    else:
+        assert got["state"].dtype == torch.float32
+        check("final_state", got["state"], state_ref, TOL[dtype])
     for name, grad, grad_ref, x in zip(["dq", "dk", "dv", "dg", "dh0"], got["grads"], grads_ref, inputs):
         if x is None:
             continue
         assert grad.dtype == x.dtype, name
         check(name, grad, grad_ref, TOL[dtype])
+
+
+def test_dig_layer_compiles_with_the_kernel_inside_one_graph():
+    """torch.compile(fullgraph=True) of DiG's GLA layer with backend "triton": the kernels are a registered
+    operator, so there is no graph break around them, and compiled = eager (outputs and input gradients)."""
+    worker = Path(__file__).with_name("gla_triton_compile_check.py")
+    proc = subprocess.run([sys.executable, str(worker)], env={**os.environ, "TRITON_INTERPRET": "1"},
+                          capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[1])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["graph_breaks"] == 0 and report["graphs"] == 1, report
+    assert report["out_rel"] < 1e-5 and report["grad_rel"] < 1e-5, report

@@ -7,16 +7,23 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dig.ops import gla
+from dig.ops import gla, resolve_backend
 
 from .base import LatentDiffusionTransformer
 from .embedders import modulate
 from .scan import reorient_after_block, restore_raster
 
 
-@torch.compiler.disable
 def _gla(q, k, v, g, backend):
-    """Outside torch.compile graphs: the fla kernels are their own autograd Function with Triton kernels."""
+    if resolve_backend(backend, q.device, q, v) == "triton":
+        return gla(q, k, v, g, backend="triton")  # a registered operator: stays inside a compiled block's graph
+    return _gla_outside_graphs(q, k, v, g, backend)
+
+
+@torch.compiler.disable
+def _gla_outside_graphs(q, k, v, g, backend):
+    """fla's kernels are an autograd Function launching Triton kernels, and the torch reference is a Python loop
+    over chunks: both run eagerly between the compiled parts of a block."""
     return gla(q, k, v, g, backend=backend)
 
 

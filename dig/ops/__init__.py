@@ -17,7 +17,7 @@ import torch
 
 from .gla_fla import FlaUnavailableError, fla_installed, gla_fla
 from .gla_torch import gla_torch
-from .gla_triton import gla_triton, supports, triton_installed
+from .gla_triton import MAX_K, MAX_V, gla_triton, triton_installed
 
 BACKENDS = ("auto", "torch", "fla", "triton")
 
@@ -26,15 +26,23 @@ __all__ = ["BACKENDS", "FlaUnavailableError", "gla", "gla_fla", "gla_torch", "gl
 
 def resolve_backend(backend: str, device: torch.device, q: torch.Tensor | None = None,
                     v: torch.Tensor | None = None) -> str:
-    """The backend `gla` will use for tensors on `device` (and, if given, of q's and v's head sizes)."""
+    """The backend `gla` will use for tensors on `device` (and, if given, of q's and v's shapes)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown GLA backend {backend!r}; expected one of {BACKENDS}")
     if backend != "auto":
         return backend
     if device.type != "cuda":
         return "torch"
-    fits = triton_installed() and (q is None or supports(q, v))
-    if fits and (q is None or q.shape[0] * q.shape[2] >= _sm_count(device) or not fla_installed()):
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if q is None:
+        return _auto_cuda_backend(index, None, None, None)
+    return _auto_cuda_backend(index, q.shape[0] * q.shape[2], q.shape[-1], v.shape[-1])
+
+
+@torch._dynamo.assume_constant_result  # decided once per compiled graph (shapes are static there)
+def _auto_cuda_backend(index: int, sequences: int | None, k_dim: int | None, v_dim: int | None) -> str:
+    fits = triton_installed() and (k_dim is None or (k_dim <= MAX_K and v_dim <= MAX_V))
+    if fits and (sequences is None or sequences >= _sm_count_of(index) or not fla_installed()):
         return "triton"
     if fla_installed():
         return "fla"
@@ -43,16 +51,11 @@ def resolve_backend(backend: str, device: torch.device, q: torch.Tensor | None =
         _warned_no_fla = True
         warnings.warn("dig.ops.gla: CUDA tensors but neither Triton (for these head sizes) nor flash-linear-attention "
                       "is available; using the (much slower) PyTorch implementation. `pip install triton "
-                      "flash-linear-attention` for the Triton kernels.",
-                      stacklevel=3)
+                      "flash-linear-attention` for the Triton kernels.", stacklevel=4)
     return "torch"
 
 
 _warned_no_fla = False
-
-
-def _sm_count(device: torch.device) -> int:
-    return _sm_count_of(device.index if device.index is not None else torch.cuda.current_device())
 
 
 @functools.lru_cache(maxsize=None)

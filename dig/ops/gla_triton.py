@@ -37,8 +37,13 @@ MAX_K = 64
 MAX_V = 128
 
 
+# Module constants, not calls, so that torch.compile traces gla_triton without a graph break.
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (tests)
+
+
 def triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return TRITON_INSTALLED
 
 
 def supports(q: torch.Tensor, v: torch.Tensor) -> bool:
@@ -63,57 +68,106 @@ def _block(n: int) -> int:
     return max(16, 1 << (n - 1).bit_length())
 
 
+def _forward(q, k, v, g, scale, h0, output_final_state):
+    fwd, _, _ = _kernels()
+    B, T, H, K = q.shape
+    o = torch.empty_like(v, dtype=q.dtype)
+    ht = q.new_empty(B, H, K, v.shape[-1], dtype=torch.float32) if output_final_state else None
+    fwd[(B * H,)](q, k, v, g, o, h0, ht, scale, FACTORISED_MAX_DECAY, USE_H0=h0 is not None,
+                  STORE_HT=output_final_state, **_launch_args(q, v))
+    return o, ht
+
+
+def _backward(q, k, v, g, h0, scale, do, dht, need_dh0):
+    _, bwd_dq, bwd_dkv = _kernels()
+    B, T, H, K = q.shape
+    do = do.contiguous()
+    dht = dht.contiguous() if dht is not None else None
+    dq = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    final_dg = torch.empty(B, H, K, dtype=torch.float32, device=q.device) if dht is not None else None
+    common = _launch_args(q, v)
+    bwd_dq[(B * H,)](q, k, v, g, do, dq, dht, final_dg, h0, scale, FACTORISED_MAX_DECAY,
+                     USE_H0=h0 is not None, USE_DHT=dht is not None, **common)
+    dk, dv, dg = torch.empty_like(k), torch.empty_like(v), torch.empty_like(g)
+    dh0 = torch.empty_like(h0, dtype=torch.float32) if h0 is not None and need_dh0 else None
+    bwd_dkv[(B * H,)](q, k, v, g, do, dq, dk, dv, dg, dht, final_dg, dh0, scale, FACTORISED_MAX_DECAY,
+                      USE_DHT=dht is not None, STORE_DH0=dh0 is not None, **common)
+    return dq.to(q.dtype), dk, dv, dg, dh0
+
+
 class _FusedChunkGLA(torch.autograd.Function):
+    """With states (initial and/or final): an autograd Function, run eagerly."""
+
     @staticmethod
     def forward(ctx, q, k, v, g, scale, initial_state, output_final_state):
-        fwd, _, _ = _kernels()
-        B, T, H, K = q.shape
-        V = v.shape[-1]
-        o = torch.empty_like(v, dtype=q.dtype)
-        ht = q.new_empty(B, H, K, V, dtype=torch.float32) if output_final_state else None
-        h0 = initial_state
-        fwd[(B * H,)](q, k, v, g, o, h0, ht, scale, FACTORISED_MAX_DECAY, USE_H0=h0 is not None,
-                      STORE_HT=output_final_state, **_launch_args(q, v))
-        ctx.save_for_backward(q, k, v, g, h0)
+        o, ht = _forward(q, k, v, g, scale, initial_state, output_final_state)
+        ctx.save_for_backward(q, k, v, g, initial_state)
         ctx.scale = scale
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        _, bwd_dq, bwd_dkv = _kernels()
         q, k, v, g, h0 = ctx.saved_tensors
-        scale = ctx.scale
-        B, T, H, K = q.shape
-        V = v.shape[-1]
-        do = do.contiguous()
-        dht = dht.contiguous() if dht is not None else None
-        dq = torch.empty(q.shape, dtype=torch.float32, device=q.device)
-        final_dg = torch.empty(B, H, K, dtype=torch.float32, device=q.device) if dht is not None else None
-        common = _launch_args(q, v)
-        bwd_dq[(B * H,)](q, k, v, g, do, dq, dht, final_dg, h0, scale, FACTORISED_MAX_DECAY,
-                         USE_H0=h0 is not None, USE_DHT=dht is not None, **common)
-        dk, dv, dg = torch.empty_like(k), torch.empty_like(v), torch.empty_like(g)
-        dh0 = torch.empty_like(h0, dtype=torch.float32) if h0 is not None and ctx.needs_input_grad[5] else None
-        bwd_dkv[(B * H,)](q, k, v, g, do, dq, dk, dv, dg, dht, final_dg, dh0, scale, FACTORISED_MAX_DECAY,
-                          USE_DHT=dht is not None, STORE_DH0=dh0 is not None, **common)
-        return dq.to(q.dtype), dk, dv, dg, None, dh0, None
+        dq, dk, dv, dg, dh0 = _backward(q, k, v, g, h0, ctx.scale, do, dht, ctx.needs_input_grad[5])
+        return dq, dk, dv, dg, None, dh0, None
+
+
+# Without states (DiG's case): registered operators, so that torch.compile keeps them inside a block's graph
+# (an autograd Function with Triton launches would split the graph in two around every GLA call).
+@torch.library.custom_op("dig::gla_fused_chunk", mutates_args=())
+def gla_fused_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
+                    scale: float) -> torch.Tensor:
+    return _forward(q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(), scale, None, False)[0]
+
+
+@gla_fused_chunk.register_fake
+def _(q, k, v, g, scale):
+    return torch.empty_like(v, dtype=q.dtype, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("dig::gla_fused_chunk_backward", mutates_args=())
+def gla_fused_chunk_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
+                             do: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                      torch.Tensor]:
+    q, k, v, g = (x.contiguous() for x in (q, k, v, g))
+    return _backward(q, k, v, g, None, scale, do, None, False)[:4]
+
+
+@gla_fused_chunk_backward.register_fake
+def _(q, k, v, g, do, scale):
+    return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v, g))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, g, scale = inputs
+    ctx.save_for_backward(q, k, v, g)
+    ctx.scale = scale
+
+
+def _gla_fused_chunk_grad(ctx, do):
+    q, k, v, g = ctx.saved_tensors
+    return (*torch.ops.dig.gla_fused_chunk_backward(q, k, v, g, do, ctx.scale), None)
+
+
+gla_fused_chunk.register_autograd(_gla_fused_chunk_grad, setup_context=_setup_context)
 
 
 def gla_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, scale: float | None = None,
                initial_state: torch.Tensor | None = None, output_final_state: bool = False):
     """Fused-chunk GLA in `[B, T, H, K]` layout. Returns (o in q's dtype, float32 final state or None)."""
-    if not all(x.is_cuda for x in (q, k, v, g)) and os.environ.get("TRITON_INTERPRET") != "1":
+    if not all(x.is_cuda for x in (q, k, v, g)) and not _INTERPRETED:
         raise ValueError("backend='triton' runs Triton kernels and needs CUDA tensors; got "
                          f"{q.device}. Use backend='torch' (or 'auto') for tensors on {q.device}.")
-    if not triton_installed():
+    if not TRITON_INSTALLED:
         raise RuntimeError("backend='triton' needs Triton (`pip install triton`; it ships with CUDA builds of "
                            "torch). Use backend='torch' for the PyTorch implementation.")
     if not supports(q, v):
         raise ValueError(f"backend='triton' handles head sizes K <= {MAX_K}, V <= {MAX_V}; got K={q.shape[-1]}, "
                          f"V={v.shape[-1]}. Use backend='fla' or 'torch'.")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if initial_state is None and not output_final_state:
+        return torch.ops.dig.gla_fused_chunk(q, k, v, g, scale), None
     if initial_state is not None:
         initial_state = initial_state.float().contiguous()
-    o, ht = _FusedChunkGLA.apply(q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(), scale,
-                                 initial_state, output_final_state)
-    return o, ht
+    return _FusedChunkGLA.apply(q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(), scale,
+                                initial_state, output_final_state)

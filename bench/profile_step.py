@@ -1,0 +1,88 @@
+"""Where a training step's GPU time goes: torch.profiler over a few steps of bench_model's step (fwd + bwd +
+AdamW, fp32 params, bf16 autocast, regional compile by default), kernels grouped into coarse kinds, per model,
+side by side in one run.
+
+    python3 -m bench.profile_step --models DiG-XL/2,DiT-XL/2 --res 512 --batch 32
+"""
+from __future__ import annotations
+
+import argparse
+import re
+from collections import defaultdict
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from .bench_model import build, free, train_step_fn
+from .common import fmt_table
+
+KINDS = [  # (kind, regex over the kernel name), first match wins
+    ("gla (fla)", r"chunk_"),
+    ("gla (ours)", r"^(fwd_kernel|bwd_dq_kernel|bwd_dkv_kernel)$"),
+    ("attention (sdpa)", r"flash|fmha|attention"),
+    ("matmul", r"gemm|sm90_xmma|cutlass|nvjet|wgmma|matmul"),
+    ("conv", r"conv|depthwise"),
+    ("optimizer", r"multi_tensor|adam"),
+    ("fused elementwise (inductor)", r"^triton_"),
+]
+
+
+def kind_of(name: str) -> str:
+    for kind, pattern in KINDS:
+        if re.search(pattern, name, re.IGNORECASE):
+            return kind
+    return "other"
+
+
+def profile_model(name: str, res: int, batch: int, device: torch.device, steps: int, compile_blocks: bool,
+                  **overrides) -> tuple[dict, list]:
+    model = build(name, res, device, compile_blocks=compile_blocks, **overrides)
+    step, opt = train_step_fn(model, batch, device)
+    for _ in range(3):
+        step()
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync()
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+        sync()
+    per_kind: dict[str, float] = defaultdict(float)
+    per_kernel: dict[str, float] = defaultdict(float)
+    for evt in prof.key_averages():
+        us = evt.device_time_total if cuda else evt.self_cpu_time_total  # CPU: a dry run of the plumbing
+        if us <= 0:
+            continue
+        per_kind[kind_of(evt.key)] += us / steps / 1e3
+        per_kernel[evt.key] += us / steps / 1e3
+    del model, opt, step
+    free(device)
+    return dict(per_kind), sorted(per_kernel.items(), key=lambda kv: -kv[1])
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="DiG-XL/2,DiT-XL/2")
+    ap.add_argument("--res", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--eager", action="store_true", help="no regional compile")
+    ap.add_argument("--top", type=int, default=12)
+    args = ap.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    kinds, tops = {}, {}
+    for name in args.models.split(","):
+        kinds[name], tops[name] = profile_model(name, args.res, args.batch, device, args.steps, not args.eager)
+    names = list(kinds)
+    rows = [{"kind": k, **{f"{n} ms/step": kinds[n].get(k, 0.0) for n in names}}
+            for k in sorted({k for d in kinds.values() for k in d}, key=lambda k: -max(d.get(k, 0) for d in kinds.values()))]
+    rows.append({"kind": "TOTAL (kernel time)", **{f"{n} ms/step": sum(kinds[n].values()) for n in names}})
+    print(f"\nGPU kernel time per step, {args.res} px, batch {args.batch}, "
+          f"{'eager' if args.eager else 'regional compile'}\n" + fmt_table(rows, list(rows[0])))
+    for n in names:
+        print(f"\nTop kernels, {n}\n" + fmt_table([{"kernel": k[:90], "ms/step": v} for k, v in tops[n][:args.top]],
+                                                  ["kernel", "ms/step"]))
+
+
+if __name__ == "__main__":
+    main()
