@@ -28,10 +28,11 @@ WORKER = textwrap.dedent("""
     deepspeed.init_distributed(dist_backend="gloo")
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 7))  # 15, 5, 35, 7
-    stage = int(sys.argv[2])
+    stage, bf16 = int(sys.argv[2]), sys.argv[3] == "bf16"
     config = {"train_batch_size": 4, "train_micro_batch_size_per_gpu": 2,
               "optimizer": {"type": "AdamW", "params": {"lr": 0.05, "torch_adam": True}},
-              "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0}}
+              "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
+              "bf16": {"enabled": bf16}}
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
     decay = 0.7
     full = lambda: {n: safe_get_full_fp32_param(p).detach().double().clone()
@@ -40,7 +41,7 @@ WORKER = textwrap.dedent("""
     ema = ShardedEMA(engine.module, decay, zero_stage=stage)
     torch.manual_seed(1 + dist.get_rank())
     for step in range(4):
-        x = torch.randn(2, 3)
+        x = torch.randn(2, 3).to(torch.bfloat16 if bf16 else torch.float32)
         loss = engine(x).pow(2).mean()
         engine.backward(loss)
         engine.step()
@@ -62,20 +63,22 @@ WORKER = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("stage", [3, 2])
-def test_sharded_ema_matches_float64_ema_of_gathered_weights(tmp_path, stage):
+# bf16: the module holds bf16 copies; the EMA must follow DeepSpeed's fp32 master weights, not those copies.
+@pytest.mark.parametrize("stage,precision", [(3, "fp32"), (2, "fp32"), (2, "bf16")])
+def test_sharded_ema_matches_float64_ema_of_gathered_weights(tmp_path, stage, precision):
     script, result = tmp_path / "worker.py", tmp_path / "result.json"
     script.write_text(WORKER)
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": os.path.join(REPO, ".torch_extensions"), "DS_ACCELERATOR": "cpu",
            "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", str(script), str(result), str(stage)]
+           f"--master_port={free_port()}", str(script), str(result), str(stage), precision]
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-5000:]
     out = json.loads(result.read_text())
     assert out["shapes"] == {"0.weight": [5, 3], "0.bias": [5], "2.weight": [7, 5], "2.bias": [7]}
-    # ZeRO-3: each rank holds ceil(n / 2) of every parameter (padded); ZeRO-2: whole parameters
-    assert out["parts"] == ([8, 3, 18, 4] if stage == 3 else [15, 5, 35, 7])
+    # ZeRO-3: each rank holds ceil(n / 2) of every parameter (padded); ZeRO-2: rank 0's fragments of the flat
+    # master partition (62 weights padded to 64, 32 per rank: two whole parameters and 12 of the third)
+    assert out["parts"] == ([8, 3, 18, 4] if stage == 3 else [15, 5, 12, 0])
     assert out["err"] < 1e-6 and out["moved"] > 1e-4 and out["roundtrip"]
 
 

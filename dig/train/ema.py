@@ -1,16 +1,17 @@
 """EMA of the trainable weights under DeepSpeed, in fp32, next to the optimizer's master weights.
 
-Where it lives:
-  * ZeRO-3: every rank keeps the EMA of *its partition* of every parameter only, in the same flat layout as
-    DeepSpeed's fp32 master partition (rank r holds elements [r*P, (r+1)*P) of the flattened parameter, P the
-    padded partition size). The update `ema += (1 - decay) * (w - ema)` reads the rank's local fp32 master
-    partition (deepspeed.utils.safe_get_local_fp32_param) and needs no communication; EMA memory is 1/world
-    of an fp32 model copy.
-  * ZeRO 0-2: parameters are whole on every rank, so the EMA is a whole fp32 copy on every rank (identical).
-How it is gathered: `full_state_dict()` is collective (every rank calls it); under ZeRO-3 it all-gathers the
-partitions one parameter at a time and trims the padding, so peak extra memory is one parameter. Checkpoints
-store the gathered EMA as one safetensors file, which makes it independent of the world size: `load_full`
-slices each rank's partition back out of it.
+Where it lives: every rank keeps the EMA of the part of DeepSpeed's fp32 master weights that this rank updates,
+read in place (no communication; EMA memory is that of the rank's master partition):
+  * ZeRO-3: its partition of every parameter, in DeepSpeed's flat layout (rank r holds elements [r*P, (r+1)*P)
+    of the flattened parameter, P the padded partition size; deepspeed.utils.safe_get_local_fp32_param).
+  * ZeRO-1/2, and bf16 without ZeRO: its fragment of the flat fp32 master partition (a parameter may be whole,
+    cut, or absent on a rank; DeepSpeed's `_hp_mapping`). The module's own weights are bf16 copies then.
+  * fp32 without ZeRO: the module's weights are the master weights; a whole copy on every rank.
+The master weights sit in a few flat buffers, so an update is one fused lerp per buffer.
+How it is gathered: `full_state_dict()` is collective (every rank calls it): partitions are all-gathered and the
+padding trimmed, fragments summed into zeros, one parameter at a time, so peak extra memory is one parameter.
+Checkpoints store the gathered EMA as one safetensors file, which makes it independent of the world size:
+`load_full` cuts each rank's part back out of it.
 """
 from __future__ import annotations
 
@@ -23,8 +24,9 @@ class ShardedEMA:
         self.decay = decay
         self.zero3 = zero_stage == 3
         self.params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        self.fragments = not self.zero3 and any(hasattr(p, "_hp_mapping") for _, p in self.params)
         # Looked up once: DeepSpeed's getter synchronises a stream per call, and the views stay valid because
-        # DeepSpeed updates its fp32 partitions in place (optimizer step, checkpoint load).
+        # DeepSpeed updates its fp32 master weights in place (optimizer step, checkpoint load).
         sources = [self._source(p) for _, p in self.params]
         self.shadow, self._pairs = _shadow_with_flat_spans(sources)
 
@@ -33,7 +35,15 @@ class ShardedEMA:
             from deepspeed.utils import safe_get_local_fp32_param
 
             return safe_get_local_fp32_param(p)
+        if self.fragments:
+            mapping = p._hp_mapping
+            return mapping.hp_fragment if mapping is not None else torch.empty(0, device=p.device)
         return p.detach()
+
+    @staticmethod
+    def _fragment_start(p: torch.nn.Parameter) -> int:
+        """Where this rank's fragment starts in the flattened parameter."""
+        return p._hp_mapping.lp_fragment_address.start if p._hp_mapping is not None else 0
 
     @torch.no_grad()
     def update(self, decay: float | None = None) -> None:
@@ -43,11 +53,11 @@ class ShardedEMA:
         torch._foreach_lerp_(shadows, [s if s.dtype == torch.float32 else s.float() for s in sources], 1.0 - d)
 
     # --- gather / scatter ----------------------------------------------------------------------------------
-    # The fp32 partitions are equally sized (padded) on every rank, as DeepSpeed's own fp32 all-gather assumes.
+    # ZeRO-3 partitions are equally sized (padded) on every rank, as DeepSpeed's own fp32 all-gather assumes.
 
     @torch.no_grad()
     def full_state_dict(self, to_cpu: bool = True) -> dict[str, torch.Tensor]:
-        """Whole fp32 EMA tensors by parameter name (collective under ZeRO-3; every rank gets them)."""
+        """Whole fp32 EMA tensors by parameter name (collective under ZeRO; every rank gets them)."""
         out = {}
         for (name, p), local in zip(self.params, self.shadow):
             if self.zero3:
@@ -56,6 +66,13 @@ class ShardedEMA:
                 buf = torch.empty(world * size, dtype=torch.float32, device=local.device)
                 _all_gather(buf, local.reshape(-1).contiguous())
                 full = buf.narrow(0, 0, p.ds_numel).view(p.ds_shape)
+            elif self.fragments:
+                full = torch.zeros(p.numel(), dtype=torch.float32, device=local.device)
+                start = self._fragment_start(p)
+                full[start:start + local.numel()] = local.reshape(-1)
+                if dist.is_initialized() and dist.get_world_size(p._dp_group) > 1:
+                    dist.all_reduce(full, group=p._dp_group)
+                full = full.view(p.shape)
             else:
                 full = local
             out[name] = full.cpu().clone() if to_cpu else full.clone()
@@ -77,6 +94,11 @@ class ShardedEMA:
                 part = flat[rank * size:(rank + 1) * size]
                 local.zero_()
                 local.reshape(-1)[:part.numel()].copy_(part)
+            elif self.fragments:
+                if tuple(t.shape) != tuple(p.shape):
+                    raise ValueError(f"EMA {name}: shape {tuple(t.shape)}, the model has {tuple(p.shape)}")
+                start = self._fragment_start(p)
+                local.reshape(-1).copy_(t.reshape(-1)[start:start + local.numel()])
             else:
                 local.copy_(t)
 
