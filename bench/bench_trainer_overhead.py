@@ -20,6 +20,8 @@ Where the time goes (host overhead shows best on the CPU with a small compute, e
                 the median table comes from separate, unprofiled steps.
   --cprofile N  the N Python functions with the most own time over the trainer's profiled steps (cProfile):
                 DeepSpeed's per-module hooks, the reader, the EMA, ...
+  --sync-debug N  (CUDA) the host syncs of N trainer steps by call site (torch.cuda.set_sync_debug_mode): each
+                one stops the CPU from queueing work ahead of the GPU.
 """
 from __future__ import annotations
 
@@ -72,15 +74,18 @@ class Phases:
         return out
 
 
-def _timed_loop(step_fn, steps: int, device: torch.device) -> list[float]:
-    times = []
+def _timed_loop(step_fn, steps: int, device: torch.device) -> tuple[list[float], list[float]]:
+    """Wall time per step, and the CPU time of this (the training loop's) thread per step: on a busy machine
+    the latter hardly depends on what other processes do, and without a GPU it is compute plus host overhead."""
+    times, cpu = [], []
     for _ in range(steps):
         _sync(device)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         step_fn()
         _sync(device)
         times.append(time.perf_counter() - t0)
-    return times
+        cpu.append(time.thread_time() - c0)
+    return times, cpu
 
 
 def _phase_loop(step_fn, steps: int, device: torch.device, phases: Phases) -> dict[str, float]:
@@ -107,8 +112,30 @@ def _cprofile_loop(step_fn, steps: int, device: torch.device, top: int) -> str:
     return buf.getvalue()
 
 
+def _sync_sites(step_fn, steps: int, device: torch.device) -> dict[str, float]:
+    """Synchronising CUDA calls per step, by the Python line that made them."""
+    import warnings
+
+    sites: collections.Counter = collections.Counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(steps):
+                step_fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    for w in caught:
+        if "synchroniz" in str(w.message):
+            where = w.filename.split("site-packages/")[-1] if "site-packages" in w.filename else os.path.relpath(
+                w.filename)
+            sites[f"{where}:{w.lineno}"] += 1
+    _sync(device)
+    return {site: n / steps for site, n in sites.most_common()}
+
+
 def bare_step_times(name: str, kwargs: dict, batch: int, steps: int, warmup: int, device: torch.device,
-                    bf16: bool, lr: float, profile: bool) -> tuple[list[float], dict | None]:
+                    bf16: bool, lr: float, profile: bool):
     from dig.diffusion import create_diffusion
     from dig.models import create_model
 
@@ -141,14 +168,15 @@ def bare_step_times(name: str, kwargs: dict, batch: int, steps: int, warmup: int
         loss.item()  # the trainer reads its loss back every step too
 
     _timed_loop(step, warmup, device)
-    times = _timed_loop(step, steps, device)
+    times, cpu = _timed_loop(step, steps, device)
     table = _phase_loop(step, steps, device, phases) if profile else None
     del model, opt
-    return times, table
+    return times, cpu, table
 
 
 def trainer_step_times(name: str, overrides: dict, resolution: int, batch: int, steps: int, warmup: int,
-                       zero_stage: int, workdir: str, log_every: int, profile: bool, cprofile: int):
+                       zero_stage: int, workdir: str, log_every: int, profile: bool, cprofile: int,
+                       sync_debug: int):
     from dig.data.synthetic import write_synthetic_dataset
     from dig.train import trainer as trainer_module
     from dig.train.config import resolve, validate
@@ -160,8 +188,8 @@ def trainer_step_times(name: str, overrides: dict, resolution: int, batch: int, 
         os.environ.setdefault(key, value)
     latent = resolution // 8
     per_shard = max(batch, 64)
-    runs = 2 + bool(profile) + bool(cprofile)
-    num_shards = max(2, -(-(warmup + runs * steps + 4) * batch // per_shard))
+    total_steps = warmup + (2 + bool(profile) + bool(cprofile)) * steps + sync_debug
+    num_shards = max(2, -(-(total_steps + 4) * batch // per_shard))
     data = os.path.join(workdir, "latents")
     write_synthetic_dataset(data, num_shards=num_shards, samples_per_shard=per_shard, latent_size=latent,
                             resolution=resolution, num_classes=1000, dtype="float16")
@@ -170,7 +198,7 @@ def trainer_step_times(name: str, overrides: dict, resolution: int, batch: int, 
         "model": {"name": name, "overrides": overrides},
         "data": {"path": data, "resolution": resolution, "global_batch_size": batch, "micro_batch_size": batch},
         "engine": {"zero_stage": zero_stage},
-        "steps": warmup + runs * steps, "checkpoint": {"every": 0},
+        "steps": total_steps, "checkpoint": {"every": 0},
         "tracking": {"log_every": log_every, "sample_every": 0},
     }
     resolved = resolve(base=base)
@@ -195,14 +223,15 @@ def trainer_step_times(name: str, overrides: dict, resolution: int, batch: int, 
         tr.run_step()
 
     _timed_loop(step, warmup, device)
-    times = _timed_loop(step, steps, device)
+    times, cpu = _timed_loop(step, steps, device)
     table = _phase_loop(step, steps, device, phases) if profile else None
     report = _cprofile_loop(step, steps, device, cprofile) if cprofile else None
+    syncs = _sync_sites(step, sync_debug, device) if sync_debug and device.type == "cuda" else None
     tr.data.close()
     from dig.train.engine import shutdown
 
     shutdown()
-    return times, device, table, report
+    return times, cpu, device, table, report, syncs
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -219,6 +248,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quick", action="store_true", help="CPU dry run: tiny model, few steps")
     p.add_argument("--profile", action="store_true", help="per-phase ms/step of both loops (extra steps)")
     p.add_argument("--cprofile", type=int, default=0, metavar="N", help="top N Python functions by own time")
+    p.add_argument("--sync-debug", type=int, default=0, metavar="N", help="(CUDA) host syncs of N trainer steps")
     a = p.parse_args(argv)
     overrides: dict = dict(TINY) if a.tiny else {}
     if a.quick:
@@ -226,28 +256,32 @@ def main(argv: list[str] | None = None) -> None:
         overrides = dict(TINY)
 
     with tempfile.TemporaryDirectory() as work:
-        trainer_times, device, trainer_phases, report = trainer_step_times(
+        trainer_times, trainer_cpu, device, trainer_phases, report, syncs = trainer_step_times(
             a.model, overrides, a.resolution, a.batch, a.steps, a.warmup, a.zero_stage, work, a.log_every,
-            a.profile, a.cprofile)
+            a.profile, a.cprofile, a.sync_debug)
         torch.cuda.empty_cache() if device.type == "cuda" else None
         kwargs = dict(input_size=a.resolution // 8, num_classes=1000, **overrides)
-        bare_times, bare_phases = bare_step_times(a.model, kwargs, a.batch, a.steps, a.warmup, device,
+        bare_times, bare_cpu, bare_phases = bare_step_times(a.model, kwargs, a.batch, a.steps, a.warmup, device,
                                                   bf16=device.type == "cuda", lr=1e-4, profile=a.profile)
 
     rows = []
-    for label, times in (("bare model step", bare_times), (f"dig train step (ZeRO-{a.zero_stage})", trainer_times)):
+    for label, times, cpu in (("bare model step", bare_times, bare_cpu),
+                              (f"dig train step (ZeRO-{a.zero_stage})", trainer_times, trainer_cpu)):
         med = statistics.median(times)
         rows.append({"step": label, "median_ms": med * 1e3, "img_per_s": a.batch / med,
                      "mean_ms": statistics.fmean(times) * 1e3, "min_ms": min(times) * 1e3,
-                     "max_ms": max(times) * 1e3})
+                     "max_ms": max(times) * 1e3, "loop_cpu_ms": statistics.median(cpu) * 1e3})
     overhead = rows[1]["median_ms"] / rows[0]["median_ms"] - 1
     overhead_mean = rows[1]["mean_ms"] / rows[0]["mean_ms"] - 1  # counts the occasional slow step
+    overhead_cpu = rows[1]["loop_cpu_ms"] / rows[0]["loop_cpu_ms"] - 1
     result = {"model": a.model, "overrides": overrides, "resolution": a.resolution, "batch": a.batch,
               "steps": a.steps, "zero_stage": a.zero_stage,
               "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "rows": rows, "overhead": overhead, "overhead_mean": overhead_mean,
+              "overhead_loop_cpu": overhead_cpu,
               "trainer_ms": [t * 1e3 for t in trainer_times], "bare_ms": [t * 1e3 for t in bare_times],
-              "phases_ms": {"bare": bare_phases, "trainer": trainer_phases}}
+              "trainer_loop_cpu_ms": [t * 1e3 for t in trainer_cpu], "bare_loop_cpu_ms": [t * 1e3 for t in bare_cpu],
+              "phases_ms": {"bare": bare_phases, "trainer": trainer_phases}, "syncs_per_step": syncs}
     if a.out:
         os.makedirs(a.out, exist_ok=True)
         tag = f"{a.model.replace('/', '_')}_{a.resolution}_zero{a.zero_stage}"
@@ -256,11 +290,12 @@ def main(argv: list[str] | None = None) -> None:
     size = f"{a.model}{' (tiny)' if overrides else ''}"
     print(f"\n{size} {a.resolution}px batch {a.batch}, {a.steps} timed steps after {a.warmup} warm-up, "
           f"{result['device']}")
-    print(f"{'step':<28}{'median ms':>12}{'mean':>9}{'min':>9}{'max':>9}{'img/s':>10}")
+    print(f"{'step':<28}{'median ms':>12}{'mean':>9}{'min':>9}{'max':>9}{'img/s':>10}{'loop CPU ms':>13}")
     for r in rows:
         print(f"{r['step']:<28}{r['median_ms']:>12.1f}{r['mean_ms']:>9.1f}{r['min_ms']:>9.1f}{r['max_ms']:>9.1f}"
-              f"{r['img_per_s']:>10.1f}")
-    print(f"overhead of the full trainer step: {overhead * 100:+.1f}% (median), {overhead_mean * 100:+.1f}% (mean)")
+              f"{r['img_per_s']:>10.1f}{r['loop_cpu_ms']:>13.1f}")
+    print(f"overhead of the full trainer step: {overhead * 100:+.1f}% (median), {overhead_mean * 100:+.1f}% (mean), "
+          f"{overhead_cpu * 100:+.1f}% (loop CPU)")
     if a.profile:
         print(f"\nphases, mean ms/step over {a.steps} profiled steps"
               f"{' (synchronised at every phase boundary)' if device.type == 'cuda' else ''}")
@@ -270,6 +305,11 @@ def main(argv: list[str] | None = None) -> None:
         for n in names:
             b, t = bare_phases.get(n), trainer_phases.get(n)
             print(f"{n:<18}{'' if b is None else f'{b:.2f}':>10}{'' if t is None else f'{t:.2f}':>10}")
+    if syncs is not None:
+        print(f"\nhost syncs per trainer step ({a.sync_debug} steps; log_every={a.log_every}), by call site:")
+        for site, n in syncs.items():
+            print(f"  {n:6.2f}  {site}")
+        print(f"  {sum(syncs.values()):6.2f}  in all")
     if report:
         print(f"\ntrainer, top {a.cprofile} Python functions by own time over {a.steps} steps:\n{report}")
 
