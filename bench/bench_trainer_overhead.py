@@ -245,24 +245,30 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--out", default=None)
     p.add_argument("--tiny", action="store_true", help=f"the model at {TINY} (host overhead dominates)")
+    p.add_argument("--override", action="append", default=[], metavar="KEY=INT",
+                   help="a model override (create_model keyword), e.g. depth=12; after --tiny")
     p.add_argument("--quick", action="store_true", help="CPU dry run: tiny model, few steps")
     p.add_argument("--profile", action="store_true", help="per-phase ms/step of both loops (extra steps)")
     p.add_argument("--cprofile", type=int, default=0, metavar="N", help="top N Python functions by own time")
     p.add_argument("--sync-debug", type=int, default=0, metavar="N", help="(CUDA) host syncs of N trainer steps")
     a = p.parse_args(argv)
     overrides: dict = dict(TINY) if a.tiny else {}
+    overrides.update({k: int(v) for k, v in (o.split("=", 1) for o in a.override)})
     if a.quick:
         a.model, a.resolution, a.batch, a.steps, a.warmup = "DiG-S/2", 64, 4, 3, 1
         overrides = dict(TINY)
 
+    # The bare loop first: DeepSpeed may patch torch globally (ZeRO-3's memory_efficient_linear replaces
+    # torch.nn.functional.linear for the whole process), which must not slow the reference down.
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    kwargs = dict(input_size=a.resolution // 8, num_classes=1000, **overrides)
+    bare_times, bare_cpu, bare_phases = bare_step_times(a.model, kwargs, a.batch, a.steps, a.warmup, device,
+                                                        bf16=device.type == "cuda", lr=1e-4, profile=a.profile)
+    torch.cuda.empty_cache() if device.type == "cuda" else None
     with tempfile.TemporaryDirectory() as work:
         trainer_times, trainer_cpu, device, trainer_phases, report, syncs = trainer_step_times(
             a.model, overrides, a.resolution, a.batch, a.steps, a.warmup, a.zero_stage, work, a.log_every,
             a.profile, a.cprofile, a.sync_debug)
-        torch.cuda.empty_cache() if device.type == "cuda" else None
-        kwargs = dict(input_size=a.resolution // 8, num_classes=1000, **overrides)
-        bare_times, bare_cpu, bare_phases = bare_step_times(a.model, kwargs, a.batch, a.steps, a.warmup, device,
-                                                  bf16=device.type == "cuda", lr=1e-4, profile=a.profile)
 
     rows = []
     for label, times, cpu in (("bare model step", bare_times, bare_cpu),
