@@ -92,7 +92,7 @@ def deepspeed_config(cfg: TrainConfig, runtime: Runtime) -> dict:
     zero = dict(base.get("zero_optimization", {}))
     zero["stage"] = cfg.engine.zero_stage
     if cfg.engine.zero_stage < 3:
-        zero = {k: v for k, v in zero.items() if not k.startswith("stage3_") and k != "leaf_module"}
+        zero = {k: v for k, v in zero.items() if not k.startswith("stage3_")}
     if runtime.world_size == 1:
         # Nothing to overlap with one rank, and overlapping costs host syncs: ZeRO-2 synchronises the device per
         # reduce bucket and at the end of every backward when overlap_comm is on.

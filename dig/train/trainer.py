@@ -199,8 +199,9 @@ class Trainer:
         return loss, stats
 
     def agree(self, stats: torch.Tensor) -> _StepStats:
-        """Sum `stats` over the ranks and read them back: the step's only host sync. Every rank gets the same
-        numbers, so all take the same decision on skipping a non-finite micro-batch and on stopping."""
+        """Sum `stats` over the ranks and read them back: the trainer's one host sync per micro-batch (DeepSpeed's
+        step has its own). Every rank gets the same numbers, so all take the same decision on skipping a
+        non-finite micro-batch and on stopping."""
         if self.rt.world_size > 1:
             dist.all_reduce(stats)
         loss, mse, vb, nonfinite, stop = stats.tolist()
