@@ -179,7 +179,9 @@ class _Window:
 
 
 def _tar_samples(data: bytes) -> list[dict]:
-    """Raw webdataset samples of a tar: consecutive members `<key>.<field>` grouped by key."""
+    """Raw webdataset samples of a tar: consecutive members `<key>.<field>` grouped by key, as webdataset groups
+    them. (The standard library's tarfile rather than webdataset's iterators: importing webdataset imports torch,
+    which the loading process otherwise never needs.)"""
     samples: list[dict] = []
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
         for member in tar:
@@ -192,6 +194,8 @@ def _tar_samples(data: bytes) -> list[dict]:
             key = f"{folder}/{stem}" if folder else stem
             if not samples or samples[-1]["__key__"] != key:
                 samples.append({"__key__": key})
+            if suffix in samples[-1]:
+                raise ValueError(f"tar member {member.name!r} appears twice in sample {key!r}")
             samples[-1][suffix] = tar.extractfile(member).read()
     return samples
 
