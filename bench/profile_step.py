@@ -17,11 +17,12 @@ from .bench_model import build, free, train_step_fn
 from .common import fmt_table
 
 KINDS = [  # (kind, regex over the kernel name), first match wins
-    ("gla (fla)", r"chunk_"),
     ("gla (ours)", r"^(fwd_kernel|bwd_dq_kernel|bwd_dkv_kernel)$"),
+    ("gla (fla)", r"^chunk_(gla|fwd|bwd|local)"),
     ("attention (sdpa)", r"flash|fmha|attention"),
     ("matmul", r"gemm|sm90_xmma|cutlass|nvjet|wgmma|matmul"),
     ("conv", r"conv|depthwise"),
+    ("flip (scan reorientation)", r"flip"),
     ("optimizer", r"multi_tensor|adam"),
     ("fused elementwise (inductor)", r"^triton_"),
 ]
@@ -50,6 +51,8 @@ def profile_model(name: str, res: int, batch: int, device: torch.device, steps: 
     per_kind: dict[str, float] = defaultdict(float)
     per_kernel: dict[str, float] = defaultdict(float)
     for evt in prof.key_averages():
+        if cuda and evt.device_type != torch.autograd.DeviceType.CUDA:
+            continue  # operator events carry their kernels' time too: count kernels only
         us = evt.device_time_total if cuda else evt.self_cpu_time_total  # CPU: a dry run of the plumbing
         if us <= 0:
             continue
