@@ -176,25 +176,33 @@ def test_compiled_blocks_train_like_eager(tmp_path):
     torch.testing.assert_close(losses["compiled"], losses["eager"], rtol=1e-4, atol=1e-6)
 
 
-def test_step_log_holds_the_losses_of_the_step_batches(tmp_path):
+def test_step_log_losses_and_zero3_whole_block_gathers(tmp_path):
     """The per-step metrics (read back once per micro-batch, together with the non-finite flag) are the mean
     over the step's micro-batches of the diffusion losses. Reference: the same model, batches, timesteps and
     noise replayed here with plain PyTorch (step 1 from the initial weights, step 2 from the weights DeepSpeed
-    consolidates from the step-1 checkpoint), following the trainer's documented seeding."""
+    consolidates from the step-1 checkpoint), following the trainer's documented seeding. The run is ZeRO-3 with
+    each block gathered whole (DeepSpeed leaf modules); a ZeRO-2 run must follow its losses step for step."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     from dig.diffusion import create_diffusion
     from dig.models import create_model
 
     write_synthetic_dataset(str(tmp_path / "latents"), num_shards=2, samples_per_shard=8)
-    seed = 3
-    done = dig_train(str(tmp_path), f"data.path={tmp_path / 'latents'}", "steps=2", f"run.seed={seed}",
-                     "data.global_batch_size=4", "data.micro_batch_size=2",  # 2 micro-batches per step
-                     "tracking.step_log=true", "checkpoint.every=1")
-    assert done.returncode == 0, done.stderr[-4000:]
-    with open(tmp_path / "run" / "steps" / "rank_00000.jsonl") as f:
-        records = [json.loads(line) for line in f]
-    assert [r["step"] for r in records] == [1, 2]
+    seed, records = 3, {}
+    for stage in (3, 2):
+        (tmp_path / f"zero{stage}").mkdir()
+        done = dig_train(str(tmp_path / f"zero{stage}"), f"data.path={tmp_path / 'latents'}", "steps=3",
+                         f"run.seed={seed}", "data.global_batch_size=4", "data.micro_batch_size=2",  # 2 per step
+                         f"engine.zero_stage={stage}", "tracking.step_log=true",
+                         f"checkpoint.every={1 if stage == 3 else 0}", "checkpoint.keep_last=3")
+        assert done.returncode == 0, done.stderr[-4000:]
+        assert ("ZeRO-3: 2 blocks gathered whole" in done.stderr) == (stage == 3)
+        with open(tmp_path / f"zero{stage}" / "run" / "steps" / "rank_00000.jsonl") as f:
+            records[stage] = [json.loads(line) for line in f]
+        assert [r["step"] for r in records[stage]] == [1, 2, 3]
+    losses = {stage: [r["loss"] for r in records[stage]] for stage in records}
+    assert len(set(losses[3])) == 3  # it trains: the loss moves
+    torch.testing.assert_close(losses[2], losses[3], rtol=1e-5, atol=1e-7)
 
     torch.manual_seed(seed)
     model = create_model("DiG-S/2", input_size=8, num_classes=10, **MODEL).train()
@@ -202,9 +210,9 @@ def test_step_log_holds_the_losses_of_the_step_batches(tmp_path):
     reader = LatentShardReader(str(tmp_path / "latents"), rank=0, world_size=1, micro_batch_size=2, seed=seed,
                                window_shards=2, prefetch=False, prefetch_batches=0)
     torch.manual_seed(seed * 1_000_003 + 7919)  # the trainer's per-rank stream (rank 0)
-    for record in records:
+    for record in records[3][:2]:
         if record["step"] == 2:
-            ckpt = str(tmp_path / "run" / "checkpoints" / "step_000000001")
+            ckpt = str(tmp_path / "zero3" / "run" / "checkpoints" / "step_000000001")
             model.load_state_dict(get_fp32_state_dict_from_zero_checkpoint(ckpt, tag="engine"))
         sums, keys = {"loss": 0.0, "mse": 0.0, "vb": 0.0}, []
         for _ in range(2):
@@ -218,21 +226,3 @@ def test_step_log_holds_the_losses_of_the_step_batches(tmp_path):
         assert record["keys"] == keys
         for k, want in sums.items():
             assert record[k] == pytest.approx(want, rel=1e-5, abs=1e-7), (record["step"], k)
-    reader.close()
-
-
-def test_zero3_with_whole_block_gathers_trains_like_zero2(tmp_path):
-    """ZeRO-3 gathers each block whole (DeepSpeed leaf modules): the losses must follow the ZeRO-2 run's."""
-    write_synthetic_dataset(str(tmp_path / "latents"), num_shards=2, samples_per_shard=8)
-    losses = {}
-    for stage in (2, 3):
-        run = tmp_path / f"zero{stage}"
-        run.mkdir()
-        done = dig_train(str(run), f"data.path={tmp_path / 'latents'}", "steps=4", f"engine.zero_stage={stage}",
-                         "tracking.step_log=true", "checkpoint.every=0")
-        assert done.returncode == 0, done.stderr[-4000:]
-        assert ("ZeRO-3: 2 blocks gathered whole" in done.stderr) == (stage == 3)
-        with open(run / "run" / "steps" / "rank_00000.jsonl") as f:
-            losses[stage] = [json.loads(line)["loss"] for line in f]
-    assert len(losses[2]) == 4 and len(set(losses[2])) == 4  # it trains: the loss moves
-    torch.testing.assert_close(losses[3], losses[2], rtol=1e-5, atol=1e-7)
