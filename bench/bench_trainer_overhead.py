@@ -1,17 +1,20 @@
 """Overhead of the full `dig train` step over the bare model step, side by side in one process.
 
-  trainer: dig.train.trainer.Trainer on synthetic shards in the real format: DeepSpeed engine (ZeRO stage as
-           configured), bf16 on GPU, the shard reader with its prefetch threads, EMA, the metric window and the
-           periodic metric logging (MLflow replaced by the no-op tracker: the GPU machine has no MLflow; its
-           cost is an HTTP call every `log_every` steps, off the GPU). No checkpoints, no sample grids.
-  bare:    the same model, batch, diffusion loss and precision as a plain loop: fp32 params, bf16 autocast,
-           fused AdamW, grad clipping; the batch already on the device.
+  bare:    the model, batch, diffusion loss and precision of the trainer as a plain loop: fp32 params, bf16
+           autocast, fused AdamW, grad clipping; the batch already on the device. Run first, so that nothing
+           DeepSpeed patches into torch can touch it.
+  trainer: Trainer.run_step of dig.train.trainer (what `dig train` loops over) on synthetic shards in the real
+           format: DeepSpeed engine (ZeRO stage as given), bf16 on GPU, the shard reader (loading process,
+           batch thread, pinned memory on GPU), EMA, the metric window and the periodic metric logging (MLflow
+           replaced by the no-op tracker: the GPU machine has no MLflow; its cost is an HTTP call every
+           `log_every` steps, off the GPU). No checkpoints, no sample grids.
 
     python -m bench.bench_trainer_overhead --model DiG-B/2 --resolution 256 --batch 64 --steps 30
     python -m bench.bench_trainer_overhead --quick        # CPU dry run at a tiny size
-    python -m bench.bench_trainer_overhead --tiny --resolution 64 --batch 2 --steps 40 --profile --cprofile 25
+    python -m bench.bench_trainer_overhead --tiny --override depth=12 --resolution 64 --batch 2 --profile
 
-Prints a table (median ms/step, img/s, overhead %) and writes results.json under --out.
+Prints a table (median and mean ms/step, img/s, CPU time of the training loop's thread, overhead %) and writes
+trainer_overhead_<model>_<res>_zero<stage>.json under --out.
 
 Where the time goes (host overhead shows best on the CPU with a small compute, e.g. --tiny or batch 2):
   --profile     mean ms per step of each phase of both loops (data, forward, backward, optimizer step, EMA,
