@@ -48,12 +48,21 @@ def env_for(s3_server) -> dict:
 
 
 def torchrun(overrides: list[str], env: dict, cwd: str) -> subprocess.Popen:
+    port = free_port()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", "-m", "dig.cli", "train", "--config", TINY, *overrides]
+           f"--master_port={port}", "-m", "dig.cli", "train", "--config", TINY, *overrides]
     log = open(os.path.join(cwd, f"train-{time.monotonic_ns()}.log"), "wb")
     proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     proc.log_path = log.name
+    proc.master_port = port
     return proc
+
+
+def shm_left_by(proc: subprocess.Popen) -> list[str]:
+    """DeepSpeed's CPU all-reduce workspaces of a launch still in /dev/shm (66 MB per rank)."""
+    import glob
+
+    return glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{proc.master_port}_*")
 
 
 def kill_launch(proc: subprocess.Popen) -> list[list[str]]:
@@ -134,6 +143,7 @@ def killed_and_resumed_run(tmp_path_factory, s3_server, s3_latents, mlflow_track
         time.sleep(0.02)
     killed = kill_launch(first)
     assert sum("dig.cli" in cmd for cmd in killed[1:]) == 2, f"expected torchrun and two workers: {killed}"
+    assert not shm_left_by(first)  # even a SIGKILL leaves no shared memory behind
     assert first.returncode == -signal.SIGKILL
     killed_at = open(marker).read().strip()
     with open(os.path.join(run_dir, "tracking.json")) as f:
@@ -293,6 +303,7 @@ def test_sigterm_to_one_rank_stops_both_with_a_checkpoint(tmp_path):
     assert len(rank1) == 1
     rank1[0].send_signal(signal.SIGTERM)
     finish(proc, timeout=120)
+    assert not shm_left_by(proc)
     steps = [len(open(log).readlines()) for log in logs]
     assert steps[0] == steps[1] >= 2
     marker = os.path.join(run_dir, "checkpoints", "latest")

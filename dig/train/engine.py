@@ -67,10 +67,29 @@ def init_distributed(cfg: TrainConfig) -> Runtime:
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
     import torch.distributed as dist
 
+    if not cuda:
+        _unlink_cpu_allreduce_workspace()
+
     precision = cfg.engine.precision
     bf16 = cuda if precision == "auto" else precision == "bf16"
     return Runtime(rank=dist.get_rank(), local_rank=local_rank, world_size=dist.get_world_size(),
                    device=torch.device("cuda", local_rank) if cuda else torch.device("cpu"), bf16=bf16)
+
+
+def _unlink_cpu_allreduce_workspace() -> None:
+    """DeepSpeed's CPU all-reduce keeps a 66 MB workspace per rank in /dev/shm and never removes it: every CPU
+    run left one per rank behind until /dev/shm (and with it the machine's memory) was full. Once every rank has
+    passed init_distributed, each has mapped all the others' workspaces, so the names can go; the memory itself
+    is freed when the processes end, however they end."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
+    try:
+        os.unlink(name)
+    except FileNotFoundError:  # ranks on several machines: DeepSpeed made no workspace
+        pass
 
 
 def _find_config_file(path: str) -> str:
