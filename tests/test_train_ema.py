@@ -24,8 +24,10 @@ WORKER = textwrap.dedent("""
     import torch.distributed as dist
     from deepspeed.utils import safe_get_full_fp32_param
     from dig.train.ema import ShardedEMA
+    from dig.train.engine import unlink_cpu_allreduce_workspace
 
     deepspeed.init_distributed(dist_backend="gloo")
+    unlink_cpu_allreduce_workspace()
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 7))  # 15, 5, 35, 7
     stage, bf16 = int(sys.argv[2]), sys.argv[3] == "bf16"

@@ -68,7 +68,7 @@ def init_distributed(cfg: TrainConfig) -> Runtime:
     import torch.distributed as dist
 
     if not cuda:
-        _unlink_cpu_allreduce_workspace()
+        unlink_cpu_allreduce_workspace()
 
     precision = cfg.engine.precision
     bf16 = cuda if precision == "auto" else precision == "bf16"
@@ -76,7 +76,7 @@ def init_distributed(cfg: TrainConfig) -> Runtime:
                    device=torch.device("cuda", local_rank) if cuda else torch.device("cpu"), bf16=bf16)
 
 
-def _unlink_cpu_allreduce_workspace() -> None:
+def unlink_cpu_allreduce_workspace() -> None:
     """DeepSpeed's CPU all-reduce keeps a 66 MB workspace per rank in /dev/shm and never removes it: every CPU
     run left one per rank behind until /dev/shm (and with it the machine's memory) was full. Once every rank has
     passed init_distributed, each has mapped all the others' workspaces, so the names can go; the memory itself
