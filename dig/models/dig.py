@@ -11,7 +11,7 @@ from dig.ops import gla, resolve_backend
 
 from .base import LatentDiffusionTransformer
 from .embedders import modulate
-from .scan import reorient, reorientation_after_block, reoriented_grid, restore_raster
+from .scan import reorient_after_block, restore_raster
 
 
 def _gla(q, k, v, g, backend):
@@ -124,10 +124,7 @@ class DiGBlock(nn.Module):
             self.dw_conv.bias.zero_()
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, grid: tuple[int, int],
-                skip: torch.Tensor | None = None, reorient_input: str = "none") -> torch.Tensor:
-        """`reorient_input`: the previous block's reorientation (scan.reorient), applied here rather than between
-        the blocks so that a compiled block folds the gather into its first reads instead of a separate copy."""
-        x, grid = reorient(x, grid, reorient_input)
+                skip: torch.Tensor | None = None) -> torch.Tensor:
         if self.skip_linear is not None:
             if skip is None:
                 raise ValueError("this block has a long skip; pass the matching first-half output")
@@ -190,18 +187,12 @@ class DiG(LatentDiffusionTransformer):
     def forward_blocks(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         grid = self.grid_size
         skips: list[torch.Tensor] = []
-        pending = "none"  # the reorientation the next block applies to its input
         for i, block in enumerate(self.blocks):
             skip = skips.pop() if block.skip_linear is not None else None
-            x = self.run_block(block, x, c, grid, skip, pending)
-            grid = reoriented_grid(grid, pending)
-            pending = reorientation_after_block(i)
-            if self.long_skip:  # U-DiG keeps skips in the orientation their block sees: reorient here
-                x, grid = reorient(x, grid, pending)
-                pending = "none"
-                if i < self.depth // 2 - 1:
-                    skips.append(x)
-        x, grid = reorient(x, grid, pending)
+            x = self.run_block(block, x, c, grid, skip)
+            x, grid = reorient_after_block(x, grid, i)
+            if self.long_skip and i < self.depth // 2 - 1:
+                skips.append(x)
         x, grid = restore_raster(x, grid, self.depth)
         assert grid == self.grid_size and not skips
         return x

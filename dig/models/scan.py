@@ -19,34 +19,16 @@ def transpose_grid(x: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor
     return x.reshape(n, rows, cols, d).transpose(1, 2).reshape(n, t, d), (cols, rows)
 
 
-def reorientation_after_block(index: int) -> str:
-    """What follows block `index` (0-based): "reverse" after even indices, "reverse_transpose" after odd ones."""
-    return "reverse" if index % 2 == 0 else "reverse_transpose"
-
-
-def reoriented_grid(grid: tuple[int, int], kind: str) -> tuple[int, int]:
-    return (grid[1], grid[0]) if kind == "reverse_transpose" else grid
-
-
-def reorient(x: torch.Tensor, grid: tuple[int, int], kind: str) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Apply a reorientation ("none", "reverse", "reverse_transpose"). Reversing the sequence is flipping both
-    grid axes, so reverse + transpose is one gather (one copy instead of two)."""
-    if kind == "none":
-        return x, grid
-    if kind == "reverse":
+def reorient_after_block(x: torch.Tensor, grid: tuple[int, int], index: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """What follows block `index` (0-based): reverse always, then transpose after odd indices. Reversing the
+    sequence is flipping both grid axes, so the two are done as one gather (one copy instead of two)."""
+    if index % 2 == 0:
         return x.flip(1), grid
-    if kind != "reverse_transpose":
-        raise ValueError(f"unknown reorientation {kind!r}")
     rows, cols = grid
     n, t, d = x.shape
     if rows * cols != t:
         raise ValueError(f"grid {grid} does not hold {t} tokens")
     return x.reshape(n, rows, cols, d).flip(1, 2).transpose(1, 2).reshape(n, t, d), (cols, rows)
-
-
-def reorient_after_block(x: torch.Tensor, grid: tuple[int, int], index: int) -> tuple[torch.Tensor, tuple[int, int]]:
-    """What follows block `index` (0-based): reverse always, then transpose after odd indices."""
-    return reorient(x, grid, reorientation_after_block(index))
 
 
 def restore_raster(x: torch.Tensor, grid: tuple[int, int], depth: int) -> tuple[torch.Tensor, tuple[int, int]]:
