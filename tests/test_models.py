@@ -364,6 +364,8 @@ def test_registry_names_and_errors():
         create_model("DiG-S/2", depht=3)
     with pytest.raises(ValueError, match="gla_backend"):
         create_model("DiT-S/2", gla_backend="torch")
+    with pytest.raises(ValueError, match="unknown gla_backend 'trition'"):
+        create_model("DiG-S/2", depth=1, gla_backend="trition")
     with pytest.raises(ValueError, match="skip_init"):
         create_model("DiG-S/2", skip_init="zero")
     with pytest.raises(ValueError, match="patch_size"):

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dig.ops import gla, resolve_backend
+from dig.ops import BACKENDS, gla, resolve_backend
 
 from .base import LatentDiffusionTransformer
 from .embedders import modulate
@@ -53,6 +53,8 @@ class GatedLinearAttention(nn.Module):
         if key_dim % num_heads or value_dim % num_heads:
             raise ValueError(f"GLA: key dim {key_dim} and value dim {value_dim} must be divisible by "
                              f"num_heads={num_heads}")
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown gla_backend {backend!r}; expected one of {BACKENDS}")
         self.num_heads = num_heads
         self.gate_logit_normalizer = gate_logit_normalizer
         self.backend = backend
