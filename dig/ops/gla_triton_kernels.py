@@ -14,25 +14,49 @@ def _mm(a, b, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _offsets(i_t, T, HK, HV, base_qk, base_v, K: tl.constexpr, V: tl.constexpr,
-             BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+def _head(T: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+          BK: tl.constexpr, BV: tl.constexpr):
+    """This program's (sequence, head): where its q/k/g and v/o rows start, and its [K, V] state slot."""
+    i_bh = tl.program_id(0)
+    i_b = (i_bh // H).to(tl.int64)
+    base_qk = i_b * T * H * K + (i_bh % H) * K
+    base_v = i_b * T * H * V + (i_bh % H) * V
+    o_k = tl.arange(0, BK)
+    o_v = tl.arange(0, BV)
+    p_s = i_bh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :]
+    m_s = (o_k[:, None] < K) & (o_v[None, :] < V)
+    return base_qk, base_v, p_s, m_s
+
+
+@triton.jit
+def _chunk(q, k, g, v, i_t, base_qk, base_v, scale, T: tl.constexpr, H: tl.constexpr, K: tl.constexpr,
+           V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """Chunk i_t: offsets and masks of its q/k/g and v rows, q (scaled), k, v in float32, gc and gl."""
     o_t = i_t * BT + tl.arange(0, BT)
     o_k = tl.arange(0, BK)
     o_v = tl.arange(0, BV)
     m_qk = (o_t[:, None] < T) & (o_k[None, :] < K)
     m_v = (o_t[:, None] < T) & (o_v[None, :] < V)
-    p_qk = base_qk + o_t[:, None].to(tl.int64) * HK + o_k[None, :]
-    p_v = base_v + o_t[:, None].to(tl.int64) * HV + o_v[None, :]
-    return p_qk, p_v, m_qk, m_v
-
-
-@triton.jit
-def _load_qkgv(q, k, g, v, p_qk, p_v, m_qk, m_v, scale):
+    p_qk = base_qk + o_t[:, None].to(tl.int64) * (H * K) + o_k[None, :]
+    p_v = base_v + o_t[:, None].to(tl.int64) * (H * V) + o_v[None, :]
     b_q = tl.load(q + p_qk, mask=m_qk, other=0.).to(tl.float32) * scale
     b_k = tl.load(k + p_qk, mask=m_qk, other=0.).to(tl.float32)
     b_g = tl.load(g + p_qk, mask=m_qk, other=0.).to(tl.float32)  # padding rows: no decay and no key
     b_v = tl.load(v + p_v, mask=m_v, other=0.).to(tl.float32)
-    return b_q, b_k, b_g, b_v
+    return p_qk, p_v, m_qk, m_v, b_q, b_k, b_v, tl.cumsum(b_g, axis=0), tl.sum(b_g, axis=0)
+
+
+@triton.jit
+def _next_state(S, b_k, b_v, gc, gl, PRECISION: tl.constexpr):
+    """The state after the chunk: decayed over the whole chunk, plus its keys decayed to the chunk end."""
+    return S * tl.exp(gl)[:, None] + _mm(tl.trans(b_k * tl.exp(gl[None, :] - gc)), b_v, PRECISION)
+
+
+@triton.jit
+def _output_grad_scores(b_do, b_v, PRECISION: tl.constexpr, BT: tl.constexpr):
+    """dA[i, j] = do_i . v_j for j <= i, else 0."""
+    o_i = tl.arange(0, BT)
+    return tl.where(o_i[:, None] >= o_i[None, :], _mm(b_do, tl.trans(b_v), PRECISION), 0.)
 
 
 @triton.jit
@@ -101,29 +125,18 @@ def fwd_kernel(q, k, v, g, o, h0, ht, scale, max_decay,
                T: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
                USE_H0: tl.constexpr, STORE_HT: tl.constexpr):
-    i_bh = tl.program_id(0)
-    i_b = (i_bh // H).to(tl.int64)
-    i_h = i_bh % H
-    HK, HV = H * K, H * V
-    base_qk = i_b * T * HK + i_h * K
-    base_v = i_b * T * HV + i_h * V
-    o_k = tl.arange(0, BK)
-    o_v = tl.arange(0, BV)
-    m_s = (o_k[:, None] < K) & (o_v[None, :] < V)
-    p_s = i_bh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :]
+    base_qk, base_v, p_s, m_s = _head(T, H, K, V, BK, BV)
     if USE_H0:
         S = tl.load(h0 + p_s, mask=m_s, other=0.).to(tl.float32)
     else:
         S = tl.zeros([BK, BV], dtype=tl.float32)
     for i_t in range(0, (T + BT - 1) // BT):
-        p_qk, p_v, m_qk, m_v = _offsets(i_t, T, HK, HV, base_qk, base_v, K, V, BT, BK, BV)
-        b_q, b_k, b_g, b_v = _load_qkgv(q, k, g, v, p_qk, p_v, m_qk, m_v, scale)
-        gc = tl.cumsum(b_g, axis=0)
-        gl = tl.sum(b_g, axis=0)
+        p_qk, p_v, m_qk, m_v, b_q, b_k, b_v, gc, gl = _chunk(q, k, g, v, i_t, base_qk, base_v, scale,
+                                                             T, H, K, V, BT, BK, BV)
         A = _scores(b_q, b_k, gc, gl, max_decay, PRECISION, BT)
         b_o = _mm(A, b_v, PRECISION) + _mm(b_q * tl.exp(gc), S, PRECISION)
         tl.store(o + p_v, b_o.to(o.dtype.element_ty), mask=m_v)
-        S = S * tl.exp(gl)[:, None] + _mm(tl.trans(b_k * tl.exp(gl[None, :] - gc)), b_v, PRECISION)
+        S = _next_state(S, b_k, b_v, gc, gl, PRECISION)
     if STORE_HT:
         tl.store(ht + p_s, S, mask=m_s)
 
@@ -135,35 +148,24 @@ def bwd_dq_kernel(q, k, v, g, do, dq, dht, final_dg, h0, scale, max_decay,
                   USE_H0: tl.constexpr, USE_DHT: tl.constexpr):
     """Forward sweep: dq in float32 and, with a final-state gradient, the gate-gradient term sum_v S_T * dS_T
     that every position's dg receives."""
-    i_bh = tl.program_id(0)
-    i_b = (i_bh // H).to(tl.int64)
-    i_h = i_bh % H
-    HK, HV = H * K, H * V
-    base_qk = i_b * T * HK + i_h * K
-    base_v = i_b * T * HV + i_h * V
-    o_k = tl.arange(0, BK)
-    o_v = tl.arange(0, BV)
-    o_i = tl.arange(0, BT)
-    m_s = (o_k[:, None] < K) & (o_v[None, :] < V)
-    p_s = i_bh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :]
+    base_qk, base_v, p_s, m_s = _head(T, H, K, V, BK, BV)
     if USE_H0:
         S = tl.load(h0 + p_s, mask=m_s, other=0.).to(tl.float32)
     else:
         S = tl.zeros([BK, BV], dtype=tl.float32)
     for i_t in range(0, (T + BT - 1) // BT):
-        p_qk, p_v, m_qk, m_v = _offsets(i_t, T, HK, HV, base_qk, base_v, K, V, BT, BK, BV)
-        b_q, b_k, b_g, b_v = _load_qkgv(q, k, g, v, p_qk, p_v, m_qk, m_v, scale)
+        p_qk, p_v, m_qk, m_v, b_q, b_k, b_v, gc, gl = _chunk(q, k, g, v, i_t, base_qk, base_v, scale,
+                                                             T, H, K, V, BT, BK, BV)
         b_do = tl.load(do + p_v, mask=m_v, other=0.).to(tl.float32)
-        gc = tl.cumsum(b_g, axis=0)
-        gl = tl.sum(b_g, axis=0)
-        dA = tl.where(o_i[:, None] >= o_i[None, :], _mm(b_do, tl.trans(b_v), PRECISION), 0.)
+        dA = _output_grad_scores(b_do, b_v, PRECISION, BT)
         b_dq = _scores_grad_q(dA, b_k, gc, gl, max_decay, PRECISION, BT)
         b_dq += _mm(b_do, tl.trans(S), PRECISION) * tl.exp(gc)
         tl.store(dq + p_qk, b_dq * scale, mask=m_qk)
-        S = S * tl.exp(gl)[:, None] + _mm(tl.trans(b_k * tl.exp(gl[None, :] - gc)), b_v, PRECISION)
+        S = _next_state(S, b_k, b_v, gc, gl, PRECISION)
     if USE_DHT:
+        o_k = tl.arange(0, BK)
         b_dht = tl.load(dht + p_s, mask=m_s, other=0.).to(tl.float32)
-        tl.store(final_dg + i_bh.to(tl.int64) * K + o_k, tl.sum(S * b_dht, axis=1), mask=o_k < K)
+        tl.store(final_dg + tl.program_id(0).to(tl.int64) * K + o_k, tl.sum(S * b_dht, axis=1), mask=o_k < K)
 
 
 @triton.jit
@@ -172,34 +174,22 @@ def bwd_dkv_kernel(q, k, v, g, do, dq, dk, dv, dg, dht, final_dg, dh0, scale, ma
                    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
                    USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr):
     """Reverse sweep: dk, dv, and dg as the reverse cumulative sum of q*dq - k*dk."""
-    i_bh = tl.program_id(0)
-    i_b = (i_bh // H).to(tl.int64)
-    i_h = i_bh % H
-    HK, HV = H * K, H * V
-    base_qk = i_b * T * HK + i_h * K
-    base_v = i_b * T * HV + i_h * V
-    o_k = tl.arange(0, BK)
-    o_v = tl.arange(0, BV)
-    o_i = tl.arange(0, BT)
-    m_s = (o_k[:, None] < K) & (o_v[None, :] < V)
-    p_s = i_bh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :]
+    base_qk, base_v, p_s, m_s = _head(T, H, K, V, BK, BV)
     if USE_DHT:
+        o_k = tl.arange(0, BK)
         dS = tl.load(dht + p_s, mask=m_s, other=0.).to(tl.float32)
-        dg_after = tl.load(final_dg + i_bh.to(tl.int64) * K + o_k, mask=o_k < K, other=0.)
+        dg_after = tl.load(final_dg + tl.program_id(0).to(tl.int64) * K + o_k, mask=o_k < K, other=0.)
     else:
         dS = tl.zeros([BK, BV], dtype=tl.float32)
         dg_after = tl.zeros([BK], dtype=tl.float32)
     NT: tl.constexpr = (T + BT - 1) // BT
     for i_r in range(0, NT):
-        i_t = NT - 1 - i_r
-        p_qk, p_v, m_qk, m_v = _offsets(i_t, T, HK, HV, base_qk, base_v, K, V, BT, BK, BV)
-        b_q, b_k, b_g, b_v = _load_qkgv(q, k, g, v, p_qk, p_v, m_qk, m_v, scale)
+        p_qk, p_v, m_qk, m_v, b_q, b_k, b_v, gc, gl = _chunk(q, k, g, v, NT - 1 - i_r, base_qk, base_v, scale,
+                                                             T, H, K, V, BT, BK, BV)
         b_do = tl.load(do + p_v, mask=m_v, other=0.).to(tl.float32)
-        gc = tl.cumsum(b_g, axis=0)
-        gl = tl.sum(b_g, axis=0)
         to_end = tl.exp(gl[None, :] - gc)
         A = _scores(b_q, b_k, gc, gl, max_decay, PRECISION, BT)
-        dA = tl.where(o_i[:, None] >= o_i[None, :], _mm(b_do, tl.trans(b_v), PRECISION), 0.)
+        dA = _output_grad_scores(b_do, b_v, PRECISION, BT)
         b_dk = _scores_grad_k(dA, b_q, gc, gl, max_decay, PRECISION, BT)
         b_dk += _mm(b_v, tl.trans(dS), PRECISION) * to_end
         b_dv = _mm(tl.trans(A), b_do, PRECISION) + _mm(b_k * to_end, dS, PRECISION)
