@@ -353,3 +353,26 @@ def test_auto_choice_on_cuda():
     assert resolve_backend("auto", q.device, q_big, v_big) == "fla"
     with pytest.raises(ValueError, match="K <= 64, V <= 128"):
         gla(q_big, q_big, v_big, torch.zeros_like(q_big), backend="triton")
+
+
+def test_auto_choice_is_traceable_with_symbolic_sizes(monkeypatch):
+    """The CUDA rule (fused kernel when batch x heads >= #SMs, else fla) decided inside a graph compiled with a
+    dynamic batch: dynamo must guard on the comparison, not demand a constant (the crash of a compiled DiG that
+    saw a second batch size). The machine facts are faked so that this runs without a GPU: 10 SMs."""
+    import dig.ops as ops
+
+    monkeypatch.setattr(ops, "_sm_count_of", torch._dynamo.assume_constant_result(lambda index: 10))
+    monkeypatch.setattr(ops, "_installed", torch._dynamo.assume_constant_result(lambda: (True, True)))
+    cuda = torch.device("cuda", 0)
+
+    def choice(q, v):
+        fused = ops.resolve_backend("auto", cuda, q, v) == "triton"
+        return q.sum() + (1.0 if fused else -1.0)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(choice, dynamic=True, fullgraph=True, backend="eager")
+    for batch, heads, k_dim, fused in ((4, 2, 32, False), (5, 2, 32, True), (3, 4, 32, True), (1, 2, 32, False),
+                                       (8, 2, 80, False)):  # the last: heads too large for the fused kernel
+        q, v = torch.zeros(batch, 3, heads, k_dim), torch.zeros(batch, 3, heads, 64)
+        assert ops.resolve_backend("auto", cuda, q, v) == ("triton" if fused else "fla")
+        assert compiled(q, v).item() == (1.0 if fused else -1.0), (batch, heads, k_dim)

@@ -10,7 +10,6 @@ else triton, else torch; on other devices, torch.
 """
 from __future__ import annotations
 
-import functools
 import warnings
 
 import torch
@@ -26,7 +25,11 @@ __all__ = ["BACKENDS", "FlaUnavailableError", "gla", "gla_fla", "gla_torch", "gl
 
 def resolve_backend(backend: str, device: torch.device, q: torch.Tensor | None = None,
                     v: torch.Tensor | None = None) -> str:
-    """The backend `gla` will use for tensors on `device` (and, if given, of q's and v's shapes)."""
+    """The backend `gla` will use for tensors on `device` (and, if given, of q's and v's shapes).
+
+    Under torch.compile the sizes may be symbolic (a dynamic batch): the facts about the machine come from
+    functions dynamo treats as constants, and the comparison with the sizes is plain Python, which dynamo turns
+    into a guard (a batch on the other side of the threshold recompiles instead of failing)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown GLA backend {backend!r}; expected one of {BACKENDS}")
     if backend != "auto":
@@ -34,33 +37,42 @@ def resolve_backend(backend: str, device: torch.device, q: torch.Tensor | None =
     if device.type != "cuda":
         return "torch"
     index = device.index if device.index is not None else torch.cuda.current_device()
-    if q is None:
-        return _auto_cuda_backend(index, None, None, None)
-    return _auto_cuda_backend(index, q.shape[0] * q.shape[2], q.shape[-1], v.shape[-1])
-
-
-@torch._dynamo.assume_constant_result  # decided once per compiled graph (shapes are static there)
-def _auto_cuda_backend(index: int, sequences: int | None, k_dim: int | None, v_dim: int | None) -> str:
-    fits = triton_installed() and (k_dim is None or (k_dim <= MAX_K and v_dim <= MAX_V))
-    if fits and (sequences is None or sequences >= _sm_count_of(index) or not fla_installed()):
+    triton_ok, fla_ok = _installed()
+    if q is not None and (q.shape[-1] > MAX_K or v.shape[-1] > MAX_V):
+        triton_ok = False
+    if triton_ok and (q is None or not fla_ok or q.shape[0] * q.shape[2] >= _sm_count_of(index)):
         return "triton"
-    if fla_installed():
+    if fla_ok:
         return "fla"
+    _warn_no_kernels()
+    return "torch"
+
+
+@torch._dynamo.assume_constant_result
+def _installed() -> tuple[bool, bool]:
+    return triton_installed(), fla_installed()
+
+
+def _warn_no_kernels() -> None:
     global _warned_no_fla
     if not _warned_no_fla:
         _warned_no_fla = True
         warnings.warn("dig.ops.gla: CUDA tensors but neither Triton (for these head sizes) nor flash-linear-attention "
                       "is available; using the (much slower) PyTorch implementation. `pip install triton "
                       "flash-linear-attention` for the Triton kernels.", stacklevel=4)
-    return "torch"
 
 
 _warned_no_fla = False
 
 
-@functools.lru_cache(maxsize=None)
+_sm_counts: dict[int, int] = {}
+
+
+@torch._dynamo.assume_constant_result
 def _sm_count_of(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+    if index not in _sm_counts:
+        _sm_counts[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _sm_counts[index]
 
 
 def _check_inputs(q, k, v, g, initial_state):
