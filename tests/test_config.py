@@ -43,7 +43,6 @@ def test_dotted_overrides_are_typed():
     (["model.overrides.depthh=3"], "model.overrides ['depthh'] are not options of DiG-S/2"),
     (["data.global_batch_size=10", "data.micro_batch_size=4"], "not a multiple of data.micro_batch_size=4"),
     (["steps=many"], "steps: Input should be a valid integer"),
-    (["model.compile=true", "engine.zero_stage=3"], "model.compile=true is not supported with engine.zero_stage=3"),
 ])
 def test_clear_errors(override, message):
     with pytest.raises(ConfigError) as exc:

@@ -34,7 +34,8 @@ class ModelConfig(_Section):
     class_dropout_prob: float = 0.1
     gla_backend: str = "auto"
     grad_checkpointing: bool = False       # per-block activation checkpointing (high resolution)
-    compile: bool = False                  # regional torch.compile of each block (BENCHMARKS.md); ZeRO 0-2 only
+    compile: bool = False                  # regional torch.compile of each block's forward (BENCHMARKS.md)
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "default"  # reduce-overhead: CUDA graphs
     pos_embed_base_size: int | None = None  # latent side the sin-cos grid is scaled to (fine-tuning 256 → 1024)
     init_from: str | None = None           # exported folder or run directory whose (EMA) weights start this run
     overrides: dict[str, Any] = Field(default_factory=dict)  # extra create_model kwargs (depth, hidden_size, …)
@@ -76,7 +77,9 @@ class OptimConfig(_Section):
 
 class EngineConfig(_Section):
     zero_stage: Literal[0, 1, 2, 3] = 3
-    precision: Literal["auto", "bf16", "fp32"] = "auto"   # auto: bf16 on GPU, fp32 on CPU
+    # bf16: bf16 weights, fp32 master in the optimizer, bf16 autocast; amp: fp32 weights, bf16 autocast (torch
+    # AMP; DeepSpeed then runs the plain torch optimizer); auto: bf16 on GPU, fp32 on CPU
+    precision: Literal["auto", "bf16", "amp", "fp32"] = "auto"
     deepspeed_config: str | None = "configs/deepspeed/zero.json"  # base knobs; the trainer fills the rest
 
 
@@ -95,6 +98,7 @@ class SampleConfig(_Section):
 
 
 class TrackingConfig(_Section):
+    backend: Literal["mlflow", "jsonl", "none"] = "mlflow"  # jsonl: <run dir>/metrics.jsonl, for hosts without MLflow
     uri: str | None = None                 # None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
     experiment: str = "dig"
     log_every: int = 100
@@ -122,14 +126,6 @@ class TrainConfig(_Section):
         if not 0.0 <= v < 1.0:
             raise ValueError("ema_decay must be in [0, 1)")
         return v
-
-    @model_validator(mode="after")
-    def _compile_needs_no_zero3(self):
-        if self.model.compile and self.engine.zero_stage == 3:
-            raise ValueError("model.compile=true is not supported with engine.zero_stage=3 yet: ZeRO-3's parameter "
-                             "gather/release hooks would run inside the compiled blocks, which is untested. Use "
-                             "engine.zero_stage=2 (or 0/1), or leave model.compile off")
-        return self
 
     @model_validator(mode="after")
     def _model_known(self):
