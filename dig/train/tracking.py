@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import re
+import time
 from typing import Any
 
 from .config import flatten
@@ -113,8 +114,39 @@ class MlflowTracker(NullTracker):
         self.mlflow.end_run(status=status)
 
 
+class JsonlTracker(NullTracker):
+    """For machines without MLflow (or offline runs): metrics and tags as JSON lines in <run dir>/metrics.jsonl,
+    each with the wall-clock time it was logged at; images as files under <run dir>/images/."""
+
+    def __init__(self, run_dir: str):
+        self.run_dir = run_dir
+        self.path = os.path.join(run_dir, METRICS_FILE)
+
+    def _append(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"time": time.time(), **record}) + "\n")
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self._append({"step": step, **{k: float(v) for k, v in metrics.items()}})
+
+    def log_image(self, image, artifact_file: str) -> None:
+        path = os.path.join(self.run_dir, "images", artifact_file)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        image.save(path)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self._append({"tags": tags})
+
+
+METRICS_FILE = "metrics.jsonl"
+
+
 def make_tracker(is_main: bool, run_dir: str, cfg, resolved_config: dict, step: int) -> NullTracker:
     if not is_main:
         return NullTracker()
     t = cfg.tracking
+    if t.backend == "jsonl":
+        return JsonlTracker(run_dir)
+    if t.backend == "none":
+        return NullTracker()
     return MlflowTracker(run_dir, t.uri, t.experiment, cfg.run.name, resolved_config, step)

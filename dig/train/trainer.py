@@ -71,10 +71,15 @@ class Trainer:
         if init_state is not None:
             model.load_state_dict(init_state, strict=True)
         self.flops_per_image = training_flops_per_image(model)
+        # CUDA graphs (compile_mode reduce-overhead) replay a block's recorded kernels: each step must be marked
+        self._cudagraphs = cfg.model.compile and cfg.model.compile_mode == "reduce-overhead" \
+            and self.rt.device.type == "cuda"
         if cfg.model.compile:
-            model.compile_blocks()  # in place: parameter names, state dicts and checkpoints are unchanged
-            if self.rt.is_main:
-                log.info("model.compile: %d blocks compiled with torch.compile (regional)", len(model.blocks))
+            mode = cfg.model.compile_mode if self.rt.device.type == "cuda" else "default"
+            model.compile_blocks(**({} if mode == "default" else {"mode": mode}))  # in place: names, state dicts
+            if self.rt.is_main:                                                    # and checkpoints unchanged
+                log.info("model.compile: %d blocks compiled with torch.compile (regional, mode %s)",
+                         len(model.blocks), mode)
         self.engine = build_engine(model, cfg, self.rt)
         self.diffusion = create_diffusion(learn_sigma=cfg.model.learn_sigma)
 
@@ -96,6 +101,7 @@ class Trainer:
         self._vae = None
         self._window = _MetricWindow()
         self._last_saved_step = self.step if resume_from is not None else -1
+        self._checkpoint_block_s: float | None = None
 
     # --- setup helpers --------------------------------------------------------------------------------------
 
@@ -186,6 +192,8 @@ class Trainer:
     def forward_loss(self, batch: Batch):
         """Diffusion loss of one micro-batch; returns (loss for backward, this rank's [loss, mse, vb, non-finite,
         stop requested] as a device tensor, for `agree`)."""
+        if self._cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
         x = batch.latents.to(self.rt.device, non_blocking=True)
         y = batch.labels.to(self.rt.device, non_blocking=True)
         t = torch.randint(0, self.diffusion.num_timesteps, (x.shape[0],), device=self.rt.device)
@@ -252,7 +260,9 @@ class Trainer:
     def maybe_checkpoint(self) -> None:
         every = self.cfg.checkpoint.every
         if every > 0 and self.step % every == 0:
+            t0 = time.perf_counter()
             self.save_checkpoint()
+            self._checkpoint_block_s = time.perf_counter() - t0  # reported with the next metrics
 
     def save_checkpoint(self) -> None:
         if self._last_saved_step == self.step:
@@ -287,6 +297,9 @@ class Trainer:
         metrics["nonfinite_skipped"] = self.nonfinite_total
         metrics["shards_skipped"] = self.data.shards_skipped
         metrics["samples_repeated"] = self.data.samples_repeated
+        if self._checkpoint_block_s is not None:
+            metrics["checkpoint_block_s"] = self._checkpoint_block_s
+            self._checkpoint_block_s = None
         if self.rt.device.type == "cuda":
             peak = self._peak_flops()
             if peak:
