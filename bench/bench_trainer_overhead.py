@@ -138,12 +138,15 @@ def _sync_sites(step_fn, steps: int, device: torch.device) -> dict[str, float]:
 
 
 def bare_step_times(name: str, kwargs: dict, batch: int, steps: int, warmup: int, device: torch.device,
-                    bf16: bool, lr: float, profile: bool):
+                    bf16: bool, lr: float, profile: bool, compile_mode: str | None = None):
     from dig.diffusion import create_diffusion
     from dig.models import create_model
 
     torch.manual_seed(0)
     model = create_model(name, **kwargs).to(device).train()
+    if compile_mode is not None:
+        model.compile_blocks(**({} if compile_mode == "default" else {"mode": compile_mode}))
+    cudagraphs = compile_mode == "reduce-overhead"
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, fused=device.type == "cuda")
     diffusion = create_diffusion()
     h, w = model.latent_hw
@@ -164,6 +167,8 @@ def bare_step_times(name: str, kwargs: dict, batch: int, steps: int, warmup: int
     step_p = phases.wrap("optimizer step", optimizer_step)
 
     def step():
+        if cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
         loss = forward_p()
         opt.zero_grad(set_to_none=True)
         backward_p(loss)
@@ -179,7 +184,7 @@ def bare_step_times(name: str, kwargs: dict, batch: int, steps: int, warmup: int
 
 def trainer_step_times(name: str, overrides: dict, resolution: int, batch: int, steps: int, warmup: int,
                        zero_stage: int, workdir: str, log_every: int, profile: bool, cprofile: int,
-                       sync_debug: int):
+                       sync_debug: int, settings: list[str] = ()):
     from dig.data.synthetic import write_synthetic_dataset
     from dig.train import trainer as trainer_module
     from dig.train.config import resolve, validate
@@ -204,7 +209,7 @@ def trainer_step_times(name: str, overrides: dict, resolution: int, batch: int, 
         "steps": total_steps, "checkpoint": {"every": 0},
         "tracking": {"log_every": log_every, "sample_every": 0},
     }
-    resolved = resolve(base=base)
+    resolved = resolve(base=base, overrides=list(settings))
     cfg = validate(resolved)
     trainer_module.make_tracker = lambda *a, **k: NullTracker()
     tr = trainer_module.Trainer(cfg, resolved)
@@ -251,6 +256,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--override", action="append", default=[], metavar="KEY=INT",
                    help="a model override (create_model keyword), e.g. depth=12; after --tiny")
     p.add_argument("--quick", action="store_true", help="CPU dry run: tiny model, few steps")
+    p.add_argument("--compile", action="store_true",
+                   help="regional compile in both loops (bare: compile_blocks(), trainer: model.compile=true)")
+    p.add_argument("--bare-compile-mode", default=None, metavar="MODE",
+                   help="torch.compile mode of the bare loop's blocks (default, reduce-overhead, ...); implies compile")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="settings",
+                   help="a training-config override for the trainer loop, e.g. engine.deepspeed_config=PATH")
+    p.add_argument("--bare-only", action="store_true", help="time the bare loop only")
+    p.add_argument("--trainer-only", action="store_true", help="skip the bare loop (no overhead figure)")
+    p.add_argument("--json", default=None, metavar="PATH", help="with --bare-only: write its numbers here")
     p.add_argument("--profile", action="store_true", help="per-phase ms/step of both loops (extra steps)")
     p.add_argument("--cprofile", type=int, default=0, metavar="N", help="top N Python functions by own time")
     p.add_argument("--sync-debug", type=int, default=0, metavar="N", help="(CUDA) host syncs of N trainer steps")
@@ -265,13 +279,32 @@ def main(argv: list[str] | None = None) -> None:
     # torch.nn.functional.linear for the whole process), which must not slow the reference down.
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     kwargs = dict(input_size=a.resolution // 8, num_classes=1000, **overrides)
-    bare_times, bare_cpu, bare_phases = bare_step_times(a.model, kwargs, a.batch, a.steps, a.warmup, device,
-                                                        bf16=device.type == "cuda", lr=1e-4, profile=a.profile)
+    compile_mode = a.bare_compile_mode or ("default" if a.compile else None)
+    settings = list(a.settings) + (["model.compile=true"] if a.compile else [])
+    if a.trainer_only:
+        bare_times, bare_cpu, bare_phases = [float("nan")], [float("nan")], {}
+    else:
+        bare_times, bare_cpu, bare_phases = bare_step_times(a.model, kwargs, a.batch, a.steps, a.warmup, device,
+                                                            bf16=device.type == "cuda", lr=1e-4, profile=a.profile,
+                                                            compile_mode=compile_mode)
+    if a.bare_only:
+        med = statistics.median(bare_times)
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump({"model": a.model, "resolution": a.resolution, "batch": a.batch, "compile": compile_mode,
+                           "median_ms": med * 1e3, "img_per_s": a.batch / med,
+                           "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None,
+                           "bare_ms": [t * 1e3 for t in bare_times]}, f, indent=1)
+        print(f"\nbare only: {a.model} {a.resolution}px batch {a.batch} compile={compile_mode}: median "
+              f"{med * 1e3:.1f} ms, {a.batch / med:.1f} img/s, loop CPU {statistics.median(bare_cpu) * 1e3:.1f} ms")
+        if bare_phases:
+            print("phases ms: " + " ".join(f"{k}={v:.1f}" for k, v in bare_phases.items()))
+        return
     torch.cuda.empty_cache() if device.type == "cuda" else None
     with tempfile.TemporaryDirectory() as work:
         trainer_times, trainer_cpu, device, trainer_phases, report, syncs = trainer_step_times(
             a.model, overrides, a.resolution, a.batch, a.steps, a.warmup, a.zero_stage, work, a.log_every,
-            a.profile, a.cprofile, a.sync_debug)
+            a.profile, a.cprofile, a.sync_debug, settings)
 
     rows = []
     for label, times, cpu in (("bare model step", bare_times, bare_cpu),
@@ -283,7 +316,7 @@ def main(argv: list[str] | None = None) -> None:
     overhead = rows[1]["median_ms"] / rows[0]["median_ms"] - 1
     overhead_mean = rows[1]["mean_ms"] / rows[0]["mean_ms"] - 1  # counts the occasional slow step
     overhead_cpu = rows[1]["loop_cpu_ms"] / rows[0]["loop_cpu_ms"] - 1
-    result = {"model": a.model, "overrides": overrides, "resolution": a.resolution, "batch": a.batch,
+    result = {"model": a.model, "overrides": overrides, "compile": compile_mode, "settings": settings, "resolution": a.resolution, "batch": a.batch,
               "steps": a.steps, "zero_stage": a.zero_stage,
               "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "rows": rows, "overhead": overhead, "overhead_mean": overhead_mean,
@@ -293,12 +326,12 @@ def main(argv: list[str] | None = None) -> None:
               "phases_ms": {"bare": bare_phases, "trainer": trainer_phases}, "syncs_per_step": syncs}
     if a.out:
         os.makedirs(a.out, exist_ok=True)
-        tag = f"{a.model.replace('/', '_')}_{a.resolution}_zero{a.zero_stage}"
+        tag = f"{a.model.replace('/', '_')}_{a.resolution}_zero{a.zero_stage}{'_compile' if compile_mode else ''}"
         with open(os.path.join(a.out, f"trainer_overhead_{tag}.json"), "w") as f:
             json.dump(result, f, indent=1)
     size = f"{a.model}{' (tiny)' if overrides else ''}"
     print(f"\n{size} {a.resolution}px batch {a.batch}, {a.steps} timed steps after {a.warmup} warm-up, "
-          f"{result['device']}")
+          f"{result['device']}, compile={compile_mode}, settings={settings}")
     print(f"{'step':<28}{'median ms':>12}{'mean':>9}{'min':>9}{'max':>9}{'img/s':>10}{'loop CPU ms':>13}")
     for r in rows:
         print(f"{r['step']:<28}{r['median_ms']:>12.1f}{r['mean_ms']:>9.1f}{r['min_ms']:>9.1f}{r['max_ms']:>9.1f}"
