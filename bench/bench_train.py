@@ -237,6 +237,11 @@ def summarise(jobs: list[Job], *, a, settings, out, gpu_name, total_gpus, spec, 
                "rc": job.rc,
                "seconds": round(job.seconds)}
         row.update(summarise_run(job.result, job.gpus, a.batch, a.warmup, a.checkpoint_at))
+        if os.path.exists(job.result):  # keep the run's own metric records beside the summary
+            import shutil
+
+            row["metrics_file"] = os.path.basename(job.log).replace("train_", "metrics_").replace(".log", ".jsonl")
+            shutil.copyfile(job.result, os.path.join(out, row["metrics_file"]))
         if "mfu" in row and spec and peak_measured:
             row["mfu_measured_peak"] = row["mfu"] * spec / peak_measured
         ref = bare.get((job.model, job.res))

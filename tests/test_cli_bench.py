@@ -24,3 +24,22 @@ def test_bench_rejects_unknown_suite():
     out = subprocess.run([sys.executable, "-m", "dig.cli", "bench", "no-such-suite"], capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 2 and "invalid choice" in out.stderr
+
+
+def test_bench_train_quick_runs_the_launcher_path_and_reads_its_metrics(tmp_path):
+    """`dig bench train --quick`: the real `python -m launch.train` → torchrun → `dig train` on CPU, metrics
+    through the trainer's JSON-lines tracker (no MLflow), a checkpoint whose blocking time is logged, and a
+    summary whose throughput agrees with the run's own metric records."""
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=os.path.join(REPO, ".torch_extensions"))
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    out = subprocess.run([sys.executable, "-m", "dig.cli", "bench", "train", "--quick", "--out", str(tmp_path)],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, (out.stdout[-2000:], out.stderr[-3000:])
+    result = json.loads((tmp_path / "bench_train.json").read_text())
+    (row,) = result["rows"]
+    assert row["rc"] == 0 and row["gpus"] == 1 and row["checkpoint_block_s"] > 0, row
+    records = [json.loads(line) for line in (tmp_path / row["metrics_file"]).read_text().splitlines()]
+    steady = [r["img_per_sec"] for r in records if r.get("step", 0) > result["warmup"] and "img_per_sec" in r]
+    assert steady and min(steady) <= row["img_per_s_per_gpu"] <= max(steady), (steady, row)
+    assert any("checkpoint_block_s" in r for r in records) and any("tags" in r for r in records)
