@@ -1,6 +1,7 @@
 """`dig train` (same arguments) that also writes the whole training state the engine holds, gathered through
 DeepSpeed's own per-parameter getters, to $PROBE_DIR: right after a resume (`resumed_step<S>_world<W>.pt`) and
-after the final checkpoint (`final_step<S>_world<W>.pt`). Started by tests/test_train_reshard.py with torchrun."""
+after the final checkpoint (`final_step<S>_world<W>.pt`). Started by tests/test_train_reshard.py with torchrun.
+PROBE_TRACKING=none: no MLflow (the GPU machine has none installed)."""
 from __future__ import annotations
 
 import os
@@ -38,8 +39,13 @@ def dump(trainer, when: str) -> None:
 def main(argv: list[str]) -> None:
     import logging
 
+    from dig.train import trainer as trainer_module
     from dig.train.config import resolve, validate
+    from dig.train.tracking import NullTracker
     from dig.train.trainer import Trainer
+
+    if os.environ.get("PROBE_TRACKING") == "none":
+        trainer_module.make_tracker = lambda *args, **kwargs: NullTracker()
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config, overrides = argv[argv.index("--config") + 1], argv[argv.index("--config") + 2:]
