@@ -311,3 +311,21 @@ def test_redeal_refuses_ranks_out_of_step_or_another_dataset(dataset48):
     with pytest.raises(ValueError, match="shard list"):
         reader(os.path.join(dataset48, "train-{000000..000004}.tar"), mb=2,
                prefetch=False).redealt_state([r.state_dict() for r in ranks])
+
+
+@pytest.mark.parametrize("prefetch_batches", [0, 3])
+def test_a_redealt_position_resumes_exactly_at_the_same_world_size(dataset48, prefetch_batches):
+    ranks = [reader(dataset48, rank=r, world=2, mb=2, prefetch=False) for r in range(2)]
+    batches(ranks, 3)                            # 12 read, 36 left for one rank: 9 micro-batches of 4
+    one = redealt(dataset48, [r.state_dict() for r in ranks], 1, 4, prefetch_batches=prefetch_batches)[0]
+    batches([one], 2)
+    state = one.state_dict()
+    want = [one.next_batch() for _ in range(9)]  # the epoch's last 7, then 2 of epoch 1
+    resumed = reader(dataset48, world=1, mb=4, prefetch_batches=prefetch_batches)
+    resumed.load_state_dict(state)
+    for w in want:
+        got = resumed.next_batch()
+        assert got.keys == w.keys and np.array_equal(got.latents.numpy(), w.latents.numpy())
+    assert resumed.epoch == 1 and resumed.state_dict()["dealt"] is None
+    resumed.close()
+    one.close()

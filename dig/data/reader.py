@@ -588,15 +588,15 @@ class LatentShardReader:
             raise ValueError(f"cannot re-deal the data position: the {old_world} ranks of the checkpoint stand at "
                              f"different (epoch, samples consumed) {sorted(positions)}; they must step together")
         epoch = states[0]["epoch"]
-        lineage = {(s["dealt"]["world_size"], s["dealt"]["window_shards"]) if s.get("dealt") else
-                   (old_world, s["window_shards"]) for s in states if not s.get("dealt") or s["dealt"]["epoch"] == epoch}
+        current = [s.get("dealt") if s.get("dealt") and s["dealt"]["epoch"] == epoch else None for s in states]
+        lineage = {(d["world_size"], d["window_shards"]) if d else (old_world, s["window_shards"])
+                   for s, d in zip(states, current)}
         if len(lineage) > 1:
             raise ValueError(f"cannot re-deal the data position: the ranks' epoch plans disagree {sorted(lineage)}")
-        plan_world, plan_window_shards = lineage.pop() if lineage else (old_world, states[0]["window_shards"])
+        plan_world, plan_window_shards = lineage.pop()
 
         rest: list[list[int]] = []   # [source rank, source window, start row, end row] in old-rank order
-        for s in states:
-            dealt = s.get("dealt") if s.get("dealt") and s["dealt"]["epoch"] == epoch else None
+        for s, dealt in zip(states, current):
             if dealt is None:
                 quota = self._quota_for(epoch, old_world, s["micro_batch_size"])
                 windows = self._source_windows(epoch, s["rank"], old_world, s["window_shards"])

@@ -3,6 +3,7 @@ position re-dealt, EMA and trainer counters carried, RNG re-seeded.
 
 What moves how, from a checkpoint written by N ranks (dig/train/checkpoint.py) to M ranks:
   * weights, optimizer state (AdamW moments, step), lr schedule, engine step counters: the engine's ZeRO shards
+    (without ZeRO, engine.zero_stage=0, every rank's file holds them whole: DeepSpeed loads it as it is)
     are converted once into DeepSpeed's *universal* checkpoint (one fp32 / exp_avg / exp_avg_sq file per
     parameter; `deepspeed.checkpoint.ds_to_universal`, in a subprocess of rank 0) in `<checkpoint>/universal/`,
     and the M-rank engine, built with `checkpoint.load_universal`, cuts its own partitions out of it. This works
@@ -116,8 +117,17 @@ def prepare_universal(ckpt: str) -> None:
         raise RuntimeError(message[0])
 
 
+def uses_universal(cfg: TrainConfig) -> bool:
+    """Under ZeRO-1/2/3 the optimizer state is partitioned by rank and needs the universal layout; without ZeRO
+    (stage 0) every rank holds it whole and DeepSpeed's own checkpoint loads on any number of ranks."""
+    return cfg.engine.zero_stage > 0
+
+
 def load_engine(engine, ckpt: str) -> None:
-    """Load the engine state of `ckpt` (any number of ranks) into an engine built with load_universal."""
+    """Load the engine state of `ckpt` (written by any number of ranks) into this engine."""
+    if not engine.zero_optimization():
+        checkpoint.load_engine(engine, ckpt)
+        return
     if not engine.load_universal_checkpoint():
         raise RuntimeError("the engine must be built with load_universal=True to resume on another world size")
     prepare_universal(ckpt)

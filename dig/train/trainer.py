@@ -78,7 +78,7 @@ class Trainer:
             model.compile_blocks()  # in place: parameter names, state dicts and checkpoints are unchanged
             if self.rt.is_main:
                 log.info("model.compile: %d blocks compiled with torch.compile (regional)", len(model.blocks))
-        self.engine = build_engine(model, cfg, self.rt, load_universal=self.resharding)
+        self.engine = build_engine(model, cfg, self.rt, load_universal=self.resharding and reshard.uses_universal(cfg))
         self.diffusion = create_diffusion(learn_sigma=cfg.model.learn_sigma)
 
         self.step = 0
