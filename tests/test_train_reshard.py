@@ -234,3 +234,26 @@ def test_a_world_size_that_cannot_keep_the_global_batch_is_refused(tmp_path):
     cfg = validate(resolve(TINY, ["data.global_batch_size=16", "data.micro_batch_size=4"]))
     with pytest.raises(ConfigError, match=r"set data.micro_batch_size to one of \[1, 2\]"):
         reshard.check_world(cfg, ckpt, 8)
+
+
+def test_universal_conversion_is_atomic_and_done_once(resharded_run, tmp_path):
+    from dig.train import reshard
+
+    work, run_dir, _, _ = resharded_run
+    done = os.path.join(run_dir, "checkpoints", "step_000000004", reshard.UNIVERSAL_TAG)
+    assert os.path.isdir(done)  # made by the 1 -> 2 resume, kept with its checkpoint
+    ckpt = str(tmp_path / "ckpt")
+    shutil.copytree(os.path.join(work, "ckpt4"), ckpt)  # copied before any resume: not converted
+    os.makedirs(os.path.join(ckpt, f".{reshard.UNIVERSAL_TAG}.tmp-1", "zero"))  # a conversion that was killed
+    out = reshard.convert_to_universal(ckpt, workers=1)
+    assert sorted(os.listdir(ckpt)) == sorted(os.listdir(os.path.join(work, "ckpt4")) + [reshard.UNIVERSAL_TAG])
+    assert sorted(os.listdir(os.path.join(out, "zero"))) == sorted(os.listdir(os.path.join(done, "zero")))
+    stamp = os.stat(out).st_mtime_ns
+    assert reshard.convert_to_universal(ckpt) == out and os.stat(out).st_mtime_ns == stamp
+
+    broken = str(tmp_path / "broken")
+    os.makedirs(os.path.join(broken, "engine"))
+    with pytest.raises(RuntimeError, match="universal checkpoint failed .*exit"):
+        reshard.convert_to_universal(broken, workers=1)
+    assert not os.path.exists(os.path.join(broken, reshard.UNIVERSAL_TAG))
+    assert not [n for n in os.listdir(broken) if n.startswith(f".{reshard.UNIVERSAL_TAG}.tmp")]
