@@ -3,7 +3,8 @@
 `Trainer(cfg, resolved).fit()` is what `dig train` runs in every process of a torchrun/deepspeed launch.
 A run directory holds everything needed to continue: start the same command again and it resumes from the
 run directory's `latest` checkpoint (weights, optimizer, lr schedule, EMA, data position, RNG states, MLflow
-run). See dig/train/checkpoint.py for the layout and dig/train/ema.py for where the EMA lives under ZeRO-3.
+run), on the same or another number of ranks (dig/train/reshard.py). See dig/train/checkpoint.py for the layout
+and dig/train/ema.py for where the EMA lives under ZeRO-3.
 """
 from __future__ import annotations
 
