@@ -205,3 +205,127 @@ def test_pinned_batches_equal_pageable_ones(dataset):
         assert a.keys == b.keys and np.array_equal(a.latents.numpy(), b.latents.numpy())
     pinned.close(), plain.close()
 
+
+
+# --- resume on another world size: the rest of the epoch re-dealt ------------------------------------------------
+
+@pytest.fixture(scope="module")
+def dataset48(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("latents48"))
+    write_synthetic_dataset(root, num_shards=6, samples_per_shard=8, latent_size=S, channels=C, num_classes=K)
+    return root
+
+
+def redealt(path, states, world, mb, **kw):
+    """Readers of a new world size continuing from the states of the old one."""
+    ranks = [reader(path, rank=r, world=world, mb=mb, prefetch=False, **kw) for r in range(world)]
+    for r in ranks:
+        r.load_state_dict(r.redealt_state(states))
+    return ranks
+
+
+def batches(ranks, steps):
+    """keys -> (latent, label) of `steps` micro-batches on every rank, and the keys in order."""
+    out, order = {}, []
+    for _ in range(steps):
+        for r in ranks:
+            b = r.next_batch()
+            for i, k in enumerate(b.keys):
+                out[k] = (b.latents[i].numpy(), int(b.labels[i]))
+                order.append(k)
+    return out, order
+
+
+@pytest.mark.parametrize("prefetch_batches", [0, 3])
+def test_redeal_2_3_1_2_reads_every_sample_of_the_epoch_once(dataset48, prefetch_batches):
+    # 48 samples; 2 ranks x mb 2 read 12, 3 ranks x mb 2 read 12 of the 36 left, 1 rank x mb 4 reads 12 of 24,
+    # 2 ranks x mb 2 read the last 12. A straight 2-rank run is the reference for every sample's draw and for the
+    # next epoch (planned for the new world size as if nothing had happened).
+    straight = [reader(dataset48, rank=r, world=2, mb=2, prefetch=False, prefetch_batches=0) for r in range(2)]
+    want, _ = batches(straight, 12)
+    assert len(want) == 48
+    want_next, want_next_order = batches(straight, 3)
+
+    ranks = [reader(dataset48, rank=r, world=2, mb=2, prefetch=False, prefetch_batches=prefetch_batches)
+             for r in range(2)]
+    seen, order = batches(ranks, 3)
+    for world, mb, steps, share in ((3, 2, 2, 12), (1, 4, 3, 24), (2, 2, 3, 6)):
+        states = [r.state_dict() for r in ranks]
+        assert len({(s["epoch"], s["consumed"]) for s in states}) == 1
+        for r in ranks:
+            r.close()
+        ranks = redealt(dataset48, states, world, mb, prefetch_batches=prefetch_batches)
+        assert [r.quota(0) for r in ranks] == [share] * world  # the rest of the epoch, shared equally
+        got, got_order = batches(ranks, steps)
+        assert not set(got) & set(seen), "a sample was repeated across the change"
+        seen.update(got)
+        order += got_order
+    assert len(order) == len(set(order)) == 48
+    assert sorted(seen) == sorted(want)
+    for k, (latent, label) in want.items():
+        assert np.array_equal(seen[k][0], latent) and seen[k][1] == label, k
+    # the next epoch: the plan for 2 ranks, the same as the straight run's
+    assert batches(ranks, 3)[1] == want_next_order and all(r.epoch == 1 for r in ranks)
+
+
+def test_redeal_is_deterministic_and_keeps_the_old_order(dataset48):
+    ranks = [reader(dataset48, rank=r, world=2, mb=2, prefetch=False) for r in range(2)]
+    first = batches(ranks, 2)[1]
+    states = [r.state_dict() for r in ranks]
+    rest_2 = batches(ranks, 10)[1]   # what the 2 ranks would have read
+    one = redealt(dataset48, states, 1, 4)
+    again = redealt(dataset48, states, 1, 4)
+    rest_1 = batches(one, 10)[1]
+    assert rest_1 == batches(again, 10)[1]
+    # one rank continues each old rank's sequence in turn: rank 0's rest (its 2 keys of every 4), then rank 1's
+    old_rank_rest = [[k for i in range(10) for k in rest_2[i * 4 + q * 2:i * 4 + q * 2 + 2]] for q in (0, 1)]
+    assert rest_1 == old_rank_rest[0] + old_rank_rest[1]
+    assert not set(rest_1) & set(first) and len(set(first + rest_1)) == 48
+
+
+def test_redeal_leaves_out_what_does_not_fill_a_micro_batch_per_rank(dataset48, caplog):
+    ranks = [reader(dataset48, rank=r, world=2, mb=2, prefetch=False) for r in range(2)]
+    seen = batches(ranks, 1)[1]                  # 4 read, 44 left: 3 ranks x 12 (3 x mb 4), 8 left out
+    three = redealt(dataset48, [r.state_dict() for r in ranks], 3, 4)
+    assert [r.quota(0) for r in three] == [12, 12, 12]
+    assert "8 of the epoch's 44 remaining samples" in caplog.text
+    rest = batches(three, 3)[1]
+    assert len(set(seen + rest)) == 40
+    assert all(r.next_batch() is not None and r.epoch == 1 for r in three)
+
+
+def test_redeal_at_the_end_of_an_epoch_starts_the_next(dataset48):
+    ranks = [reader(dataset48, rank=r, world=2, mb=4, prefetch=False) for r in range(2)]
+    batches(ranks, 6)                            # 2 x 24: the whole epoch
+    one = redealt(dataset48, [r.state_dict() for r in ranks], 1, 4)
+    assert one[0].state_dict()["epoch"] == 1 and one[0].state_dict()["dealt"] is None
+    assert batches(one, 12)[1] == batches([reader(dataset48, world=1, mb=4, prefetch=False)], 24)[1][48:]
+
+
+def test_redeal_refuses_ranks_out_of_step_or_another_dataset(dataset48):
+    ranks = [reader(dataset48, rank=r, world=2, mb=2, prefetch=False) for r in range(2)]
+    ranks[0].next_batch()
+    with pytest.raises(ValueError, match="different \\(epoch, samples consumed\\)"):
+        reader(dataset48, mb=2, prefetch=False).redealt_state([r.state_dict() for r in ranks])
+    ranks[1].next_batch()
+    with pytest.raises(ValueError, match="shard list"):
+        reader(os.path.join(dataset48, "train-{000000..000004}.tar"), mb=2,
+               prefetch=False).redealt_state([r.state_dict() for r in ranks])
+
+
+@pytest.mark.parametrize("prefetch_batches", [0, 3])
+def test_a_redealt_position_resumes_exactly_at_the_same_world_size(dataset48, prefetch_batches):
+    ranks = [reader(dataset48, rank=r, world=2, mb=2, prefetch=False) for r in range(2)]
+    batches(ranks, 3)                            # 12 read, 36 left for one rank: 9 micro-batches of 4
+    one = redealt(dataset48, [r.state_dict() for r in ranks], 1, 4, prefetch_batches=prefetch_batches)[0]
+    batches([one], 2)
+    state = one.state_dict()
+    want = [one.next_batch() for _ in range(9)]  # the epoch's last 7, then 2 of epoch 1
+    resumed = reader(dataset48, world=1, mb=4, prefetch_batches=prefetch_batches)
+    resumed.load_state_dict(state)
+    for w in want:
+        got = resumed.next_batch()
+        assert got.keys == w.keys and np.array_equal(got.latents.numpy(), w.latents.numpy())
+    assert resumed.epoch == 1 and resumed.state_dict()["dealt"] is None
+    resumed.close()
+    one.close()

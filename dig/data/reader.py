@@ -24,6 +24,12 @@ The position is (epoch, window, offset into the window's permutation) *as of the
 far the workers had read ahead. Unreadable shards are retried, then skipped and counted (or raise,
 `on_bad_shard="fail"`); a rank short of samples after a skip repeats samples of its current window (counted)
 rather than desynchronise the ranks.
+
+Another world size: `redealt_state(states of the N old ranks)` gives a reader of the M-rank world the position to
+continue from: the samples of the current epoch that no old rank handed out are dealt to the M ranks in equal
+shares of whole micro-batches (each sample keeps its window's permutation and its draw, so nothing is lost or
+repeated across the change); from the next epoch on the plan is that of M ranks. The deal is part of the state
+(`dealt`), so a later resume, on the same or yet another world size, continues it.
 """
 from __future__ import annotations
 
@@ -163,6 +169,17 @@ class _WindowJob:
     read_retries: int
     on_bad_shard: str
     known_bad: frozenset[int] = frozenset()    # shards this reader already skipped: not read again
+
+
+@dataclass(frozen=True)
+class _Part:
+    """A window of an epoch's plan as one rank reads it: window `window` of rank `rank`'s plan (shard indices
+    `shards`), rows [start, end) of its permutation (end None: all)."""
+    rank: int
+    window: int
+    shards: tuple[int, ...]
+    start: int
+    end: int | None
 
 
 @dataclass
@@ -316,7 +333,9 @@ class LatentShardReader:
         self._bad_shards: set[int] = set()   # skipped once, not retried again by this reader
         self._repeat: tuple[int, _Window] | None = None
         self.pin_memory = pin_memory
-        self._plans: dict[int, tuple[int, list[list[int]]]] = {}
+        self._plans: dict[int, tuple[int, list[_Part]]] = {}
+        # The rest of an epoch re-dealt to this world size on resume (see `redealt_state`), or None
+        self._dealt: dict | None = None
         # batches cut from the loaded windows ahead by a background thread (stacking, pinning)
         self.prefetch_batches = prefetch_batches
         self._queue: queue.Queue = queue.Queue(maxsize=max(prefetch_batches, 1))
@@ -329,38 +348,60 @@ class LatentShardReader:
 
     # --- the epoch plan ---------------------------------------------------------------------------------------
 
-    def rank_shards(self, epoch: int, rank: int | None = None) -> list[int]:
+    def rank_shards(self, epoch: int, rank: int | None = None, world_size: int | None = None) -> list[int]:
         order = np.random.default_rng(_seed(self.seed, epoch, 0x5A4D)).permutation(len(self.manifest.shards))
-        return [int(i) for i in order[(self.rank if rank is None else rank)::self.world_size]]
+        return [int(i) for i in order[(self.rank if rank is None else rank)::world_size or self.world_size]]
 
-    def _plan(self, epoch: int) -> tuple[int, list[list[int]]]:
-        """(quota, this rank's windows of shard indices) of `epoch`, computed once per epoch."""
+    def _source_windows(self, epoch: int, rank: int, world_size: int, window_shards: int) -> list[list[int]]:
+        """Shard indices of each window of `rank` in the plan of `epoch` for `world_size` ranks."""
+        shards = self.rank_shards(epoch, rank, world_size)
+        return [shards[i:i + window_shards] for i in range(0, len(shards), window_shards)]
+
+    def _quota_for(self, epoch: int, world_size: int, micro_batch_size: int) -> int:
+        counts = [s.count for s in self.manifest.shards]
+        totals = [sum(counts[i] for i in self.rank_shards(epoch, r, world_size)) for r in range(world_size)]
+        return min(totals) // micro_batch_size * micro_batch_size
+
+    def _plan(self, epoch: int) -> tuple[int, list[_Part]]:
+        """(quota, this rank's parts) of `epoch`, computed once per epoch. A part is a window of the epoch's plan
+        (normally this rank's own windows, all rows; after a re-deal, row ranges of the windows of the ranks
+        that started the epoch)."""
         if epoch not in self._plans:
-            counts = [s.count for s in self.manifest.shards]
-            totals = [sum(counts[i] for i in self.rank_shards(epoch, r)) for r in range(self.world_size)]
-            quota = min(totals) // self.micro_batch_size * self.micro_batch_size
-            shards = self.rank_shards(epoch)
-            windows = [shards[i:i + self.window_shards] for i in range(0, len(shards), self.window_shards)]
+            dealt = self._dealt if self._dealt is not None and self._dealt["epoch"] == epoch else None
+            if dealt is None:
+                quota = self._quota_for(epoch, self.world_size, self.micro_batch_size)
+                windows = self._source_windows(epoch, self.rank, self.world_size, self.window_shards)
+                parts = [_Part(self.rank, w, tuple(shards), 0, None) for w, shards in enumerate(windows)]
+            else:
+                quota, parts, cache = dealt["quota"], [], {}
+                for src_rank, src_window, start, end in dealt["segments"]:
+                    if src_rank not in cache:
+                        cache[src_rank] = self._source_windows(epoch, src_rank, dealt["world_size"],
+                                                               dealt["window_shards"])
+                    parts.append(_Part(src_rank, src_window, tuple(cache[src_rank][src_window]), start, end))
             self._plans = {e: p for e, p in self._plans.items() if e >= epoch - 1}
-            self._plans[epoch] = (quota, windows)
+            self._plans[epoch] = (quota, parts)
         return self._plans[epoch]
 
     def quota(self, epoch: int) -> int:
-        """Samples every rank yields in `epoch`: the smallest rank total, rounded down to micro-batches."""
+        """Samples every rank yields in `epoch`: the smallest rank total, rounded down to micro-batches (after a
+        re-deal: this rank's share of the epoch's rest)."""
         return self._plan(epoch)[0]
 
     def steps_per_epoch(self, epoch: int = 0) -> int:
         return self.quota(epoch) // self.micro_batch_size
 
-    def _windows(self, epoch: int) -> list[list[int]]:
+    def _windows(self, epoch: int) -> list[_Part]:
         return self._plan(epoch)[1]
 
     # --- loading ----------------------------------------------------------------------------------------------
 
     def _job(self, epoch: int, window: int) -> _WindowJob:
-        shards = tuple((i, self.manifest.shards[i].name, self.manifest.shards[i].count)
-                       for i in self._windows(epoch)[window])
-        return _WindowJob(self.root, shards, self.seed, epoch, self.rank, window, self.sample_shape,
+        part = self._windows(epoch)[window]
+        shards = tuple((i, self.manifest.shards[i].name, self.manifest.shards[i].count) for i in part.shards)
+        # the window's permutation is that of the rank whose plan it belongs to, so a re-dealt window has the
+        # same sample order as it had before the re-deal
+        return _WindowJob(self.root, shards, self.seed, epoch, part.rank, part.window, self.sample_shape,
                           self.normalizer.scale, self.normalizer.shift, self.random_flip, self.read_retries,
                           self.on_bad_shard, frozenset(self._bad_shards))
 
@@ -401,11 +442,16 @@ class LatentShardReader:
         """(window, row) of the next sample."""
         if self._consumed >= self.quota(self._epoch):
             self._epoch, self._window, self._offset, self._consumed = self._epoch + 1, 0, 0, 0
-        n_windows = len(self._windows(self._epoch))
+            if self._dealt is not None and self._dealt["epoch"] < self._epoch:
+                self._dealt = None
+        parts = self._windows(self._epoch)
+        n_windows = len(parts)
         while self._window < n_windows:
             window = self._current_window()
-            if self._offset < len(window):
-                row = self._offset
+            part = parts[self._window]
+            end = len(window) if part.end is None else min(part.end, len(window))
+            if part.start + self._offset < end:
+                row = part.start + self._offset
                 self._offset += 1
                 self._consumed += 1
                 return window, row
@@ -438,7 +484,8 @@ class LatentShardReader:
 
     def _position(self) -> dict:
         return {"epoch": self._epoch, "window": self._window, "offset": self._offset, "consumed": self._consumed,
-                "shards_skipped": self.shards_skipped, "samples_repeated": self.samples_repeated}
+                "shards_skipped": self.shards_skipped, "samples_repeated": self.samples_repeated,
+                "dealt": self._dealt}
 
     def next_batch(self) -> Batch:
         """The next micro-batch. With prefetch_batches > 0 it was assembled ahead by a background thread; the
@@ -513,8 +560,82 @@ class LatentShardReader:
         self._epoch, self._window, self._offset, self._consumed = (state["epoch"], state["window"], state["offset"],
                                                                state["consumed"])
         self.shards_skipped, self.samples_repeated = state["shards_skipped"], state["samples_repeated"]
+        self._dealt = state.get("dealt")
         self._window_id, self._window_data, self._prefetched, self._repeat = None, None, {}, None
+        self._plans = {}
         self._handed = None
+
+    def redealt_state(self, states: list[dict]) -> dict:
+        """The state this reader resumes from when a run checkpointed by `len(states)` ranks (their
+        `state_dict()`s, in rank order) continues on this reader's world size: the samples of the current epoch
+        that no old rank has handed out yet are dealt to the new ranks in equal shares of whole micro-batches
+        (contiguous runs of the old ranks' remaining sequences, in old-rank order; each sample keeps its window's
+        permutation and its draw). The remainder that does not fill a micro-batch on every new rank is left out of
+        this epoch (logged), as the surplus of larger ranks is every epoch. Every rank computes the same deal from
+        the same states, without talking. Later epochs follow the plan for the new world size."""
+        old_world = len(states)
+        if not states or any(s["world_size"] != old_world or s["rank"] != q for q, s in enumerate(states)):
+            raise ValueError(f"cannot re-deal the data position: expected the states of ranks 0..{old_world - 1} "
+                             f"of one {old_world}-rank run, got ranks {[s.get('rank') for s in states]}")
+        mine = self.state_dict()
+        for k in ("seed", "shards"):
+            if any(s[k] != mine[k] for s in states):
+                what = "the dataset's shard list" if k == "shards" else f"{k} ({states[0][k]} -> {mine[k]})"
+                raise ValueError(f"cannot resume the data position: {what} changed since the checkpoint; "
+                                 "resume with the same dataset and seed")
+        positions = {(s["epoch"], s["consumed"]) for s in states}
+        if len(positions) != 1:
+            raise ValueError(f"cannot re-deal the data position: the {old_world} ranks of the checkpoint stand at "
+                             f"different (epoch, samples consumed) {sorted(positions)}; they must step together")
+        epoch = states[0]["epoch"]
+        current = [s.get("dealt") if s.get("dealt") and s["dealt"]["epoch"] == epoch else None for s in states]
+        lineage = {(d["world_size"], d["window_shards"]) if d else (old_world, s["window_shards"])
+                   for s, d in zip(states, current)}
+        if len(lineage) > 1:
+            raise ValueError(f"cannot re-deal the data position: the ranks' epoch plans disagree {sorted(lineage)}")
+        plan_world, plan_window_shards = lineage.pop()
+
+        rest: list[list[int]] = []   # [source rank, source window, start row, end row] in old-rank order
+        for s, dealt in zip(states, current):
+            if dealt is None:
+                quota = self._quota_for(epoch, old_world, s["micro_batch_size"])
+                windows = self._source_windows(epoch, s["rank"], old_world, s["window_shards"])
+                parts = [(s["rank"], w, 0, sum(self.manifest.shards[i].count for i in shards))
+                         for w, shards in enumerate(windows)]
+            else:
+                quota, parts = dealt["quota"], [tuple(seg) for seg in dealt["segments"]]
+            left = quota - s["consumed"]
+            for w in range(s["window"], len(parts)):
+                if left <= 0:
+                    break
+                src_rank, src_window, start, end = parts[w]
+                start += s["offset"] if w == s["window"] else 0
+                take = min(end - start, left)
+                if take > 0:
+                    rest.append([src_rank, src_window, start, start + take])
+                    left -= take
+        remaining = sum(b - a for _, _, a, b in rest)
+        share = remaining // (self.world_size * self.micro_batch_size) * self.micro_batch_size
+        if remaining - share * self.world_size and self.rank == 0:
+            log.warning("re-deal of epoch %d to %d ranks: %d of the epoch's %d remaining samples do not fill a "
+                        "micro-batch of %d on every rank and are left out of this epoch", epoch, self.world_size,
+                        remaining - share * self.world_size, remaining, self.micro_batch_size)
+        state = {**mine, "epoch": epoch, "window": 0, "offset": 0, "consumed": 0,
+                 "shards_skipped": states[self.rank]["shards_skipped"] if self.rank < old_world else 0,
+                 "samples_repeated": states[self.rank]["samples_repeated"] if self.rank < old_world else 0,
+                 "dealt": None}
+        if share == 0:
+            state["epoch"] = epoch + 1   # nothing left to deal: the next epoch, planned for the new world size
+            return state
+        lo, hi, pos, segments = self.rank * share, (self.rank + 1) * share, 0, []
+        for src_rank, src_window, a, b in rest:
+            first, last = max(a, a + lo - pos), min(b, a + hi - pos)
+            if first < last:
+                segments.append([src_rank, src_window, first, last])
+            pos += b - a
+        state["dealt"] = {"epoch": epoch, "world_size": plan_world, "window_shards": plan_window_shards,
+                          "quota": share, "segments": segments}
+        return state
 
     def close(self) -> None:
         self._stop_producer()

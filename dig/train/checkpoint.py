@@ -140,8 +140,8 @@ def load_ema_full(ckpt: str) -> dict[str, torch.Tensor]:
 def load_rank_state(ckpt: str, rank: int, world_size: int) -> dict:
     meta = load_trainer_meta(ckpt)
     if meta.get("world_size") != world_size:
-        raise RuntimeError(f"{ckpt} was written by {meta.get('world_size')} ranks; resume it with the same number "
-                           f"of ranks (got {world_size}), or start a new run from it with model.init_from")
+        raise RuntimeError(f"{ckpt} was written by {meta.get('world_size')} ranks, not {world_size}: its per-rank "
+                           "state must be re-dealt (dig.train.reshard.load_rank_state)")
     # weights_only=False: the file holds numpy/python RNG states, written by this trainer
     return torch.load(rank_file(ckpt, rank), weights_only=False)
 

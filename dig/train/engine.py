@@ -109,8 +109,9 @@ def _find_config_file(path: str) -> str:
     raise FileNotFoundError(f"engine.deepspeed_config: {path} not found (relative to {os.getcwd()} or the checkout)")
 
 
-def deepspeed_config(cfg: TrainConfig, runtime: Runtime) -> dict:
-    """The DeepSpeed JSON: base knobs from engine.deepspeed_config, everything the run decides filled in."""
+def deepspeed_config(cfg: TrainConfig, runtime: Runtime, load_universal: bool = False) -> dict:
+    """The DeepSpeed JSON: base knobs from engine.deepspeed_config, everything the run decides filled in.
+    `load_universal`: the engine will load a universal checkpoint (resume on another world size, reshard.py)."""
     base: dict = {}
     if cfg.engine.deepspeed_config:
         with open(_find_config_file(cfg.engine.deepspeed_config)) as f:
@@ -146,6 +147,8 @@ def deepspeed_config(cfg: TrainConfig, runtime: Runtime) -> dict:
         "steps_per_print": 10 ** 12,
         "wall_clock_breakdown": False,
     })
+    if load_universal:
+        base["checkpoint"] = {**base.get("checkpoint", {}), "load_universal": True}
     return base
 
 
@@ -165,7 +168,7 @@ def zero3_leaf_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [block for child in model.children() if isinstance(child, torch.nn.ModuleList) for block in child]
 
 
-def build_engine(model: torch.nn.Module, cfg: TrainConfig, runtime: Runtime):
+def build_engine(model: torch.nn.Module, cfg: TrainConfig, runtime: Runtime, load_universal: bool = False):
     import deepspeed
 
     if cfg.engine.zero_stage == 3:
@@ -182,7 +185,8 @@ def build_engine(model: torch.nn.Module, cfg: TrainConfig, runtime: Runtime):
 
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
                                                                             if p.requires_grad],
-                                           config=deepspeed_config(cfg, runtime), lr_scheduler=scheduler)
+                                           config=deepspeed_config(cfg, runtime, load_universal),
+                                           lr_scheduler=scheduler)
     if _own_clipping(cfg, runtime):
         clip_without_zero(engine, cfg.optim.grad_clip)
     return engine

@@ -3,7 +3,8 @@
 `Trainer(cfg, resolved).fit()` is what `dig train` runs in every process of a torchrun/deepspeed launch.
 A run directory holds everything needed to continue: start the same command again and it resumes from the
 run directory's `latest` checkpoint (weights, optimizer, lr schedule, EMA, data position, RNG states, MLflow
-run). See dig/train/checkpoint.py for the layout and dig/train/ema.py for where the EMA lives under ZeRO-3.
+run), on the same or another number of ranks (dig/train/reshard.py). See dig/train/checkpoint.py for the layout
+and dig/train/ema.py for where the EMA lives under ZeRO-3.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import torch.distributed as dist
 
 from dig.data.reader import Batch, LatentShardReader, load_manifest
 
-from . import checkpoint
+from . import checkpoint, reshard
 from .config import ConfigError, TrainConfig
 from .ema import ShardedEMA
 from .engine import Runtime, build_engine, init_distributed, shutdown
@@ -40,6 +41,10 @@ class Trainer:
         self.cfg, self.resolved = cfg, resolved
         cfg.check_manifest(load_manifest(cfg.data.path)[1])  # wrong data fails before any process group
         self.rt: Runtime = init_distributed(cfg)
+        resume_from = checkpoint.latest_checkpoint(cfg.run.dir)
+        self.resharding = reshard.needs_reshard(resume_from, self.rt.world_size)  # resume on another world size
+        if self.resharding:
+            reshard.check_world(cfg, resume_from, self.rt.world_size)
         cfg.check_world(self.rt.world_size)
         self.accum = cfg.grad_accum_steps(self.rt.world_size)
         self.run_dir = cfg.run.dir
@@ -55,7 +60,6 @@ class Trainer:
         manifest = self.data.manifest
         self.latent_shape = list(self.data.sample_shape)
 
-        resume_from = checkpoint.latest_checkpoint(self.run_dir)
         self.model_kwargs = cfg.model_kwargs(manifest.latent_size)
         init_state = None
         if resume_from is not None:
@@ -80,7 +84,8 @@ class Trainer:
             if self.rt.is_main:                                                    # and checkpoints unchanged
                 log.info("model.compile: %d blocks compiled with torch.compile (regional, mode %s)",
                          len(model.blocks), mode)
-        self.engine = build_engine(model, cfg, self.rt)
+        self.engine = build_engine(model, cfg, self.rt,
+                                   load_universal=self.resharding and reshard.uses_universal(cfg))
         self.diffusion = create_diffusion(learn_sigma=cfg.model.learn_sigma)
 
         self.step = 0
@@ -144,8 +149,12 @@ class Trainer:
         return saved
 
     def _resume(self, ckpt: str) -> None:
-        state = checkpoint.load_rank_state(ckpt, self.rt.rank, self.rt.world_size)
-        checkpoint.load_engine(self.engine, ckpt)
+        if self.resharding:
+            state = reshard.load_rank_state(ckpt, self.rt.rank, self.rt.world_size, self.data, self.cfg.run.seed)
+            reshard.load_engine(self.engine, ckpt)
+        else:
+            state = checkpoint.load_rank_state(ckpt, self.rt.rank, self.rt.world_size)
+            checkpoint.load_engine(self.engine, ckpt)
         self.ema = ShardedEMA(self.engine.module, self.cfg.ema_decay, self.cfg.engine.zero_stage)
         self.ema.load_full(checkpoint.load_ema_full(ckpt))
         self.data.load_state_dict(state["data"])
