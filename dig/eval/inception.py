@@ -212,7 +212,9 @@ def load_inception(weights: str | None, device: str | torch.device = "cpu") -> I
     import os
     import warnings
 
-    net = InceptionV3Features()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # random weights are the same in every process (training ranks, dig eval)
+        net = InceptionV3Features()
     if weights is None:
         warnings.warn("Inception-v3 with RANDOM weights: FID/IS/precision/recall are meaningless (tests only)",
                       stacklevel=2)
