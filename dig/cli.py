@@ -106,7 +106,8 @@ def _cmd_sample(args) -> int:
     labels = ([int(x) for x in args.labels.split(",")] if args.labels
               else grid_labels(args.num_images, pipe.model.num_classes))
     image = sample_grid(pipe.model, pipe.vae, pipe.normalizer, labels, pipe.latent_shape, args.sampling_steps,
-                        args.method, 4.0 if args.cfg_scale is None else args.cfg_scale, args.seed, pipe.device)
+                        args.method, 4.0 if args.cfg_scale is None else args.cfg_scale, args.seed, pipe.device,
+                        progress=sys.stderr.isatty())  # a bar over the denoising steps on a terminal
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     image.save(out)
     print(out)

@@ -29,13 +29,13 @@ def tile(images: torch.Tensor, nrow: int | None = None):
 
 @torch.no_grad()
 def sample_grid(model, vae, normalizer, labels: list[int], latent_shape, num_steps: int, method: str,
-                cfg_scale: float, seed: int, device):
+                cfg_scale: float, seed: int, device, progress: bool = False):
     """Sample one latent per label with a fixed seed, undo the training normalisation, decode, tile."""
     from dig.diffusion import sample
     from dig.vae import decode
 
     generator = torch.Generator(device=device).manual_seed(seed)
     latents = sample(model, labels, latent_shape, num_steps=num_steps, cfg_scale=cfg_scale, method=method,
-                     generator=generator, device=device)
+                     generator=generator, device=device, progress=progress)
     images = decode(vae, normalizer.denormalize(latents.float()))
     return tile(images)

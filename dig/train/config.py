@@ -147,13 +147,6 @@ class TrainConfig(_Section):
         return v
 
     @model_validator(mode="after")
-    def _eval_has_reference(self):
-        if self.tracking.eval_every > 0 and not self.tracking.eval.ref:
-            raise ValueError("tracking.eval_every > 0 needs tracking.eval.ref (a reference batch .npz, e.g. ADM's "
-                             "VIRTUAL_imagenet256_labeled.npz); or set tracking.eval_every=0")
-        return self
-
-    @model_validator(mode="after")
     def _compile_needs_no_zero3(self):
         if self.model.compile and self.engine.zero_stage == 3:
             raise ValueError("model.compile=true is not supported with engine.zero_stage=3 yet: ZeRO-3's parameter "
@@ -173,6 +166,13 @@ class TrainConfig(_Section):
         if unknown:
             raise ValueError(f"model.overrides {unknown} are not options of {self.model.name}; "
                              f"allowed: {', '.join(sorted(allowed))}")
+        return self
+
+    @model_validator(mode="after")
+    def _eval_has_reference(self):
+        if self.tracking.eval_every > 0 and not self.tracking.eval.ref:
+            raise ValueError("tracking.eval_every > 0 needs tracking.eval.ref (a reference batch .npz, e.g. ADM's "
+                             "VIRTUAL_imagenet256_labeled.npz); or set tracking.eval_every=0")
         return self
 
     # --- checks needing the runtime or the data -------------------------------------------------------------
