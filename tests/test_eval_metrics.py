@@ -189,3 +189,25 @@ def test_npz_reader_streams_batches_and_rejects_other_layouts(tmp_path):
     with pytest.raises(NpzError, match="no arr_0"):
         with open_image_batch(str(tmp_path / "named.npz")):
             pass
+
+
+def test_reference_statistics_stored_in_the_batch_are_used_like_adm(tmp_path):
+    from dig.eval.evaluator import compute_metrics, stored_stats
+
+    rng = np.random.default_rng(7)
+    feats = {"pool": rng.normal(size=(40, 16)), "spatial": rng.normal(size=(40, 8)), "logits": rng.normal(size=(40, 5))}
+    ref = {"pool": rng.normal(size=(50, 16)) + 0.5, "spatial": rng.normal(size=(50, 8))}
+    np.savez(tmp_path / "plain.npz", np.zeros((1, 2, 2, 3), np.uint8))
+    assert stored_stats(str(tmp_path / "plain.npz")) is None
+    mu, sigma = np.full(16, 3.0), np.eye(16)
+    mu_s, sigma_s = np.zeros(8), 2 * np.eye(8)
+    np.savez(tmp_path / "adm.npz", np.zeros((1, 2, 2, 3), np.uint8), mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s)
+    stats = stored_stats(str(tmp_path / "adm.npz"))
+    with_stored = compute_metrics(feats, ref, stats)
+    computed = compute_metrics(feats, ref)
+    assert with_stored["fid"] == pytest.approx(frechet_distance(GaussianStats.of(feats["pool"]), GaussianStats(mu, sigma)))
+    assert with_stored["sfid"] == pytest.approx(
+        frechet_distance(GaussianStats.of(feats["spatial"]), GaussianStats(mu_s, sigma_s)))
+    assert computed["fid"] == pytest.approx(frechet_distance(GaussianStats.of(feats["pool"]), GaussianStats.of(ref["pool"])))
+    # precision/recall always come from the reference's features
+    assert (with_stored["precision"], with_stored["recall"]) == (computed["precision"], computed["recall"])

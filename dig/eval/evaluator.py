@@ -119,6 +119,10 @@ def evaluate(samples: str, ref: str, inception_weights: str | None, device: str 
              batch_size: int = 100, use_ref_stats: bool = True, progress: bool = True) -> dict[str, float]:
     from .inception import load_inception
 
+    for path in (samples, ref):  # both readable before any long work
+        with open_image_batch(path) as (count, _):
+            if count < 4:
+                raise NpzError(f"{path}: {count} images; precision/recall need at least 4")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     inception = load_inception(inception_weights, device)
     ref_feats = npz_features(ref, inception, device, batch_size, progress, "reference features")
