@@ -128,7 +128,7 @@ def _args_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     p.add_argument("--mlflow-run", default=None,
                    help="log the numbers to this MLflow run: a run id, or a run directory (its tracking.json)")
-    p.add_argument("--step", type=int, default=None, help="step to log at (default: the export's training step)")
+    p.add_argument("--step", type=int, default=None, help="MLflow step to log the numbers at (default 0)")
 
 
 def _cmd_eval(args) -> int:
