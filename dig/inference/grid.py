@@ -30,11 +30,13 @@ def tile(images: torch.Tensor, nrow: int | None = None):
 @torch.no_grad()
 def sample_grid(model, vae, normalizer, labels: list[int], latent_shape, num_steps: int, method: str,
                 cfg_scale: float, seed: int, device, progress: bool = False):
-    """Sample one latent per label with a fixed seed, undo the training normalisation, decode, tile."""
+    """Sample one latent per label, undo the training normalisation, decode, tile. Image i depends only on
+    (seed, i, labels[i]): the same picture as `Pipeline.sample` and `dig sample … --out X.npz` give for index i."""
     from dig.diffusion import sample
+    from dig.inference.sample_npz import sample_generator
     from dig.vae import decode
 
-    generator = torch.Generator(device=device).manual_seed(seed)
+    generator = [sample_generator(seed, i, device) for i in range(len(labels))]
     latents = sample(model, labels, latent_shape, num_steps=num_steps, cfg_scale=cfg_scale, method=method,
                      generator=generator, device=device, progress=progress)
     images = decode(vae, normalizer.denormalize(latents.float()))
