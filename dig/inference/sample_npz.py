@@ -2,7 +2,8 @@
 
 Run under torchrun (one process per GPU; on CPU the processes talk over gloo) or as a single process. Sample i
 depends only on (seed, i): its class label (uniform over the classes) and all of its noise come from its own
-generator, so the N samples are the same for any number of processes and any batch size.
+generator, so the N samples are the same for any number of processes and any batch size (up to the
+floating-point summation order of different batch shapes).
 
 Work is cut into chunks of `batch_size` consecutive indices; rank r takes chunks r, r + world, … and writes each
 finished chunk atomically to `<out>.parts/`. An interrupted run started again with the same arguments (any
