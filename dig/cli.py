@@ -46,42 +46,130 @@ def _cmd_export(args) -> int:
 
 
 def _args_sample(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="exported folder (dig export) or a run directory / checkpoint folder")
-    p.add_argument("--out", required=True, help="PNG file for the grid")
-    p.add_argument("--labels", default="", help="comma-separated class indices (default: spread over classes)")
-    p.add_argument("--num-images", type=int, default=16)
+    p.add_argument("model", help="exported folder (dig export), a run directory (its latest EMA) or a checkpoint")
+    p.add_argument("--out", required=True,
+                   help="a .png grid, a folder (gets samples.png), or a .npz sample set for `dig eval` (then run "
+                        "under torchrun for several processes; an interrupted run resumes)")
+    p.add_argument("--labels", default="", help="grid: comma-separated class indices (default: spread over classes)")
+    p.add_argument("--num-images", type=int, default=16, help="grid: number of images")
+    p.add_argument("--num-samples", type=int, default=50000, help=".npz: number of samples (labels uniform)")
+    p.add_argument("--batch-size", type=int, default=32, help=".npz: samples per process per forward")
     p.add_argument("--sampling-steps", type=int, default=250)
     p.add_argument("--method", choices=["ddpm", "ddim"], default="ddpm")
-    p.add_argument("--cfg-scale", type=float, default=4.0)
+    p.add_argument("--cfg-scale", type=float, default=None,
+                   help="classifier-free guidance (default: 4.0 for grids, 1.0 for .npz as the release's FID "
+                        "sampler; the paper's guided FID uses 1.5)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vae", default=None, help="VAE spec (default: the one the latents were made with)")
     p.add_argument("--device", default=None)
+    p.add_argument("--no-tf32", dest="tf32", action="store_false", help=".npz on GPU: full fp32 matmuls")
 
 
 def _cmd_sample(args) -> int:
+    import logging
     import os
-    import tempfile
 
-    import torch
+    if args.out.endswith(".npz"):
+        from dig.inference.sample_npz import sample_to_npz
 
-    from dig.data.reader import LatentNormalizer
-    from dig.train.export import WEIGHTS_FILE, export, load_exported
-    from dig.train.grid import grid_labels, sample_grid
-    from dig.vae import load_vae
+        if args.labels:
+            print("dig sample: --labels is for grids; a .npz sample set draws labels uniformly", file=sys.stderr)
+            return 2
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        try:
+            out = sample_to_npz(args.model, args.out, args.num_samples, batch_size=args.batch_size,
+                                num_steps=args.sampling_steps, method=args.method,
+                                cfg_scale=1.0 if args.cfg_scale is None else args.cfg_scale, seed=args.seed,
+                                vae=args.vae, device=args.device, tf32=args.tf32)
+        except (FileExistsError, FileNotFoundError, ValueError) as exc:
+            print(f"dig sample: {exc}", file=sys.stderr)
+            return 2
+        if out:
+            print(out)
+        return 0
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    folder = args.model
-    # A run directory has a config.json too (the resolved training config): only weights mark an export.
-    if not os.path.exists(os.path.join(folder, WEIGHTS_FILE)):
-        folder = export(folder, tempfile.mkdtemp(prefix="dig-export-"))
-    model, info = load_exported(folder, device=device)
+    from dig.inference.grid import grid_labels, sample_grid
+    from dig.inference.pipeline import load_pipeline
+
+    out = args.out
+    if os.path.isdir(out) or out.endswith(os.sep):
+        out = os.path.join(out, "samples.png")
+    if os.path.splitext(out)[1].lower() not in (".png", ".jpg", ".jpeg", ".webp"):
+        print(f"dig sample: --out {args.out!r}: give a .png (or .jpg/.webp) grid, a folder, or a .npz sample set",
+              file=sys.stderr)
+        return 2
+    try:
+        pipe = load_pipeline(args.model, device=args.device, vae=args.vae)
+    except FileNotFoundError as exc:
+        print(f"dig sample: {exc}", file=sys.stderr)
+        return 2
     labels = ([int(x) for x in args.labels.split(",")] if args.labels
-              else grid_labels(args.num_images, model.num_classes))
-    vae = load_vae(args.vae or info["vae"], device=device)
-    image = sample_grid(model, vae, LatentNormalizer.from_dict(info["normalizer"]), labels, info["latent_shape"],
-                        args.sampling_steps, args.method, args.cfg_scale, args.seed, device)
-    image.save(args.out)
-    print(args.out)
+              else grid_labels(args.num_images, pipe.model.num_classes))
+    image = sample_grid(pipe.model, pipe.vae, pipe.normalizer, labels, pipe.latent_shape, args.sampling_steps,
+                        args.method, 4.0 if args.cfg_scale is None else args.cfg_scale, args.seed, pipe.device,
+                        progress=sys.stderr.isatty())  # a bar over the denoising steps on a terminal
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    image.save(out)
+    print(out)
+    return 0
+
+
+def _args_eval(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--samples", required=True, help="sample set .npz (dig sample … --out X.npz): arr_0 uint8 NHWC")
+    p.add_argument("--ref", required=True, help="reference batch .npz, e.g. ADM's VIRTUAL_imagenet256_labeled.npz")
+    p.add_argument("--inception", default=None,
+                   help="pt_inception-2015-12-05-6726825d.pth (README: Evaluation); default $DIG_INCEPTION")
+    p.add_argument("--random-inception", action="store_true",
+                   help="random Inception weights (tests and smoke runs only: the numbers mean nothing)")
+    p.add_argument("--recompute-ref-stats", action="store_true",
+                   help="ignore mu/sigma stored in the reference batch; compute them from its images")
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--device", default=None)
+    p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+    p.add_argument("--mlflow-run", default=None,
+                   help="log the numbers to this MLflow run: a run id, or a run directory (its tracking.json)")
+    p.add_argument("--step", type=int, default=None, help="MLflow step to log the numbers at (default 0)")
+
+
+def _cmd_eval(args) -> int:
+    import json
+    import logging
+    import os
+
+    from dig.eval.evaluator import NpzError, evaluate, format_table, log_to_mlflow
+    from dig.eval.inception import default_weights
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    weights = args.inception or default_weights()
+    if weights is None and not args.random_inception:
+        print("dig eval: no Inception weights: pass --inception PATH (or set DIG_INCEPTION); the README's "
+              "'Evaluation' section says where to get pt_inception-2015-12-05-6726825d.pth", file=sys.stderr)
+        return 2
+    run_id = uri = None
+    if args.mlflow_run:  # resolve before the long work: a wrong run fails at once
+        run_id, uri = args.mlflow_run, None
+        state = os.path.join(args.mlflow_run, "tracking.json")
+        if os.path.isdir(args.mlflow_run):
+            if not os.path.exists(state):
+                print(f"dig eval: {args.mlflow_run} has no tracking.json (not a training run directory)",
+                      file=sys.stderr)
+                return 2
+            with open(state) as f:
+                saved = json.load(f)
+            run_id, uri = saved["run_id"], saved.get("uri")
+    try:
+        metrics = evaluate(args.samples, args.ref, None if args.random_inception else weights, device=args.device,
+                           batch_size=args.batch_size, use_ref_stats=not args.recompute_ref_stats)
+    except (FileNotFoundError, NpzError, ValueError) as exc:
+        print(f"dig eval: {exc}", file=sys.stderr)
+        return 2
+    print(format_table(metrics))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(metrics, f, indent=1)
+    if run_id:
+        log_to_mlflow(metrics, run_id, uri, step=args.step)
+        print(f"logged to MLflow run {run_id}")
     return 0
 
 
@@ -119,7 +207,10 @@ COMMANDS = {
               _cmd_train),
     "export": ("write a checkpoint's consolidated weights as safetensors + config.json", _args_export,
                _cmd_export),
-    "sample": ("sample a grid of images from an exported model or a run", _args_sample, _cmd_sample),
+    "sample": ("sample a grid, or a sample set (.npz) for FID, from an exported model or a run", _args_sample,
+               _cmd_sample),
+    "eval": ("FID, sFID, Inception Score, precision and recall of a sample set against a reference batch",
+             _args_eval, _cmd_eval),
     "bench": ("run a benchmark from the checkout's bench/ folder (results: BENCHMARKS.md)", _args_bench,
               _cmd_bench),
 }

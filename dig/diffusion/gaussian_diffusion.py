@@ -186,7 +186,7 @@ class GaussianDiffusion:
             x = noise
         else:
             device = device if device is not None else _infer_device(model_fn)
-            x = torch.randn(shape, generator=generator, device=device)
+            x = randn(shape, generator, device)
         steps = range(self.num_timesteps - 1, -1, -1)
         if progress:
             from tqdm.auto import tqdm
@@ -221,7 +221,19 @@ def _working_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def _randn(x, generator):
-    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return randn(x.shape, generator, x.device, x.dtype)
+
+
+def randn(shape, generator=None, device=None, dtype=None) -> torch.Tensor:
+    """Standard normal noise of `shape`. `generator` may be one torch.Generator or a list of them, one per row
+    (dimension 0): then row i comes from generator i alone, so a sample's noise does not depend on the batch it
+    was drawn in (distributed sampling gives each sample index its own generator)."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} generators for {shape[0]} rows")
+        return torch.stack([torch.randn(tuple(shape[1:]), generator=g, device=device, dtype=dtype)
+                            for g in generator])
+    return torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
 
 
 def _infer_device(model_fn) -> torch.device:

@@ -16,8 +16,11 @@ def sample(model, labels, latent_shape, num_steps: int = 250, cfg_scale: float =
     model was trained on; `method` "ddpm" (ancestral) or "ddim" (with `eta`). With cfg_scale > 1 the batch is
     doubled with the null class (= num_classes) and the model's forward_with_cfg guides the noise prediction.
     The model runs in eval mode (label dropout off); its previous mode is restored afterwards.
+    `generator` may be a list with one generator per label: each sample then draws all its noise from its own
+    generator and does not depend on what else is in the batch.
     """
     from . import create_diffusion
+    from .gaussian_diffusion import randn
 
     if method not in ("ddpm", "ddim"):
         raise ValueError(f"unknown sampling method {method!r}; choose 'ddpm' or 'ddim'")
@@ -36,10 +39,12 @@ def sample(model, labels, latent_shape, num_steps: int = 250, cfg_scale: float =
 
     diffusion = create_diffusion(str(num_steps), learn_sigma=model.learn_sigma)
     n = labels.shape[0]
-    z = torch.randn((n, *latent_shape), generator=generator, device=device)
+    z = randn((n, *latent_shape), generator, device)
     if cfg_scale > 1.0:
         # Both halves start from the same noise; forward_with_cfg reads only the first half of x.
         z = torch.cat([z, z])
+        if isinstance(generator, (list, tuple)):
+            generator = [*generator, *generator]  # the null half's step noise (unused) from the same streams
         null = torch.full_like(labels, model.num_classes)
         model_fn, model_kwargs = model.forward_with_cfg, dict(y=torch.cat([labels, null]), cfg_scale=cfg_scale)
     else:

@@ -97,6 +97,27 @@ class SampleConfig(_Section):
     seed: int = 0
 
 
+class EvalConfig(_Section):
+    """FID during training (dig.eval.during_training): the ADM numbers of `num_samples` EMA samples."""
+    num_samples: int = 5000                # spread over all ranks; samples depend on (seed, index) only
+    batch_size: int = 32                   # per rank
+    num_steps: int = 250
+    method: Literal["ddpm", "ddim"] = "ddpm"
+    cfg_scale: float = 1.0                 # the release's FID sampler; the paper's guided numbers use 1.5
+    seed: int = 0
+    ref: str | None = None                 # reference batch .npz (arr_0 uint8 NHWC), e.g. VIRTUAL_imagenet256_labeled
+    inception: str | None = None           # pt_inception-2015-12-05-6726825d.pth; None: $DIG_INCEPTION
+    random_inception: bool = False         # tests only: random Inception weights, meaningless numbers
+    use_ref_stats: bool = True             # use mu/sigma stored in the reference batch when it has them
+
+    @model_validator(mode="after")
+    def _counts(self):
+        if self.num_samples < 4 or self.batch_size < 1 or self.num_steps < 2:
+            raise ValueError("tracking.eval needs num_samples >= 4 (precision/recall use 3 neighbours), "
+                             "batch_size >= 1 and num_steps >= 2")
+        return self
+
+
 class TrackingConfig(_Section):
     backend: Literal["mlflow", "jsonl", "none"] = "mlflow"  # jsonl: <run dir>/metrics.jsonl, for hosts without MLflow
     uri: str | None = None                 # None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
@@ -104,6 +125,8 @@ class TrackingConfig(_Section):
     log_every: int = 100
     sample_every: int = 10000              # 0 disables sample grids
     sample: SampleConfig = Field(default_factory=SampleConfig)
+    eval_every: int = 0                    # steps between FID evaluations of the EMA weights (0: off)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
     peak_tflops: float | None = None       # per GPU, for MFU; None: looked up from the GPU name
     step_log: bool = False                 # <run dir>/steps/rank_*.jsonl: every step's losses and sample keys
 
@@ -139,6 +162,13 @@ class TrainConfig(_Section):
         if unknown:
             raise ValueError(f"model.overrides {unknown} are not options of {self.model.name}; "
                              f"allowed: {', '.join(sorted(allowed))}")
+        return self
+
+    @model_validator(mode="after")
+    def _eval_has_reference(self):
+        if self.tracking.eval_every > 0 and not self.tracking.eval.ref:
+            raise ValueError("tracking.eval_every > 0 needs tracking.eval.ref (a reference batch .npz, e.g. ADM's "
+                             "VIRTUAL_imagenet256_labeled.npz); or set tracking.eval_every=0")
         return self
 
     # --- checks needing the runtime or the data -------------------------------------------------------------

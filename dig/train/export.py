@@ -1,5 +1,5 @@
 """`dig export`: a checkpoint's consolidated weights (EMA by default) as safetensors + a config JSON that
-`create_model` understands; `load_exported` is the inverse."""
+`create_model` understands; `dig.inference.load_exported` is the inverse."""
 from __future__ import annotations
 
 import json
@@ -7,10 +7,9 @@ import os
 
 import torch
 
-from . import checkpoint
+from dig.inference.loading import CONFIG_FILE, WEIGHTS_FILE, load_exported  # noqa: F401  (the export's reader)
 
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
+from . import checkpoint
 
 
 def export(source: str, out_dir: str, weights: str = "ema") -> str:
@@ -56,16 +55,3 @@ def raw_weights(ckpt: str) -> dict[str, torch.Tensor]:
     state = torch.load(os.path.join(engine_dir, "mp_rank_00_model_states.pt"), map_location="cpu",
                        weights_only=False)  # written by this trainer's DeepSpeed engine
     return state["module"]
-
-
-def load_exported(folder: str, device: str | torch.device = "cpu", **overrides):
-    """(model in eval mode, config dict) from an exported folder; `overrides` go to create_model."""
-    from safetensors.torch import load_file
-
-    from dig.models import create_model
-
-    with open(os.path.join(folder, CONFIG_FILE)) as f:
-        info = json.load(f)
-    model = create_model(info["model"], **{**info["model_kwargs"], **overrides})
-    model.load_state_dict(load_file(os.path.join(folder, WEIGHTS_FILE)), strict=True)
-    return model.to(device).eval(), info

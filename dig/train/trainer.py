@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from dig.data.reader import Batch, LatentShardReader, load_manifest
+from dig.eval.during_training import TrainingEvaluator
 
 from . import checkpoint, reshard
 from .config import ConfigError, TrainConfig
@@ -193,6 +194,7 @@ class Trainer:
         self._window.add(metrics, time.perf_counter() - t0)
         self.maybe_log_metrics()   # before the checkpoint: a crash right after it loses no metrics
         self.maybe_log_samples()
+        self.maybe_evaluate()
         self.maybe_checkpoint()
 
     def next_batch(self) -> Batch:
@@ -345,6 +347,24 @@ class Trainer:
                 image = sample_grid(self._sample_model.eval(), self._vae, self.data.normalizer, labels,
                                     self.latent_shape, s.num_steps, s.method, s.cfg_scale, s.seed, self.rt.device)
         self.tracker.log_image(image, f"samples/step_{self.step:09d}.png")
+
+    def maybe_evaluate(self) -> None:
+        """FID etc. of the EMA weights every tracking.eval_every steps (dig/eval/during_training.py: all ranks
+        sample, rank 0 logs). The evaluator is made at the first step, so a wrong reference path fails early."""
+        every = self.cfg.tracking.eval_every
+        if every <= 0:
+            return
+        if getattr(self, "_evaluator", None) is None:
+            self._evaluator = TrainingEvaluator(
+                self.cfg.tracking.eval, self.cfg.model.name, self.model_kwargs, self.latent_shape,
+                self.data.normalizer, self.cfg.tracking.sample.vae or self.data.manifest.vae, self.rt.device,
+                self.rt.rank, self.rt.world_size)
+        if self.step % every:
+            return
+        metrics = self._evaluator.evaluate(self.ema.full_state_dict())  # collective
+        if metrics is not None:
+            self.tracker.log_metrics(metrics, step=self.step)
+            log.info("step %d eval %s", self.step, " ".join(f"{k[5:]}={v:.4g}" for k, v in metrics.items()))
 
     # --- plumbing -------------------------------------------------------------------------------------------
 
