@@ -10,7 +10,7 @@ beside the bare compiled model step at the same per-GPU batch, measured in the s
 Every run trains with configs/train/dig-xl2-imagenet256.yaml (override with --config) plus: the model and
 resolution of the row, `data.micro_batch_size=--batch`, global batch = batch × GPUs, `steps`, a checkpoint at
 step `--checkpoint-at`, metrics every `--log-every` steps to <run dir>/metrics.jsonl (`tracking.backend=jsonl`:
-the trainer's metric logging runs, without needing an MLflow server), no sample grids; `--set key=value` adds
+the trainer's metric logging runs, without needing an MLflow server), no sample grids or FID; `--set key=value` adds
 training-config overrides to every run. Independent one-GPU runs may share a multi-GPU machine (`--parallel`,
 one GPU each, at once); multi-GPU runs always have the machine to themselves.
 
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
                              f"data.micro_batch_size={a.batch}", f"data.global_batch_size={a.batch * gpus}",
                              f"run.dir={run_dir}", f"steps={a.steps}", f"checkpoint.every={a.checkpoint_at}",
                              "checkpoint.keep_last=1", "tracking.backend=jsonl", f"tracking.log_every={a.log_every}",
-                             "tracking.sample_every=0", *settings, *extra_sets]
+                             "tracking.sample_every=0", "tracking.eval_every=0", *settings, *extra_sets]
                 env = {"GPUS_PER_NODE": str(gpus), "MASTER_PORT": str(free_port()), "PYTHONUNBUFFERED": "1"}
                 jobs.append(Job("train", model, res, gpus,
                                 [sys.executable, "-m", "launch.train", "--config", a.config, "--", *overrides], env,
