@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import TrainConfig
+from .deepspeed_json import merge_deepspeed_json
 
 log = logging.getLogger("dig.train")
 
@@ -117,7 +118,7 @@ def deepspeed_config(cfg: TrainConfig, runtime: Runtime) -> dict:
         # reduce bucket and at the end of every backward when overlap_comm is on.
         zero["overlap_comm"] = False
     o = cfg.optim
-    base.update({
+    return merge_deepspeed_json(base, {  # a user value that conflicts with the training config is an error
         "train_batch_size": cfg.data.global_batch_size,
         "train_micro_batch_size_per_gpu": cfg.data.micro_batch_size,
         "gradient_accumulation_steps": cfg.grad_accum_steps(runtime.world_size),
@@ -137,7 +138,6 @@ def deepspeed_config(cfg: TrainConfig, runtime: Runtime) -> dict:
         "steps_per_print": 10 ** 12,
         "wall_clock_breakdown": False,
     })
-    return base
 
 
 def warmup_then_constant(warmup_steps: int):
