@@ -102,6 +102,9 @@ class TrackingConfig(_Section):
     sample: SampleConfig = Field(default_factory=SampleConfig)
     peak_tflops: float | None = None       # per GPU, for MFU; None: looked up from the GPU name
     step_log: bool = False                 # <run dir>/steps/rank_*.jsonl: every step's losses and sample keys
+    system_metrics: bool = True            # MLflow's system metrics (CPU, memory, network, GPU via nvidia-ml-py)
+    system_metrics_interval: float = 10.0  # seconds between system-metric samples
+    log_model: bool = True                 # at the end of a finished run, log the EMA export as `model/` artifacts
 
 
 class TrainConfig(_Section):
