@@ -22,17 +22,17 @@ class _Section(BaseModel):
 
 
 class RunConfig(_Section):
-    name: str = "dig"
+    name: str = "dig"                      # MLflow run name prefix (the run gets "<name>-<UTC time>-<4 hex>")
     dir: str = "runs/dig"                  # run directory: resolved config, checkpoints, step logs
-    seed: int = 0
+    seed: int = 0                          # weights init, data order and noise
 
 
 class ModelConfig(_Section):
     name: str = "DiG-XL/2"                 # a name from dig.models.list_models()
-    num_classes: int = 1000
-    learn_sigma: bool = True
-    class_dropout_prob: float = 0.1
-    gla_backend: str = "auto"
+    num_classes: int = 1000                # label embedding rows (>= the dataset's classes)
+    learn_sigma: bool = True               # learned-range variance (2x output channels), hybrid MSE + VLB loss
+    class_dropout_prob: float = 0.1        # label dropout for classifier-free guidance
+    gla_backend: str = "auto"              # auto | triton | fla | torch (auto: Triton on CUDA, torch on CPU)
     grad_checkpointing: bool = False       # per-block activation checkpointing (high resolution)
     compile: bool = False                  # regional torch.compile of each block (BENCHMARKS.md); ZeRO 0-2 only
     pos_embed_base_size: int | None = None  # latent side the sin-cos grid is scaled to (fine-tuning 256 → 1024)
@@ -43,13 +43,13 @@ class ModelConfig(_Section):
 class DataConfig(_Section):
     path: str                              # dataset folder (local or s3://), or a brace pattern of its shards
     resolution: int                        # image side in pixels; must match the shards' manifest
-    global_batch_size: int = 256
+    global_batch_size: int = 256           # images per optimizer step over all ranks (= ranks x micro x accumulation)
     micro_batch_size: int = 32             # per rank, per forward
     shuffle_window_shards: int = 8         # shards loaded and shuffled together (memory ~ this many shards)
-    latent_norm: Literal["scaling_factor", "stats"] = "scaling_factor"
-    random_flip: bool = True
-    read_retries: int = 3
-    on_bad_shard: Literal["skip", "fail"] = "skip"
+    latent_norm: Literal["scaling_factor", "stats"] = "scaling_factor"  # VAE factor or latent_stats.json mean/std
+    random_flip: bool = True               # use the stored horizontal flip of each image half of the time
+    read_retries: int = 3                  # retries of a failed shard read before it counts as bad
+    on_bad_shard: Literal["skip", "fail"] = "skip"  # an unreadable shard: skip it (counted in shards_skipped) or stop
     prefetch: bool = True                  # load shuffle windows in a background process, the next one ahead
     prefetch_batches: int = 4              # micro-batches cut ahead by a background thread (0: inline)
 
@@ -66,38 +66,38 @@ class DataConfig(_Section):
 
 
 class OptimConfig(_Section):
-    lr: float = 1e-4
+    lr: float = 1e-4                       # AdamW learning rate (constant after warm-up)
     warmup_steps: int = 0                  # linear warm-up from 0, then constant
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
+    weight_decay: float = 0.0              # AdamW (decoupled) weight decay
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
+    eps: float = 1e-8                      # AdamW epsilon
     grad_clip: float = 1.0                 # max global grad norm; 0 disables
 
 
 class EngineConfig(_Section):
-    zero_stage: Literal[0, 1, 2, 3] = 3
+    zero_stage: Literal[0, 1, 2, 3] = 3    # DeepSpeed ZeRO stage (3 shards parameters; on one GPU 2 is faster)
     precision: Literal["auto", "bf16", "fp32"] = "auto"   # auto: bf16 on GPU, fp32 on CPU
     deepspeed_config: str | None = "configs/deepspeed/zero.json"  # base knobs; the trainer fills the rest
 
 
 class CheckpointConfig(_Section):
     every: int = 5000                      # steps between checkpoints (one is also written at exit)
-    keep_last: int = 3
+    keep_last: int = 3                     # complete checkpoints kept; older ones are deleted
 
 
 class SampleConfig(_Section):
-    num_images: int = 16
-    num_steps: int = 50
-    method: Literal["ddpm", "ddim"] = "ddim"
-    cfg_scale: float = 4.0
+    num_images: int = 16                   # samples per grid (labels spread over the classes)
+    num_steps: int = 50                    # diffusion sampling steps
+    method: Literal["ddpm", "ddim"] = "ddim"  # sampler
+    cfg_scale: float = 4.0                 # classifier-free guidance scale (1: none)
     vae: str | None = None                 # VAE spec for decoding; default: the manifest's
-    seed: int = 0
+    seed: int = 0                          # noise seed of the grids (the same every time: grids compare across steps)
 
 
 class TrackingConfig(_Section):
     uri: str | None = None                 # None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
-    experiment: str = "dig"
-    log_every: int = 100
+    experiment: str = "dig"                # MLflow experiment name
+    log_every: int = 100                   # steps between metric logs and console progress lines
     sample_every: int = 10000              # 0 disables sample grids
     sample: SampleConfig = Field(default_factory=SampleConfig)
     peak_tflops: float | None = None       # per GPU, for MFU; None: looked up from the GPU name
@@ -116,7 +116,7 @@ class TrainConfig(_Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     steps: int = 1000                      # optimizer steps of the whole run (a resumed run continues to this)
-    ema_decay: float = 0.9999
+    ema_decay: float = 0.9999              # EMA of the weights, updated every step
     max_nonfinite_in_a_row: int = 10       # abort after this many consecutive non-finite losses
 
     @field_validator("ema_decay")

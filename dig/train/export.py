@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+import time
 
 import torch
 
@@ -18,17 +20,19 @@ def export(source: str, out_dir: str, weights: str = "ema") -> str:
     EMA kept in the checkpoint) or "raw" (the ZeRO shards consolidated with DeepSpeed's zero_to_fp32)."""
     from safetensors.torch import save_file
 
+    if weights not in ("ema", "raw"):
+        raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
     ckpt = checkpoint.resolve_checkpoint(source)
     meta = checkpoint.load_trainer_meta(ckpt)
-    if weights == "ema":
-        state = checkpoint.load_ema_full(ckpt)
-    elif weights == "raw":
-        state = raw_weights(ckpt)
-    else:
-        raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
-    state = {k: v.detach().float().contiguous() for k, v in state.items()}
-    os.makedirs(out_dir, exist_ok=True)
-    save_file(state, os.path.join(out_dir, WEIGHTS_FILE), metadata={"weights": weights, "step": str(meta["step"])})
+    with _Stages(f"[dig export] step {meta['step']} of {ckpt}") as stage:
+        stage(f"reading the {weights} weights")
+        state = checkpoint.load_ema_full(ckpt) if weights == "ema" else raw_weights(ckpt)
+        state = {k: v.detach().float().contiguous() for k, v in state.items()}
+        numel = sum(v.numel() for v in state.values())
+        stage(f"writing {numel / 1e6:.1f}M parameters ({numel * 4 / 2 ** 30:.2f} GiB fp32) to {out_dir}")
+        os.makedirs(out_dir, exist_ok=True)
+        save_file(state, os.path.join(out_dir, WEIGHTS_FILE), metadata={"weights": weights,
+                                                                       "step": str(meta["step"])})
     info = {
         "model": meta["model_name"],
         "model_kwargs": meta["model_kwargs"],
@@ -43,6 +47,30 @@ def export(source: str, out_dir: str, weights: str = "ema") -> str:
     with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
         json.dump(info, f, indent=1)
     return out_dir
+
+
+class _Stages:
+    """One progress line per stage of an export, with the time the previous stage took (stderr)."""
+
+    def __init__(self, title: str):
+        self.title, self.current, self.started = title, None, 0.0
+
+    def __enter__(self):
+        return self
+
+    def __call__(self, name: str) -> None:
+        self._finish()
+        self.current, self.started = name, time.monotonic()
+        print(f"{self.title}: {name} ...", file=sys.stderr, flush=True)
+
+    def _finish(self) -> None:
+        if self.current is not None:
+            print(f"{self.title}: {self.current}: done in {time.monotonic() - self.started:.1f}s", file=sys.stderr,
+                  flush=True)
+
+    def __exit__(self, exc_type, *rest) -> None:
+        if exc_type is None:
+            self._finish()
 
 
 def raw_weights(ckpt: str) -> dict[str, torch.Tensor]:
