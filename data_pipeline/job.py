@@ -97,6 +97,7 @@ def quiet_ray_data_progress() -> None:
     ctx.enable_progress_bars = False
     ctx.enable_operator_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # the execution plan banner; warnings still show
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "Progress bars disabled. To ..."
 
 
 def build_dataset(cfg: PipelineConfig, rows: list[dict], use_gpu: bool, num_encoders: int):

@@ -57,6 +57,13 @@ def test_a_training_run_as_the_mlflow_ui_shows_it(tmp_path, mlflow_tracking_serv
     assert re.search(r"\[dig train\] DiG-S/2: [\d.]+M params \| world size 1 \(cpu, fp32, ZeRO-3\) \| global batch 4",
                      out), out[-3000:]
     assert len(re.findall(r"\[dig train\] step: +\d+% [24]/4 \[[\d:]+<[\d:]+, .*loss=", out)) == 2, out[-3000:]
+    # ... and the run's page in the UI, opened on the model-training view
+    link = re.search(r"MLflow run (tiny-cpu-\S+) \((\w+)\) (http://\S+)", out)
+    tracking = json.load(open(tmp_path / "run1" / "tracking.json"))
+    run_id = tracking["run_id"]
+    assert link.group(2) == run_id and link.group(3) == (
+        f"{mlflow_tracking_server.uri}/#/experiments/{tracking['experiment_id']}/runs/{run_id}"
+        "?workflowType=machine_learning")
     assert re.search(r"\[dig train\] finished at step 4/4: 4 steps in \d+m\d\ds, .* img/s", out)
     assert "FutureWarning" not in out and "should be kept in float32: []" not in out
 
@@ -64,12 +71,12 @@ def test_a_training_run_as_the_mlflow_ui_shows_it(tmp_path, mlflow_tracking_serv
     experiment = client.get_experiment_by_name("ux")
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on runs
     runs = {r.info.run_id: r for r in client.search_runs([experiment.experiment_id])}
-    run_id = json.load(open(tmp_path / "run1" / "tracking.json"))["run_id"]
     run = runs[run_id]
     names = [r.info.run_name for r in runs.values()]
     assert len(runs) == 2 and len(set(names)) == 2 and all(re.fullmatch(r"tiny-cpu-\d{8}-\d{6}-[0-9a-f]{4}", n)
                                                            for n in names)
     assert run.info.status == "FINISHED" and run.data.tags["dig.run.name"] == "tiny-cpu"
+    assert run.info.run_name == link.group(1)
 
     # Params: every key of the schema, with its default where the user wrote none (the YAML has no optim.betas,
     # weight_decay, grad_clip, data.latent_norm, model.learn_sigma).

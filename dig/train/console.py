@@ -51,7 +51,8 @@ class TrainingConsole:
               f"({runtime.device.type}, {precision}, ZeRO-{cfg.engine.zero_stage}) | global batch {self.batch} = "
               f"{runtime.world_size} rank(s) x {cfg.data.micro_batch_size} micro x {accum} accumulation | "
               f"{cfg.steps} steps, {resumed} | run dir {os.path.abspath(cfg.run.dir)}"
-              + (f" | MLflow run {tracker.run_id}" if tracker.run_id else ""), flush=True)
+              + (f" | MLflow run {tracker.run_name} ({tracker.run_id})" if tracker.run_id else "")
+              + (f" {tracker.ui_url}" if tracker.ui_url else ""), flush=True)
         self.progress = Progress(total=cfg.steps, desc="[dig train] step", unit="step", initial=start_step,
                                  interval=float("inf"))  # lines mode: one line per log_every (log_metrics)
         self._redirect = None

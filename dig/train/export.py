@@ -15,16 +15,17 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 
 
-def export(source: str, out_dir: str, weights: str = "ema") -> str:
+def export(source: str, out_dir: str, weights: str = "ema", progress: bool = True) -> str:
     """`source`: a run directory (its latest checkpoint) or a checkpoint folder. `weights`: "ema" (the gathered
-    EMA kept in the checkpoint) or "raw" (the ZeRO shards consolidated with DeepSpeed's zero_to_fp32)."""
+    EMA kept in the checkpoint) or "raw" (the ZeRO shards consolidated with DeepSpeed's zero_to_fp32).
+    `progress`: a line on stderr as each stage (read, write) starts, and the time it took at the end."""
     from safetensors.torch import save_file
 
     if weights not in ("ema", "raw"):
         raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
     ckpt = checkpoint.resolve_checkpoint(source)
     meta = checkpoint.load_trainer_meta(ckpt)
-    with _Stages(f"[dig export] step {meta['step']} of {ckpt}") as stage:
+    with _Stages(f"[dig export] step {meta['step']} of {ckpt}", enabled=progress) as stage:
         stage(f"reading the {weights} weights")
         state = checkpoint.load_ema_full(ckpt) if weights == "ema" else raw_weights(ckpt)
         state = {k: v.detach().float().contiguous() for k, v in state.items()}
@@ -50,27 +51,25 @@ def export(source: str, out_dir: str, weights: str = "ema") -> str:
 
 
 class _Stages:
-    """One progress line per stage of an export, with the time the previous stage took (stderr)."""
+    """A line per stage of an export as it starts; at the end one line with the time each stage took (stderr)."""
 
-    def __init__(self, title: str):
-        self.title, self.current, self.started = title, None, 0.0
+    def __init__(self, title: str, enabled: bool = True):
+        self.title, self.enabled = title, enabled
+        self.times: list[tuple[str, float]] = []
 
     def __enter__(self):
         return self
 
     def __call__(self, name: str) -> None:
-        self._finish()
-        self.current, self.started = name, time.monotonic()
-        print(f"{self.title}: {name} ...", file=sys.stderr, flush=True)
-
-    def _finish(self) -> None:
-        if self.current is not None:
-            print(f"{self.title}: {self.current}: done in {time.monotonic() - self.started:.1f}s", file=sys.stderr,
-                  flush=True)
+        self.times.append((name, time.monotonic()))
+        if self.enabled:
+            print(f"{self.title}: {name} ...", file=sys.stderr, flush=True)
 
     def __exit__(self, exc_type, *rest) -> None:
-        if exc_type is None:
-            self._finish()
+        if exc_type is None and self.enabled and self.times:
+            ends = [t for _, t in self.times[1:]] + [time.monotonic()]
+            took = ", ".join(f"{name.split()[0]} {end - start:.1f}s" for (name, start), end in zip(self.times, ends))
+            print(f"{self.title}: done ({took})", file=sys.stderr, flush=True)
 
 
 def raw_weights(ckpt: str) -> dict[str, torch.Tensor]:

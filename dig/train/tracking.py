@@ -28,6 +28,9 @@ SAMPLES_KEY = "samples"                 # the step-keyed sample grids
 MODEL_ARTIFACT_PATH = "model"           # the final EMA export
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # MLflow 3's UI reads it to pick the experiment's default view
 EXPERIMENT_KIND = "custom_model_development"
+# MLflow 3.17's UI takes the GenAI / model-training switch from this URL parameter (else from the browser's last
+# choice, GenAI at first) and no longer from the experiment tag: links we print carry it.
+UI_VIEW = "?workflowType=machine_learning"
 DEFAULT_URI = "sqlite:///mlflow.db"
 _SECRET_KEY = re.compile(r"(secret|password|passwd|token|credential|access_key|api_key)", re.I)
 _URL_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
@@ -59,6 +62,8 @@ def tracking_uri(configured: str | None) -> str:
 
 class NullTracker:
     run_id: str | None = None
+    run_name: str | None = None
+    ui_url: str | None = None                 # the run's page in the MLflow UI, when the store is a server
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
     def log_image(self, image, artifact_file: str) -> None: ...
@@ -111,6 +116,9 @@ class MlflowTracker(NullTracker):
                            "experiment_id": run.info.experiment_id}, f)
             os.replace(state_path + ".tmp", state_path)
         self.run_id = run.info.run_id
+        self.run_name = run.info.run_name
+        self.ui_url = (f"{self.uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{self.run_id}{UI_VIEW}"
+                       if self.uri.startswith(("http://", "https://")) else None)
         # The configuration as files beside the params: every key with its default, what the user wrote, and the
         # DeepSpeed JSON the engine was built with (written again on resume: it may differ, e.g. the world size).
         self._guard("log_dict", mlflow.log_dict, redact_nested(config), "config/effective.yaml")
@@ -161,7 +169,7 @@ class MlflowTracker(NullTracker):
         from .export import export
 
         with tempfile.TemporaryDirectory(prefix="dig-mlflow-model-") as folder:
-            export(self.latest_checkpoint, folder, weights="ema")
+            export(self.latest_checkpoint, folder, weights="ema", progress=False)
             self._guard("log_artifacts", self.mlflow.log_artifacts, folder, MODEL_ARTIFACT_PATH)
         self.set_tags({"model.artifact": MODEL_ARTIFACT_PATH, "model.source_checkpoint": self.latest_checkpoint})
 
