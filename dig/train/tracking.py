@@ -88,6 +88,8 @@ class MlflowTracker(NullTracker):
                          for k, v in flatten(config).items()})
         if system_metrics:
             mlflow.set_system_metrics_sampling_interval(system_metrics_interval)
+            # its start/stop/"no GPU" INFO lines say nothing a user acts on; failures are warnings and still show
+            logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
         state_path = os.path.join(run_dir, TRACKING_FILE)
         previous = None
         if os.path.exists(state_path):
