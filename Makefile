@@ -2,10 +2,11 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# The CPU machines take the local CPU wheel of this torch; every later install is constrained to it so the
-# resolver never swaps in a CUDA build (and ~18 GB of nvidia wheels). On a GPU cluster set TORCH_SPEC to the
-# CUDA build you want, e.g. `make install TORCH_SPEC=torch==2.13.0 EXTRAS=test,gpu`.
+# torch is installed first, as TORCH_SPEC from TORCH_INDEX (default: pip's configured index; on Linux PyPI serves
+# the CUDA build). Every later install is constrained to it, so the resolver never swaps in another build (and
+# ~18 GB of nvidia wheels). CPU-only machine: `make install TORCH_INDEX=https://download.pytorch.org/whl/cpu`.
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
 EXTRAS ?= test
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 PYTEST_ARGS ?=
@@ -23,7 +24,8 @@ DEMO_OUT ?= demo_out
 
 .PHONY: help install test test-fast demo launch preprocess mlflow-ui check-venv
 help:
-	@echo "make install    create $(VENV) and install dig (torch pinned: $(TORCH_SPEC))"
+	@echo "make install    create $(VENV) and install dig (torch pinned: $(TORCH_SPEC); CPU-only wheel:"
+	@echo "                TORCH_INDEX=https://download.pytorch.org/whl/cpu)"
 	@echo "make test       install if needed, then run the test suite"
 	@echo "make test-fast  the suite without the multi-process/server tests (-m 'not slow')"
 	@echo "make demo       install if needed, then the whole job on this machine (images -> Ray latents ->"
@@ -39,7 +41,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q $(if $(TORCH_INDEX),--index-url "$(TORCH_INDEX)") "$(TORCH_SPEC)"
 	echo "$(TORCH_SPEC)" > $(VENV)/torch-constraint.txt
 	$(PY) -m pip install -q -c constraints.txt -c $(VENV)/torch-constraint.txt -e ".[$(EXTRAS)]"
 	touch $@

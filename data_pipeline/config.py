@@ -12,7 +12,7 @@ class PipelineConfig(BaseModel):
 
     input: str = Field(description="ImageFolder tree or folder of webdataset tars (local path or s3://)")
     output: str = Field(description="where the shards go (local folder or s3://bucket/prefix)")
-    input_layout: Literal["auto", "folder", "webdataset"] = "auto"
+    input_layout: Literal["auto", "folder", "webdataset"] = "auto"  # ImageFolder tree or *.tar; auto: detected
     resolution: int = Field(256, ge=8, description="image side after the ADM centre crop")
     vae: str = Field("stabilityai/sd-vae-ft-ema", description="hub id, local diffusers folder, or config:NAME")
     name: str = Field("train", pattern=r"^[A-Za-z0-9_-]+$", description="shard name prefix")
@@ -20,12 +20,12 @@ class PipelineConfig(BaseModel):
     shuffle: bool = Field(True, description="deal inputs into shards in a seeded pseudo-random order, so every "
                           "shard mixes classes; false: consecutive inputs of the sorted listing per shard")
     shuffle_seed: int = Field(0, ge=0, description="seed of the shard assignment (numpy default_rng)")
-    storage_dtype: Literal["float16", "float32"] = "float16"
+    storage_dtype: Literal["float16", "float32"] = "float16"  # dtype of the stored posterior mean/std
     min_side: int = Field(32, ge=1, description="images whose shorter side is below this are rejected")
 
     # Encoder actors.
-    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
-    device: Literal["auto", "cuda", "cpu"] = "auto"
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"  # encoder arithmetic
+    device: Literal["auto", "cuda", "cpu"] = "auto"  # encoder device; auto: GPU actors when the cluster has GPUs
     encode_batch_size: int = Field(64, ge=1, description="images per VAE forward (each also flipped: 2x rows)")
     num_encoders: Optional[int] = Field(None, ge=1, description="encoder actors, one GPU each on GPU; default: "
                                         "one per GPU of the cluster, or 1 without GPUs")

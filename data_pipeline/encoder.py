@@ -41,7 +41,8 @@ class LatentEncoder:
 
         means, stds = [], []
         for start in range(0, len(images), self.batch_size):
-            chunk = torch.from_numpy(np.ascontiguousarray(images[start:start + self.batch_size]))
+            # Ray hands over read-only arrays; torch warns about those, so copy only when not writable
+            chunk = torch.from_numpy(np.require(images[start:start + self.batch_size], requirements=["C", "W"]))
             x = chunk.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float() / 127.5 - 1.0
             n = x.shape[0]
             mean, std = encode(self.vae, torch.cat([x, x.flip(-1)]))

@@ -11,6 +11,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from dig.data import shard_format, storage
+from dig.progress import Progress
 
 from .config import PipelineConfig
 from .encoder import LatentEncoder
@@ -85,6 +86,18 @@ def storage_runtime_env() -> dict:
     what works on the driver then works on every worker, whatever environment their nodes started with."""
     env_vars = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
     return {"env_vars": env_vars} if env_vars else {}
+
+
+def quiet_ray_data_progress() -> None:
+    """Our own progress line (images done/total, img/s, ETA from the listing's count) replaces Ray Data's
+    per-operator progress, which logs a block of lines every few seconds and starts at "Total Progress: 0/?"."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.enable_operator_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # the execution plan banner; warnings still show
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "Progress bars disabled. To ..."
 
 
 def build_dataset(cfg: PipelineConfig, rows: list[dict], use_gpu: bool, num_encoders: int):
@@ -200,11 +213,16 @@ def run(cfg: PipelineConfig) -> dict:
     encode_start = time.monotonic()
     samples_out = rejects = 0
     if todo:
-        for row in build_dataset(cfg, [s.to_row() for s in todo], use_gpu, num_encoders).iter_rows():
-            record = json.loads(row["record"])
-            records[record["index"]] = record
-            samples_out += record["count"]
-            rejects += len(record["rejects"])
+        quiet_ray_data_progress()
+        sizes = {s.index: len(s.items) for s in todo}
+        with Progress(total=todo_inputs, desc="[data_pipeline] encoded", unit="img") as progress:
+            for row in build_dataset(cfg, [s.to_row() for s in todo], use_gpu, num_encoders).iter_rows():
+                record = json.loads(row["record"])
+                records[record["index"]] = record
+                samples_out += record["count"]
+                rejects += len(record["rejects"])
+                progress.set_postfix(shards=f"{len(records) - len(done)}/{len(todo)}", rejects=rejects)
+                progress.update(sizes[record["index"]])
     seconds = time.monotonic() - encode_start
     summary = {"images_in": todo_inputs, "samples_out": samples_out, "rejects": rejects,
                "shards_written": len(todo), "shards_skipped": len(done), "seconds": round(seconds, 2),

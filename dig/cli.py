@@ -173,6 +173,35 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _args_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--list", action="store_true", help="every training and preprocessing key with its type, "
+                   "default and meaning (Markdown; README.md includes it)")
+    p.add_argument("--config", help="a training YAML: print the effective config (every key, defaults filled in)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, as for `dig train`")
+
+
+def _cmd_config(args) -> int:
+    if args.list:
+        from dig.config_reference import reference
+
+        print(reference())
+        return 0
+    if not args.config:
+        print("dig config: give --list, or --config FILE [key=value ...]", file=sys.stderr)
+        return 2
+    import yaml
+
+    from dig.train.config import ConfigError, resolve, validate
+
+    try:
+        cfg = validate(resolve(args.config, args.overrides), source=args.config)
+    except ConfigError as exc:
+        print(f"dig config: {exc}", file=sys.stderr)
+        return 2
+    print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
+    return 0
+
+
 # `dig bench SUITE …` runs a script of the checkout's bench/ folder (benchmarks are not installed with the
 # package); what each measures and the recorded results are in BENCHMARKS.md.
 BENCH_SUITES = {
@@ -211,6 +240,8 @@ COMMANDS = {
                _cmd_sample),
     "eval": ("FID, sFID, Inception Score, precision and recall of a sample set against a reference batch",
              _args_eval, _cmd_eval),
+    "config": ("list every config key (--list) or print a run's effective config (--config FILE)", _args_config,
+               _cmd_config),
     "bench": ("run a benchmark from the checkout's bench/ folder (results: BENCHMARKS.md)", _args_bench,
               _cmd_bench),
 }

@@ -43,9 +43,36 @@ def build_vae_from_config(name: str, seed: int = 0):
         return AutoencoderKL(**CONFIGS[name])
 
 
+class _EmptyFp32ListFilter(logging.Filter):
+    """diffusers warns "There are modules in AutoencoderKL that should be kept in float32: []" on every
+    `.to(dtype)`; with an empty list there is nothing to keep, so that one message is dropped (a non-empty list
+    still shows)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("There are modules in") and "should be kept in float32: []" in message)
+
+
+def _quiet_diffusers() -> None:
+    target = logging.getLogger("diffusers.models.modeling_utils")
+    if not any(isinstance(f, _EmptyFp32ListFilter) for f in target.filters):
+        target.addFilter(_EmptyFp32ListFilter())
+
+
+def _from_pretrained(spec: str):
+    from diffusers import AutoencoderKL
+    from diffusers.utils import is_accelerate_available
+
+    with warnings.catch_warnings():
+        # diffusers still passes huggingface_hub's retired `local_dir_use_symlinks` argument (harmless)
+        warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*", category=UserWarning)
+        # low_cpu_mem_usage needs accelerate; asking for it without accelerate only prints a warning
+        return AutoencoderKL.from_pretrained(spec, low_cpu_mem_usage=is_accelerate_available())
+
+
 def load_vae(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
     """Load the VAE named by `spec` (see module doc), in eval mode, on `device` in `dtype`."""
-    from diffusers import AutoencoderKL
+    _quiet_diffusers()
 
     if spec.startswith("config:"):
         name = spec.split(":", 1)[1]
@@ -54,10 +81,10 @@ def load_vae(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype =
                       stacklevel=2)
         vae = build_vae_from_config(name)
     elif os.path.isdir(spec):
-        vae = AutoencoderKL.from_pretrained(spec)
+        vae = _from_pretrained(spec)
     else:
         try:
-            vae = AutoencoderKL.from_pretrained(spec)
+            vae = _from_pretrained(spec)
         except Exception as exc:  # noqa: BLE001 - re-raised with what to do about it
             raise RuntimeError(
                 f"could not load VAE {spec!r} from the hub or its cache ({type(exc).__name__}: {exc}). "

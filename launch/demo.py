@@ -214,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     uri, experiment_id, run_id = attach_to_mlflow(run_dir, grid)
 
     from dig.train.checkpoint import latest_checkpoint
+    from dig.train.tracking import UI_VIEW
 
     minutes = (time.monotonic() - start) / 60
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
@@ -223,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
   sample grid : {grid}
   checkpoint  : {latest_checkpoint(run_dir)}
   MLflow run  : {run_id} (experiment dig-demo) in {uri}
-  open the UI : make mlflow-ui   then http://127.0.0.1:5000/#/experiments/{experiment_id}/runs/{run_id}
+  open the UI : make mlflow-ui   then http://127.0.0.1:5000/#/experiments/{experiment_id}/runs/{run_id}{UI_VIEW}
                 (set MLFLOW_TRACKING_URI={uri} first if you run it from another directory)""", flush=True)
     return 0
 

@@ -54,7 +54,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.dry_run:
         print(line)
         return 0
-    print(f"[mlflow-ui] {line}\n[mlflow-ui] open http://{LOOPBACK}:{args.port} (Ctrl-C stops it)",
+    print(f"[mlflow-ui] {line}\n[mlflow-ui] open http://{LOOPBACK}:{args.port}/#/experiments?workflowType="
+          "machine_learning (Ctrl-C stops it)",
           file=sys.stderr, flush=True)
     os.execve(command[0], command, {**os.environ, **env})  # the server replaces us: signals reach it directly
 

@@ -98,8 +98,10 @@ def _train_args(config: str, overrides: Sequence[str]) -> list[str]:
 
 
 def plan_launch(config: str, overrides: Sequence[str] = (), environ: Mapping[str, str] | None = None,
-                gpu_count: int | None = None, python: str | None = None) -> LaunchPlan:
-    """Check the settings and build the launcher command; raises LaunchError before anything starts."""
+                gpu_count: int | None = None, python: str | None = None, dry_run: bool = False) -> LaunchPlan:
+    """Check the settings and build the launcher command; raises LaunchError before anything starts. With
+    `dry_run` a missing launcher tool (pdsh) is a note in the plan's summary instead, so the command can be
+    inspected on a machine that will not run it."""
     environ = dict(os.environ if environ is None else environ)
     python = python or sys.executable
     if not config:
@@ -119,7 +121,7 @@ def plan_launch(config: str, overrides: Sequence[str] = (), environ: Mapping[str
     env = forwarded_env(environ)
     if hostfile:
         return _plan_deepspeed(config, overrides, environ, env, python, hostfile, nnodes, node_rank,
-                               master_addr, master_port, gpus_per_node)
+                               master_addr, master_port, gpus_per_node, dry_run)
 
     nnodes = nnodes or 1
     if nnodes > 1:
@@ -158,7 +160,7 @@ def plan_launch(config: str, overrides: Sequence[str] = (), environ: Mapping[str
 
 
 def _plan_deepspeed(config, overrides, environ, env, python, hostfile, nnodes, node_rank, master_addr,
-                    master_port, gpus_per_node) -> LaunchPlan:
+                    master_port, gpus_per_node, dry_run: bool = False) -> LaunchPlan:
     hosts = parse_hostfile(hostfile)
     if node_rank is not None:
         raise LaunchError("NODE_RANK is for torchrun mode (one launch per node); with HOSTFILE DeepSpeed "
@@ -172,9 +174,12 @@ def _plan_deepspeed(config, overrides, environ, env, python, hostfile, nnodes, n
             raise LaunchError(f"GPUS_PER_NODE={gpus_per_node} exceeds the slots of {', '.join(short)} "
                               f"in {hostfile!r}")
     launcher = environ.get("DS_LAUNCHER", "pdsh").strip().lower()
+    missing = ""
     if len(used) > 1 and launcher == "pdsh" and not shutil.which("pdsh"):
-        raise LaunchError("a multi-node HOSTFILE launch uses pdsh (DeepSpeed's default), which is not "
-                          "installed here: install pdsh, or set DS_LAUNCHER=openmpi|slurm|mpich|impi|mvapich")
+        missing = ("a multi-node HOSTFILE launch uses pdsh (DeepSpeed's default), which is not installed here: "
+                   "install pdsh, or set DS_LAUNCHER=openmpi|slurm|mpich|impi|mvapich")
+        if not dry_run:
+            raise LaunchError(missing)
 
     command = [python, "-m", "deepspeed.launcher.runner", f"--hostfile={hostfile}"]
     if nnodes is not None:
@@ -190,7 +195,8 @@ def _plan_deepspeed(config, overrides, environ, env, python, hostfile, nnodes, n
     slots = [gpus_per_node or s for _, s in used]
     summary = (f"deepspeed ({launcher}): {len(used)} node(s) from {hostfile} "
                f"[{', '.join(h for h, _ in used)}], {sum(slots)} process(es)"
-               + (f", master {master_addr}:{master_port}" if master_addr else ""))
+               + (f", master {master_addr}:{master_port}" if master_addr else "")
+               + (f"\n# NOTE: {missing}" if missing else ""))
     # DeepSpeed exports only a few prefixes to remote nodes; the rest travels in its DS_ENV_FILE (it quotes
     # values itself).
     return LaunchPlan(mode="deepspeed", command=command, env=env, summary=summary, remote_env=dict(env))
@@ -241,7 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value overrides passed to `dig train`")
     args = parser.parse_args(argv)
     try:
-        plan = plan_launch(args.config, args.overrides)
+        plan = plan_launch(args.config, args.overrides, dry_run=args.dry_run)
     except LaunchError as exc:
         print(f"launch: error: {exc}", file=sys.stderr)
         return 2

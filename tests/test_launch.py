@@ -162,6 +162,20 @@ def test_invalid_hostfiles_and_configs_fail_clearly(config, tmp_path):
     assert proc.returncode != 0 and "training config not found: '/nonexistent.yaml'" in proc.stderr
 
 
+def test_dry_run_shows_a_hostfile_command_without_pdsh(config, tmp_path, monkeypatch, capsys):
+    two = tmp_path / "two"
+    two.write_text("node-a slots=8\nnode-b slots=8\n")
+    monkeypatch.setenv("PATH", str(tmp_path))  # no pdsh on it
+    monkeypatch.setenv("HOSTFILE", str(two))
+    for name in ("NNODES", "NODE_RANK", "GPUS_PER_NODE", "DS_LAUNCHER"):
+        monkeypatch.delenv(name, raising=False)
+    assert train.main(["--config", config, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "# NOTE: a multi-node HOSTFILE launch uses pdsh" in out and "deepspeed.launcher.runner" in out
+    assert train.main(["--config", config]) == 2  # the real launch still refuses, before starting anything
+    assert "pdsh" in capsys.readouterr().err
+
+
 def test_pdsh_check_uses_path(config, tmp_path, monkeypatch):
     two = tmp_path / "two"
     two.write_text("node-a slots=8\nnode-b slots=8\n")

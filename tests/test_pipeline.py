@@ -9,6 +9,7 @@ import glob
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -80,7 +81,14 @@ def finish_job(proc, timeout=240) -> dict:
         raise AssertionError("job timed out: " + open(proc.log_path).read()[-4000:])
     text = open(proc.log_path).read()
     assert rc == 0, text[-4000:]
-    return json.loads(text.split("[data_pipeline] summary ", 1)[1].splitlines()[0])
+    summary = json.loads(text.split("[data_pipeline] summary ", 1)[1].splitlines()[0])
+    # Progress in a log: plain lines with images done/total and the rate, ending at the total; not Ray's own
+    n = summary["images_in"]
+    if n:
+        assert re.search(rf"\[data_pipeline\] encoded: 100% {n}/{n} \[[\d:]+<00:00, +[\d.]+(img/s|s/img)", text), \
+            text[-3000:]
+    assert "Total Progress" not in text
+    return summary
 
 
 def read_dataset(root: str, all_tars: bool = False):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -204,11 +205,12 @@ def test_metrics_and_sample_image_visible_in_mlflow(straight_run, mlflow_trackin
     assert lr[1] == pytest.approx(0.5e-3) and lr[2] == pytest.approx(1e-3) and lr[6] == pytest.approx(1e-3)
     assert run.data.params["data.micro_batch_size"] == "2" and run.data.params["model.name"] == "DiG-S/2"
     assert run.data.tags["checkpoint.latest"].endswith("step_000000006")
-    names = [a.path for a in client.list_artifacts(run_id, "samples")]
-    assert names == ["samples/step_000000003.png", "samples/step_000000006.png"]
-    local = client.download_artifacts(run_id, "samples/step_000000006.png", str(tmp_path))
+    # the step-keyed image "samples" (MLflow stores it as images/samples+step+N+...png, plus a compressed .webp)
+    names = sorted(a.path for a in client.list_artifacts(run_id, "images") if a.path.endswith(".png"))
+    assert [int(re.search(r"samples\+step\+(\d+)\+", n).group(1)) for n in names] == [3, 6]
+    local = client.download_artifacts(run_id, names[-1], str(tmp_path))
     image = Image.open(local)
-    assert image.size == (128, 128)  # 4 samples of 64x64 in a 2x2 grid
+    assert image.size == (128, 2 * (64 + 12))  # 4 samples of 64x64 in a 2x2 grid, a 12 px caption under each
     assert np.asarray(image).std() > 0
 
 

@@ -22,20 +22,20 @@ class _Section(BaseModel):
 
 
 class RunConfig(_Section):
-    name: str = "dig"
+    name: str = "dig"                      # MLflow run name prefix (the run gets "<name>-<UTC time>-<4 hex>")
     dir: str = "runs/dig"                  # run directory: resolved config, checkpoints, step logs
-    seed: int = 0
+    seed: int = 0                          # weights init, data order and noise
 
 
 class ModelConfig(_Section):
     name: str = "DiG-XL/2"                 # a name from dig.models.list_models()
-    num_classes: int = 1000
-    learn_sigma: bool = True
-    class_dropout_prob: float = 0.1
-    gla_backend: str = "auto"
+    num_classes: int = 1000                # label embedding rows (>= the dataset's classes)
+    learn_sigma: bool = True               # learned-range variance (2x output channels), hybrid MSE + VLB loss
+    class_dropout_prob: float = 0.1        # label dropout for classifier-free guidance
+    gla_backend: str = "auto"              # auto | triton | fla | torch (auto: Triton on CUDA, torch on CPU)
     grad_checkpointing: bool = False       # per-block activation checkpointing (high resolution)
-    compile: bool = False                  # regional torch.compile of each block's forward (BENCHMARKS.md)
-    compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "default"  # reduce-overhead: CUDA graphs
+    compile: bool = False                  # regional torch.compile of each block's forward (any ZeRO stage)
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "default"  # torch.compile mode on CUDA; reduce-overhead adds CUDA graphs
     pos_embed_base_size: int | None = None  # latent side the sin-cos grid is scaled to (fine-tuning 256 → 1024)
     init_from: str | None = None           # exported folder or run directory whose (EMA) weights start this run
     overrides: dict[str, Any] = Field(default_factory=dict)  # extra create_model kwargs (depth, hidden_size, …)
@@ -44,13 +44,13 @@ class ModelConfig(_Section):
 class DataConfig(_Section):
     path: str                              # dataset folder (local or s3://), or a brace pattern of its shards
     resolution: int                        # image side in pixels; must match the shards' manifest
-    global_batch_size: int = 256
+    global_batch_size: int = 256           # images per optimizer step over all ranks (= ranks x micro x accumulation)
     micro_batch_size: int = 32             # per rank, per forward
     shuffle_window_shards: int = 8         # shards loaded and shuffled together (memory ~ this many shards)
-    latent_norm: Literal["scaling_factor", "stats"] = "scaling_factor"
-    random_flip: bool = True
-    read_retries: int = 3
-    on_bad_shard: Literal["skip", "fail"] = "skip"
+    latent_norm: Literal["scaling_factor", "stats"] = "scaling_factor"  # VAE factor or latent_stats.json mean/std
+    random_flip: bool = True               # use the stored horizontal flip of each image half of the time
+    read_retries: int = 3                  # retries of a failed shard read before it counts as bad
+    on_bad_shard: Literal["skip", "fail"] = "skip"  # an unreadable shard: skip it (counted in shards_skipped) or stop
     prefetch: bool = True                  # load shuffle windows in a background process, the next one ahead
     prefetch_batches: int = 4              # micro-batches cut ahead by a background thread (0: inline)
 
@@ -67,44 +67,42 @@ class DataConfig(_Section):
 
 
 class OptimConfig(_Section):
-    lr: float = 1e-4
+    lr: float = 1e-4                       # AdamW learning rate (constant after warm-up)
     warmup_steps: int = 0                  # linear warm-up from 0, then constant
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
+    weight_decay: float = 0.0              # AdamW (decoupled) weight decay
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
+    eps: float = 1e-8                      # AdamW epsilon
     grad_clip: float = 1.0                 # max global grad norm; 0 disables
 
 
 class EngineConfig(_Section):
-    zero_stage: Literal[0, 1, 2, 3] = 3
-    # bf16: bf16 weights, fp32 master in the optimizer, bf16 autocast; amp: fp32 weights, bf16 autocast (torch
-    # AMP; DeepSpeed then runs the plain torch optimizer); auto: bf16 on GPU, fp32 on CPU
-    precision: Literal["auto", "bf16", "amp", "fp32"] = "auto"
+    zero_stage: Literal[0, 1, 2, 3] = 3    # DeepSpeed ZeRO stage (0: plain data parallel; 3 shards parameters)
+    precision: Literal["auto", "bf16", "amp", "fp32"] = "auto"  # bf16: bf16 weights + fp32 master; amp: fp32 weights, bf16 autocast; auto: bf16 on GPU, fp32 on CPU
     deepspeed_config: str | None = "configs/deepspeed/zero.json"  # base knobs; the trainer fills the rest
 
 
 class CheckpointConfig(_Section):
     every: int = 5000                      # steps between checkpoints (one is also written at exit)
-    keep_last: int = 3
+    keep_last: int = 3                     # complete checkpoints kept; older ones are deleted
 
 
 class SampleConfig(_Section):
-    num_images: int = 16
-    num_steps: int = 50
-    method: Literal["ddpm", "ddim"] = "ddim"
-    cfg_scale: float = 4.0
+    num_images: int = 16                   # samples per grid (labels spread over the classes)
+    num_steps: int = 50                    # diffusion sampling steps
+    method: Literal["ddpm", "ddim"] = "ddim"  # sampler
+    cfg_scale: float = 4.0                 # classifier-free guidance scale (1: none)
     vae: str | None = None                 # VAE spec for decoding; default: the manifest's
-    seed: int = 0
+    seed: int = 0                          # noise seed of the grids (the same every time: grids compare across steps)
 
 
 class EvalConfig(_Section):
     """FID during training (dig.eval.during_training): the ADM numbers of `num_samples` EMA samples."""
     num_samples: int = 5000                # spread over all ranks; samples depend on (seed, index) only
     batch_size: int = 32                   # per rank
-    num_steps: int = 250
-    method: Literal["ddpm", "ddim"] = "ddpm"
+    num_steps: int = 250                   # diffusion sampling steps (the release's FID sampler: 250 DDPM)
+    method: Literal["ddpm", "ddim"] = "ddpm"  # sampler
     cfg_scale: float = 1.0                 # the release's FID sampler; the paper's guided numbers use 1.5
-    seed: int = 0
+    seed: int = 0                          # sample i depends on (seed, i) only, as in `dig sample --out X.npz`
     ref: str | None = None                 # reference batch .npz (arr_0 uint8 NHWC), e.g. VIRTUAL_imagenet256_labeled
     inception: str | None = None           # pt_inception-2015-12-05-6726825d.pth; None: $DIG_INCEPTION
     random_inception: bool = False         # tests only: random Inception weights, meaningless numbers
@@ -121,14 +119,17 @@ class EvalConfig(_Section):
 class TrackingConfig(_Section):
     backend: Literal["mlflow", "jsonl", "none"] = "mlflow"  # jsonl: <run dir>/metrics.jsonl, for hosts without MLflow
     uri: str | None = None                 # None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
-    experiment: str = "dig"
-    log_every: int = 100
+    experiment: str = "dig"                # MLflow experiment name
+    log_every: int = 100                   # steps between metric logs and console progress lines
     sample_every: int = 10000              # 0 disables sample grids
     sample: SampleConfig = Field(default_factory=SampleConfig)
     eval_every: int = 0                    # steps between FID evaluations of the EMA weights (0: off)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     peak_tflops: float | None = None       # per GPU, for MFU; None: looked up from the GPU name
     step_log: bool = False                 # <run dir>/steps/rank_*.jsonl: every step's losses and sample keys
+    system_metrics: bool = True            # MLflow's system metrics (CPU, memory, network, GPU via nvidia-ml-py)
+    system_metrics_interval: float = 10.0  # seconds between system-metric samples
+    log_model: bool = True                 # at the end of a finished run, log the EMA export as `model/` artifacts
 
 
 class TrainConfig(_Section):
@@ -140,7 +141,7 @@ class TrainConfig(_Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     steps: int = 1000                      # optimizer steps of the whole run (a resumed run continues to this)
-    ema_decay: float = 0.9999
+    ema_decay: float = 0.9999              # EMA of the weights, updated every step
     max_nonfinite_in_a_row: int = 10       # abort after this many consecutive non-finite losses
 
     @field_validator("ema_decay")

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import TrainConfig
+from .deepspeed_json import merge_deepspeed_json
 
 log = logging.getLogger("dig.train")
 
@@ -125,7 +126,7 @@ def deepspeed_config(cfg: TrainConfig, runtime: Runtime, load_universal: bool = 
         # reduce bucket and at the end of every backward when overlap_comm is on.
         zero["overlap_comm"] = False
     o = cfg.optim
-    base.update({
+    merged = merge_deepspeed_json(base, {  # a user value that conflicts with the training config is an error
         "train_batch_size": cfg.data.global_batch_size,
         "train_micro_batch_size_per_gpu": cfg.data.micro_batch_size,
         "gradient_accumulation_steps": cfg.grad_accum_steps(runtime.world_size),
@@ -148,8 +149,8 @@ def deepspeed_config(cfg: TrainConfig, runtime: Runtime, load_universal: bool = 
         "wall_clock_breakdown": False,
     })
     if load_universal:
-        base["checkpoint"] = {**base.get("checkpoint", {}), "load_universal": True}
-    return base
+        merged["checkpoint"] = {**merged.get("checkpoint", {}), "load_universal": True}
+    return merged
 
 
 def warmup_then_constant(warmup_steps: int):

@@ -2,7 +2,12 @@
 
 The MLflow run id is stored in `<run dir>/tracking.json`; a resumed training run reopens the same MLflow run.
 Tracking URI: tracking.uri, else $MLFLOW_TRACKING_URI, else MLflow's local store `sqlite:///mlflow.db`.
-Parameters are the flattened resolved config with anything that looks like a credential removed.
+What a run holds: params = the effective config (every key, defaults included; anything that looks like a
+credential removed), artifacts `config/effective.yaml`, `config/user.yaml` (what was written), `config/deepspeed.json`
+(the engine's final JSON), metrics from the trainer plus MLflow's own system metrics (`system/*`: CPU, memory,
+disk, network, and GPU utilisation/memory/power through nvidia-ml-py), sample grids as the step-keyed image
+`samples`, `checkpoint.*` tags, and at the end of a finished run the EMA export under `model/`. Run names are
+`<run.name>-<UTC time>-<4 hex>`; the experiment is tagged as model training so the UI opens on its runs.
 """
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import time
 from typing import Any
 
@@ -18,6 +24,13 @@ from .config import flatten
 log = logging.getLogger(__name__)
 
 TRACKING_FILE = "tracking.json"
+SAMPLES_KEY = "samples"                 # the step-keyed sample grids
+MODEL_ARTIFACT_PATH = "model"           # the final EMA export
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # MLflow 3's UI reads it to pick the experiment's default view
+EXPERIMENT_KIND = "custom_model_development"
+# MLflow 3.17's UI takes the GenAI / model-training switch from this URL parameter (else from the browser's last
+# choice, GenAI at first) and no longer from the experiment tag: links we print carry it.
+UI_VIEW = "?workflowType=machine_learning"
 DEFAULT_URI = "sqlite:///mlflow.db"
 _SECRET_KEY = re.compile(r"(secret|password|passwd|token|credential|access_key|api_key)", re.I)
 _URL_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
@@ -35,35 +48,55 @@ def redact(params: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def redact_nested(config: dict) -> dict:
+    """`redact` applied to a nested config (for the YAML artifacts)."""
+    out = {}
+    for k, v in config.items():
+        out[k] = redact_nested(v) if isinstance(v, dict) else next(iter(redact({k: v}).values()))
+    return out
+
+
 def tracking_uri(configured: str | None) -> str:
     return configured or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
 
 
 class NullTracker:
     run_id: str | None = None
+    run_name: str | None = None
+    ui_url: str | None = None                 # the run's page in the MLflow UI, when the store is a server
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
     def log_image(self, image, artifact_file: str) -> None: ...
+    def log_samples(self, image, step: int) -> None: ...
+    def checkpoint_saved(self, path: str, step: int) -> None: ...
     def set_tags(self, tags: dict[str, str]) -> None: ...
     def close(self, status: str = "FINISHED") -> None: ...
 
 
 class MlflowTracker(NullTracker):
-    def __init__(self, run_dir: str, uri: str | None, experiment: str, run_name: str, config: dict, step: int):
+    def __init__(self, run_dir: str, uri: str | None, experiment: str, run_name: str, config: dict, step: int,
+                 user_config: dict | None = None, deepspeed_json: dict | None = None, system_metrics: bool = True,
+                 system_metrics_interval: float = 10.0, log_model: bool = True):
         import mlflow
 
         self.mlflow = mlflow
         self.uri = tracking_uri(uri)
+        self.log_model_at_end = log_model
+        self.latest_checkpoint: str | None = None
         mlflow.set_tracking_uri(self.uri)
         params = redact({k: json.dumps(v) if isinstance(v, (list, dict)) else v
                          for k, v in flatten(config).items()})
+        if system_metrics:
+            mlflow.set_system_metrics_sampling_interval(system_metrics_interval)
+            # its start/stop/"no GPU" INFO lines say nothing a user acts on; failures are warnings and still show
+            logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
         state_path = os.path.join(run_dir, TRACKING_FILE)
         previous = None
         if os.path.exists(state_path):
             with open(state_path) as f:
                 previous = json.load(f)
         if previous and previous.get("uri") == self.uri:
-            run = mlflow.start_run(run_id=previous["run_id"])
+            run = mlflow.start_run(run_id=previous["run_id"], log_system_metrics=system_metrics)
             logged = run.data.params
             changed = {k: v for k, v in params.items() if k in logged and logged[k] != str(v)}
             new = {k: v for k, v in params.items() if k not in logged}
@@ -73,18 +106,29 @@ class MlflowTracker(NullTracker):
                 mlflow.set_tag(f"resumed_at_step_{step}.changed_params", json.dumps(changed)[:5000])
             mlflow.set_tag("last_resume_step", str(step))
         else:
-            mlflow.set_experiment(experiment)
-            run = mlflow.start_run(run_name=run_name)
+            experiment_id = ensure_training_experiment(mlflow, experiment)
+            run = mlflow.start_run(experiment_id=experiment_id, run_name=unique_run_name(run_name),
+                                   log_system_metrics=system_metrics)
             items = list(params.items())
             for i in range(0, len(items), 100):
                 mlflow.log_params(dict(items[i:i + 100]))
-            mlflow.set_tag("run_dir", os.path.abspath(run_dir))
+            mlflow.set_tags({"run_dir": os.path.abspath(run_dir), "dig.run.name": run_name})
             with open(state_path + ".tmp", "w") as f:
                 json.dump({"uri": self.uri, "run_id": run.info.run_id,
                            "experiment_id": run.info.experiment_id}, f)
             os.replace(state_path + ".tmp", state_path)
         self.run_id = run.info.run_id
-        log.info("MLflow run %s at %s", self.run_id, self.uri)
+        self.run_name = run.info.run_name
+        self.ui_url = (f"{self.uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{self.run_id}{UI_VIEW}"
+                       if self.uri.startswith(("http://", "https://")) else None)
+        # The configuration as files beside the params: every key with its default, what the user wrote, and the
+        # DeepSpeed JSON the engine was built with (written again on resume: it may differ, e.g. the world size).
+        self._guard("log_dict", mlflow.log_dict, redact_nested(config), "config/effective.yaml")
+        if user_config is not None:
+            self._guard("log_dict", mlflow.log_dict, redact_nested(user_config), "config/user.yaml")
+        if deepspeed_json is not None:
+            self._guard("log_dict", mlflow.log_dict, deepspeed_json, "config/deepspeed.json")
+        log.info("MLflow run %s (%s) at %s", self.run_id, run.info.run_name, self.uri)
 
     # A tracking server that is briefly unreachable must not end a long training run: failures after MLflow's
     # own retries are logged as warnings and counted (reported with the next successful metrics).
@@ -107,10 +151,33 @@ class MlflowTracker(NullTracker):
     def log_image(self, image, artifact_file: str) -> None:
         self._guard("log_image", self.mlflow.log_image, image, artifact_file=artifact_file)
 
+    def log_samples(self, image, step: int) -> None:
+        """A sample grid as a step-keyed image: the UI's image view shows it over the training steps."""
+        self._guard("log_image", self.mlflow.log_image, image, key=SAMPLES_KEY, step=step, synchronous=True)
+
     def set_tags(self, tags: dict[str, str]) -> None:
         self._guard("set_tags", self.mlflow.set_tags, tags)
 
+    def checkpoint_saved(self, path: str, step: int) -> None:
+        self.latest_checkpoint = os.path.abspath(path)
+        self.set_tags({"checkpoint.latest": self.latest_checkpoint,
+                       f"checkpoint.step_{step:09d}": self.latest_checkpoint})
+
+    def log_final_model(self) -> None:
+        """The last checkpoint's EMA weights as `dig export` writes them (model.safetensors + config.json with
+        the architecture, latent shape, normaliser, VAE and class names) under the run's `model/` artifacts."""
+        import tempfile
+
+        from .export import export
+
+        with tempfile.TemporaryDirectory(prefix="dig-mlflow-model-") as folder:
+            export(self.latest_checkpoint, folder, weights="ema", progress=False)
+            self._guard("log_artifacts", self.mlflow.log_artifacts, folder, MODEL_ARTIFACT_PATH)
+        self.set_tags({"model.artifact": MODEL_ARTIFACT_PATH, "model.source_checkpoint": self.latest_checkpoint})
+
     def close(self, status: str = "FINISHED") -> None:
+        if status == "FINISHED" and self.log_model_at_end and self.latest_checkpoint:
+            self.log_final_model()
         self.mlflow.end_run(status=status)
 
 
@@ -134,6 +201,12 @@ class JsonlTracker(NullTracker):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         image.save(path)
 
+    def log_samples(self, image, step: int) -> None:
+        self.log_image(image, f"samples/step_{step:09d}.png")
+
+    def checkpoint_saved(self, path: str, step: int) -> None:
+        self._append({"checkpoint": os.path.abspath(path), "checkpoint_step": step})
+
     def set_tags(self, tags: dict[str, str]) -> None:
         self._append({"tags": tags})
 
@@ -141,7 +214,25 @@ class JsonlTracker(NullTracker):
 METRICS_FILE = "metrics.jsonl"
 
 
-def make_tracker(is_main: bool, run_dir: str, cfg, resolved_config: dict, step: int) -> NullTracker:
+def ensure_training_experiment(mlflow, name: str) -> str:
+    """The experiment's id, created if needed and tagged as model training, so MLflow 3's UI opens it on its
+    runs (not on the GenAI traces view)."""
+    experiment = mlflow.get_experiment_by_name(name)
+    experiment_id = experiment.experiment_id if experiment else mlflow.create_experiment(name)
+    if not experiment or experiment.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+        mlflow.MlflowClient().set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return experiment_id
+
+
+def unique_run_name(name: str) -> str:
+    """`<run.name>-<UTC time>-<4 hex>`: two runs of one config never share a name in the UI."""
+    return f"{name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(2)}"
+
+
+def make_tracker(is_main: bool, run_dir: str, cfg, resolved_config: dict, step: int,
+                 deepspeed_json: dict | None = None) -> NullTracker:
+    """`resolved_config`: what the user wrote (YAML + overrides); the params are the effective config of `cfg`
+    (every key, defaults included)."""
     if not is_main:
         return NullTracker()
     t = cfg.tracking
@@ -149,4 +240,7 @@ def make_tracker(is_main: bool, run_dir: str, cfg, resolved_config: dict, step: 
         return JsonlTracker(run_dir)
     if t.backend == "none":
         return NullTracker()
-    return MlflowTracker(run_dir, t.uri, t.experiment, cfg.run.name, resolved_config, step)
+    return MlflowTracker(run_dir, t.uri, t.experiment, cfg.run.name, cfg.model_dump(mode="json"), step,
+                         user_config=resolved_config, deepspeed_json=deepspeed_json,
+                         system_metrics=t.system_metrics, system_metrics_interval=t.system_metrics_interval,
+                         log_model=t.log_model)

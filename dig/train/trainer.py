@@ -23,6 +23,7 @@ from dig.eval.during_training import TrainingEvaluator
 
 from . import checkpoint, reshard
 from .config import ConfigError, TrainConfig
+from .console import TrainingConsole, filter_known_warnings
 from .ema import ShardedEMA
 from .engine import Runtime, build_engine, init_distributed, shutdown
 from .tracking import make_tracker
@@ -97,7 +98,10 @@ class Trainer:
             self._resume(resume_from)
         else:
             self.ema = ShardedEMA(self.engine.module, cfg.ema_decay, cfg.engine.zero_stage)  # = initial weights
-        self.tracker = make_tracker(self.rt.is_main, self.run_dir, cfg, resolved, self.step)
+        self.tracker = make_tracker(self.rt.is_main, self.run_dir, cfg, resolved, self.step,
+                                    deepspeed_json=self.engine.config)
+        self.console = TrainingConsole(cfg, self.rt, self.accum, self.step, self.engine.module, self.tracker,
+                                       precision="bf16" if self.rt.bf16 else "fp32")
         if self.rt.is_main:
             with open(os.path.join(self.run_dir, "config.json"), "w") as f:
                 json.dump(resolved, f, indent=1)
@@ -180,6 +184,7 @@ class Trainer:
             status = "ABORTED"  # every rank took the same decision, so they can leave together
             raise
         finally:
+            self.console.close(status, self.step, checkpoint.latest_checkpoint(self.run_dir))
             self.tracker.close("FAILED" if status == "ABORTED" else status)
             self.data.close()
             if status != "FAILED":
@@ -192,6 +197,7 @@ class Trainer:
         self.step += 1
         self.update_ema()
         self._window.add(metrics, time.perf_counter() - t0)
+        self.console.step_done()
         self.maybe_log_metrics()   # before the checkpoint: a crash right after it loses no metrics
         self.maybe_log_samples()
         self.maybe_evaluate()
@@ -290,8 +296,7 @@ class Trainer:
         path = checkpoint.save(self.run_dir, self.step, self.engine, self.ema, rank_state, meta,
                                self.cfg.checkpoint.keep_last)
         self._last_saved_step = self.step
-        self.tracker.set_tags({"checkpoint.latest": os.path.abspath(path),
-                               f"checkpoint.step_{self.step:09d}": os.path.abspath(path)})
+        self.tracker.checkpoint_saved(path, self.step)
 
     def maybe_log_metrics(self) -> None:
         every = self.cfg.tracking.log_every
@@ -318,8 +323,7 @@ class Trainer:
             metrics["gpu_mem_max_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
             torch.cuda.reset_peak_memory_stats()
         self.tracker.log_metrics(metrics, step=self.step)
-        if self.rt.is_main:
-            log.info("step %d %s", self.step, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+        self.console.log_metrics(self.step, metrics)
         self._window = _MetricWindow()
 
     def maybe_log_samples(self) -> None:
@@ -332,7 +336,7 @@ class Trainer:
         from dig.models import create_model
         from dig.vae import load_vae
 
-        from .grid import grid_labels, sample_grid
+        from dig.inference.grid import grid_labels, sample_grid
 
         s = self.cfg.tracking.sample
         # Building the model (random init) and sampling must not move the training RNG streams, or a resumed
@@ -345,8 +349,9 @@ class Trainer:
             labels = grid_labels(s.num_images, len(self.data.manifest.classes))
             with self.rt.autocast():
                 image = sample_grid(self._sample_model.eval(), self._vae, self.data.normalizer, labels,
-                                    self.latent_shape, s.num_steps, s.method, s.cfg_scale, s.seed, self.rt.device)
-        self.tracker.log_image(image, f"samples/step_{self.step:09d}.png")
+                                    self.latent_shape, s.num_steps, s.method, s.cfg_scale, s.seed, self.rt.device,
+                                    class_names=self.data.manifest.classes)
+        self.tracker.log_samples(image, self.step)
 
     def maybe_evaluate(self) -> None:
         """FID etc. of the EMA weights every tracking.eval_every steps (dig/eval/during_training.py: all ranks
@@ -451,4 +456,5 @@ def training_flops_per_image(model) -> float:
 
 def train(cfg: TrainConfig, resolved: dict) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    filter_known_warnings()
     Trainer(cfg, resolved).fit()

@@ -1,0 +1,78 @@
+"""The user's DeepSpeed JSON against the training config: conflicts are errors naming both values."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from dig.train.config import ConfigError, load_config
+from dig.train.deepspeed_json import OWNED
+from dig.train.engine import Runtime, deepspeed_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(REPO, "configs", "train", "tiny-cpu.yaml")
+CPU2 = Runtime(rank=0, local_rank=0, world_size=2, device=torch.device("cpu"), bf16=False)
+
+
+def _config(tmp_path, user_json: dict, *overrides):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(user_json))
+    return load_config(TINY, [f"engine.deepspeed_config={path}", "data.global_batch_size=16",
+                              "data.micro_batch_size=2", "optim.grad_clip=0.5", "engine.zero_stage=2", *overrides])
+
+
+@pytest.mark.parametrize("user, key, theirs, ours", [
+    ({"train_batch_size": 64}, "train_batch_size", "64", "16"),
+    ({"train_micro_batch_size_per_gpu": 8}, "train_micro_batch_size_per_gpu", "8", "2"),
+    ({"gradient_accumulation_steps": 1}, "gradient_accumulation_steps", "1", "4"),
+    ({"gradient_clipping": 1.0}, "gradient_clipping", "1.0", "0.5"),
+    ({"zero_optimization": {"stage": 3}}, "zero_optimization.stage", "3", "2"),
+    ({"bf16": {"enabled": True}}, "bf16.enabled", "true", "false"),
+    ({"optimizer": {"type": "Adam", "params": {"lr": 0.001}}}, "optimizer.type", '"Adam"', '"AdamW"'),
+    ({"optimizer": {"type": "AdamW", "params": {"lr": 0.001}}}, "optimizer.params.lr", "0.001", "0.0001"),
+])
+def test_a_conflicting_value_is_an_error_naming_both(tmp_path, user, key, theirs, ours):
+    cfg = _config(tmp_path, user, "optim.lr=1e-4")
+    with pytest.raises(ConfigError) as err:
+        deepspeed_config(cfg, CPU2)
+    line = next(line for line in str(err.value).splitlines() if line.strip().startswith(key + ":"))
+    assert f"JSON has {theirs}" in line and f"training config gives {ours}" in line
+
+
+def test_every_conflict_is_listed_at_once(tmp_path):
+    cfg = _config(tmp_path, {"train_batch_size": 64, "gradient_clipping": 0.0, "scheduler": {"type": "WarmupLR"}})
+    with pytest.raises(ConfigError) as err:
+        deepspeed_config(cfg, CPU2)
+    text = str(err.value)
+    for key, owner in (("train_batch_size", "data.global_batch_size"), ("gradient_clipping", "optim.grad_clip"),
+                       ("scheduler", "optim.warmup_steps")):
+        assert f"  {key}:" in text and owner in text
+
+
+def test_equal_values_and_extra_keys_are_kept(tmp_path):
+    user = {"train_batch_size": 16, "gradient_clipping": 0.5, "bf16": {"enabled": False, "immediate_grad_update": True},
+            "optimizer": {"type": "AdamW", "params": {"amsgrad": True}},
+            "zero_optimization": {"stage": 2, "reduce_bucket_size": 12345, "stage3_max_live_parameters": 7},
+            "wall_clock_breakdown": True, "activation_checkpointing": {"partition_activations": True}}
+    ds = deepspeed_config(_config(tmp_path, user), CPU2)
+    assert ds["train_batch_size"] == 16 and ds["gradient_accumulation_steps"] == 4 and ds["gradient_clipping"] == 0.5
+    assert ds["bf16"] == {"enabled": False, "immediate_grad_update": True}
+    assert ds["optimizer"]["type"] == "AdamW" and ds["optimizer"]["params"]["amsgrad"] is True
+    assert ds["optimizer"]["params"]["lr"] == pytest.approx(1e-3)  # tiny-cpu.yaml's optim.lr
+    assert ds["zero_optimization"]["stage"] == 2 and ds["zero_optimization"]["reduce_bucket_size"] == 12345
+    assert "stage3_max_live_parameters" not in ds["zero_optimization"]  # ignored by DeepSpeed below stage 3
+    assert ds["wall_clock_breakdown"] is True  # cosmetic: the user's value wins
+    assert ds["activation_checkpointing"] == {"partition_activations": True}
+
+
+def test_a_number_written_as_float_is_the_same_value(tmp_path):
+    ds = deepspeed_config(_config(tmp_path, {"train_batch_size": 16.0, "gradient_clipping": 0.5}), CPU2)
+    assert ds["train_batch_size"] == 16
+
+
+def test_readme_lists_the_owned_keys():
+    readme = open(os.path.join(REPO, "README.md")).read()
+    missing = [key for key in OWNED if f"`{key}`" not in readme]
+    assert not missing, f"README does not list the DeepSpeed keys the training config owns: {missing}"
