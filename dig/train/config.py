@@ -12,8 +12,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from dig.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(ValueError, UserError):
     """A configuration that cannot run, with a message saying which key and why."""
 
 
@@ -29,9 +31,9 @@ class RunConfig(_Section):
 
 class ModelConfig(_Section):
     name: str = "DiG-XL/2"                 # a name from dig.models.list_models()
-    num_classes: int = 1000
+    num_classes: int = Field(1000, ge=1)
     learn_sigma: bool = True
-    class_dropout_prob: float = 0.1
+    class_dropout_prob: float = Field(0.1, ge=0.0, lt=1.0)
     gla_backend: str = "auto"
     grad_checkpointing: bool = False       # per-block activation checkpointing (high resolution)
     compile: bool = False                  # regional torch.compile of each block (BENCHMARKS.md); ZeRO 0-2 only
@@ -48,10 +50,10 @@ class DataConfig(_Section):
     shuffle_window_shards: int = 8         # shards loaded and shuffled together (memory ~ this many shards)
     latent_norm: Literal["scaling_factor", "stats"] = "scaling_factor"
     random_flip: bool = True
-    read_retries: int = 3
+    read_retries: int = Field(3, ge=0)
     on_bad_shard: Literal["skip", "fail"] = "skip"
     prefetch: bool = True                  # load shuffle windows in a background process, the next one ahead
-    prefetch_batches: int = 4              # micro-batches cut ahead by a background thread (0: inline)
+    prefetch_batches: int = Field(4, ge=0)  # micro-batches cut ahead by a background thread (0: inline)
 
     @model_validator(mode="after")
     def _batches(self):
@@ -66,12 +68,19 @@ class DataConfig(_Section):
 
 
 class OptimConfig(_Section):
-    lr: float = 1e-4
-    warmup_steps: int = 0                  # linear warm-up from 0, then constant
-    weight_decay: float = 0.0
+    lr: float = Field(1e-4, ge=0.0)
+    warmup_steps: int = Field(0, ge=0)     # linear warm-up from 0, then constant
+    weight_decay: float = Field(0.0, ge=0.0)
     betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    grad_clip: float = 1.0                 # max global grad norm; 0 disables
+    eps: float = Field(1e-8, gt=0.0)
+    grad_clip: float = Field(1.0, ge=0.0)  # max global grad norm; 0 disables
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, v):
+        if not all(0.0 <= b < 1.0 for b in v):
+            raise ValueError(f"each beta must be in [0, 1), got {list(v)}")
+        return v
 
 
 class EngineConfig(_Section):
@@ -81,13 +90,13 @@ class EngineConfig(_Section):
 
 
 class CheckpointConfig(_Section):
-    every: int = 5000                      # steps between checkpoints (one is also written at exit)
-    keep_last: int = 3
+    every: int = Field(5000, ge=0)         # steps between checkpoints (one is also written at exit)
+    keep_last: int = Field(3, ge=1)
 
 
 class SampleConfig(_Section):
-    num_images: int = 16
-    num_steps: int = 50
+    num_images: int = Field(16, ge=1)
+    num_steps: int = Field(50, ge=1)
     method: Literal["ddpm", "ddim"] = "ddim"
     cfg_scale: float = 4.0
     vae: str | None = None                 # VAE spec for decoding; default: the manifest's
@@ -97,8 +106,8 @@ class SampleConfig(_Section):
 class TrackingConfig(_Section):
     uri: str | None = None                 # None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
     experiment: str = "dig"
-    log_every: int = 100
-    sample_every: int = 10000              # 0 disables sample grids
+    log_every: int = Field(100, ge=0)
+    sample_every: int = Field(10000, ge=0)  # 0 disables sample grids
     sample: SampleConfig = Field(default_factory=SampleConfig)
     peak_tflops: float | None = None       # per GPU, for MFU; None: looked up from the GPU name
     step_log: bool = False                 # <run dir>/steps/rank_*.jsonl: every step's losses and sample keys
@@ -112,9 +121,9 @@ class TrainConfig(_Section):
     engine: EngineConfig = Field(default_factory=EngineConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
-    steps: int = 1000                      # optimizer steps of the whole run (a resumed run continues to this)
+    steps: int = Field(1000, ge=0)         # optimizer steps of the whole run (a resumed run continues to this)
     ema_decay: float = 0.9999
-    max_nonfinite_in_a_row: int = 10       # abort after this many consecutive non-finite losses
+    max_nonfinite_in_a_row: int = Field(10, ge=1)  # abort after this many consecutive non-finite losses
 
     @field_validator("ema_decay")
     @classmethod
