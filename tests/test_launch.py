@@ -51,7 +51,7 @@ def torchrun_args(command: list[str]):
     """torchrun's own parser applied to the arguments we would hand it."""
     from torch.distributed.run import get_args_parser
 
-    assert command[1:3] == ["-m", "torch.distributed.run"], command
+    assert command[1:3] == ["-m", "launch.torchrun"], command   # torchrun's arguments, through our wrapper
     return get_args_parser().parse_args(command[3:])
 
 

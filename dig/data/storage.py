@@ -248,6 +248,8 @@ def exists(uri: str) -> bool:
             if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
                 return False
             raise _explain(uri, exc) from exc
+        except Exception as exc:  # noqa: BLE001 - credentials, endpoint, retries exhausted
+            raise _explain(uri, exc) from exc
     return os.path.exists(uri)
 
 

@@ -35,6 +35,10 @@ class TrainingAborted(RuntimeError):
     """Training stopped on purpose (e.g. too many non-finite losses in a row); the message says why."""
 
 
+class TrainingStopped(RuntimeError):
+    """SIGTERM/SIGINT ended the run after a checkpoint; the message says where and how to continue."""
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, resolved: dict):
         self.cfg, self.resolved = cfg, resolved
@@ -168,6 +172,10 @@ class Trainer:
             self.data.close()
             if status != "FAILED":
                 shutdown()
+        if status == "KILLED":
+            latest = checkpoint.latest_checkpoint(self.run_dir)
+            latest = latest if "://" in latest else os.path.abspath(latest)
+            raise TrainingStopped(f"stopped at step {self.step}; checkpoint {latest}; run the same command to resume")
 
     def run_step(self) -> None:
         """One optimizer step and everything due after it (EMA, metrics, sample grid, checkpoint)."""
