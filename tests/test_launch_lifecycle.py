@@ -166,3 +166,63 @@ def test_sigkill_of_the_launcher_leaves_no_process(tmp_path, latents):
         for p in children:
             if alive(p):
                 os.kill(p, signal.SIGKILL)
+
+
+def test_sigkill_of_preprocess_stops_its_local_ray_head_and_job(tmp_path):
+    """`python -m launch.preprocess` without RAY_ADDRESS starts a Ray head for the job; SIGKILL of the launcher
+    alone must take the head, its processes, the job's driver and the submitting client with it."""
+    from PIL import Image
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b"):
+        (tmp_path / "images" / cls).mkdir(parents=True)
+        for i in range(40):
+            Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(tmp_path / "images" / cls / f"{i}.png")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
+    env.update(PYTHONPATH=REPO, OMP_NUM_THREADS="1")
+    err_path = tmp_path / "preprocess.err"
+    with open(err_path, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "launch.preprocess", "--input", str(tmp_path / "images"),
+                                 "--output", str(tmp_path / "latents"), "--num-cpus", "2", "--object-store-mb", "100",
+                                 "--", "--vae", "config:tiny", "--resolution", "32", "--min-side", "16",
+                                 "--shard-size", "4", "--encode-batch-size", "2"],
+                                cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+    children: set[int] = set()
+    try:
+        deadline = time.monotonic() + 240
+        # the job is running once its driver (python -m data_pipeline) is among the launcher's descendants
+        while time.monotonic() < deadline and proc.poll() is None:
+            children = descendants(proc.pid)
+            cmdlines = []
+            for p in children:
+                try:
+                    cmdlines.append(open(f"/proc/{p}/cmdline").read())
+                except OSError:
+                    pass
+            if any("data_pipeline" in c and "job" not in c for c in cmdlines):
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None and time.monotonic() < deadline, err_path.read_text()[-3000:]
+        time.sleep(1)
+        children = descendants(proc.pid)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 15   # the watchdog gives Ray 5 s to stop in order, then SIGKILLs the rest
+        while any(alive(p) for p in children) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        left = {}
+        for p in children:
+            if alive(p):
+                try:
+                    left[p] = open(f"/proc/{p}/cmdline").read().replace("\0", " ")[:150]
+                except OSError:
+                    pass
+        assert not left, left
+    finally:
+        for p in children:
+            if alive(p):
+                try:
+                    os.kill(p, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
