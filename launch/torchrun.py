@@ -53,10 +53,16 @@ def main(argv: list[str] | None = None) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
+    started = False
+
     def forward(signum, _frame):
+        nonlocal started
         workers = _children()
         if not workers:
-            raise KeyboardInterrupt  # nothing started yet: leave
+            if not started:
+                raise KeyboardInterrupt  # no rank started yet: leave (torchrun cleans up)
+            return                       # the ranks have ended already
+        started = True
         for pid in workers:
             try:
                 os.kill(pid, signum)
