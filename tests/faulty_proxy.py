@@ -1,6 +1,7 @@
 """A fault-injecting HTTP proxy on 127.0.0.1 for S3 tests: sits in front of the moto server and, per request,
 forwards it, resets the connection (before answering, in the middle of the request body or in the middle of the
-response body), answers 503 SlowDown / 500 InternalError, or delays the answer.
+response body), answers 503 SlowDown / 500 InternalError, delays the answer, or stalls in the middle of the
+response body (for `delay_s`, then resets).
 
 Which request gets which fault comes from `random.Random(seed)` drawn once per request in arrival order, so a
 run is reproducible up to the order in which concurrent requests arrive. `counts` says what was injected (a test
@@ -89,10 +90,12 @@ def _reset(sock: socket.socket) -> None:
 
 class FaultyProxy:
     def __init__(self, upstream_url: str, seed: int = 0, reset: float = 0.0, reset_mid_body: float = 0.0,
-                 error: float = 0.0, delay: float = 0.0, delay_s: float = 0.5, max_faults_in_a_row: int = 3):
+                 error: float = 0.0, delay: float = 0.0, stall_mid_body: float = 0.0, delay_s: float = 0.5,
+                 max_faults_in_a_row: int = 3):
         up = urlparse(upstream_url)
         self.upstream = (up.hostname, up.port)
-        self.rates = {"reset": reset, "reset_mid_body": reset_mid_body, "error": error, "delay": delay}
+        self.rates = {"reset": reset, "reset_mid_body": reset_mid_body, "error": error, "delay": delay,
+                      "stall_mid_body": stall_mid_body}
         self.delay_s = delay_s
         # Never more than this many failing answers in a row: a test's client with enough retries must get through.
         self.max_faults_in_a_row = max_faults_in_a_row
@@ -184,9 +187,13 @@ class FaultyProxy:
             resp_head, _, resp_body = response.partition(b"\r\n\r\n")
             lines = [ln for ln in resp_head.split(b"\r\n") if not ln.lower().startswith(b"connection:")]
             resp_head = b"\r\n".join(lines + [b"Connection: close"]) + b"\r\n\r\n"
-            if fault == "reset_mid_body" and len(resp_body) > 1:
+            if fault in ("reset_mid_body", "stall_mid_body") and len(resp_body) <= 1:
+                with self._lock:   # no body to break (HEAD, empty object): it passed, count it so
+                    self.counts[fault] -= 1
+                    self.counts["pass"] += 1
+            elif fault in ("reset_mid_body", "stall_mid_body"):
                 client.sendall(resp_head + resp_body[:len(resp_body) // 2])
-                time.sleep(0.01)
+                time.sleep(0.01 if fault == "reset_mid_body" else self.delay_s)   # a stall: the reader times out
                 _reset(client)
                 return
             client.sendall(resp_head + resp_body)

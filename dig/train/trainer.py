@@ -114,7 +114,10 @@ class Trainer:
                 src_kwargs = json.load(f)["model_kwargs"]
             state = load_file(os.path.join(source, WEIGHTS_FILE))
         else:
-            ckpt = checkpoint.resolve_checkpoint(source)
+            try:
+                ckpt = checkpoint.resolve_checkpoint(source)
+            except FileNotFoundError as exc:
+                raise ConfigError(f"model.init_from: {exc}") from None
             src_kwargs = checkpoint.load_trainer_meta(ckpt)["model_kwargs"]
             state = checkpoint.load_ema_full(ckpt)
         src_grid = src_kwargs.get("pos_embed_base_size") or src_kwargs["input_size"]
