@@ -11,7 +11,7 @@ import pytest
 from dig.data import storage
 from faulty_proxy import FaultyProxy
 
-FAULTS = dict(reset=0.1, reset_mid_body=0.12, error=0.1, delay=0.04, stall_mid_body=0.04)
+FAULTS = dict(reset=0.1, reset_mid_body=0.12, error=0.08, delay=0.04, stall_mid_body=0.08)
 
 
 @pytest.fixture
