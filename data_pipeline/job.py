@@ -82,9 +82,10 @@ def _claim_output(cfg: PipelineConfig, record: dict) -> None:
 
 
 def storage_runtime_env() -> dict:
-    """The driver's AWS settings (credentials, region, endpoint), for the tasks that read and write storage:
-    what works on the driver then works on every worker, whatever environment their nodes started with."""
-    env_vars = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+    """The driver's AWS settings (credentials, region, endpoint) and S3 retry/timeout settings (DIG_S3_*), for the
+    tasks that read and write storage: what works on the driver then works on every worker, whatever environment
+    their nodes started with."""
+    env_vars = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "DIG_S3_"))}
     return {"env_vars": env_vars} if env_vars else {}
 
 

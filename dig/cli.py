@@ -13,22 +13,66 @@ def _args_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
 
+# Exit codes of `dig train` (README "Stopping, resuming and exit codes"); launch/torchrun.py knows them too.
+EXIT_USER_ERROR = 2     # configuration, data or resume error: the message says what to change
+EXIT_ABORTED = 3        # stopped on purpose by the trainer (e.g. too many non-finite losses in a row)
+EXIT_STOPPED = 75       # SIGTERM/SIGINT: a checkpoint was written; run the same command to resume (EX_TEMPFAIL)
+
+
 def _cmd_train(args) -> int:
-    from dig.train.config import ConfigError, resolve, validate
+    import os
+    import signal
+
+    from dig.data.reader import ShardReadError
+    from dig.errors import UserError
+
+    rank = int(os.environ.get("RANK", "0") or 0)
+    if os.environ.get("TORCHELASTIC_RUN_ID"):
+        # torchrun starts its workers in sessions of their own: without this, a SIGKILLed launcher leaves them
+        # training (and a restarted run beside them).
+        from dig.lifeline import die_with_parent
+
+        agent = os.environ.get("DIG_AGENT_PID")
+        die_with_parent(expected_parent=int(agent) if agent else None)
+
+    def interrupt(signum, _frame):   # until the training loop installs its own stop handler
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, interrupt)
+
+    def report(message: str, everywhere: bool = False) -> None:
+        # Every rank meets the same configuration/data error: rank 0 speaks for them (a rank-local one speaks too)
+        if rank == 0 or everywhere:
+            print(f"dig train: {message}" if rank == 0 else f"dig train (rank {rank}): {message}", file=sys.stderr,
+                  flush=True)
+
+    from dig.train.config import resolve, validate
 
     try:
         resolved = resolve(args.config, args.overrides)
         cfg = validate(resolved, source=args.config)
-    except ConfigError as exc:
-        print(f"dig train: {exc}", file=sys.stderr)
-        return 2
-    from dig.train.trainer import TrainingAborted, train
+    except UserError as exc:
+        report(f"error: {exc}")
+        return EXIT_USER_ERROR
+    from dig.train.trainer import TrainingAborted, TrainingStopped, train
 
     try:
         train(cfg, resolved)
-    except (ConfigError, TrainingAborted) as exc:
-        print(f"dig train: {exc}", file=sys.stderr)
-        return 2 if isinstance(exc, ConfigError) else 3
+    except TrainingStopped as exc:
+        report(str(exc))
+        return EXIT_STOPPED
+    except KeyboardInterrupt:
+        report("stopped before the first step; nothing to save")
+        return EXIT_STOPPED
+    except TrainingAborted as exc:
+        report(str(exc))
+        return EXIT_ABORTED
+    except UserError as exc:
+        report(f"error: {exc}", everywhere=isinstance(exc, ShardReadError))
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()   # no barrier: the other ranks may not have met this error
+        return EXIT_USER_ERROR
     return 0
 
 

@@ -58,6 +58,70 @@ def _wait_ready(url: str, proc: subprocess.Popen, log_path: str, timeout: float)
     raise TimeoutError(f"local Ray head: no answer from {url} within {timeout:.0f}s; see {log_path}")
 
 
+# Stops a process tree when the process that started it is gone, however it ended (SIGKILL included): it waits
+# on a pipe whose only writer is that process. A byte means "stopped it myself, go"; end-of-file means it died.
+# Then: SIGTERM to the head's process group (Ray tears down in order), and after a grace period SIGKILL to every
+# process that was below the head when the launcher died (Ray puts workers and job drivers in groups and
+# sessions of their own: only the tree finds them all).
+_TREE_WATCHDOG = """
+import os, signal, sys, time
+root = int(sys.argv[1])
+if sys.stdin.buffer.read(1):
+    sys.exit(0)
+
+def below(pid):
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            tasks = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for t in tasks:
+            try:
+                kids = [int(k) for k in open(f"/proc/{p}/task/{t}/children").read().split()]
+            except OSError:
+                kids = []
+            found += kids
+            todo += kids
+    return found
+
+tree = below(root)
+try:
+    os.killpg(root, signal.SIGTERM)
+except ProcessLookupError:
+    pass
+deadline = time.monotonic() + 5.0
+while time.monotonic() < deadline and any(os.path.exists(f"/proc/{p}") for p in [root, *tree]):
+    time.sleep(0.1)
+for p in [root, *tree]:
+    try:
+        os.kill(p, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+try:
+    os.killpg(root, signal.SIGKILL)
+except ProcessLookupError:
+    pass
+"""
+
+
+def watch_tree(root: int) -> subprocess.Popen:
+    """A watchdog (in a session of its own, so a kill of our process group spares it) that stops process `root`
+    (a session leader) and everything below it if this process dies first; `release_watch` dismisses it."""
+    return subprocess.Popen([sys.executable, "-c", _TREE_WATCHDOG, str(root)], stdin=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def release_watch(watchdog: subprocess.Popen) -> None:
+    try:
+        watchdog.stdin.write(b"x")
+        watchdog.stdin.close()
+    except OSError:
+        pass
+    watchdog.wait(timeout=30)
+
+
 def _group_alive(pgid: int) -> bool:
     try:
         os.killpg(pgid, 0)
@@ -121,6 +185,7 @@ def local_ray_head(num_cpus: int | None = None, object_store_mb: int | None = No
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=head_env,
                                 start_new_session=True)
+        watchdog = watch_tree(proc.pid)   # a SIGKILLed launcher must not leave the head (and its job) running
         try:
             dashboard_url = f"http://{LOOPBACK}:{dashboard_port}"
             _wait_ready(dashboard_url + "/api/version", proc, log_path, startup_timeout)
@@ -129,6 +194,7 @@ def local_ray_head(num_cpus: int | None = None, object_store_mb: int | None = No
             ok = True
         finally:
             stop_process_group(proc)
+            release_watch(watchdog)
             print(f"[ray] local Ray head (pid {proc.pid}) stopped", file=sys.stderr, flush=True)
     if ok and not keep_logs:
         shutil.rmtree(temp_dir, ignore_errors=True)

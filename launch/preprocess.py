@@ -20,6 +20,7 @@ import sys
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
+from dig.lifeline import child_dies_with_us
 from launch.env import describe, forwarded_env
 
 # The code the job runs: this checkout (data_pipeline/ and dig/), whatever the caller's current directory.
@@ -110,7 +111,9 @@ def run(plan: JobPlan, num_cpus: int | None = None, object_store_mb: int | None 
     with local_ray_head(num_cpus=num_cpus, object_store_mb=object_store_mb) as head:
         print(f"[preprocess] submitting to the local Ray head at {head.dashboard_url}", file=sys.stderr,
               flush=True)
-        return subprocess.call(submit_command(plan, head.dashboard_url), env=head.client_env())
+        # The submitting client dies with us too (the head and its job are stopped by local_ray_head's watchdog).
+        return subprocess.call(submit_command(plan, head.dashboard_url), env=head.client_env(),
+                               preexec_fn=child_dies_with_us())
 
 
 def format_plan(plan: JobPlan) -> str:

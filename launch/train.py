@@ -34,6 +34,8 @@ from launch.env import describe, forwarded_env
 DEFAULT_MASTER_PORT = 29500
 # `dig train` as a module, so every node runs it with the launcher's interpreter (no PATH assumptions).
 TRAIN_MODULE = ("dig.cli", "train")
+TORCHRUN_MODULE = "launch.torchrun"
+CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _HOSTFILE_LINE = re.compile(r"^(?P<host>\S+)\s+slots=(?P<slots>\d+)$")
 
 
@@ -146,7 +148,8 @@ def plan_launch(config: str, overrides: Sequence[str] = (), environ: Mapping[str
             raise LaunchError(f"GPUS_PER_NODE={gpus_per_node} but only {gpu_count} GPU(s) are visible here")
         nproc = gpus_per_node or gpu_count
 
-    command = [python, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--nproc-per-node={nproc}"]
+    # launch.torchrun = torchrun with clean stops, one-line errors and no orphans (see its docstring)
+    command = [python, "-m", TORCHRUN_MODULE, f"--nnodes={nnodes}", f"--nproc-per-node={nproc}"]
     if nnodes == 1 and not master_addr:
         command.append("--standalone")  # free rendezvous port on loopback; several runs can share a machine
     else:
@@ -219,7 +222,14 @@ def run(plan: LaunchPlan) -> int:
     if plan.remote_env:
         env_file = env["DS_ENV_FILE"] = _write_env_file(plan.remote_env)
     print(f"[launch] {plan.summary}", file=sys.stderr, flush=True)
-    proc = subprocess.Popen(plan.command, env=env)
+    if plan.mode == "torchrun":
+        # Its own session: Ctrl-C reaches only this process, which passes it on once (launch.torchrun hands it to
+        # the ranks: checkpoint, one line, exit code 75). It dies with this process, the ranks die with it.
+        env["DIG_LAUNCHER_PID"] = str(os.getpid())
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (CHECKOUT, env.get("PYTHONPATH", "")) if p)
+        proc = subprocess.Popen(plan.command, env=env, start_new_session=True)
+    else:
+        proc = subprocess.Popen(plan.command, env=env)
     forward = lambda signum, _frame: proc.send_signal(signum)  # noqa: E731
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     try:

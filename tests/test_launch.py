@@ -51,7 +51,7 @@ def torchrun_args(command: list[str]):
     """torchrun's own parser applied to the arguments we would hand it."""
     from torch.distributed.run import get_args_parser
 
-    assert command[1:3] == ["-m", "torch.distributed.run"], command
+    assert command[1:3] == ["-m", "launch.torchrun"], command   # torchrun's arguments, through our wrapper
     return get_args_parser().parse_args(command[3:])
 
 
@@ -234,8 +234,11 @@ def test_slurm_script_starts_one_launcher_per_node(config, tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     # Stand-ins for the two Slurm commands the script uses: scontrol expands the node list, srun runs the task
-    # once per node with that node's SLURM_NODEID (what real srun does with --ntasks-per-node=1).
-    (bin_dir / "scontrol").write_text("#!/bin/bash\n[[ \"$1 $2\" == 'show hostnames' ]] && printf 'gpu-a\\ngpu-b\\n'\n")
+    # once per node with that node's SLURM_NODEID (what real srun does with --ntasks-per-node=1). The stand-in
+    # writes its second host after a pause, as a real scontrol may: a script that stops reading after the first
+    # line (`| head -n 1` under pipefail) then always dies of SIGPIPE instead of now and then.
+    (bin_dir / "scontrol").write_text("#!/bin/bash\n[[ \"$1 $2\" == 'show hostnames' ]] || exit 1\n"
+                                      "echo gpu-a; sleep 0.3; echo gpu-b\n")
     (bin_dir / "srun").write_text(textwrap.dedent("""\
         #!/bin/bash
         while [[ $1 == --* ]]; do shift; done
@@ -244,7 +247,8 @@ def test_slurm_script_starts_one_launcher_per_node(config, tmp_path):
     for f in bin_dir.iterdir():
         f.chmod(f.stat().st_mode | stat.S_IXUSR)
     env = clean_env(PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_NNODES="2", SLURM_JOB_NODELIST="gpu-[a-b]",
-                    SLURM_SUBMIT_DIR=REPO, OUT_DIR=str(tmp_path), DRY_RUN="1", GPUS_PER_NODE="4")
+                    SLURM_SUBMIT_DIR=REPO, OUT_DIR=str(tmp_path), DRY_RUN="1", GPUS_PER_NODE="4",
+                    PY=sys.executable)
     proc = subprocess.run(["bash", os.path.join(REPO, "launch", "slurm.sbatch"), config, "train.steps=7",
                            "name=a b"], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

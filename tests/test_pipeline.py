@@ -291,3 +291,34 @@ def test_ray_job_submit_runs_end_to_end_on_webdataset_input(ray_head, tree, vae,
             if line.split()[1] == str(ray_head.pid) or ray_head.temp_dir in line}
     listeners = tcp_listeners(pids)
     assert listeners and all(addr.replace("[::ffff:", "").startswith("127.0.0.1") for addr, _ in listeners), listeners
+
+
+def test_s3_job_through_resets_errors_and_slow_answers_gives_the_same_shards(s3_run, ray_head, s3_server,
+                                                                              pipeline_bucket, tmp_path):
+    """The same job, its S3 traffic (input listing and images, shards, manifest) through a proxy that resets
+    connections (also mid-body), answers 503/500 and delays: the same shards, samples and manifest."""
+    from faulty_proxy import FaultyProxy
+
+    clean_output, _ = s3_run
+    output = f"s3://{pipeline_bucket}/latents-faulty"
+    with FaultyProxy(s3_server.endpoint_url, seed=11, reset=0.08, reset_mid_body=0.12, error=0.08, delay=0.03,
+                     delay_s=1.5) as proxy:
+        env = {**s3_server.env(), **ray_head.env(), "AWS_ENDPOINT_URL": proxy.url, "DIG_S3_READ_TIMEOUT": "1"}
+        finish_job(start_job(pipeline_args(f"s3://{pipeline_bucket}/images", output), env, str(tmp_path / "job.log")))
+    assert all(proxy.counts[k] > 0 for k in ("reset", "reset_mid_body", "error", "delay")), proxy.counts
+    clean_manifest, clean_samples = read_dataset(clean_output, all_tars=True)
+    manifest, samples = read_dataset(output, all_tars=True)
+    assert [(e.name, e.keys, e.count) for e in manifest.shards] == \
+        [(e.name, e.keys, e.count) for e in clean_manifest.shards]
+    assert sorted(samples) == sorted(clean_samples)   # nothing lost, nothing twice (read_dataset checks)
+    for source, (name, sample) in samples.items():
+        clean_name, clean = clean_samples[source]
+        assert name == clean_name and sample.key == clean.key and sample.label == clean.label
+        np.testing.assert_array_equal(sample.mean, clean.mean, err_msg=source)
+        np.testing.assert_array_equal(sample.std, clean.std, err_msg=source)
+
+    def rejects(root):  # (index, source, kind of reason): a decoder's message may hold an object's address
+        lines = storage.read_bytes(storage.join(root, shard_format.REJECTS_NAME)).decode().splitlines()
+        return sorted((r["index"], r["source"], r["reason"].split(":")[0]) for r in map(json.loads, lines))
+
+    assert rejects(output) == rejects(clean_output)

@@ -38,6 +38,7 @@ import logging
 import multiprocessing
 import os
 import queue
+import signal
 import tarfile
 import threading
 import time
@@ -48,6 +49,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from dig.errors import UserError
 from dig.inference.normalizer import LatentNormalizer
 
 from . import storage
@@ -59,7 +61,16 @@ if TYPE_CHECKING:  # torch is imported where batches are made: the window-loadin
 log = logging.getLogger(__name__)
 
 
-class ShardReadError(RuntimeError):
+class DatasetError(ValueError, UserError):
+    """A dataset that cannot feed this run (missing or invalid manifest, too few shards, wrong latent size, a data
+    position that does not fit it); the message names the dataset and what to check."""
+
+
+class DatasetNotFound(DatasetError, FileNotFoundError):
+    """No manifest.json where the dataset should be."""
+
+
+class ShardReadError(DatasetError, RuntimeError):
     """A shard that could not be read after all retries (and on_bad_shard='fail')."""
 
 
@@ -79,7 +90,7 @@ def resolve_dataset(spec: str) -> tuple[str, list[str]]:
         names = list(braceexpand.braceexpand(base))
         folders = {n.rsplit("/", 1)[0] for n in names}
         if len(folders) != 1:
-            raise ValueError(f"shard pattern {spec!r} must name shards of one folder")
+            raise DatasetError(f"shard pattern {spec!r} must name shards of one folder")
         return folders.pop(), [n.rsplit("/", 1)[1] for n in names]
     return base, []
 
@@ -88,20 +99,28 @@ def load_manifest(spec: str) -> tuple[str, Manifest]:
     """Dataset root and its manifest, restricted to the shards a brace pattern names."""
     root, selected = resolve_dataset(spec)
     uri = storage.join(root, MANIFEST_NAME)
+    # Absent and unreadable are different answers: only a manifest that is not there means an unfinished (or
+    # wrong) dataset; a read that fails (after storage's retries) says so with its cause.
+    if not storage.exists(uri):
+        raise DatasetNotFound(f"no {MANIFEST_NAME} at {root}; is {spec!r} a finished dataset written by "
+                              "data_pipeline?")
     try:
         text = storage.read_bytes(uri)
-    except (OSError, storage.StorageError) as exc:
-        raise FileNotFoundError(f"no readable {MANIFEST_NAME} at {root} ({exc}); is {spec!r} a finished dataset "
-                                "written by data_pipeline?") from exc
-    manifest = Manifest.from_json(text)
+    except OSError as exc:
+        raise storage.StorageError(f"{uri}: could not be read ({exc})") from exc
+    try:
+        manifest = Manifest.from_json(text)
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        what = "is empty" if not text.strip() else f"is not a valid manifest ({type(exc).__name__}: {exc})"
+        raise DatasetError(f"{uri} {what}; rewrite it by running data_pipeline on this output again") from None
     if selected:
         by_name = {s.name: s for s in manifest.shards}
         missing = [n for n in selected if n not in by_name]
         if missing:
-            raise ValueError(f"{spec}: shards {missing[:5]} are not in {uri}")
+            raise DatasetError(f"{spec}: shards {missing[:5]} are not in {uri}")
         manifest.shards = [by_name[n] for n in selected]
     if not manifest.shards:
-        raise ValueError(f"{spec}: the dataset has no shards")
+        raise DatasetError(f"{spec}: the dataset has no shards")
     return root, manifest
 
 
@@ -237,6 +256,10 @@ def _init_loader(environ: dict[str, str]) -> None:
     killed."""
     os.environ.clear()
     os.environ.update(environ)
+    # Ctrl-C reaches the whole process group and schedulers signal every process: the reader's process decides
+    # when this one ends (it is shut down with the reader, or leaves when that process is gone).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     parent = multiprocessing.parent_process()
 
     def watch():
@@ -268,10 +291,10 @@ class LatentShardReader:
                  prefetch_batches: int = 4, pin_memory: bool = False, expected_latent_size: int | None = None):
         self.root, self.manifest = load_manifest(path)
         if expected_latent_size is not None and self.manifest.latent_size != expected_latent_size:
-            raise ValueError(f"{path}: latents are {self.manifest.latent_size}x{self.manifest.latent_size}, "
+            raise DatasetError(f"{path}: latents are {self.manifest.latent_size}x{self.manifest.latent_size}, "
                              f"the run expects {expected_latent_size}x{expected_latent_size}")
         if len(self.manifest.shards) < world_size:
-            raise ValueError(f"{path}: {len(self.manifest.shards)} shards cannot feed {world_size} ranks "
+            raise DatasetError(f"{path}: {len(self.manifest.shards)} shards cannot feed {world_size} ranks "
                              "(each rank needs at least one shard per epoch); write smaller shards")
         if on_bad_shard not in ("skip", "fail"):
             raise ValueError(f"on_bad_shard must be 'skip' or 'fail', got {on_bad_shard!r}")
@@ -303,7 +326,7 @@ class LatentShardReader:
         self._stop = threading.Event()
         self._handed: dict | None = None
         if self.quota(0) < micro_batch_size:
-            raise ValueError(f"{path}: rank {rank} gets fewer than micro_batch_size={micro_batch_size} samples "
+            raise DatasetError(f"{path}: rank {rank} gets fewer than micro_batch_size={micro_batch_size} samples "
                              f"per epoch across {world_size} ranks; the dataset is too small")
 
     # --- the epoch plan ---------------------------------------------------------------------------------------
@@ -515,7 +538,7 @@ class LatentShardReader:
         for k in ("rank", "world_size", "seed", "micro_batch_size", "window_shards", "shards"):
             if state[k] != mine[k]:
                 what = "the dataset's shard list" if k == "shards" else f"{k} ({state[k]} -> {mine[k]})"
-                raise ValueError(f"cannot resume the data position: {what} changed since the checkpoint; "
+                raise DatasetError(f"cannot resume the data position: {what} changed since the checkpoint; "
                                  "resume with the same dataset, world size, seed and batch geometry")
         self._epoch, self._window, self._offset, self._consumed = (state["epoch"], state["window"], state["offset"],
                                                                state["consumed"])

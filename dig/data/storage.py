@@ -4,19 +4,36 @@ S3 goes through boto3, configured by the standard AWS environment/config files (
 `AWS_ENDPOINT_URL` / `AWS_ENDPOINT_URL_S3` for S3-compatible servers). Writes are atomic from a reader's
 point of view: a local file is written to a temporary name and renamed; an S3 object appears only when its
 PUT or multipart upload completes.
+
+S3 under faults: every request has explicit connect/read timeouts and botocore's "standard" retries (connection
+errors and resets, 500/502/503/504, throttling such as SlowDown, read timeouts), with exponential backoff; each
+retry is logged as a warning. A body that breaks off while it is streamed (reset, truncation, read timeout) is not
+covered by botocore: the read resumes with a ranged GET from the last byte received, pinned to the object's
+ETag (so a replaced object is an error, never a mix). Settings, from the environment:
+  DIG_S3_MAX_ATTEMPTS      attempts per request and per body (default 8)
+  DIG_S3_CONNECT_TIMEOUT   seconds to connect (default 10)
+  DIG_S3_READ_TIMEOUT      seconds without a byte from the server (default 60)
+  DIG_S3_RETRY_MODE        botocore retry mode: standard (default) or adaptive (adds client-side rate limiting)
 """
 from __future__ import annotations
 
 import functools
+import io
+import logging
 import os
 import shutil
 import tempfile
+import time
 from typing import BinaryIO, Callable
+
+from dig.errors import UserError
+
+log = logging.getLogger(__name__)
 
 S3_PREFIX = "s3://"
 
 
-class StorageError(RuntimeError):
+class StorageError(RuntimeError, UserError):
     """A storage location that cannot be used, with a message that says why and what to check."""
 
 
@@ -42,18 +59,146 @@ def join(base: str, *names: str) -> str:
     return os.path.join(base, *names)
 
 
+def _setting(name: str, default: float, cast=float):
+    raw = os.environ.get(name, "").strip()
+    try:
+        value = cast(raw) if raw else default
+    except ValueError:
+        raise StorageError(f"{name}={raw!r} is not a number") from None
+    if value <= 0:
+        raise StorageError(f"{name} must be > 0, got {raw}")
+    return value
+
+
+def max_attempts() -> int:
+    return _setting("DIG_S3_MAX_ATTEMPTS", 8, int)
+
+
+def _log_retry(event_name: str = "", attempts: int = 0, response=None, caught_exception=None, **_) -> None:
+    """botocore's needs-retry hook, only to log: botocore decides (and returns None here, so it still does)."""
+    if caught_exception is not None:
+        why = f"{type(caught_exception).__name__}: {caught_exception}"
+    elif response is not None:
+        status = response[0].status_code
+        code = (response[1] or {}).get("Error", {}).get("Code", "")
+        if status < 500 and code not in ("SlowDown", "Throttling", "ThrottlingException", "RequestTimeout"):
+            return
+        why = f"HTTP {status} {code}".strip()
+    else:
+        return
+    limit = max_attempts()
+    if attempts < limit:
+        log.warning("S3 %s: attempt %d of %d failed (%s); retrying", event_name.rsplit(".", 1)[-1], attempts, limit,
+                    why)
+
+
 @functools.lru_cache(maxsize=None)
 def _client_for_process(pid: int):
     import boto3
     from botocore.config import Config
 
-    # Adaptive retries cover throttling and dropped connections; boto3 clients are not fork-safe, hence per-pid.
-    config = Config(retries={"max_attempts": 10, "mode": "adaptive"}, max_pool_connections=32)
-    return boto3.session.Session().client("s3", config=config)
+    # boto3 clients are not fork-safe, hence one per pid.
+    config = Config(retries={"max_attempts": max_attempts(),
+                             "mode": os.environ.get("DIG_S3_RETRY_MODE", "standard").strip() or "standard"},
+                    connect_timeout=_setting("DIG_S3_CONNECT_TIMEOUT", 10.0),
+                    read_timeout=_setting("DIG_S3_READ_TIMEOUT", 60.0), max_pool_connections=32)
+    client = boto3.session.Session().client("s3", config=config)
+    client.meta.events.register("needs-retry.s3", _log_retry)
+    return client
 
 
 def s3_client():
     return _client_for_process(os.getpid())
+
+
+def _body_errors() -> tuple[type[BaseException], ...]:
+    """What a GET body can fail with while it streams: botocore wraps most, urllib3/socket errors leak through."""
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+    from botocore.exceptions import HTTPClientError, IncompleteReadError
+    from urllib3.exceptions import HTTPError as Urllib3Error
+
+    return (HTTPClientError, BotoConnectionError, IncompleteReadError, Urllib3Error, ConnectionError, TimeoutError)
+
+
+class S3ObjectReader(io.RawIOBase):
+    """Bytes [start, stop) of an S3 object, read as a stream that survives a body breaking off: it resumes with a
+    ranged GET from the next byte, pinned to the ETag of the first answer, at most DIG_S3_MAX_ATTEMPTS times."""
+
+    def __init__(self, uri: str, start: int = 0, stop: int | None = None):
+        super().__init__()
+        self.uri = uri
+        self.bucket, self.key = parse_s3(uri)
+        self._pos, self._stop = start, stop
+        self._etag: str | None = None
+        self._body = None
+        self._retries = 0
+        self._open()
+
+    def _open(self) -> None:
+        kwargs = {}
+        if self._pos > 0 or self._stop is not None:
+            kwargs["Range"] = f"bytes={self._pos}-{'' if self._stop is None else self._stop - 1}"
+        if self._etag is not None:
+            kwargs["IfMatch"] = self._etag
+        try:
+            response = s3_client().get_object(Bucket=self.bucket, Key=self.key, **kwargs)
+        except Exception as exc:  # noqa: BLE001
+            from botocore.exceptions import ClientError
+
+            if (self._etag is not None and isinstance(exc, ClientError)
+                    and exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412")):
+                raise StorageError(f"{self.uri}: the object was replaced while it was being read") from exc
+            raise _explain(self.uri, exc) from exc
+        if self._etag is None:  # the first answer: what exists of the requested range (S3 clamps it to the object)
+            self._stop = self._pos + response["ContentLength"]
+        self._etag = response.get("ETag")
+        self._body = response["Body"]
+
+    def readable(self) -> bool:
+        return True
+
+    def _read(self, n: int) -> bytes:
+        """Up to n bytes (n > 0) from the current position; resumes the body after a failure."""
+        while True:
+            try:
+                data = self._body.read(n)
+                if not data:
+                    raise ConnectionError(f"body ended at byte {self._pos}, expected {self._stop}")
+                self._pos += len(data)
+                return data
+            except _body_errors() as exc:
+                self._retries += 1
+                limit = max_attempts()
+                if self._retries >= limit:
+                    raise StorageError(f"{self.uri}: reading failed {self._retries} times, last at byte "
+                                       f"{self._pos} ({type(exc).__name__}: {exc})") from exc
+                log.warning("S3 read of %s broke off at byte %d (%s: %s); resuming (retry %d of %d)", self.uri,
+                            self._pos, type(exc).__name__, exc, self._retries, limit - 1)
+                try:
+                    self._body.close()
+                except Exception:  # noqa: BLE001 - a broken connection may fail to close; it is dropped anyway
+                    pass
+                time.sleep(min(0.1 * 2 ** self._retries, 5.0))
+                self._open()
+
+    def readinto(self, buffer) -> int:
+        n = min(len(buffer), self._stop - self._pos)
+        if n <= 0:
+            return 0
+        data = self._read(n)
+        buffer[:len(data)] = data
+        return len(data)
+
+    def readall(self) -> bytes:
+        parts = []
+        while self._pos < self._stop:
+            parts.append(self._read(min(8 << 20, self._stop - self._pos)))
+        return b"".join(parts)
+
+    def close(self) -> None:
+        if self._body is not None:
+            self._body.close()
+        super().close()
 
 
 def _explain(uri: str, exc: Exception) -> StorageError:
@@ -103,6 +248,8 @@ def exists(uri: str) -> bool:
             if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
                 return False
             raise _explain(uri, exc) from exc
+        except Exception as exc:  # noqa: BLE001 - credentials, endpoint, retries exhausted
+            raise _explain(uri, exc) from exc
     return os.path.exists(uri)
 
 
@@ -129,11 +276,8 @@ def list_names(uri: str) -> list[str]:
 
 def read_bytes(uri: str) -> bytes:
     if is_s3(uri):
-        bucket, key = parse_s3(uri)
-        try:
-            return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
-        except Exception as exc:  # noqa: BLE001
-            raise _explain(uri, exc) from exc
+        with S3ObjectReader(uri) as reader:
+            return reader.readall()
     with open(uri, "rb") as f:
         return f.read()
 
@@ -141,11 +285,7 @@ def read_bytes(uri: str) -> bytes:
 def open_read(uri: str) -> BinaryIO:
     """A streaming, readable binary file object (S3: the GET body; bytes arrive as they are read)."""
     if is_s3(uri):
-        bucket, key = parse_s3(uri)
-        try:
-            return s3_client().get_object(Bucket=bucket, Key=key)["Body"]
-        except Exception as exc:  # noqa: BLE001
-            raise _explain(uri, exc) from exc
+        return io.BufferedReader(S3ObjectReader(uri), buffer_size=1 << 20)
     return open(uri, "rb")
 
 
@@ -211,12 +351,11 @@ def read_range(uri: str, offset: int, size: int) -> bytes:
     if size == 0:
         return b""
     if is_s3(uri):
-        bucket, key = parse_s3(uri)
-        try:
-            body = s3_client().get_object(Bucket=bucket, Key=key, Range=f"bytes={offset}-{offset + size - 1}")["Body"]
-            return body.read()
-        except Exception as exc:  # noqa: BLE001
-            raise _explain(uri, exc) from exc
+        with S3ObjectReader(uri, offset, offset + size) as reader:
+            data = reader.readall()
+        if len(data) != size:
+            raise StorageError(f"{uri}: {size} bytes at offset {offset} requested, {len(data)} exist")
+        return data
     with open(uri, "rb") as f:
         f.seek(offset)
         return f.read(size)

@@ -23,6 +23,7 @@ class LatentNormalizer:
     @classmethod
     def from_dataset(cls, root: str, manifest: Manifest, kind: str) -> "LatentNormalizer":
         from dig.data import storage
+        from dig.data.reader import DatasetError, DatasetNotFound  # here: the reader imports this module
         from dig.data.shard_format import STATS_NAME, LatentStats
 
         c = manifest.latent_channels
@@ -31,13 +32,13 @@ class LatentNormalizer:
         if kind == "stats":
             uri = storage.join(root, STATS_NAME)
             if not storage.exists(uri):
-                raise FileNotFoundError(f"data.latent_norm=stats but {uri} does not exist")
+                raise DatasetNotFound(f"data.latent_norm=stats but {uri} does not exist")
             stats = LatentStats.from_json(storage.read_bytes(uri))
             mean, std = np.asarray(stats.mean, np.float32), np.asarray(stats.std, np.float32)
             if mean.shape != (c,) or std.shape != (c,):
-                raise ValueError(f"{uri}: mean/std must have {c} entries, got {mean.shape} and {std.shape}")
+                raise DatasetError(f"{uri}: mean/std must have {c} entries, got {mean.shape} and {std.shape}")
             return cls(1.0 / std, -mean / std, kind)
-        raise ValueError(f"unknown latent normalisation {kind!r} (scaling_factor or stats)")
+        raise DatasetError(f"unknown latent normalisation {kind!r} (scaling_factor or stats)")
 
     def normalize(self, x: np.ndarray) -> np.ndarray:
         return x * self.scale + self.shift

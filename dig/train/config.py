@@ -12,8 +12,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from dig.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(ValueError, UserError):
     """A configuration that cannot run, with a message saying which key and why."""
 
 
@@ -29,9 +31,9 @@ class RunConfig(_Section):
 
 class ModelConfig(_Section):
     name: str = "DiG-XL/2"                 # a name from dig.models.list_models()
-    num_classes: int = 1000                # label embedding rows (>= the dataset's classes)
+    num_classes: int = Field(1000, ge=1)   # label embedding rows (>= the dataset's classes)
     learn_sigma: bool = True               # learned-range variance (2x output channels), hybrid MSE + VLB loss
-    class_dropout_prob: float = 0.1        # label dropout for classifier-free guidance
+    class_dropout_prob: float = Field(0.1, ge=0.0, lt=1.0)  # label dropout for classifier-free guidance
     gla_backend: str = "auto"              # auto | triton | fla | torch (auto: Triton on CUDA, torch on CPU)
     grad_checkpointing: bool = False       # per-block activation checkpointing (high resolution)
     compile: bool = False                  # regional torch.compile of each block's forward (any ZeRO stage)
@@ -49,10 +51,10 @@ class DataConfig(_Section):
     shuffle_window_shards: int = 8         # shards loaded and shuffled together (memory ~ this many shards)
     latent_norm: Literal["scaling_factor", "stats"] = "scaling_factor"  # VAE factor or latent_stats.json mean/std
     random_flip: bool = True               # use the stored horizontal flip of each image half of the time
-    read_retries: int = 3                  # retries of a failed shard read before it counts as bad
+    read_retries: int = Field(3, ge=0)     # retries of a failed shard read before it counts as bad
     on_bad_shard: Literal["skip", "fail"] = "skip"  # an unreadable shard: skip it (counted in shards_skipped) or stop
     prefetch: bool = True                  # load shuffle windows in a background process, the next one ahead
-    prefetch_batches: int = 4              # micro-batches cut ahead by a background thread (0: inline)
+    prefetch_batches: int = Field(4, ge=0)  # micro-batches cut ahead by a background thread (0: inline)
 
     @model_validator(mode="after")
     def _batches(self):
@@ -67,12 +69,19 @@ class DataConfig(_Section):
 
 
 class OptimConfig(_Section):
-    lr: float = 1e-4                       # AdamW learning rate (constant after warm-up)
-    warmup_steps: int = 0                  # linear warm-up from 0, then constant
-    weight_decay: float = 0.0              # AdamW (decoupled) weight decay
+    lr: float = Field(1e-4, ge=0.0)        # AdamW learning rate (constant after warm-up)
+    warmup_steps: int = Field(0, ge=0)     # linear warm-up from 0, then constant
+    weight_decay: float = Field(0.0, ge=0.0)  # AdamW (decoupled) weight decay
     betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
-    eps: float = 1e-8                      # AdamW epsilon
-    grad_clip: float = 1.0                 # max global grad norm; 0 disables
+    eps: float = Field(1e-8, gt=0.0)       # AdamW epsilon
+    grad_clip: float = Field(1.0, ge=0.0)  # max global grad norm; 0 disables
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, v):
+        if not all(0.0 <= b < 1.0 for b in v):
+            raise ValueError(f"each beta must be in [0, 1), got {list(v)}")
+        return v
 
 
 class EngineConfig(_Section):
@@ -82,13 +91,13 @@ class EngineConfig(_Section):
 
 
 class CheckpointConfig(_Section):
-    every: int = 5000                      # steps between checkpoints (one is also written at exit)
-    keep_last: int = 3                     # complete checkpoints kept; older ones are deleted
+    every: int = Field(5000, ge=0)         # steps between checkpoints (one is also written at exit)
+    keep_last: int = Field(3, ge=1)        # complete checkpoints kept; older ones are deleted
 
 
 class SampleConfig(_Section):
-    num_images: int = 16                   # samples per grid (labels spread over the classes)
-    num_steps: int = 50                    # diffusion sampling steps
+    num_images: int = Field(16, ge=1)      # samples per grid (labels spread over the classes)
+    num_steps: int = Field(50, ge=1)       # diffusion sampling steps
     method: Literal["ddpm", "ddim"] = "ddim"  # sampler
     cfg_scale: float = 4.0                 # classifier-free guidance scale (1: none)
     vae: str | None = None                 # VAE spec for decoding; default: the manifest's
@@ -120,8 +129,8 @@ class TrackingConfig(_Section):
     backend: Literal["mlflow", "jsonl", "none"] = "mlflow"  # jsonl: <run dir>/metrics.jsonl, for hosts without MLflow
     uri: str | None = None                 # None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
     experiment: str = "dig"                # MLflow experiment name
-    log_every: int = 100                   # steps between metric logs and console progress lines
-    sample_every: int = 10000              # 0 disables sample grids
+    log_every: int = Field(100, ge=0)      # steps between metric logs and console progress lines
+    sample_every: int = Field(10000, ge=0)  # 0 disables sample grids
     sample: SampleConfig = Field(default_factory=SampleConfig)
     eval_every: int = 0                    # steps between FID evaluations of the EMA weights (0: off)
     eval: EvalConfig = Field(default_factory=EvalConfig)
@@ -140,9 +149,9 @@ class TrainConfig(_Section):
     engine: EngineConfig = Field(default_factory=EngineConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
-    steps: int = 1000                      # optimizer steps of the whole run (a resumed run continues to this)
+    steps: int = Field(1000, ge=0)         # optimizer steps of the whole run (a resumed run continues to this)
     ema_decay: float = 0.9999              # EMA of the weights, updated every step
-    max_nonfinite_in_a_row: int = 10       # abort after this many consecutive non-finite losses
+    max_nonfinite_in_a_row: int = Field(10, ge=1)  # abort after this many consecutive non-finite losses
 
     @field_validator("ema_decay")
     @classmethod

@@ -92,6 +92,8 @@ class TrainingConsole:
         self.progress.close()
         if self._redirect is not None:
             self._redirect.__exit__(None, None, None)
+        if status == "KILLED":  # stopped by a signal: the trainer's one `stopped at step N …` line says it
+            return
         done = step - self.start_step
         rate = f", {done / elapsed:.3g} step/s, {done * self.batch / elapsed:.4g} img/s" if done and elapsed else ""
         loss = f", last logged loss {self.last_metrics['loss']:.4g}" if "loss" in self.last_metrics else ""

@@ -57,7 +57,16 @@ def redact_nested(config: dict) -> dict:
 
 
 def tracking_uri(configured: str | None) -> str:
-    return configured or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    """The URI to use, with a relative local store (`sqlite:///mlflow.db`, a plain folder) made absolute against
+    the current directory: tracking.json stores it, and a resume from another directory must reach the same
+    store."""
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        path = uri[len("sqlite:///"):]
+        return "sqlite:///" + os.path.abspath(path) if path and not path.startswith(":memory:") else uri
+    if ":" not in uri:
+        return os.path.abspath(uri)  # a plain folder (MLflow's file store)
+    return uri
 
 
 class NullTracker:
@@ -83,7 +92,6 @@ class MlflowTracker(NullTracker):
         self.uri = tracking_uri(uri)
         self.log_model_at_end = log_model
         self.latest_checkpoint: str | None = None
-        mlflow.set_tracking_uri(self.uri)
         params = redact({k: json.dumps(v) if isinstance(v, (list, dict)) else v
                          for k, v in flatten(config).items()})
         if system_metrics:
@@ -95,7 +103,13 @@ class MlflowTracker(NullTracker):
         if os.path.exists(state_path):
             with open(state_path) as f:
                 previous = json.load(f)
-        if previous and previous.get("uri") == self.uri:
+        setting = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+        if previous and previous.get("setting", previous["uri"]) == setting:
+            # The same setting as when the run started: the store it resolved to then, whatever the cwd is now
+            # (tracking.json written before URIs were stored absolute holds the relative one: read against the cwd).
+            self.uri = tracking_uri(previous["uri"])
+        mlflow.set_tracking_uri(self.uri)
+        if previous and tracking_uri(previous["uri"]) == self.uri:
             run = mlflow.start_run(run_id=previous["run_id"], log_system_metrics=system_metrics)
             logged = run.data.params
             changed = {k: v for k, v in params.items() if k in logged and logged[k] != str(v)}
@@ -114,7 +128,7 @@ class MlflowTracker(NullTracker):
                 mlflow.log_params(dict(items[i:i + 100]))
             mlflow.set_tags({"run_dir": os.path.abspath(run_dir), "dig.run.name": run_name})
             with open(state_path + ".tmp", "w") as f:
-                json.dump({"uri": self.uri, "run_id": run.info.run_id,
+                json.dump({"uri": self.uri, "setting": setting, "run_id": run.info.run_id,
                            "experiment_id": run.info.experiment_id}, f)
             os.replace(state_path + ".tmp", state_path)
         self.run_id = run.info.run_id

@@ -38,6 +38,10 @@ class TrainingAborted(RuntimeError):
     """Training stopped on purpose (e.g. too many non-finite losses in a row); the message says why."""
 
 
+class TrainingStopped(RuntimeError):
+    """SIGTERM/SIGINT ended the run after a checkpoint; the message says where and how to continue."""
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, resolved: dict):
         self.cfg, self.resolved = cfg, resolved
@@ -126,7 +130,10 @@ class Trainer:
                 src_kwargs = json.load(f)["model_kwargs"]
             state = load_file(os.path.join(source, WEIGHTS_FILE))
         else:
-            ckpt = checkpoint.resolve_checkpoint(source)
+            try:
+                ckpt = checkpoint.resolve_checkpoint(source)
+            except FileNotFoundError as exc:
+                raise ConfigError(f"model.init_from: {exc}") from None
             src_kwargs = checkpoint.load_trainer_meta(ckpt)["model_kwargs"]
             state = checkpoint.load_ema_full(ckpt)
         src_grid = src_kwargs.get("pos_embed_base_size") or src_kwargs["input_size"]
@@ -189,6 +196,10 @@ class Trainer:
             self.data.close()
             if status != "FAILED":
                 shutdown()
+        if status == "KILLED":
+            latest = checkpoint.latest_checkpoint(self.run_dir)
+            latest = latest if "://" in latest else os.path.abspath(latest)
+            raise TrainingStopped(f"stopped at step {self.step}; checkpoint {latest}; run the same command to resume")
 
     def run_step(self) -> None:
         """One optimizer step and everything due after it (EMA, metrics, sample grid, checkpoint)."""
