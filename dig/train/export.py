@@ -16,8 +16,6 @@ CONFIG_FILE = "config.json"
 def export(source: str, out_dir: str, weights: str = "ema") -> str:
     """`source`: a run directory (its latest checkpoint) or a checkpoint folder. `weights`: "ema" (the gathered
     EMA kept in the checkpoint) or "raw" (the ZeRO shards consolidated with DeepSpeed's zero_to_fp32)."""
-    from safetensors.torch import save_file
-
     ckpt = checkpoint.resolve_checkpoint(source)
     meta = checkpoint.load_trainer_meta(ckpt)
     if weights == "ema":
@@ -28,7 +26,9 @@ def export(source: str, out_dir: str, weights: str = "ema") -> str:
         raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
     state = {k: v.detach().float().contiguous() for k, v in state.items()}
     os.makedirs(out_dir, exist_ok=True)
-    save_file(state, os.path.join(out_dir, WEIGHTS_FILE), metadata={"weights": weights, "step": str(meta["step"])})
+    # the user's umask decides who may read it (safetensors alone leaves a 0600 file)
+    checkpoint.write_safetensors(os.path.join(out_dir, WEIGHTS_FILE), state,
+                                 metadata={"weights": weights, "step": str(meta["step"])})
     info = {
         "model": meta["model_name"],
         "model_kwargs": meta["model_kwargs"],

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from dig.data.reader import Batch, LatentShardReader, load_manifest
 
 from . import checkpoint
+from .checkpoint_writer import CheckpointWriteError, CheckpointWriter, clean_unfinished, fetch_latest
 from .config import ConfigError, TrainConfig
 from .ema import ShardedEMA
 from .engine import Runtime, build_engine, init_distributed, shutdown
@@ -44,6 +45,7 @@ class Trainer:
         self.accum = cfg.grad_accum_steps(self.rt.world_size)
         self.run_dir = cfg.run.dir
         os.makedirs(self.run_dir, exist_ok=True)
+        self.run_lock = self._lock_run_dir()
 
         self.data = LatentShardReader(
             cfg.data.path, rank=self.rt.rank, world_size=self.rt.world_size,
@@ -55,7 +57,7 @@ class Trainer:
         manifest = self.data.manifest
         self.latent_shape = list(self.data.sample_shape)
 
-        resume_from = checkpoint.latest_checkpoint(self.run_dir)
+        resume_from = self._find_resume_checkpoint()
         self.model_kwargs = cfg.model_kwargs(manifest.latent_size)
         init_state = None
         if resume_from is not None:
@@ -76,6 +78,7 @@ class Trainer:
             if self.rt.is_main:
                 log.info("model.compile: %d blocks compiled with torch.compile (regional)", len(model.blocks))
         self.engine = build_engine(model, cfg, self.rt)
+        self.checkpoints = self._make_checkpoint_writer()
         self.diffusion = create_diffusion(learn_sigma=cfg.model.learn_sigma)
 
         self.step = 0
@@ -137,6 +140,51 @@ class Trainer:
         saved.update({k: v for k, v in self.model_kwargs.items() if k in runtime_keys})
         return saved
 
+    def _lock_run_dir(self):
+        """One trainer per run directory (and per remote checkpoint root): rank 0 takes the lock, every rank
+        learns the outcome, a refusal names the holder."""
+        from .run_lock import RunLockError, acquire_run_lock
+
+        lock, error = None, None
+        if self.rt.is_main:
+            try:
+                lock = acquire_run_lock(self.run_dir, self.cfg.checkpoint.uri, self.cfg.run.lock_lease_s)
+            except RunLockError as exc:
+                error = str(exc)
+        if self.rt.world_size > 1:
+            box = [error]
+            dist.broadcast_object_list(box, src=0)
+            error = box[0]
+        if error:
+            raise ConfigError(error)
+        return lock
+
+    @property
+    def _checkpoint_root(self) -> str:
+        return self.cfg.checkpoint.uri or os.path.join(self.run_dir, checkpoint.CHECKPOINTS)
+
+    def _find_resume_checkpoint(self) -> str | None:
+        """The local folder of the newest complete checkpoint (downloaded when the root is remote), after rank 0
+        removed what an interrupted save left behind."""
+        staging = os.path.join(self.run_dir, checkpoint.CHECKPOINTS)
+        if self.rt.is_main:
+            removed = clean_unfinished(self._checkpoint_root, staging)
+            if removed:
+                log.info("removed unfinished checkpoints of an interrupted run: %s", ", ".join(removed))
+        if self.rt.world_size > 1:
+            dist.barrier()
+        found = fetch_latest(self._checkpoint_root, staging, self.rt.local_rank, self.cfg.checkpoint.upload_retries)
+        if self.rt.world_size > 1:
+            dist.barrier()  # remote checkpoints: every node's copy is complete
+        return found
+
+    def _make_checkpoint_writer(self) -> CheckpointWriter:
+        c = self.cfg.checkpoint
+        return CheckpointWriter(self._checkpoint_root, os.path.join(self.run_dir, checkpoint.CHECKPOINTS),
+                                rank=self.rt.rank, world_size=self.rt.world_size, local_rank=self.rt.local_rank,
+                                keep_last=c.keep_last, background=c.background, timeout_s=c.write_timeout_s,
+                                upload_retries=c.upload_retries)
+
     def _resume(self, ckpt: str) -> None:
         state = checkpoint.load_rank_state(ckpt, self.rt.rank, self.rt.world_size)
         checkpoint.load_engine(self.engine, ckpt)
@@ -158,14 +206,19 @@ class Trainer:
         try:
             while self.step < self.cfg.steps and not self._should_stop():
                 self.run_step()
-            self.save_checkpoint()
+            self.save_checkpoint(wait=True)
             status = "FINISHED" if self.step >= self.cfg.steps else "KILLED"
         except TrainingAborted:
             status = "ABORTED"  # every rank took the same decision, so they can leave together
             raise
+        except CheckpointWriteError as exc:
+            status = "ABORTED"  # every rank got the same outcome from the checkpoint writer
+            raise TrainingAborted(str(exc)) from exc
         finally:
             self.tracker.close("FAILED" if status == "ABORTED" else status)
             self.data.close()
+            if self.run_lock is not None:
+                self.run_lock.release()
             if status != "FAILED":
                 shutdown()
 
@@ -250,13 +303,42 @@ class Trainer:
         self.ema.update()
 
     def maybe_checkpoint(self) -> None:
+        self.collect_checkpoint()
         every = self.cfg.checkpoint.every
         if every > 0 and self.step % every == 0:
             self.save_checkpoint()
 
-    def save_checkpoint(self) -> None:
-        if self._last_saved_step == self.step:
+    def collect_checkpoint(self) -> None:
+        """Record a background save that completed; when one failed, ask every rank to stop (the request travels
+        with the next step's statistics) so that all of them raise its error together at the final save."""
+        try:
+            saved = self.checkpoints.poll()
+        except CheckpointWriteError as exc:
+            if not self._stop_requested:
+                log.error("stopping: %s", exc)
+            self._stop_requested = True
             return
+        if saved is not None:
+            self._tag_checkpoint(saved)
+
+    def _tag_checkpoint(self, saved) -> None:
+        where = saved.location if saved.location.startswith("s3://") else os.path.abspath(saved.location)
+        self.tracker.set_tags({"checkpoint.latest": where, f"checkpoint.{saved.name}": where})
+
+    def save_checkpoint(self, wait: bool = False) -> None:
+        """Collective. Starts a save of this step (after the previous one completed) and, with `wait`, waits
+        until it is complete and `latest` names it. Raises CheckpointWriteError on every rank if a save failed."""
+        if self._last_saved_step != self.step:
+            self._start_checkpoint()
+        if wait:
+            saved = self.checkpoints.wait()
+            if saved is not None:
+                self._tag_checkpoint(saved)
+
+    def _start_checkpoint(self) -> None:
+        previous = self.checkpoints.wait()  # at most one save in flight
+        if previous is not None:
+            self._tag_checkpoint(previous)
         meta = {
             "world_size": self.rt.world_size, "config": self.resolved, "model_name": self.cfg.model.name,
             "model_kwargs": self.model_kwargs, "latent_shape": self.latent_shape,
@@ -266,11 +348,11 @@ class Trainer:
         }
         rank_state = {"data": self.data.state_dict(), "nonfinite_total": self.nonfinite_total,
                       "nonfinite_in_a_row": self.nonfinite_in_a_row}
-        path = checkpoint.save(self.run_dir, self.step, self.engine, self.ema, rank_state, meta,
-                               self.cfg.checkpoint.keep_last)
+        self.checkpoints.save(self.step, self.engine, self.ema, rank_state, meta)
         self._last_saved_step = self.step
-        self.tracker.set_tags({"checkpoint.latest": os.path.abspath(path),
-                               f"checkpoint.step_{self.step:09d}": os.path.abspath(path)})
+        if self.rt.is_main:
+            log.info("step %d: checkpoint copied in %.2fs, writing in the background", self.step,
+                     self.checkpoints.blocked_s[-1])
 
     def maybe_log_metrics(self) -> None:
         every = self.cfg.tracking.log_every
