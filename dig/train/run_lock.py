@@ -191,6 +191,8 @@ class RunLock:
             holder, version = backend.read()
             if holder is None:
                 continue  # released meanwhile
+            if holder.get("token") == self.token:
+                return version  # our own create, retried after a lost answer
             age = _now() - float(holder.get("heartbeat", 0))
             same_host = holder.get("host") == socket.gethostname()
             dead = same_host and isinstance(holder.get("pid"), int) and not _pid_alive(holder["pid"])
