@@ -123,3 +123,64 @@ def test_s3_stale_lock_is_taken_over_by_exactly_one(tmp_path, s3_bucket):
     assert first is not None and second is None  # conditional PUT: the second contender lost
     lock = acquire_run_lock(str(tmp_path), f"s3://{s3_bucket}/run", lease_s=1)  # "one" never beats: expires
     lock.release()
+
+
+@pytest.mark.slow
+def test_dig_train_refuses_a_live_run_and_takes_over_a_killed_ones_lock(tmp_path):
+    """Through `dig train` (one process, CPU): a second trainer on a live run dir exits 2 naming the holder; after
+    SIGKILL of the first, the same command starts at once. Files follow the umask (0027 here → 0640, not 0600)."""
+    import signal
+    import stat
+
+    from dig.data.synthetic import write_synthetic_dataset
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    write_synthetic_dataset(str(tmp_path / "latents"), num_shards=2, samples_per_shard=8)
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": os.path.join(repo, ".torch_extensions"), "DS_ACCELERATOR": "cpu",
+           "OMP_NUM_THREADS": "1", "PYTHONPATH": repo}
+    for k in ("MLFLOW_TRACKING_URI", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+
+    def cmd(*extra):
+        return [sys.executable, "-m", "dig.cli", "train", "--config", os.path.join(repo, "configs/train/tiny-cpu.yaml"),
+                "run.dir=run", f"data.path={tmp_path / 'latents'}", "tracking.sample_every=0", "tracking.step_log=true",
+                "data.global_batch_size=4", "data.micro_batch_size=4", *extra]
+
+    def umask_027():
+        os.umask(0o027)
+
+    first = subprocess.Popen(cmd("steps=100000", "checkpoint.every=100000"), cwd=tmp_path, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        steps = tmp_path / "run" / "steps" / "rank_00000.jsonl"
+        deadline = time.monotonic() + 240
+        while not steps.exists():
+            assert first.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        second = subprocess.run(cmd("steps=2"), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert second.returncode == 2, second.stderr[-3000:]
+        line = [ln for ln in second.stderr.splitlines() if ln.startswith("dig train:")]
+        assert len(line) == 1 and f"host {socket.gethostname()}, pid {first.pid}, started " in line[0], line
+        assert first.poll() is None  # the live run was not disturbed
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    third = subprocess.run(cmd("steps=2", "checkpoint.every=1"), cwd=tmp_path, env=env, capture_output=True,
+                           text=True, timeout=300, preexec_fn=umask_027)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert "took over the lock" in third.stderr and "its process is gone" in third.stderr
+    assert not (tmp_path / "run" / LOCK_FILE).exists()  # released at exit
+    ckpt = tmp_path / "run" / "checkpoints" / "step_000000002"
+    files = [p for p in ckpt.rglob("*") if p.is_file()] + [tmp_path / "run" / "checkpoints" / "latest"]
+    assert len(files) >= 5
+    for p in files:
+        mode = stat.S_IMODE(p.stat().st_mode) & ~0o111  # recovery scripts are made executable
+        assert mode == 0o640, (p, oct(mode))
+    from dig.train.export import WEIGHTS_FILE, export
+
+    old = os.umask(0o022)
+    try:
+        out = export(str(tmp_path / "run"), str(tmp_path / "export"))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(os.path.join(out, WEIGHTS_FILE)).st_mode) == 0o644

@@ -251,7 +251,8 @@ def _describe(holder: dict) -> str:
 
 
 def acquire_run_lock(run_dir: str, checkpoint_uri: str | None, lease_s: float) -> RunLock:
-    """Lock the run directory and, when checkpoints go to S3, the checkpoint prefix too."""
+    """Lock the run directory (created if missing) and, when checkpoints go to S3, the checkpoint prefix too."""
+    os.makedirs(run_dir, exist_ok=True)
     backends: list[tuple[str, _Backend]] = [(os.path.join(run_dir, LOCK_FILE),
                                              _LocalBackend(os.path.join(run_dir, LOCK_FILE)))]
     if checkpoint_uri and storage.is_s3(checkpoint_uri):
