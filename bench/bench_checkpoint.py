@@ -89,7 +89,7 @@ def run_mode(background: bool, name: str, overrides: dict, resolution: int, batc
             in_flight = tr.checkpoints.in_flight()
             (busy_steps if in_flight else idle_steps).append(timed_step())
         tr.checkpoints.wait()
-        durable.append(time.perf_counter() - t0)
+        durable.append(tr.checkpoints.durable_s[-1])
         timed_step()  # the next save is of a new step
     tr.data.close()
     if tr.run_lock is not None:

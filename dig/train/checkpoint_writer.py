@@ -209,6 +209,7 @@ class CheckpointWriter:
         self._outcome: SavedCheckpoint | CheckpointWriteError | None = None
         self.failed: CheckpointWriteError | None = None
         self.blocked_s: list[float] = []  # seconds each save() held the caller, for benchmarks and logs
+        self.durable_s: list[float] = []  # seconds from each save()'s start until its outcome was known
 
     # --- public --------------------------------------------------------------------------------------------
 
@@ -234,7 +235,7 @@ class CheckpointWriter:
         torch.save({**rank_state, "rng": checkpoint.rng_state(), "step": step}, buf)
         meta_text = json.dumps({**trainer_meta, "step": step}, indent=1) if self.rank == 0 else None
         job = dict(step=step, name=name, local=local, files=files, scripts=scripts, ema=ema_full,
-                   rank_bytes=buf.getvalue(), meta_text=meta_text)
+                   rank_bytes=buf.getvalue(), meta_text=meta_text, started=t0)
         if self.background:
             self._thread = threading.Thread(target=self._run, args=(job,), name=f"dig-checkpoint-{step}",
                                             daemon=True)
@@ -271,7 +272,7 @@ class CheckpointWriter:
         return outcome
 
     def _run(self, job: dict) -> None:
-        name = job["name"]
+        name, started = job["name"], job["started"]
         error = None
         try:
             written = self._write_local(job)
@@ -300,6 +301,7 @@ class CheckpointWriter:
         except BaseException as exc:  # noqa: BLE001 - a peer died or the exchange timed out
             self._outcome = CheckpointWriteError(f"checkpoint {name}: the ranks could not agree that it is "
                                                  f"complete ({_describe(exc)}); `latest` still names the previous one")
+        self.durable_s.append(time.perf_counter() - started)
 
     def _write_local(self, job: dict) -> list[str]:
         local = job["local"]
