@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -56,7 +57,7 @@ def run_mode(background: bool, name: str, overrides: dict, resolution: int, batc
         "model": {"name": name, "overrides": overrides},
         "data": {"path": data, "resolution": resolution, "global_batch_size": batch, "micro_batch_size": batch},
         "engine": {"zero_stage": zero_stage},
-        "steps": total, "checkpoint": {"every": 0, "keep_last": 2, "background": background,
+        "steps": total, "checkpoint": {"every": 0, "keep_last": 1, "background": background,
                                        **({"uri": f"{uri.rstrip('/')}/{os.path.basename(run_dir)}"} if uri else {})},
         "tracking": {"log_every": 0, "sample_every": 0},
     }
@@ -95,6 +96,8 @@ def run_mode(background: bool, name: str, overrides: dict, resolution: int, batc
     if tr.run_lock is not None:
         tr.run_lock.release()
     shutdown()
+    size = _size_mib(os.path.join(run_dir, "checkpoints"))
+    shutil.rmtree(run_dir, ignore_errors=True)  # DiG-XL/2: ~11 GB per checkpoint
     med = statistics.median
     return {
         "background": background,
@@ -103,7 +106,7 @@ def run_mode(background: bool, name: str, overrides: dict, resolution: int, batc
         "step_ms_while_writing": med(busy_steps) * 1e3 if busy_steps else None,
         "step_ms_idle": med(idle_steps) * 1e3 if idle_steps else None,
         "steps_while_writing": len(busy_steps),
-        "checkpoint_mib": _size_mib(os.path.join(run_dir, "checkpoints")),
+        "checkpoint_mib": size,
         "device": str(tr.rt.device),
     }
 
