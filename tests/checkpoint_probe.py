@@ -3,13 +3,15 @@
 A one-process Trainer (CPU, ZeRO stage from argv) trains 2 steps; DeepSpeed's own writer saves the engine state
 (the reference); the trainer's background save of the same step starts, and 3 more steps train while it is being
 written (mutating weights, optimizer moments, lr); the files it wrote must hold exactly the reference's values,
-the per-rank state the step-2 data position, and the EMA the step-2 EMA.
+the per-rank state the step-2 data position, and the EMA the step-2 EMA; and every file and folder of the checkpoint
+was fsynced before `latest` named it.
 
     python tests/checkpoint_probe.py STAGE WORKDIR
 """
 from __future__ import annotations
 
 import os
+import re
 import sys
 import threading
 
@@ -66,6 +68,14 @@ def main(stage: int, workdir: str) -> None:
     tr.engine.save_checkpoint(reference, tag="engine", client_state={"step": tr.step}, save_latest=False)
     ema_then = tr.ema.full_state_dict()
     data_then = tr.data.state_dict()
+    # every fsync, by path: every file and folder of the checkpoint must be synced before `latest` is
+    synced, real_fsync = [], os.fsync
+
+    def recording_fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real_fsync(fd)
+
+    os.fsync = recording_fsync
     # hold the background writer at its first file until training has moved on, so the write surely overlaps
     gate, write_durable = threading.Event(), checkpoint.write_durable
     checkpoint.write_durable = lambda path, write: (gate.wait(), write_durable(path, write))[1]
@@ -79,6 +89,14 @@ def main(stage: int, workdir: str) -> None:
     assert saved is not None and saved.step == 2, saved
     ckpt = checkpoint.latest_checkpoint(tr.run_dir)
     assert ckpt.endswith("step_000000002"), ckpt
+    os.fsync = real_fsync
+    final = [os.path.join(os.path.dirname(p), re.sub(r"^\.tmp-\d+-", "", os.path.basename(p))) for p in synced]
+    latest_at = final.index(os.path.join(os.path.dirname(ckpt), "latest"))
+    before = set(final[:latest_at])
+    must = [ckpt, os.path.join(ckpt, "engine"), os.path.dirname(ckpt)]
+    must += [os.path.join(d, f) for d, _, files in os.walk(ckpt) for f in files]
+    assert len(must) > 8 and not [p for p in must if p not in before], [p for p in must if p not in before]
+    assert os.path.dirname(ckpt) in final[latest_at + 1:]  # the rename of `latest` itself is synced
     ours = os.path.join(ckpt, "engine")
     theirs = os.path.join(reference, "engine")
     names = sorted(os.listdir(theirs))
