@@ -228,9 +228,11 @@ class CheckpointWriter:
 
         self._stager.reset()
         files, scripts = capture_engine_state(engine, local, step, self._stager)
-        ema_full = ema.full_state_dict()  # collective: every rank gathers, rank 0 keeps it
-        if self.rank != 0:
-            ema_full = None
+        ema_full = {} if self.rank == 0 else None
+        for ema_name, full in ema.gather_each():  # collective: every rank gathers, rank 0 keeps a host copy
+            if ema_full is not None:
+                ema_full[ema_name] = self._stager.copy(full)
+        self._stager.synchronize()
         buf = io.BytesIO()
         torch.save({**rank_state, "rng": checkpoint.rng_state(), "step": step}, buf)
         meta_text = json.dumps({**trainer_meta, "step": step}, indent=1) if self.rank == 0 else None

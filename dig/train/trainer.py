@@ -350,8 +350,8 @@ class Trainer:
                       "nonfinite_in_a_row": self.nonfinite_in_a_row}
         self.checkpoints.save(self.step, self.engine, self.ema, rank_state, meta)
         self._last_saved_step = self.step
-        if self.rt.is_main:
-            log.info("step %d: checkpoint copied in %.2fs, writing in the background", self.step,
+        if self.rt.is_main and self.checkpoints.background:
+            log.info("step %d: checkpoint state copied in %.2fs; writing it in the background", self.step,
                      self.checkpoints.blocked_s[-1])
 
     def maybe_log_metrics(self) -> None:
