@@ -36,6 +36,8 @@ def test_resolve_checkpoint(tmp_path):
     run = make_run(tmp_path, [5], latest=5)
     assert checkpoint.resolve_checkpoint(run) == checkpoint.step_dir(run, 5)
     assert checkpoint.resolve_checkpoint(checkpoint.step_dir(run, 5)) == checkpoint.step_dir(run, 5)
+    # a checkpoint root of its own (checkpoint.uri=/some/folder): `latest` directly inside
+    assert checkpoint.resolve_checkpoint(str(tmp_path / "checkpoints")) == checkpoint.step_dir(run, 5)
     with pytest.raises(FileNotFoundError, match="neither a checkpoint folder nor a run directory"):
         checkpoint.resolve_checkpoint(str(tmp_path / "nothing"))
     assert checkpoint.latest_checkpoint(str(tmp_path / "nothing")) is None

@@ -64,10 +64,11 @@ def latest_in(root: str) -> str | None:
 
 
 def resolve_checkpoint(path: str) -> str:
-    """A run directory (→ its latest) or a checkpoint folder → the checkpoint folder."""
+    """A run directory (→ its latest), a checkpoint root such as a local checkpoint.uri (→ its latest) or a
+    checkpoint folder → the checkpoint folder."""
     if os.path.exists(os.path.join(path, TRAINER_FILE)):
         return path
-    found = latest_checkpoint(path)
+    found = latest_checkpoint(path) or latest_in(path)
     if found is None:
         raise FileNotFoundError(f"{path} is neither a checkpoint folder nor a run directory with a checkpoint")
     return found
