@@ -83,8 +83,9 @@ def test_remote_root_cleanup_fetch_and_prune(tmp_path, s3_bucket):
     s3.put_object(Bucket=s3_bucket, Key="run/latest", Body=b"step_000000002")
     root, staging = f"s3://{s3_bucket}/run", str(tmp_path / "staging")
     os.makedirs(os.path.join(staging, "step_000000003"))  # its local staging copy
+    os.makedirs(os.path.join(staging, ".download-otherhost-99", "engine"))  # a download cut short
     assert clean_unfinished(root, staging) == ["step_000000003"]
-    assert not os.path.exists(os.path.join(staging, "step_000000003"))
+    assert os.listdir(staging) == []
     local = fetch_latest(root, staging, local_rank=0)
     assert local == os.path.join(staging, "step_000000002")
     with open(os.path.join(local, "engine", "zero_pp_rank_0_mp_rank_00_optim_states.pt")) as f:

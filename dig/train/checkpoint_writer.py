@@ -436,6 +436,9 @@ def clean_unfinished(root: str, staging: str | None) -> list[str]:
             for name in checkpoint.checkpoint_names(staging):
                 if current is None or name > current:
                     shutil.rmtree(os.path.join(staging, name), ignore_errors=True)
+            for name in os.listdir(staging):  # downloads cut short
+                if name.startswith(".download-"):
+                    shutil.rmtree(os.path.join(staging, name), ignore_errors=True)
         return removed
     if not os.path.isdir(root):
         return []
