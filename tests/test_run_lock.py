@@ -184,3 +184,18 @@ def test_dig_train_refuses_a_live_run_and_takes_over_a_killed_ones_lock(tmp_path
     finally:
         os.umask(old)
     assert stat.S_IMODE(os.stat(os.path.join(out, WEIGHTS_FILE)).st_mode) == 0o644
+
+
+def test_a_lock_taken_over_behind_the_holders_back_is_reported_lost(tmp_path):
+    """The holder stalled past its lease and another trainer took over: the next heartbeat notices, and the
+    trainer stops (Trainer.collect_checkpoint raises on `lost`) instead of writing into the other's run."""
+    lock = acquire_run_lock(str(tmp_path), None, lease_s=0.4)
+    try:
+        (tmp_path / LOCK_FILE).write_text(json.dumps(foreign_holder(0.0, host="node-b", pid=77)))
+        deadline = time.monotonic() + 5
+        while lock.lost is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert lock.lost is not None and "host node-b, pid 77" in lock.lost
+    finally:
+        lock.release()
+    assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == 77  # the new holder's lock stays

@@ -224,8 +224,11 @@ class RunLock:
                     log.warning("run lock %s: heartbeat failed: %s", where, exc)
                     continue
                 if version is None:
-                    self.lost = f"the lock {where} was taken over by another trainer"
+                    holder, _ = backend.read()
+                    self.lost = (f"the lock {where} was taken over by another trainer"
+                                 f" ({_describe(holder or {})})")
                     log.error("%s", self.lost)
+                    return
                 else:
                     self.versions[where] = version
 

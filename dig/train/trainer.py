@@ -310,7 +310,11 @@ class Trainer:
 
     def collect_checkpoint(self) -> None:
         """Record a background save that completed; when one failed, ask every rank to stop (the request travels
-        with the next step's statistics) so that all of them raise its error together at the final save."""
+        with the next step's statistics) so that all of them raise its error together at the final save.
+        If another trainer took this run's lock over (our heartbeat stalled past the lease), stop at once,
+        writing nothing more (rank 0 leaves; torchrun ends the others)."""
+        if self.run_lock is not None and self.run_lock.lost:
+            raise ConfigError(f"{self.run_lock.lost} while this one stalled; stopping without a checkpoint")
         try:
             saved = self.checkpoints.poll()
         except CheckpointWriteError as exc:
