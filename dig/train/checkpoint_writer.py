@@ -1,8 +1,10 @@
 """Checkpoint saves that stop training only for a copy to host memory; writing, fsync and upload run behind it.
 
 Why our own writer and not DeepSpeed's or torch's asynchronous savers: DeepSpeed 0.19's decoupled engine
-(FastCheckpointEngine in a subprocess) targets its aio/GDS writers, reports a failed write by printing in the
-subprocess and maintains its own `latest`; torch.distributed.checkpoint.async_save needs the DCP format, which
+(FastCheckpointEngine in a subprocess) targets its aio/GDS writers (an op to build per machine), reports a failed
+write by printing in the subprocess and maintains its own `latest`; its DataStates engine needs the external
+`datastates` package; neither uploads to S3 nor tells the other ranks about a failure.
+torch.distributed.checkpoint.async_save needs the DCP format, which
 DeepSpeed's ZeRO checkpoints (and zero_to_fp32, `dig export --weights raw`, resume) do not use. What we keep from
 DeepSpeed is its checkpoint-engine hook: during `engine.save_checkpoint` a capturing engine takes each state dict
 DeepSpeed would `torch.save` and copies its tensors to (pinned, reused) host buffers instead, so the files are
