@@ -105,9 +105,11 @@ def snapshot(obj, stager: _HostStager, memo: dict):
     """`obj` with every tensor copied to host memory and every container rebuilt, so that training may go on
     mutating the originals (optimizer state in place, lr in param_groups) while the copy is written."""
     if isinstance(obj, torch.Tensor):
+        # the original is kept alive in the memo: DeepSpeed's state dicts of earlier files of this save may be
+        # freed already, and a new tensor could otherwise reuse an old one's id and get its copy
         if id(obj) not in memo:
-            memo[id(obj)] = stager.copy(obj)
-        return memo[id(obj)]
+            memo[id(obj)] = (obj, stager.copy(obj))
+        return memo[id(obj)][1]
     if isinstance(obj, _IMMUTABLE):
         return obj
     if isinstance(obj, dict):
@@ -144,6 +146,9 @@ def _capturing_engine_class():
         def save(self, state_dict, path: str):
             self.files.append((path, snapshot(state_dict, self.stager, self.memo)))
 
+        def release(self):
+            self.memo.clear()  # the originals it kept alive
+
         def makedirs(self, path, exist_ok=False):
             os.makedirs(path, exist_ok=exist_ok)
 
@@ -173,6 +178,7 @@ def capture_engine_state(engine, ckpt_dir: str, step: int, stager: _HostStager) 
         engine.checkpoint_engine = original
         del engine._copy_recovery_script
     stager.synchronize()
+    capture.release()
     return capture.files, scripts
 
 
