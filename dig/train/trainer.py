@@ -99,6 +99,7 @@ class Trainer:
         self._vae = None
         self._window = _MetricWindow()
         self._last_saved_step = self.step if resume_from is not None else -1
+        self.latest_saved: str | None = resume_from  # where `latest` points (local folder or s3://), once known
 
     # --- setup helpers --------------------------------------------------------------------------------------
 
@@ -327,6 +328,7 @@ class Trainer:
 
     def _tag_checkpoint(self, saved) -> None:
         where = saved.location if saved.location.startswith("s3://") else os.path.abspath(saved.location)
+        self.latest_saved = where
         self.tracker.set_tags({"checkpoint.latest": where, f"checkpoint.{saved.name}": where})
 
     def save_checkpoint(self, wait: bool = False) -> None:
