@@ -312,3 +312,117 @@ def test_sigterm_to_one_rank_stops_both_with_a_checkpoint(tmp_path):
     assert steps[0] == steps[1] >= 2
     marker = os.path.join(run_dir, "checkpoints", "latest")
     assert open(marker).read().strip() == f"step_{steps[0]:09d}"
+
+
+# --- checkpoints on S3, written in the background, through a proxy that injects faults --------------------------
+
+def s3_keys(bucket: str, prefix: str) -> list[str]:
+    client = boto3.client("s3")
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
+
+
+def s3_latest(bucket: str, prefix: str) -> str | None:
+    client = boto3.client("s3")
+    try:
+        return client.get_object(Bucket=bucket, Key=f"{prefix}/latest")["Body"].read().decode()
+    except client.exceptions.NoSuchKey:
+        return None
+
+
+@pytest.fixture(scope="module")
+def s3_checkpointed_run(tmp_path_factory, s3_server, s3_latents, mlflow_tracking_server):
+    """checkpoint.uri=s3://… behind a proxy that resets uploads mid-body, answers 503/500 and delays every write.
+    Checkpoints at steps 2, 4, 6; SIGKILL of everything while step 4 is being uploaded (step 2 complete, part of
+    step 4 on S3, `latest` still step 2), then the same command."""
+    from fault_proxy import fault_proxy
+
+    work = str(tmp_path_factory.mktemp("s3ckpt"))
+    bucket = f"ckpt-{os.getpid()}"
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    run_dir = os.path.join(work, "run")
+    overrides = common_overrides(run_dir, s3_latents, mlflow_tracking_server.uri) + [
+        "checkpoint.every=2", "checkpoint.keep_last=2", f"checkpoint.uri=s3://{bucket}/run"]
+    proxy_log = os.path.join(work, "proxy.log")
+    with fault_proxy(s3_server.endpoint_url, proxy_log, methods="PUT,POST,DELETE", path_prefix=f"/{bucket}",
+                     delay=0.4) as proxy_url:
+        env = {**env_for(s3_server), "AWS_ENDPOINT_URL": proxy_url}
+        first = torchrun(overrides, env, work)
+        deadline = time.monotonic() + 240
+        while not (s3_latest(bucket, "run") == "step_000000002"
+                   and any(k.startswith("run/step_000000004/") for k in s3_keys(bucket, "run/step_000000004"))):
+            assert first.poll() is None, f"first run ended early ({first.returncode}); log: {first.log_path}"
+            assert time.monotonic() < deadline, "step 4 never started uploading"
+            time.sleep(0.05)
+        kill_launch(first)
+        killed = dict(latest=s3_latest(bucket, "run"), partial=s3_keys(bucket, "run/step_000000004"))
+        finish(torchrun(overrides, env, work))
+    with open(proxy_log) as f:
+        faults = [line.split()[1] for line in f if line.startswith("FAULT")]
+    return run_dir, bucket, killed, faults
+
+
+def test_s3_checkpoints_survive_faults_and_a_kill_mid_upload(straight_run, s3_checkpointed_run):
+    run_dir, bucket, killed, faults = s3_checkpointed_run
+    assert killed["latest"] == "step_000000002" and killed["partial"], killed  # the kill came mid-upload
+    assert {"reset", "503", "500"} <= set(faults), faults  # the proxy really cut uploads
+    for rank in (0, 1):  # resumed from step 2 (the partial step 4 ignored): bitwise the uninterrupted run
+        want, got = step_records(straight_run, rank), step_records(run_dir, rank)
+        assert sorted(got) == list(range(1, STEPS + 1))
+        for step in want:
+            assert got[step]["keys"] == want[step]["keys"], f"rank {rank} step {step}: different samples"
+            for k in ("loss", "mse", "vb"):
+                assert got[step][k] == want[step][k], f"rank {rank} step {step}: {k} differs"
+    assert s3_latest(bucket, "run") == "step_000000006"
+    keys = s3_keys(bucket, "run/")
+    # keep_last=2, the partial step 4 of the killed run replaced by the resumed run's, the run lock released
+    assert sorted({k.split("/")[1] for k in keys}) == ["latest", "step_000000004", "step_000000006"]
+    step6 = {k.split("/", 2)[2] for k in keys if k.startswith("run/step_000000006/")}
+    assert {"ema.safetensors", "trainer.json", "rank_00000.pt", "rank_00001.pt"} <= step6
+    assert sum(n.startswith("engine/zero_pp_rank_") for n in step6) == 4  # 2 ranks x (optim + model states)
+    # what S3 holds is what was staged locally (the last one is kept there), byte for byte
+    staged = os.path.join(run_dir, "checkpoints", "step_000000006")
+    body = boto3.client("s3").get_object(Bucket=bucket, Key="run/step_000000006/ema.safetensors")["Body"].read()
+    assert body == open(os.path.join(staged, "ema.safetensors"), "rb").read()
+    assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == ["step_000000006"]
+
+
+def test_s3_checkpoint_resumes_the_uninterrupted_ema(straight_run, s3_checkpointed_run, tmp_path):
+    """The EMA downloaded from S3 after the resume equals the uninterrupted run's (local) EMA at step 6."""
+    from safetensors.torch import load_file
+
+    _, bucket, _, _ = s3_checkpointed_run
+    local = tmp_path / "ema.safetensors"
+    boto3.client("s3").download_file(bucket, "run/step_000000006/ema.safetensors", str(local))
+    want = load_file(os.path.join(straight_run, "checkpoints", f"step_{STEPS:09d}", "ema.safetensors"))
+    got = load_file(str(local))
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_a_failed_upload_on_one_rank_stops_every_rank_with_its_cause(tmp_path, s3_server, s3_latents):
+    """S3 refuses rank 1's file of the step-2 checkpoint (403, not retried by botocore): both ranks stop promptly
+    with one message naming rank 1 and the cause, exit status 3, and `latest` never names the failed save."""
+    from fault_proxy import fault_proxy
+
+    bucket = f"ckpt-fail-{os.getpid()}"
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    run_dir = str(tmp_path / "run")
+    overrides = [f"run.dir={run_dir}", f"data.path={s3_latents}", "data.global_batch_size=4",
+                 "data.micro_batch_size=2", "steps=100000", "checkpoint.every=2", f"checkpoint.uri=s3://{bucket}/run",
+                 "checkpoint.upload_retries=1", "tracking.sample_every=0", "tracking.log_every=1",
+                 f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"]
+    with fault_proxy(s3_server.endpoint_url, str(tmp_path / "proxy.log"), methods="NONE",
+                     deny="step_000000002/rank_00001.pt") as proxy_url:
+        proc = torchrun(overrides, {**env_for(s3_server), "AWS_ENDPOINT_URL": proxy_url}, str(tmp_path))
+        try:
+            rc = proc.wait(timeout=240)
+        except subprocess.TimeoutExpired:
+            kill_launch(proc)
+            raise
+    log = open(proc.log_path).read()
+    assert rc != 0, log[-3000:]
+    messages = [line for line in log.splitlines() if line.startswith("dig train: checkpoint step_000000002 failed")]
+    assert messages, log[-5000:]  # one line per rank that got to print before torchrun tore the launch down
+    for m in messages:
+        assert "rank 1 on" in m and "access denied" in m.lower() and "rank 0 on" not in m, m
+    assert s3_latest(bucket, "run") is None

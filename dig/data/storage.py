@@ -383,3 +383,38 @@ def remove_partial_writes(folder: str) -> int:
     for name in stale:
         os.unlink(os.path.join(folder, name))
     return len(stale)
+
+
+def download_file(uri: str, local_path: str) -> None:
+    """Copy `uri` to the local file `local_path` (S3: managed, possibly ranged, download)."""
+    if is_s3(uri):
+        bucket, key = parse_s3(uri)
+        try:
+            s3_client().download_file(bucket, key, local_path)
+        except Exception as exc:  # noqa: BLE001
+            raise _explain(uri, exc) from exc
+        return
+    shutil.copyfile(uri, local_path)
+
+
+def delete_tree(uri: str) -> int:
+    """Delete the folder `uri` and everything below it (S3: every object under the prefix `uri/`). Returns how many
+    files/objects were removed."""
+    if is_s3(uri):
+        bucket, prefix = parse_s3(uri)
+        prefix = prefix.rstrip("/") + "/"
+        removed = 0
+        try:
+            for page in s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+                keys = [{"Key": obj["Key"]} for obj in page.get("Contents", [])]
+                if keys:
+                    s3_client().delete_objects(Bucket=bucket, Delete={"Objects": keys, "Quiet": True})
+                    removed += len(keys)
+        except Exception as exc:  # noqa: BLE001
+            raise _explain(uri, exc) from exc
+        return removed
+    if not os.path.exists(uri):
+        return 0
+    count = sum(len(files) for _, _, files in os.walk(uri))
+    shutil.rmtree(uri)
+    return count

@@ -1,15 +1,18 @@
-"""Run-directory checkpoints: DeepSpeed engine shards + EMA + per-rank state + trainer metadata, atomic `latest`.
+"""Checkpoints: DeepSpeed engine shards + EMA + per-rank state + trainer metadata, atomic `latest`.
 
-    <run dir>/checkpoints/step_000001000/
-        engine/                 engine.save_checkpoint(tag="engine"): ZeRO shards of weights + optimizer + lr
+    <checkpoint root>/step_000001000/      root: <run dir>/checkpoints, or checkpoint.uri (a folder or s3://…)
+        engine/                 DeepSpeed's save_checkpoint(tag="engine"): ZeRO shards of weights + optimizer + lr
         ema.safetensors         gathered fp32 EMA (written by rank 0)
         rank_00000.pt …         per rank: data position, RNG states (torch, CUDA, numpy, python)
         trainer.json            step, resolved config, world size, model kwargs, data geometry, tracking run id
-    <run dir>/checkpoints/latest  the name of the newest *complete* checkpoint folder
+    <checkpoint root>/latest    the name of the newest *complete* checkpoint folder
 
-`latest` is replaced (write to a temporary file, fsync, rename) only after a barrier that every rank reaches
-once it has finished writing; a crash mid-save leaves the previous `latest` in force. Older folders beyond
-`keep_last` are deleted after `latest` moved.
+How a save works (dig/train/checkpoint_writer.py): the training loop waits only while the state is copied to host
+memory; a background thread writes and fsyncs every file (and folder), uploads it when the root is on S3, and the
+ranks then compare notes. Only when every rank's part is durable does rank 0 replace `latest` (temporary file,
+fsync, rename, folder fsync; on S3 one PUT). A crash mid-save leaves the previous `latest` in force; the folders
+it left behind are removed when the next trainer starts. Older folders beyond `keep_last` are deleted after
+`latest` moved. Files get the permissions of a plain open() under the user's umask.
 """
 from __future__ import annotations
 
@@ -17,21 +20,25 @@ import json
 import os
 import random
 import shutil
-import tempfile
+from typing import BinaryIO, Callable
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 ENGINE_TAG = "engine"
 EMA_FILE = "ema.safetensors"
 TRAINER_FILE = "trainer.json"
+STEP_PREFIX = "step_"
+
+
+def step_name(step: int) -> str:
+    return f"{STEP_PREFIX}{step:09d}"
 
 
 def step_dir(run_dir: str, step: int) -> str:
-    return os.path.join(run_dir, CHECKPOINTS, f"step_{step:09d}")
+    return os.path.join(run_dir, CHECKPOINTS, step_name(step))
 
 
 def rank_file(ckpt: str, rank: int) -> str:
@@ -40,40 +47,99 @@ def rank_file(ckpt: str, rank: int) -> str:
 
 def latest_checkpoint(run_dir: str) -> str | None:
     """The newest complete checkpoint folder of a run, or None."""
-    marker = os.path.join(run_dir, CHECKPOINTS, LATEST)
+    return latest_in(os.path.join(run_dir, CHECKPOINTS))
+
+
+def latest_in(root: str) -> str | None:
+    """The newest complete checkpoint folder under a local checkpoint root, or None."""
+    marker = os.path.join(root, LATEST)
     if not os.path.exists(marker):
         return None
     with open(marker) as f:
         name = f.read().strip()
-    path = os.path.join(run_dir, CHECKPOINTS, name)
+    path = os.path.join(root, name)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{marker} names {name}, which does not exist")
     return path
 
 
 def resolve_checkpoint(path: str) -> str:
-    """A run directory (→ its latest) or a checkpoint folder → the checkpoint folder."""
+    """A run directory (→ its latest), a checkpoint root such as a local checkpoint.uri (→ its latest) or a
+    checkpoint folder → the checkpoint folder."""
     if os.path.exists(os.path.join(path, TRAINER_FILE)):
         return path
-    found = latest_checkpoint(path)
+    found = latest_checkpoint(path) or latest_in(path)
     if found is None:
         raise FileNotFoundError(f"{path} is neither a checkpoint folder nor a run directory with a checkpoint")
     return found
 
 
-def _atomic_write_text(path: str, text: str) -> None:
-    folder = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(folder, os.O_RDONLY)
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# Read once at import: reading the umask means setting it, which would race with threads creating files.
+_FILE_MODE = 0o666 & ~_read_umask()
+
+
+def fsync_dir(folder: str) -> None:
+    fd = os.open(folder, os.O_RDONLY)
     try:
-        os.fsync(dir_fd)
+        os.fsync(fd)
     finally:
-        os.close(dir_fd)
+        os.close(fd)
+
+
+def write_durable(path: str, write: Callable[[BinaryIO], None]) -> None:
+    """Write through `write(file)` to a temporary sibling, fsync it, rename it over `path` and fsync the folder:
+    after return the file is on stable storage, and a reader sees either nothing/the old file or all of it. The
+    file gets the mode a plain open() would give under the user's umask (not mkstemp's 0600)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(folder, f".tmp-{os.getpid()}-{os.path.basename(path)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)  # the umask applies
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    fsync_dir(folder)
+
+
+def fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_safetensors(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """safetensors file written like `write_durable` (safetensors' own save_file writes in place)."""
+    from safetensors.torch import save_file
+
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(folder, f".tmp-{os.getpid()}-{os.path.basename(path)}")
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, _FILE_MODE)
+        fsync_file(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    fsync_dir(folder)
+
+
+def _atomic_write_text(path: str, text: str) -> None:
+    write_durable(path, lambda f: f.write(text.encode()))
 
 
 def rng_state() -> dict:
@@ -92,38 +158,44 @@ def set_rng_state(state: dict) -> None:
 
 
 def save(run_dir: str, step: int, engine, ema, rank_state: dict, trainer_meta: dict, keep_last: int) -> str:
-    """Collective: every rank calls it. Returns the checkpoint folder."""
-    from safetensors.torch import save_file
+    """Synchronous save into <run_dir>/checkpoints (collective: every rank calls it). Returns the folder. The trainer
+    uses CheckpointWriter directly, which does the writing in the background."""
+    import torch.distributed as dist
 
-    rank = dist.get_rank()
-    ckpt = step_dir(run_dir, step)
-    os.makedirs(ckpt, exist_ok=True)
-    engine.save_checkpoint(ckpt, tag=ENGINE_TAG, client_state={"step": step}, save_latest=False)
-    ema_full = ema.full_state_dict()
-    if rank == 0:
-        save_file(ema_full, os.path.join(ckpt, EMA_FILE))
-        _atomic_write_text(os.path.join(ckpt, TRAINER_FILE), json.dumps({**trainer_meta, "step": step}, indent=1))
-    del ema_full
-    torch.save({**rank_state, "rng": rng_state(), "step": step}, rank_file(ckpt, rank))
-    dist.barrier()  # every rank has finished writing its part
-    if rank == 0:
-        _atomic_write_text(os.path.join(run_dir, CHECKPOINTS, LATEST), os.path.basename(ckpt))
-        prune(run_dir, keep_last)
-    dist.barrier()
-    return ckpt
+    from .checkpoint_writer import CheckpointWriter
+
+    writer = CheckpointWriter(os.path.join(run_dir, CHECKPOINTS), staging=None, rank=dist.get_rank(),
+                              world_size=dist.get_world_size(), local_rank=dist.get_rank(), keep_last=keep_last,
+                              background=False)
+    writer.save(step, engine, ema, rank_state, trainer_meta)
+    return writer.wait().location
 
 
-def prune(run_dir: str, keep_last: int) -> None:
-    root = os.path.join(run_dir, CHECKPOINTS)
-    current = latest_checkpoint(run_dir)
-    folders = sorted(d for d in os.listdir(root) if d.startswith("step_") and os.path.isdir(os.path.join(root, d)))
+def checkpoint_names(root: str) -> list[str]:
+    """Sorted names of the step folders under a local checkpoint root (complete or not)."""
+    if not os.path.isdir(root):
+        return []
+    return sorted(d for d in os.listdir(root) if d.startswith(STEP_PREFIX) and os.path.isdir(os.path.join(root, d)))
+
+
+def prune(run_dir: str, keep_last: int, drop_unfinished: bool = True) -> None:
+    prune_root(os.path.join(run_dir, CHECKPOINTS), keep_last, drop_unfinished)
+
+
+def prune_root(root: str, keep_last: int, drop_unfinished: bool = True) -> None:
+    """Keep the `keep_last` newest complete folders (always `latest`). With `drop_unfinished`, also folders past
+    `latest`: leftovers of a save that died before `latest` moved — only safe while no save is in flight."""
+    current = latest_in(root)
     current_name = os.path.basename(current) if current else None
-    # Folders past `latest` are leftovers of a save that crashed before `latest` moved: never complete.
-    stale = [n for n in folders if current_name is not None and n > current_name]
-    complete = [n for n in folders if n not in stale]
+    folders = checkpoint_names(root)
+    stale = [n for n in folders if current_name is None or n > current_name] if drop_unfinished else []
+    complete = [n for n in folders if current_name is not None and n <= current_name]
     for name in stale + complete[::-1][max(keep_last, 1):]:
         if name != current_name:
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    for leftover in os.listdir(root) if drop_unfinished and os.path.isdir(root) else []:
+        if leftover.startswith(".tmp-"):
+            os.unlink(os.path.join(root, leftover))
 
 
 def load_trainer_meta(ckpt: str) -> dict:

@@ -27,6 +27,15 @@ class RunConfig(_Section):
     name: str = "dig"                      # MLflow run name prefix (the run gets "<name>-<UTC time>-<4 hex>")
     dir: str = "runs/dig"                  # run directory: resolved config, checkpoints, step logs
     seed: int = 0                          # weights init, data order and noise
+    lock_lease_s: float = 60.0             # one trainer per run dir: a lock not refreshed this long is stale
+
+    @field_validator("dir")
+    @classmethod
+    def _local_dir(cls, v):
+        if v.startswith("s3://"):
+            raise ValueError("run.dir must be a local or shared-filesystem folder (config, step logs, tracking); "
+                             "put the checkpoints on S3 with checkpoint.uri=s3://bucket/prefix")
+        return v
 
 
 class ModelConfig(_Section):
@@ -93,6 +102,17 @@ class EngineConfig(_Section):
 class CheckpointConfig(_Section):
     every: int = Field(5000, ge=0)         # steps between checkpoints (one is also written at exit)
     keep_last: int = Field(3, ge=1)        # complete checkpoints kept; older ones are deleted
+    uri: str | None = None                 # where checkpoints live: None = <run.dir>/checkpoints; a folder or
+                                           # s3://bucket/prefix (staged in <run.dir>/checkpoints, uploaded)
+    background: bool = True                # write/upload in a background thread; training waits only for the copy
+    write_timeout_s: float = 3600.0        # how long ranks wait for each other's background write
+    upload_retries: int = 5                # per file, on top of botocore's own retries
+
+    @model_validator(mode="after")
+    def _positive(self):
+        if self.write_timeout_s <= 0 or self.upload_retries < 0:
+            raise ValueError("checkpoint.write_timeout_s must be > 0 and checkpoint.upload_retries >= 0")
+        return self
 
 
 class SampleConfig(_Section):

@@ -58,7 +58,13 @@ class ShardedEMA:
     @torch.no_grad()
     def full_state_dict(self, to_cpu: bool = True) -> dict[str, torch.Tensor]:
         """Whole fp32 EMA tensors by parameter name (collective under ZeRO; every rank gets them)."""
-        out = {}
+        return {name: full.cpu().clone() if to_cpu else full.clone() for name, full in self.gather_each()}
+
+    @torch.no_grad()
+    def gather_each(self):
+        """(name, whole fp32 EMA tensor on the device), one parameter at a time (collective under ZeRO: every rank
+        iterates to the end). A yielded tensor may be a temporary buffer or the EMA itself: copy it before the
+        next one and do not modify it."""
         for (name, p), local in zip(self.params, self.shadow):
             if self.zero3:
                 world = dist.get_world_size()
@@ -75,8 +81,7 @@ class ShardedEMA:
                 full = full.view(p.shape)
             else:
                 full = local
-            out[name] = full.cpu().clone() if to_cpu else full.clone()
-        return out
+            yield name, full
 
     @torch.no_grad()
     def load_full(self, full: dict[str, torch.Tensor]) -> None:

@@ -18,8 +18,6 @@ def export(source: str, out_dir: str, weights: str = "ema", progress: bool = Tru
     """`source`: a run directory (its latest checkpoint) or a checkpoint folder. `weights`: "ema" (the gathered
     EMA kept in the checkpoint) or "raw" (the ZeRO shards consolidated with DeepSpeed's zero_to_fp32).
     `progress`: a line on stderr as each stage (read, write) starts, and the time it took at the end."""
-    from safetensors.torch import save_file
-
     if weights not in ("ema", "raw"):
         raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
     ckpt = checkpoint.resolve_checkpoint(source)
@@ -31,8 +29,9 @@ def export(source: str, out_dir: str, weights: str = "ema", progress: bool = Tru
         numel = sum(v.numel() for v in state.values())
         stage(f"writing {numel / 1e6:.1f}M parameters ({numel * 4 / 2 ** 30:.2f} GiB fp32) to {out_dir}")
         os.makedirs(out_dir, exist_ok=True)
-        save_file(state, os.path.join(out_dir, WEIGHTS_FILE), metadata={"weights": weights,
-                                                                       "step": str(meta["step"])})
+        # the user's umask decides who may read it (safetensors alone leaves a 0600 file)
+        checkpoint.write_safetensors(os.path.join(out_dir, WEIGHTS_FILE), state,
+                                     metadata={"weights": weights, "step": str(meta["step"])})
     info = {
         "model": meta["model_name"],
         "model_kwargs": meta["model_kwargs"],

@@ -173,7 +173,7 @@ class MlflowTracker(NullTracker):
         self._guard("set_tags", self.mlflow.set_tags, tags)
 
     def checkpoint_saved(self, path: str, step: int) -> None:
-        self.latest_checkpoint = os.path.abspath(path)
+        self.latest_checkpoint = path if "://" in path else os.path.abspath(path)
         self.set_tags({"checkpoint.latest": self.latest_checkpoint,
                        f"checkpoint.step_{step:09d}": self.latest_checkpoint})
 
@@ -191,7 +191,13 @@ class MlflowTracker(NullTracker):
 
     def close(self, status: str = "FINISHED") -> None:
         if status == "FINISHED" and self.log_model_at_end and self.latest_checkpoint:
-            self.log_final_model()
+            if "://" in self.latest_checkpoint:  # export reads a local folder; `dig export` the staged copy
+                log.info("final model not logged: the last checkpoint is at %s", self.latest_checkpoint)
+            else:
+                try:
+                    self.log_final_model()
+                except Exception as exc:  # noqa: BLE001 - the run itself finished; say why the model is missing
+                    log.warning("could not log the final model to MLflow (%s: %s)", type(exc).__name__, exc)
         self.mlflow.end_run(status=status)
 
 
@@ -219,7 +225,7 @@ class JsonlTracker(NullTracker):
         self.log_image(image, f"samples/step_{step:09d}.png")
 
     def checkpoint_saved(self, path: str, step: int) -> None:
-        self._append({"checkpoint": os.path.abspath(path), "checkpoint_step": step})
+        self._append({"checkpoint": path if "://" in path else os.path.abspath(path), "checkpoint_step": step})
 
     def set_tags(self, tags: dict[str, str]) -> None:
         self._append({"tags": tags})

@@ -22,6 +22,7 @@ from dig.data.reader import Batch, LatentShardReader, load_manifest
 from dig.eval.during_training import TrainingEvaluator
 
 from . import checkpoint, reshard
+from .checkpoint_writer import CheckpointWriteError, CheckpointWriter, clean_unfinished, fetch_latest
 from .config import ConfigError, TrainConfig
 from .console import TrainingConsole, filter_known_warnings
 from .ema import ShardedEMA
@@ -47,14 +48,15 @@ class Trainer:
         self.cfg, self.resolved = cfg, resolved
         cfg.check_manifest(load_manifest(cfg.data.path)[1])  # wrong data fails before any process group
         self.rt: Runtime = init_distributed(cfg)
-        resume_from = checkpoint.latest_checkpoint(cfg.run.dir)
+        self.run_dir = cfg.run.dir
+        os.makedirs(self.run_dir, exist_ok=True)
+        self.run_lock = self._lock_run_dir()
+        resume_from = self._find_resume_checkpoint()
         self.resharding = reshard.needs_reshard(resume_from, self.rt.world_size)  # resume on another world size
         if self.resharding:
             reshard.check_world(cfg, resume_from, self.rt.world_size)
         cfg.check_world(self.rt.world_size)
         self.accum = cfg.grad_accum_steps(self.rt.world_size)
-        self.run_dir = cfg.run.dir
-        os.makedirs(self.run_dir, exist_ok=True)
 
         self.data = LatentShardReader(
             cfg.data.path, rank=self.rt.rank, world_size=self.rt.world_size,
@@ -92,6 +94,7 @@ class Trainer:
                          len(model.blocks), mode)
         self.engine = build_engine(model, cfg, self.rt,
                                    load_universal=self.resharding and reshard.uses_universal(cfg))
+        self.checkpoints = self._make_checkpoint_writer()
         self.diffusion = create_diffusion(learn_sigma=cfg.model.learn_sigma)
 
         self.step = 0
@@ -116,6 +119,7 @@ class Trainer:
         self._window = _MetricWindow()
         self._last_saved_step = self.step if resume_from is not None else -1
         self._checkpoint_block_s: float | None = None
+        self.latest_saved: str | None = resume_from  # where `latest` points (local folder or s3://), once known
 
     # --- setup helpers --------------------------------------------------------------------------------------
 
@@ -160,6 +164,51 @@ class Trainer:
         saved.update({k: v for k, v in self.model_kwargs.items() if k in runtime_keys})
         return saved
 
+    def _lock_run_dir(self):
+        """One trainer per run directory (and per remote checkpoint root): rank 0 takes the lock, every rank
+        learns the outcome, a refusal names the holder."""
+        from .run_lock import RunLockError, acquire_run_lock
+
+        lock, error = None, None
+        if self.rt.is_main:
+            try:
+                lock = acquire_run_lock(self.run_dir, self.cfg.checkpoint.uri, self.cfg.run.lock_lease_s)
+            except RunLockError as exc:
+                error = str(exc)
+        if self.rt.world_size > 1:
+            box = [error]
+            dist.broadcast_object_list(box, src=0)
+            error = box[0]
+        if error:
+            raise ConfigError(error)
+        return lock
+
+    @property
+    def _checkpoint_root(self) -> str:
+        return self.cfg.checkpoint.uri or os.path.join(self.run_dir, checkpoint.CHECKPOINTS)
+
+    def _find_resume_checkpoint(self) -> str | None:
+        """The local folder of the newest complete checkpoint (downloaded when the root is remote), after rank 0
+        removed what an interrupted save left behind."""
+        staging = os.path.join(self.run_dir, checkpoint.CHECKPOINTS)
+        if self.rt.is_main:
+            removed = clean_unfinished(self._checkpoint_root, staging)
+            if removed:
+                log.info("removed unfinished checkpoints of an interrupted run: %s", ", ".join(removed))
+        if self.rt.world_size > 1:
+            dist.barrier()
+        found = fetch_latest(self._checkpoint_root, staging, self.rt.local_rank, self.cfg.checkpoint.upload_retries)
+        if self.rt.world_size > 1:
+            dist.barrier()  # remote checkpoints: every node's copy is complete
+        return found
+
+    def _make_checkpoint_writer(self) -> CheckpointWriter:
+        c = self.cfg.checkpoint
+        return CheckpointWriter(self._checkpoint_root, os.path.join(self.run_dir, checkpoint.CHECKPOINTS),
+                                rank=self.rt.rank, world_size=self.rt.world_size, local_rank=self.rt.local_rank,
+                                keep_last=c.keep_last, background=c.background, timeout_s=c.write_timeout_s,
+                                upload_retries=c.upload_retries)
+
     def _resume(self, ckpt: str) -> None:
         if self.resharding:
             state = reshard.load_rank_state(ckpt, self.rt.rank, self.rt.world_size, self.data, self.cfg.run.seed)
@@ -185,20 +234,24 @@ class Trainer:
         try:
             while self.step < self.cfg.steps and not self._should_stop():
                 self.run_step()
-            self.save_checkpoint()
+            self.save_checkpoint(wait=True)
             status = "FINISHED" if self.step >= self.cfg.steps else "KILLED"
         except TrainingAborted:
             status = "ABORTED"  # every rank took the same decision, so they can leave together
             raise
+        except CheckpointWriteError as exc:
+            status = "ABORTED"  # every rank got the same outcome from the checkpoint writer
+            raise TrainingAborted(str(exc)) from exc
         finally:
-            self.console.close(status, self.step, checkpoint.latest_checkpoint(self.run_dir))
+            self.console.close(status, self.step, self.latest_saved)
             self.tracker.close("FAILED" if status == "ABORTED" else status)
             self.data.close()
+            if self.run_lock is not None:
+                self.run_lock.release()
             if status != "FAILED":
                 shutdown()
         if status == "KILLED":
-            latest = checkpoint.latest_checkpoint(self.run_dir)
-            latest = latest if "://" in latest else os.path.abspath(latest)
+            latest = self.latest_saved or "none"
             raise TrainingStopped(f"stopped at step {self.step}; checkpoint {latest}; run the same command to resume")
 
     def run_step(self) -> None:
@@ -286,15 +339,49 @@ class Trainer:
         self.ema.update()
 
     def maybe_checkpoint(self) -> None:
+        self.collect_checkpoint()
         every = self.cfg.checkpoint.every
         if every > 0 and self.step % every == 0:
             t0 = time.perf_counter()
             self.save_checkpoint()
             self._checkpoint_block_s = time.perf_counter() - t0  # reported with the next metrics
 
-    def save_checkpoint(self) -> None:
-        if self._last_saved_step == self.step:
+    def collect_checkpoint(self) -> None:
+        """Record a background save that completed; when one failed, ask every rank to stop (the request travels
+        with the next step's statistics) so that all of them raise its error together at the final save.
+        If another trainer took this run's lock over (our heartbeat stalled past the lease), stop at once,
+        writing nothing more (rank 0 leaves; torchrun ends the others)."""
+        if self.run_lock is not None and self.run_lock.lost:
+            raise ConfigError(f"{self.run_lock.lost} while this one stalled; stopping without a checkpoint")
+        try:
+            saved = self.checkpoints.poll()
+        except CheckpointWriteError as exc:
+            if not self._stop_requested:
+                log.error("stopping: %s", exc)
+            self._stop_requested = True
             return
+        if saved is not None:
+            self._tag_checkpoint(saved)
+
+    def _tag_checkpoint(self, saved) -> None:
+        where = saved.location if saved.location.startswith("s3://") else os.path.abspath(saved.location)
+        self.latest_saved = where
+        self.tracker.checkpoint_saved(where, saved.step)
+
+    def save_checkpoint(self, wait: bool = False) -> None:
+        """Collective. Starts a save of this step (after the previous one completed) and, with `wait`, waits
+        until it is complete and `latest` names it. Raises CheckpointWriteError on every rank if a save failed."""
+        if self._last_saved_step != self.step:
+            self._start_checkpoint()
+        if wait:
+            saved = self.checkpoints.wait()
+            if saved is not None:
+                self._tag_checkpoint(saved)
+
+    def _start_checkpoint(self) -> None:
+        previous = self.checkpoints.wait()  # at most one save in flight
+        if previous is not None:
+            self._tag_checkpoint(previous)
         meta = {
             "world_size": self.rt.world_size, "config": self.resolved, "model_name": self.cfg.model.name,
             "model_kwargs": self.model_kwargs, "latent_shape": self.latent_shape,
@@ -304,10 +391,11 @@ class Trainer:
         }
         rank_state = {"data": self.data.state_dict(), "nonfinite_total": self.nonfinite_total,
                       "nonfinite_in_a_row": self.nonfinite_in_a_row}
-        path = checkpoint.save(self.run_dir, self.step, self.engine, self.ema, rank_state, meta,
-                               self.cfg.checkpoint.keep_last)
+        self.checkpoints.save(self.step, self.engine, self.ema, rank_state, meta)
         self._last_saved_step = self.step
-        self.tracker.checkpoint_saved(path, self.step)
+        if self.rt.is_main and self.checkpoints.background:
+            log.info("step %d: checkpoint state copied in %.2fs; writing it in the background", self.step,
+                     self.checkpoints.blocked_s[-1])
 
     def maybe_log_metrics(self) -> None:
         every = self.cfg.tracking.log_every
