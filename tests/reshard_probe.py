@@ -55,8 +55,8 @@ def main(argv: list[str]) -> None:
         dump(trainer, "resumed")
     save = trainer.save_checkpoint
 
-    def save_then_dump():
-        save()
+    def save_then_dump(*args, **kwargs):
+        save(*args, **kwargs)
         if trainer.step >= trainer.cfg.steps:
             dump(trainer, "final")
 
