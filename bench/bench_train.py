@@ -215,8 +215,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bench_train: {len(jobs)} jobs on {gpu_name} x{total_gpus}; logs in {out}", flush=True)
     context = dict(a=a, settings=settings, out=out, gpu_name=gpu_name, total_gpus=total_gpus, spec=spec,
                    peak_measured=peak_measured)
-    run_jobs(jobs, total_gpus, a.parallel, a.timeout, on_done=lambda: summarise(jobs, **context))
-    return summarise(jobs, **context, final=True)
+    try:
+        run_jobs(jobs, total_gpus, a.parallel, a.timeout, on_done=lambda: summarise(jobs, **context))
+        return summarise(jobs, **context, final=True)
+    finally:
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)  # synthetic shards and run dirs (checkpoints of up to ~11 GB)
 
 
 def summarise(jobs: list[Job], *, a, settings, out, gpu_name, total_gpus, spec, peak_measured,
