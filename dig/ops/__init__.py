@@ -48,9 +48,15 @@ def resolve_backend(backend: str, device: torch.device, q: torch.Tensor | None =
     return "torch"
 
 
+_installed_cache: list[tuple[bool, bool]] = []
+
+
 @torch._dynamo.assume_constant_result
 def _installed() -> tuple[bool, bool]:
-    return triton_installed(), fla_installed()
+    """(Triton, fla) importable; looked up once (eager mode asks on every GLA call)."""
+    if not _installed_cache:
+        _installed_cache.append((triton_installed(), fla_installed()))
+    return _installed_cache[0]
 
 
 def _warn_no_kernels() -> None:
