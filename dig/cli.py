@@ -17,14 +17,12 @@ def _args_train(p: argparse.ArgumentParser) -> None:
 EXIT_USER_ERROR = 2     # configuration, data or resume error: the message says what to change
 EXIT_ABORTED = 3        # stopped on purpose by the trainer (e.g. too many non-finite losses in a row)
 EXIT_STOPPED = 75       # SIGTERM/SIGINT: a checkpoint was written; run the same command to resume (EX_TEMPFAIL)
+_RANK0_REPORT_GRACE_S = 60.0
 
 
 def _cmd_train(args) -> int:
     import os
     import signal
-
-    from dig.data.reader import ShardReadError
-    from dig.errors import UserError
 
     rank = int(os.environ.get("RANK", "0") or 0)
     if os.environ.get("TORCHELASTIC_RUN_ID"):
@@ -45,14 +43,39 @@ def _cmd_train(args) -> int:
             print(f"dig train: {message}" if rank == 0 else f"dig train (rank {rank}): {message}", file=sys.stderr,
                   flush=True)
 
+    def user_error(message: str, everywhere: bool = False) -> int:
+        report(f"error: {message}", everywhere)
+        if rank != 0 and not everywhere and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+            # Every rank meets this error, but one that leaves first gets rank 0 ended by torchrun before it has
+            # said why (it may still be importing): wait until torchrun ends us after rank 0 has exited. Still
+            # here after the grace period, rank 0 did not meet it: say it ourselves.
+            import time
+
+            try:
+                time.sleep(_RANK0_REPORT_GRACE_S)
+            except KeyboardInterrupt:
+                return EXIT_USER_ERROR
+            report(f"error: {message}", everywhere=True)
+        return EXIT_USER_ERROR
+
+    try:
+        return _train_reporting_errors(args, report, user_error)
+    except KeyboardInterrupt:
+        report("stopped before the first step; nothing to save")
+        return EXIT_STOPPED
+
+
+def _train_reporting_errors(args, report, user_error) -> int:
+    from dig.data.reader import ShardReadError
+    from dig.errors import UserError
     from dig.train.config import resolve, validate
 
     try:
         resolved = resolve(args.config, args.overrides)
         cfg = validate(resolved, source=args.config)
     except UserError as exc:
-        report(f"error: {exc}")
-        return EXIT_USER_ERROR
+        return user_error(str(exc))
+
     from dig.train.trainer import TrainingAborted, TrainingStopped, train
 
     try:
@@ -67,12 +90,11 @@ def _cmd_train(args) -> int:
         report(str(exc))
         return EXIT_ABORTED
     except UserError as exc:
-        report(f"error: {exc}", everywhere=isinstance(exc, ShardReadError))
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()   # no barrier: the other ranks may not have met this error
-        return EXIT_USER_ERROR
+        return user_error(str(exc), everywhere=isinstance(exc, ShardReadError))
     return 0
 
 

@@ -92,18 +92,20 @@ def sample_to_npz(source: str, out: str, num_samples: int, batch_size: int = 32,
         plan = {"source": os.path.abspath(source), "step": info.get("step"), "num_samples": num_samples,
                 "chunk": batch_size, "seed": seed, "num_steps": num_steps, "method": method,
                 "cfg_scale": cfg_scale, "vae": vae_spec, "latent_shape": latent_shape}
+        num_chunks = -(-num_samples // batch_size)
+        chunk_range = lambda c: range(c * batch_size, min((c + 1) * batch_size, num_samples))  # noqa: E731
+        done = lambda: sum(len(chunk_range(c)) for c in range(num_chunks)  # noqa: E731
+                           if os.path.exists(_chunk_path(parts, c)))
+        already = 0
         if rank == 0:
             _check_or_write_plan(parts, plan)
+            already = done()  # counted before the barrier: after it, the other ranks add chunks
         _barrier(world)
         if rank != 0:
             _check_or_write_plan(parts, plan)  # raises if rank 0 found a different plan (it raised too)
         vae_model = load_vae(vae_spec, device=dev)
 
-        num_chunks = -(-num_samples // batch_size)
-        chunk_range = lambda c: range(c * batch_size, min((c + 1) * batch_size, num_samples))  # noqa: E731
-        done = lambda: sum(len(chunk_range(c)) for c in range(num_chunks)  # noqa: E731
-                           if os.path.exists(_chunk_path(parts, c)))
-        bar = Progress(num_samples, f"sampling {num_samples} images on {world} process(es)", initial=done(),
+        bar = Progress(num_samples, f"sampling {num_samples} images on {world} process(es)", initial=already,
                        enabled=progress and rank == 0)
         if rank == 0 and bar.n:
             log.info("resuming: %d of %d samples already in %s", bar.n, num_samples, parts)
