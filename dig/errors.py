@@ -7,3 +7,12 @@ accident and keeps its traceback. Subclass it (with the builtin type callers alr
 
 class UserError(Exception):
     """Something the user asked for cannot be done; the message says what and what to change."""
+
+
+class DatasetError(ValueError, UserError):
+    """A dataset that cannot feed this run (missing or invalid manifest, too few shards, wrong latent size, a data
+    position that does not fit it); the message names the dataset and what to check."""
+
+
+class DatasetNotFound(DatasetError, FileNotFoundError):
+    """No manifest.json where the dataset should be."""

@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from dig.errors import UserError
+from dig.errors import DatasetError, DatasetNotFound  # noqa: F401  (raised and re-exported here)
 from dig.inference.normalizer import LatentNormalizer
 
 from . import storage
@@ -59,15 +59,6 @@ if TYPE_CHECKING:  # torch is imported where batches are made: the window-loadin
     import torch
 
 log = logging.getLogger(__name__)
-
-
-class DatasetError(ValueError, UserError):
-    """A dataset that cannot feed this run (missing or invalid manifest, too few shards, wrong latent size, a data
-    position that does not fit it); the message names the dataset and what to check."""
-
-
-class DatasetNotFound(DatasetError, FileNotFoundError):
-    """No manifest.json where the dataset should be."""
 
 
 class ShardReadError(DatasetError, RuntimeError):

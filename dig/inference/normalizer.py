@@ -23,7 +23,7 @@ class LatentNormalizer:
     @classmethod
     def from_dataset(cls, root: str, manifest: Manifest, kind: str) -> "LatentNormalizer":
         from dig.data import storage
-        from dig.data.reader import DatasetError, DatasetNotFound  # here: the reader imports this module
+        from dig.errors import DatasetError, DatasetNotFound
         from dig.data.shard_format import STATS_NAME, LatentStats
 
         c = manifest.latent_channels

@@ -157,20 +157,6 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save(run_dir: str, step: int, engine, ema, rank_state: dict, trainer_meta: dict, keep_last: int) -> str:
-    """Synchronous save into <run_dir>/checkpoints (collective: every rank calls it). Returns the folder. The trainer
-    uses CheckpointWriter directly, which does the writing in the background."""
-    import torch.distributed as dist
-
-    from .checkpoint_writer import CheckpointWriter
-
-    writer = CheckpointWriter(os.path.join(run_dir, CHECKPOINTS), staging=None, rank=dist.get_rank(),
-                              world_size=dist.get_world_size(), local_rank=dist.get_rank(), keep_last=keep_last,
-                              background=False)
-    writer.save(step, engine, ema, rank_state, trainer_meta)
-    return writer.wait().location
-
-
 def checkpoint_names(root: str) -> list[str]:
     """Sorted names of the step folders under a local checkpoint root (complete or not)."""
     if not os.path.isdir(root):
