@@ -296,7 +296,8 @@ def _read_umask() -> int:
 
 
 # Read once: os.umask can only be read by setting it, which would race with threads creating files.
-_UMASK = _read_umask()
+# the mode a plain open() gives a new file under the user's umask (mkstemp's is 0600)
+FILE_MODE = 0o666 & ~_read_umask()
 
 
 def _atomic_local_write(path: str, write: Callable[[BinaryIO], None]) -> None:
@@ -306,7 +307,7 @@ def _atomic_local_write(path: str, write: Callable[[BinaryIO], None]) -> None:
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
     try:
-        os.fchmod(fd, 0o666 & ~_UMASK)
+        os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

@@ -16,6 +16,7 @@ it left behind are removed when the next trainer starts. Older folders beyond `k
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -24,6 +25,8 @@ from typing import BinaryIO, Callable
 
 import numpy as np
 import torch
+
+from dig.data.storage import FILE_MODE
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -74,45 +77,8 @@ def resolve_checkpoint(path: str) -> str:
     return found
 
 
-def _read_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-# Read once at import: reading the umask means setting it, which would race with threads creating files.
-_FILE_MODE = 0o666 & ~_read_umask()
-
-
-def fsync_dir(folder: str) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_durable(path: str, write: Callable[[BinaryIO], None]) -> None:
-    """Write through `write(file)` to a temporary sibling, fsync it, rename it over `path` and fsync the folder:
-    after return the file is on stable storage, and a reader sees either nothing/the old file or all of it. The
-    file gets the mode a plain open() would give under the user's umask (not mkstemp's 0600)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f".tmp-{os.getpid()}-{os.path.basename(path)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)  # the umask applies
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    fsync_dir(folder)
-
-
-def fsync_file(path: str) -> None:
+def fsync_path(path: str) -> None:
+    """fsync a file, or a folder (its entries: what a rename or a new file changed in it)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -120,22 +86,42 @@ def fsync_file(path: str) -> None:
         os.close(fd)
 
 
-def write_safetensors(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """safetensors file written like `write_durable` (safetensors' own save_file writes in place)."""
-    from safetensors.torch import save_file
-
+@contextlib.contextmanager
+def _replacing(path: str):
+    """Yields a temporary sibling of `path` to write; then renames it over `path` and fsyncs the folder (the
+    caller has synced the file). On an error the temporary file is removed and `path` is untouched."""
     folder = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(folder, f".tmp-{os.getpid()}-{os.path.basename(path)}")
     try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.chmod(tmp, _FILE_MODE)
-        fsync_file(tmp)
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    fsync_dir(folder)
+    fsync_path(folder)
+
+
+def write_durable(path: str, write: Callable[[BinaryIO], None]) -> None:
+    """Write through `write(file)` to a temporary sibling, fsync it, rename it over `path` and fsync the folder:
+    after return the file is on stable storage, and a reader sees either nothing/the old file or all of it. The
+    file gets the mode a plain open() would give under the user's umask (not mkstemp's 0600)."""
+    with _replacing(path) as tmp:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)  # the umask applies
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def write_safetensors(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """safetensors file written like `write_durable` (safetensors' own save_file writes in place)."""
+    from safetensors.torch import save_file
+
+    with _replacing(path) as tmp:
+        save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, FILE_MODE)
+        fsync_path(tmp)
 
 
 def _atomic_write_text(path: str, text: str) -> None:

@@ -335,8 +335,8 @@ class CheckpointWriter:
         path = checkpoint.rank_file(local, self.rank)
         checkpoint.write_durable(path, lambda f: f.write(job["rank_bytes"]))
         written.append(path)
-        checkpoint.fsync_dir(local)                # the entries of engine/ and of the step folder …
-        checkpoint.fsync_dir(os.path.dirname(local))  # … and the step folder's own entry
+        checkpoint.fsync_path(local)                # the entries of engine/ and of the step folder …
+        checkpoint.fsync_path(os.path.dirname(local))  # … and the step folder's own entry
         return written
 
     def _upload(self, local: str, name: str, paths: list[str]) -> None:
