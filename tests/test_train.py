@@ -66,18 +66,25 @@ def shm_left_by(proc: subprocess.Popen) -> list[str]:
     return glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{proc.master_port}_*")
 
 
+def cmdline_of(p: psutil.Process) -> list[str]:
+    try:
+        return p.cmdline()
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return []
+
+
 def kill_launch(proc: subprocess.Popen) -> list[list[str]]:
     """SIGKILL torchrun and every process under it (torchrun starts its workers in their own process groups);
-    returns their command lines."""
+    returns their command lines, all read before the first signal: the workers die with torchrun
+    (dig.lifeline's parent-death signal), so a command line read after killing torchrun may already be gone."""
     launch = psutil.Process(proc.pid)
     procs = [launch, *launch.children(recursive=True)]
-    cmdlines = []
+    cmdlines = [cmdline_of(p) for p in procs]
     for p in procs:
         try:
-            cmdlines.append(p.cmdline())
+            p.send_signal(signal.SIGKILL)
         except psutil.NoSuchProcess:
-            cmdlines.append([])
-        p.send_signal(signal.SIGKILL)
+            pass
     proc.wait(timeout=30)
     _, alive = psutil.wait_procs(procs, timeout=30)
     assert not alive, f"still alive after SIGKILL: {alive}"
@@ -303,7 +310,7 @@ def test_sigterm_to_one_rank_stops_both_with_a_checkpoint(tmp_path):
         assert proc.poll() is None and time.monotonic() < deadline, f"no steps logged; log: {proc.log_path}"
         time.sleep(0.05)
     rank1 = [p for p in psutil.Process(proc.pid).children(recursive=True)
-             if "dig.cli" in p.cmdline() and p.environ().get("RANK") == "1"]
+             if "dig.cli" in cmdline_of(p) and p.environ().get("RANK") == "1"]
     assert len(rank1) == 1
     rank1[0].send_signal(signal.SIGTERM)
     finish(proc, timeout=120, expected=75)
