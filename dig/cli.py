@@ -272,6 +272,7 @@ def _cmd_config(args) -> int:
 # package); what each measures and the recorded results are in BENCHMARKS.md.
 BENCH_SUITES = {
     "gpu": "bench/run_all.py",                           # DiG vs DiT step, GLA op vs SDPA, memory (GPU)
+    "gla-kernels": "bench/bench_gla_kernels.py",         # GLA kernels fwd / bwd vs fla, SDPA, byte floor
     "train": "bench/bench_train.py",                     # the real `dig train` path (launcher, DeepSpeed, ...)
     "trainer-overhead": "bench/bench_trainer_overhead.py",  # full `dig train` step vs the bare model step
     "pipeline": "bench/bench_pipeline.py",               # Ray latent pipeline vs the bare VAE encoder

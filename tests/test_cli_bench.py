@@ -43,3 +43,22 @@ def test_bench_train_quick_runs_the_launcher_path_and_reads_its_metrics(tmp_path
     steady = [r["img_per_sec"] for r in records if r.get("step", 0) > result["warmup"] and "img_per_sec" in r]
     assert steady and min(steady) <= row["img_per_s_per_gpu"] <= max(steady), (steady, row)
     assert any("checkpoint_block_s" in r for r in records) and any("checkpoint" in r for r in records)
+
+
+def test_bench_gla_kernels_quick_times_forward_and_backward_against_the_byte_floor(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "dig.cli", "bench", "gla-kernels", "--quick", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads((tmp_path / "gla_kernels.json").read_text())
+    assert [(r["res"], r["batch"]) for r in report["rows"]] == [(64, 2), (128, 1)]
+    for row in report["rows"]:
+        tokens, batch = (row["res"] // 16) ** 2, row["batch"]
+        # fp32 on CPU: forward reads q, k, g (K = 32 each), v (V = 64) and writes o; backward reads those and do,
+        # and writes dq, dk, dg, dv; 18 heads
+        floor_fwd_s = (3 * 32 + 64 + 64) * 4 * batch * tokens * 18 / (report["copy_gbs"] * 1e9)
+        floor_bwd_s = (2 * (3 * 32 + 64) + 64) * 4 * batch * tokens * 18 / (report["copy_gbs"] * 1e9)
+        assert row["torch_fwd_ms"] > 0 and row["torch_bwd_ms"] > 0 and row["sdpa_fwd_ms"] > 0
+        for direction, floor_s in (("fwd", floor_fwd_s), ("bwd", floor_bwd_s)):
+            expected = row[f"torch_{direction}_ms"] / (floor_s * 1e3)
+            assert abs(row[f"torch_{direction}_floor_x"] - expected) <= 1e-6 * expected, (direction, row)
+    assert "GLA fwd" in out.stdout and "GLA bwd" in out.stdout

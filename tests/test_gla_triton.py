@@ -4,12 +4,15 @@ float64 token-by-token recurrence of test_gla.py: outputs, final states and all 
 Covers both intra-chunk paths (the factorised tensor-core path at DiG's gates; the exact per-key loop for strong
 decays, and forced), sequences shorter than and not a multiple of a chunk, head sizes that are not powers of two
 (masked lanes), chunk sizes 16/32/64, with and without states (without: the registered torch operator DiG
-uses, also checked to compile inside one graph), float32 and bf16 inputs. The interpreter runs
+uses, also checked to compile inside one graph), the sequence split across programs at several split counts
+(split lengths that leave a partial last split, one chunk per split, more splits asked than there are chunks),
+float32 and bf16 inputs. The interpreter runs
 dots in float32, so bf16 inputs are exact here up to their rounding; tests/test_gla.py runs the same kernels on
 a GPU (tensor cores, TF32) against the float64 oracle.
 """
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -33,6 +36,12 @@ CASES = {  # id: (B, T, H, K, V, gates, with_state, dtype, module settings); "op
     "chunk32": (1, 100, 2, 32, 64, "mixed", True, torch.float32, {"CHUNK": 32}),
     "chunk64-strong": (1, 70, 1, 32, 64, "strong", True, torch.float32, {"CHUNK": 64}),
     "bf16": (2, 70, 3, 32, 64, "dig", True, torch.bfloat16, {}),
+    # the sequence split across programs (stateless only): T not a multiple of a chunk or of a split
+    "op-split2": (1, 100, 2, 32, 64, "dig", False, torch.float32, {"splits": 2}),
+    "op-split3-strong": (2, 130, 1, 32, 64, "strong", False, torch.float32, {"splits": 3}),
+    "op-split5-one-chunk-each-mixed": (1, 77, 2, 20, 24, "mixed", False, torch.float32, {"splits": 5}),
+    "op-split-more-than-chunks": (1, 40, 1, 32, 64, "dig", False, torch.float32, {"splits": 50}),
+    "op-split4-chunk32-bf16": (1, 200, 2, 32, 64, "dig", False, torch.bfloat16, {"splits": 4, "CHUNK": 32}),
 }
 DEFAULTS = {"CHUNK": 16, "FACTORISED_MAX_DECAY": 40.0}
 TOL = {torch.float32: 2e-5, torch.bfloat16: 1.5e-2}  # bf16: the output and gradients are rounded to bf16
@@ -54,8 +63,9 @@ def interpreted(tmp_path_factory):
     cases = []
     for i, (name, (*shape_and_kind, settings)) in enumerate(CASES.items()):
         inputs, cotangents = _case_inputs(*shape_and_kind, seed=i)
-        cases.append({"id": name, "inputs": inputs, "cotangents": cotangents, "settings": {**DEFAULTS, **settings},
-                      "stateless": name.startswith("op-")})
+        settings = {**DEFAULTS, **settings}
+        cases.append({"id": name, "inputs": inputs, "cotangents": cotangents, "splits": settings.pop("splits", None),
+                      "settings": settings, "stateless": name.startswith("op-")})
     torch.save(cases, folder / "in.pt")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     worker = Path(__file__).with_name("gla_triton_interpret.py")
@@ -87,6 +97,22 @@ def test_interpreted_kernels_match_float64_recurrence(interpreted, case):
             continue
         assert grad.dtype == x.dtype, name
         check(name, grad, grad_ref, TOL[dtype])
+
+
+@pytest.mark.parametrize("tokens,splits", [(100, 2), (40, 50), (16 * 8 * 7 + 3, 3), (1, 4)])
+def test_split_layout_covers_every_chunk_once(tokens, splits):
+    module = importlib.import_module("dig.ops.gla_triton")
+    count, per_split = module._split_layout(tokens, splits)
+    chunks = -(-tokens // module.CHUNK)
+    assert 1 <= count <= splits and (count - 1) * per_split < chunks <= count * per_split
+
+
+def test_automatic_splits_fill_the_gpu_only_when_batch_times_heads_does_not():
+    module = importlib.import_module("dig.ops.gla_triton")
+    assert module.automatic_splits(sequences_heads=144, tokens=4096, sm_count=132) == 1
+    splits = module.automatic_splits(sequences_heads=18, tokens=65536, sm_count=132)  # one image at 4096 px
+    assert 18 * splits >= 132 and 65536 // (splits * module.CHUNK) >= module.MIN_SPLIT_CHUNKS
+    assert module.automatic_splits(sequences_heads=18, tokens=64, sm_count=132) == 1  # too short to split
 
 
 def test_dig_layer_compiles_with_the_kernel_inside_one_graph():

@@ -2,10 +2,14 @@
 
 One program per (batch, head) walks the sequence in chunks of CHUNK tokens and keeps the whole [K, V] state in
 registers, so the forward is one kernel that reads q, k, v, g once and writes o once, and the backward is two
-(a forward sweep for dq, a reverse sweep for dk, dv, dg). Nothing but the inputs is saved for backward. fla's
-`chunk_gla` instead splits the work into several kernels with intermediate tensors in memory (cumulative
-gates, intra-chunk scores, per-chunk states); that parallelises over the sequence, which wins when
-batch x heads is too small to fill the GPU (high resolution, few images per GPU). `dig.ops.gla` chooses.
+(a forward sweep for dq, a reverse sweep for dk, dv, dg). Nothing but the inputs is saved for backward.
+
+Long sequences, few of them (high resolution, 1-2 images per GPU: batch x heads below the GPU's SM count): the
+sequence is split across programs. Each split's own end state (zero state at its start) and total gate come from
+one pass over k, v, g; a scan over the splits gives every split its start state; then the kernels above run per
+split from that state. Backwards likewise, with the state gradient scanned in reverse, and dg's carry over the
+later splits added at the end. Without states only (DiG's case); `splits` forces a count, else it is chosen from
+the shapes and the SM count.
 
 Numerics. Across chunks a query is decayed from the chunk start and a key to the chunk end: every exponent is
 <= 0. Inside a chunk the decay between query i and key j <= i, exp(G_i - G_j) with G the in-chunk cumulative
@@ -35,6 +39,8 @@ NUM_WARPS = 4
 FACTORISED_MAX_DECAY = 40.0
 MAX_K = 64
 MAX_V = 128
+PROGRAMS_PER_SM = 2  # automatic splits aim at this many programs per SM
+MIN_SPLIT_CHUNKS = 8  # and leave every split at least this many chunks (shorter: the extra passes dominate)
 
 
 # Module constants, not calls, so that torch.compile traces gla_triton without a graph break.
@@ -58,40 +64,123 @@ def _kernels():
     return kern.fwd_kernel, kern.bwd_dq_kernel, kern.bwd_dkv_kernel
 
 
-def _launch_args(q: torch.Tensor, v: torch.Tensor) -> dict:
+@functools.lru_cache(maxsize=None)
+def _split_kernels():
+    from . import gla_triton_kernels as kern
+
+    return kern.split_states_kernel, kern.split_state_grads_kernel, kern.split_scan_kernel
+
+
+def automatic_splits(sequences_heads: int, tokens: int, sm_count: int) -> int:
+    """Splits of each sequence so that batch x heads x splits gives every SM PROGRAMS_PER_SM programs, with no
+    split shorter than MIN_SPLIT_CHUNKS chunks; 1 when batch x heads alone fills the SMs."""
+    if sequences_heads >= sm_count:
+        return 1
+    wanted = -(-PROGRAMS_PER_SM * sm_count // sequences_heads)
+    return max(1, min(wanted, _chunks(tokens) // MIN_SPLIT_CHUNKS))
+
+
+def _chunks(tokens: int) -> int:
+    return -(-tokens // CHUNK)
+
+
+def _split_layout(tokens: int, splits: int) -> tuple[int, int]:
+    """(number of splits, chunks per split) for at most `splits` splits of equal length (the last may be shorter)."""
+    per_split = -(-_chunks(tokens) // max(1, splits))
+    return -(-_chunks(tokens) // per_split), per_split
+
+
+_sm_counts: dict[int, int] = {}
+
+
+def _splits_for(q: torch.Tensor, splits: int) -> int:
+    if splits > 0:
+        return splits
+    if not q.is_cuda:  # Triton's interpreter: one program per sequence and head unless told otherwise
+        return 1
+    index = q.device.index if q.device.index is not None else torch.cuda.current_device()
+    if index not in _sm_counts:
+        _sm_counts[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    B, T, H, _ = q.shape
+    return automatic_splits(B * H, T, _sm_counts[index])
+
+
+def _launch_args(q: torch.Tensor, v: torch.Tensor, splits: int = 1) -> dict:
     B, T, H, K = q.shape
+    NS, CPS = _split_layout(T, splits)
     return dict(T=T, H=H, K=K, V=v.shape[-1], BT=CHUNK, BK=_block(K), BV=_block(v.shape[-1]),
-                PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=NUM_WARPS)
+                PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=NUM_WARPS, NS=NS, CPS=CPS)
 
 
 def _block(n: int) -> int:
     return max(16, 1 << (n - 1).bit_length())
 
 
-def _forward(q, k, v, g, scale, h0, output_final_state):
+def _forward(q, k, v, g, scale, h0, output_final_state, splits=1):
     fwd, _, _ = _kernels()
     B, T, H, K = q.shape
+    args = _launch_args(q, v, splits)
     o = torch.empty_like(v, dtype=q.dtype)
     ht = q.new_empty(B, H, K, v.shape[-1], dtype=torch.float32) if output_final_state else None
-    fwd[(B * H,)](q, k, v, g, o, h0, ht, scale, FACTORISED_MAX_DECAY, USE_H0=h0 is not None,
-                  STORE_HT=output_final_state, **_launch_args(q, v))
+    if args["NS"] > 1:
+        h0 = _split_start_states(k, v, g, args)[0]
+    fwd[(B * H, args["NS"])](q, k, v, g, o, h0, ht, scale, FACTORISED_MAX_DECAY, USE_H0=h0 is not None,
+                             STORE_HT=output_final_state, **args)
     return o, ht
 
 
-def _backward(q, k, v, g, h0, scale, do, dht, need_dh0):
+def _split_start_states(k, v, g, args):
+    """Every split's state at its start ([B * H, NS, K, V]) and every split's total gate ([B * H, NS, K])."""
+    states_kernel, _, scan = _split_kernels()
+    B, T, H, K = k.shape
+    NS = args["NS"]
+    local = k.new_empty(B * H, NS, K, v.shape[-1], dtype=torch.float32)
+    gsum = k.new_empty(B * H, NS, K, dtype=torch.float32)
+    states_kernel[(B * H, NS)](k, v, g, local, gsum, **args)
+    starts = torch.empty_like(local)
+    scan[(B * H,)](local, gsum, starts, K=K, V=v.shape[-1], BK=args["BK"], BV=args["BV"], NS=NS, REVERSE=False,
+                   num_warps=NUM_WARPS)
+    return starts, gsum
+
+
+def _split_end_state_grads(q, g, do, gsum, scale, args):
+    """The gradient of every split's state at its end from the outputs of the splits after it."""
+    _, grads_kernel, scan = _split_kernels()
+    B, T, H, K = q.shape
+    NS, V = args["NS"], do.shape[-1]
+    local = q.new_empty(B * H, NS, K, V, dtype=torch.float32)
+    grads_kernel[(B * H, NS)](q, g, do, local, scale, **args)
+    ends = torch.empty_like(local)
+    scan[(B * H,)](local, gsum, ends, K=K, V=V, BK=args["BK"], BV=args["BV"], NS=NS, REVERSE=True,
+                   num_warps=NUM_WARPS)
+    return ends
+
+
+def _backward(q, k, v, g, h0, scale, do, dht, need_dh0, splits=1):
     _, bwd_dq, bwd_dkv = _kernels()
     B, T, H, K = q.shape
     do = do.contiguous()
     dht = dht.contiguous() if dht is not None else None
+    args = _launch_args(q, v, splits)
+    NS = args["NS"]
     dq = torch.empty(q.shape, dtype=torch.float32, device=q.device)
     final_dg = torch.empty(B, H, K, dtype=torch.float32, device=q.device) if dht is not None else None
-    common = _launch_args(q, v)
-    bwd_dq[(B * H,)](q, k, v, g, do, dq, dht, final_dg, h0, scale, FACTORISED_MAX_DECAY,
-                     USE_H0=h0 is not None, USE_DHT=dht is not None, **common)
-    dk, dv, dg = torch.empty_like(k), torch.empty_like(v), torch.empty_like(g)
-    dh0 = torch.empty_like(h0, dtype=torch.float32) if h0 is not None and need_dh0 else None
-    bwd_dkv[(B * H,)](q, k, v, g, do, dq, dk, dv, dg, dht, final_dg, dh0, scale, FACTORISED_MAX_DECAY,
-                      USE_DHT=dht is not None, STORE_DH0=dh0 is not None, **common)
+    dgsum = None
+    if NS > 1:  # stateless only (h0 and dht are None)
+        h0, gsum = _split_start_states(k, v, g, args)
+        dht = _split_end_state_grads(q, g, do, gsum, scale, args)
+        dgsum = q.new_empty(B * H, NS, K, dtype=torch.float32)
+    bwd_dq[(B * H, NS)](q, k, v, g, do, dq, dht, final_dg, h0, scale, FACTORISED_MAX_DECAY,
+                        USE_H0=h0 is not None, USE_DHT=dht is not None and NS == 1, **args)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    dg = torch.empty_like(g, dtype=torch.float32) if NS > 1 else torch.empty_like(g)
+    dh0 = torch.empty_like(h0, dtype=torch.float32) if h0 is not None and need_dh0 and NS == 1 else None
+    bwd_dkv[(B * H, NS)](q, k, v, g, do, dq, dk, dv, dg, dht, final_dg, dh0, dgsum, scale, FACTORISED_MAX_DECAY,
+                         USE_DHT=dht is not None, STORE_DH0=dh0 is not None, **args)
+    if NS > 1:  # each split's dg still lacks the sum of q*dq - k*dk over the splits after it
+        after = dgsum.flip(1).cumsum(1).flip(1) - dgsum
+        per_token = after.view(B, H, NS, K).transpose(1, 2).repeat_interleave(args["CPS"] * CHUNK, dim=1)
+        dg = (dg + per_token[:, :T]).to(g.dtype)
     return dq.to(q.dtype), dk, dv, dg, dh0
 
 
@@ -116,45 +205,48 @@ class _FusedChunkGLA(torch.autograd.Function):
 # (an autograd Function with Triton launches would split the graph in two around every GLA call).
 @torch.library.custom_op("dig::gla_fused_chunk", mutates_args=())
 def gla_fused_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
-                    scale: float) -> torch.Tensor:
-    return _forward(q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(), scale, None, False)[0]
+                    scale: float, splits: int = 0) -> torch.Tensor:
+    q, k, v, g = (x.contiguous() for x in (q, k, v, g))
+    return _forward(q, k, v, g, scale, None, False, _splits_for(q, splits))[0]
 
 
 @gla_fused_chunk.register_fake
-def _(q, k, v, g, scale):
+def _(q, k, v, g, scale, splits=0):
     return torch.empty_like(v, dtype=q.dtype, memory_format=torch.contiguous_format)
 
 
 @torch.library.custom_op("dig::gla_fused_chunk_backward", mutates_args=())
 def gla_fused_chunk_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
-                             do: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                                      torch.Tensor]:
+                             do: torch.Tensor, scale: float, splits: int = 0) -> tuple[
+                                 torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     q, k, v, g = (x.contiguous() for x in (q, k, v, g))
-    return _backward(q, k, v, g, None, scale, do, None, False)[:4]
+    return _backward(q, k, v, g, None, scale, do, None, False, _splits_for(q, splits))[:4]
 
 
 @gla_fused_chunk_backward.register_fake
-def _(q, k, v, g, do, scale):
+def _(q, k, v, g, do, scale, splits=0):
     return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v, g))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, g, scale = inputs
+    q, k, v, g, scale, splits = inputs
     ctx.save_for_backward(q, k, v, g)
-    ctx.scale = scale
+    ctx.scale, ctx.splits = scale, splits
 
 
 def _gla_fused_chunk_grad(ctx, do):
     q, k, v, g = ctx.saved_tensors
-    return (*torch.ops.dig.gla_fused_chunk_backward(q, k, v, g, do, ctx.scale), None)
+    return (*torch.ops.dig.gla_fused_chunk_backward(q, k, v, g, do, ctx.scale, ctx.splits), None, None)
 
 
 gla_fused_chunk.register_autograd(_gla_fused_chunk_grad, setup_context=_setup_context)
 
 
 def gla_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, scale: float | None = None,
-               initial_state: torch.Tensor | None = None, output_final_state: bool = False):
-    """Fused-chunk GLA in `[B, T, H, K]` layout. Returns (o in q's dtype, float32 final state or None)."""
+               initial_state: torch.Tensor | None = None, output_final_state: bool = False,
+               splits: int | None = None):
+    """Fused-chunk GLA in `[B, T, H, K]` layout. Returns (o in q's dtype, float32 final state or None).
+    `splits`: split each sequence across this many programs (stateless calls only); None chooses."""
     if not all(x.is_cuda for x in (q, k, v, g)) and not _INTERPRETED:
         raise ValueError("backend='triton' runs Triton kernels and needs CUDA tensors; got "
                          f"{q.device}. Use backend='torch' (or 'auto') for tensors on {q.device}.")
@@ -164,9 +256,14 @@ def gla_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tenso
     if not supports(q, v):
         raise ValueError(f"backend='triton' handles head sizes K <= {MAX_K}, V <= {MAX_V}; got K={q.shape[-1]}, "
                          f"V={v.shape[-1]}. Use backend='fla' or 'torch'.")
+    if splits is not None and (not isinstance(splits, int) or splits < 1):
+        raise ValueError(f"splits must be a positive integer or None, got {splits!r}")
+    stateless = initial_state is None and not output_final_state
+    if splits is not None and splits > 1 and not stateless:
+        raise ValueError("splitting the sequence (splits > 1) needs a call without initial or final state")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if initial_state is None and not output_final_state:
-        return torch.ops.dig.gla_fused_chunk(q, k, v, g, scale), None
+    if stateless:
+        return torch.ops.dig.gla_fused_chunk(q, k, v, g, scale, splits or 0), None
     if initial_state is not None:
         initial_state = initial_state.float().contiguous()
     return _FusedChunkGLA.apply(q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(), scale,

@@ -15,23 +15,49 @@ def _mm(a, b, PRECISION: tl.constexpr):
 
 @triton.jit
 def _head(T: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-          BK: tl.constexpr, BV: tl.constexpr):
-    """This program's (sequence, head): where its q/k/g and v/o rows start, and its [K, V] state slot."""
+          BK: tl.constexpr, BV: tl.constexpr, NS: tl.constexpr):
+    """This program's (sequence, head) and split of the sequence: where its q/k/g and v/o rows start, and its
+    [K, V] state slot (states are [B * H, NS, K, V])."""
     i_bh = tl.program_id(0)
     i_b = (i_bh // H).to(tl.int64)
     base_qk = i_b * T * H * K + (i_bh % H) * K
     base_v = i_b * T * H * V + (i_bh % H) * V
     o_k = tl.arange(0, BK)
     o_v = tl.arange(0, BV)
-    p_s = i_bh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :]
+    p_s = (i_bh.to(tl.int64) * NS + tl.program_id(1)) * K * V + o_k[:, None] * V + o_v[None, :]
     m_s = (o_k[:, None] < K) & (o_v[None, :] < V)
     return base_qk, base_v, p_s, m_s
+
+
+@triton.jit
+def _split_chunks(T: tl.constexpr, BT: tl.constexpr, CPS: tl.constexpr):
+    """The chunks [first, end) of this program's split: CPS chunks each, the last split may be shorter."""
+    first = tl.program_id(1) * CPS
+    return first, tl.minimum(first + CPS, (T + BT - 1) // BT)
+
+
+@triton.jit
+def _split_vector(i_s, K: tl.constexpr, BK: tl.constexpr, NS: tl.constexpr):
+    """Offsets and mask of split i_s's [K] vector in a [B * H, NS, K] tensor."""
+    o_k = tl.arange(0, BK)
+    return (tl.program_id(0).to(tl.int64) * NS + i_s) * K + o_k, o_k < K
 
 
 @triton.jit
 def _chunk(q, k, g, v, i_t, base_qk, base_v, scale, T: tl.constexpr, H: tl.constexpr, K: tl.constexpr,
            V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
     """Chunk i_t: offsets and masks of its q/k/g and v rows, q (scaled), k, v in float32, gc and gl."""
+    p_qk, p_v, m_qk, m_v = _chunk_offsets(i_t, base_qk, base_v, T, H, K, V, BT, BK, BV)
+    b_q = tl.load(q + p_qk, mask=m_qk, other=0.).to(tl.float32) * scale
+    b_k = tl.load(k + p_qk, mask=m_qk, other=0.).to(tl.float32)
+    b_g = tl.load(g + p_qk, mask=m_qk, other=0.).to(tl.float32)  # padding rows: no decay and no key
+    b_v = tl.load(v + p_v, mask=m_v, other=0.).to(tl.float32)
+    return p_qk, p_v, m_qk, m_v, b_q, b_k, b_v, tl.cumsum(b_g, axis=0), tl.sum(b_g, axis=0)
+
+
+@triton.jit
+def _chunk_offsets(i_t, base_qk, base_v, T: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                   BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
     o_t = i_t * BT + tl.arange(0, BT)
     o_k = tl.arange(0, BK)
     o_v = tl.arange(0, BV)
@@ -39,11 +65,7 @@ def _chunk(q, k, g, v, i_t, base_qk, base_v, scale, T: tl.constexpr, H: tl.const
     m_v = (o_t[:, None] < T) & (o_v[None, :] < V)
     p_qk = base_qk + o_t[:, None].to(tl.int64) * (H * K) + o_k[None, :]
     p_v = base_v + o_t[:, None].to(tl.int64) * (H * V) + o_v[None, :]
-    b_q = tl.load(q + p_qk, mask=m_qk, other=0.).to(tl.float32) * scale
-    b_k = tl.load(k + p_qk, mask=m_qk, other=0.).to(tl.float32)
-    b_g = tl.load(g + p_qk, mask=m_qk, other=0.).to(tl.float32)  # padding rows: no decay and no key
-    b_v = tl.load(v + p_v, mask=m_v, other=0.).to(tl.float32)
-    return p_qk, p_v, m_qk, m_v, b_q, b_k, b_v, tl.cumsum(b_g, axis=0), tl.sum(b_g, axis=0)
+    return p_qk, p_v, m_qk, m_v
 
 
 @triton.jit
@@ -124,13 +146,15 @@ def _scores_grad_k(dA, b_q, gc, gl, max_decay, PRECISION: tl.constexpr, BT: tl.c
 def fwd_kernel(q, k, v, g, o, h0, ht, scale, max_decay,
                T: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
-               USE_H0: tl.constexpr, STORE_HT: tl.constexpr):
-    base_qk, base_v, p_s, m_s = _head(T, H, K, V, BK, BV)
+               USE_H0: tl.constexpr, STORE_HT: tl.constexpr, NS: tl.constexpr, CPS: tl.constexpr):
+    """Outputs of one split of the sequence (the whole sequence when NS = 1), from its state at the start."""
+    base_qk, base_v, p_s, m_s = _head(T, H, K, V, BK, BV, NS)
     if USE_H0:
         S = tl.load(h0 + p_s, mask=m_s, other=0.).to(tl.float32)
     else:
         S = tl.zeros([BK, BV], dtype=tl.float32)
-    for i_t in range(0, (T + BT - 1) // BT):
+    first, end = _split_chunks(T, BT, CPS)
+    for i_t in range(first, end):
         p_qk, p_v, m_qk, m_v, b_q, b_k, b_v, gc, gl = _chunk(q, k, g, v, i_t, base_qk, base_v, scale,
                                                              T, H, K, V, BT, BK, BV)
         A = _scores(b_q, b_k, gc, gl, max_decay, PRECISION, BT)
@@ -145,15 +169,16 @@ def fwd_kernel(q, k, v, g, o, h0, ht, scale, max_decay,
 def bwd_dq_kernel(q, k, v, g, do, dq, dht, final_dg, h0, scale, max_decay,
                   T: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                   BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
-                  USE_H0: tl.constexpr, USE_DHT: tl.constexpr):
-    """Forward sweep: dq in float32 and, with a final-state gradient, the gate-gradient term sum_v S_T * dS_T
-    that every position's dg receives."""
-    base_qk, base_v, p_s, m_s = _head(T, H, K, V, BK, BV)
+                  USE_H0: tl.constexpr, USE_DHT: tl.constexpr, NS: tl.constexpr, CPS: tl.constexpr):
+    """Forward sweep over one split: dq in float32 and, with a final-state gradient (NS = 1 only), the
+    gate-gradient term sum_v S_T * dS_T that every position's dg receives."""
+    base_qk, base_v, p_s, m_s = _head(T, H, K, V, BK, BV, NS)
     if USE_H0:
         S = tl.load(h0 + p_s, mask=m_s, other=0.).to(tl.float32)
     else:
         S = tl.zeros([BK, BV], dtype=tl.float32)
-    for i_t in range(0, (T + BT - 1) // BT):
+    first, end = _split_chunks(T, BT, CPS)
+    for i_t in range(first, end):
         p_qk, p_v, m_qk, m_v, b_q, b_k, b_v, gc, gl = _chunk(q, k, g, v, i_t, base_qk, base_v, scale,
                                                              T, H, K, V, BT, BK, BV)
         b_do = tl.load(do + p_v, mask=m_v, other=0.).to(tl.float32)
@@ -169,22 +194,26 @@ def bwd_dq_kernel(q, k, v, g, do, dq, dht, final_dg, h0, scale, max_decay,
 
 
 @triton.jit
-def bwd_dkv_kernel(q, k, v, g, do, dq, dk, dv, dg, dht, final_dg, dh0, scale, max_decay,
+def bwd_dkv_kernel(q, k, v, g, do, dq, dk, dv, dg, dht, final_dg, dh0, dgsum, scale, max_decay,
                    T: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
-                   USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr):
-    """Reverse sweep: dk, dv, and dg as the reverse cumulative sum of q*dq - k*dk."""
-    base_qk, base_v, p_s, m_s = _head(T, H, K, V, BK, BV)
+                   USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, NS: tl.constexpr, CPS: tl.constexpr):
+    """Reverse sweep over one split: dk, dv, and dg as the reverse cumulative sum of q*dq - k*dk. The state
+    gradient at the split's end comes from dht ([B * H, NS, K, V]); with NS > 1 the split's dg lacks the sum of
+    q*dq - k*dk over the splits after it, and that split total is stored in dgsum for the caller to add."""
+    base_qk, base_v, p_s, m_s = _head(T, H, K, V, BK, BV, NS)
+    o_k = tl.arange(0, BK)
     if USE_DHT:
-        o_k = tl.arange(0, BK)
         dS = tl.load(dht + p_s, mask=m_s, other=0.).to(tl.float32)
-        dg_after = tl.load(final_dg + tl.program_id(0).to(tl.int64) * K + o_k, mask=o_k < K, other=0.)
     else:
         dS = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_DHT and NS == 1:
+        dg_after = tl.load(final_dg + tl.program_id(0).to(tl.int64) * K + o_k, mask=o_k < K, other=0.)
+    else:
         dg_after = tl.zeros([BK], dtype=tl.float32)
-    NT: tl.constexpr = (T + BT - 1) // BT
-    for i_r in range(0, NT):
-        p_qk, p_v, m_qk, m_v, b_q, b_k, b_v, gc, gl = _chunk(q, k, g, v, NT - 1 - i_r, base_qk, base_v, scale,
+    first, end = _split_chunks(T, BT, CPS)
+    for i_r in range(0, end - first):
+        p_qk, p_v, m_qk, m_v, b_q, b_k, b_v, gc, gl = _chunk(q, k, g, v, end - 1 - i_r, base_qk, base_v, scale,
                                                              T, H, K, V, BT, BK, BV)
         b_do = tl.load(do + p_v, mask=m_v, other=0.).to(tl.float32)
         to_end = tl.exp(gl[None, :] - gc)
@@ -203,3 +232,73 @@ def bwd_dkv_kernel(q, k, v, g, do, dq, dk, dv, dg, dht, final_dg, dh0, scale, ma
         dS = dS * tl.exp(gl)[:, None] + _mm(tl.trans(b_q * tl.exp(gc)), b_do, PRECISION)
     if STORE_DH0:
         tl.store(dh0 + p_s, dS, mask=m_s)
+    if NS > 1:
+        p_g, m_g = _split_vector(tl.program_id(1), K, BK, NS)
+        tl.store(dgsum + p_g, dg_after, mask=m_g)
+
+
+# The sequence split across programs (few sequences x heads for the GPU's SMs): each split's own contribution to
+# the state (split_states_kernel forwards, split_state_grads_kernel backwards), a scan over the splits
+# (split_scan_kernel), then the kernels above per split from the state (gradient) the scan gives it.
+
+@triton.jit
+def split_states_kernel(k, v, g, states, gsum,
+                        T: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                        BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
+                        NS: tl.constexpr, CPS: tl.constexpr):
+    """The state at a split's end from a zero state at its start, and the split's total gate per channel."""
+    base_qk, base_v, p_s, m_s = _head(T, H, K, V, BK, BV, NS)
+    S = tl.zeros([BK, BV], dtype=tl.float32)
+    g_total = tl.zeros([BK], dtype=tl.float32)
+    first, end = _split_chunks(T, BT, CPS)
+    for i_t in range(first, end):
+        p_qk, p_v, m_qk, m_v = _chunk_offsets(i_t, base_qk, base_v, T, H, K, V, BT, BK, BV)
+        b_k = tl.load(k + p_qk, mask=m_qk, other=0.).to(tl.float32)
+        b_g = tl.load(g + p_qk, mask=m_qk, other=0.).to(tl.float32)
+        b_v = tl.load(v + p_v, mask=m_v, other=0.).to(tl.float32)
+        gl = tl.sum(b_g, axis=0)
+        S = _next_state(S, b_k, b_v, tl.cumsum(b_g, axis=0), gl, PRECISION)
+        g_total += gl
+    tl.store(states + p_s, S, mask=m_s)
+    p_g, m_g = _split_vector(tl.program_id(1), K, BK, NS)
+    tl.store(gsum + p_g, g_total, mask=m_g)
+
+
+@triton.jit
+def split_state_grads_kernel(q, g, do, dstates, scale,
+                             T: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                             BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
+                             NS: tl.constexpr, CPS: tl.constexpr):
+    """The gradient of the state at a split's start from the split's own outputs."""
+    base_qk, base_v, p_s, m_s = _head(T, H, K, V, BK, BV, NS)
+    dS = tl.zeros([BK, BV], dtype=tl.float32)
+    first, end = _split_chunks(T, BT, CPS)
+    for i_r in range(0, end - first):
+        p_qk, p_v, m_qk, m_v = _chunk_offsets(end - 1 - i_r, base_qk, base_v, T, H, K, V, BT, BK, BV)
+        b_q = tl.load(q + p_qk, mask=m_qk, other=0.).to(tl.float32) * scale
+        b_g = tl.load(g + p_qk, mask=m_qk, other=0.).to(tl.float32)
+        b_do = tl.load(do + p_v, mask=m_v, other=0.).to(tl.float32)
+        dS = dS * tl.exp(tl.sum(b_g, axis=0))[:, None] + _mm(tl.trans(b_q * tl.exp(tl.cumsum(b_g, axis=0))), b_do,
+                                                              PRECISION)
+    tl.store(dstates + p_s, dS, mask=m_s)
+
+
+@triton.jit
+def split_scan_kernel(local, gsum, out, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                      NS: tl.constexpr, REVERSE: tl.constexpr):
+    """Forwards: out[s] = the state at split s's start, sum over r < s of local[r] decayed by the splits between.
+    Reverse: out[s] = the state gradient at split s's end, from local[r] of every r > s."""
+    o_k = tl.arange(0, BK)
+    o_v = tl.arange(0, BV)
+    m_s = (o_k[:, None] < K) & (o_v[None, :] < V)
+    S = tl.zeros([BK, BV], dtype=tl.float32)
+    for i in range(0, NS):
+        if REVERSE:
+            i_s = NS - 1 - i
+        else:
+            i_s = i
+        p_s = (tl.program_id(0).to(tl.int64) * NS + i_s) * K * V + o_k[:, None] * V + o_v[None, :]
+        tl.store(out + p_s, S, mask=m_s)
+        p_g, m_g = _split_vector(i_s, K, BK, NS)
+        decay = tl.exp(tl.load(gsum + p_g, mask=m_g, other=0.))
+        S = S * decay[:, None] + tl.load(local + p_s, mask=m_s, other=0.)
