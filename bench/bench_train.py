@@ -65,8 +65,12 @@ class Job:
 
 
 def run_jobs(jobs: list[Job], total_gpus: int, parallel: bool, timeout_s: float, on_done=lambda: None) -> None:
-    """One-GPU jobs run side by side on free GPUs when `parallel`; a multi-GPU job waits for an idle machine."""
-    pending, running, free = list(jobs), [], list(range(max(total_gpus, 1)))
+    """One-GPU jobs run side by side on free GPUs when `parallel`; a multi-GPU job waits for an idle machine.
+    Without GPUs (CPU, gloo) a job's processes need no device: jobs run one after another."""
+    slots = total_gpus or max((job.gpus for job in jobs), default=1)
+    if any(job.gpus > slots for job in jobs):
+        raise ValueError(f"a job needs more than the {slots} GPUs of this machine")
+    pending, running, free = list(jobs), [], list(range(slots))
     while pending or running:
         for job in list(running):
             if job.proc.poll() is not None or time.time() - job.started > timeout_s:
@@ -140,9 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default="configs/train/dig-xl2-imagenet256.yaml")
     p.add_argument("--set", action="append", default=[], dest="settings", metavar="KEY=VALUE",
                    help="training-config override for every run (e.g. engine.zero_stage=2)")
-    p.add_argument("--extra", action="append", default=[], metavar="LABEL:KEY=VALUE[,KEY=VALUE...]",
-                   help="an extra one-GPU run of the first model at the first resolution with these overrides "
-                        "(e.g. zero3:engine.zero_stage=3,engine.precision=bf16)")
+    p.add_argument("--extra", action="append", default=[], metavar="LABEL[@GPUS]:KEY=VALUE[,KEY=VALUE...]",
+                   help="an extra run of the first model at the first resolution with these overrides, on one GPU "
+                        "or GPUS (e.g. zero3:engine.zero_stage=3,engine.precision=bf16 or "
+                        "no-overlap@2:engine.overlap_grad_allreduce=false)")
     p.add_argument("--no-bare", action="store_true", help="skip the bare compiled step")
     p.add_argument("--bare-mode", default="default",
                    help="torch.compile mode of the bare step's blocks (default, reduce-overhead = CUDA graphs)")
@@ -166,6 +171,14 @@ def main(argv: list[str] | None = None) -> int:
         a.batch, a.steps, a.warmup, a.log_every, a.checkpoint_at, a.no_bare = 2, 6, 2, 1, 4, True
         settings += ["model.overrides={depth: 2, hidden_size: 64, num_heads: 2}", "model.num_classes=10",
                      "engine.zero_stage=3", "engine.precision=fp32", "model.compile=false"]
+    for extra in a.extra:
+        gpus = extra.partition(":")[0].partition("@")[2]
+        if gpus and not gpus.isdigit():
+            p.error(f"--extra {extra!r}: the GPU count after @ must be a number")
+        if cuda and int(gpus or 1) > total_gpus:
+            print(f"bench_train: --extra {extra!r} asks for {gpus} GPUs, {total_gpus} visible", file=sys.stderr)
+            return 2
+    most_gpus = max(gpu_counts + [int(e.partition(":")[0].partition("@")[2] or 1) for e in a.extra])
     if cuda and max(gpu_counts) > total_gpus:
         print(f"bench_train: --gpus asks for {max(gpu_counts)} GPUs, {total_gpus} visible", file=sys.stderr)
         return 2
@@ -181,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     jobs: list[Job] = []
     for res in resolutions:
         data = os.path.join(work, f"latents{res}")
-        write_dataset(data, res, samples=(a.steps + 2) * a.batch * max(gpu_counts), classes=10 if a.quick else 1000)
+        write_dataset(data, res, samples=(a.steps + 2) * a.batch * most_gpus, classes=10 if a.quick else 1000)
         for model in models:
             tag = f"{model.replace('/', '_')}_{res}"
             if not a.no_bare and (a.bare_all or res == resolutions[0]):
@@ -195,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
             if model == models[0] and res == resolutions[0]:
                 for extra in a.extra:
                     label, _, sets = extra.partition(":")
-                    variants.append((label, 1, [x for x in sets.split(",") if x]))
+                    label, _, gpus = label.partition("@")
+                    variants.append((label, int(gpus or 1), [x for x in sets.split(",") if x]))
             for label, gpus, extra_sets in variants:
                 name = f"{tag}_{gpus}gpu{'_' + label if label else ''}"
                 run_dir = os.path.join(work, f"run_{name}")

@@ -97,6 +97,8 @@ class EngineConfig(_Section):
     zero_stage: Literal[0, 1, 2, 3] = 3    # DeepSpeed ZeRO stage (0: plain data parallel; 3 shards parameters)
     precision: Literal["auto", "bf16", "amp", "fp32"] = "auto"  # bf16: bf16 weights + fp32 master; amp: fp32 weights, bf16 autocast; auto: bf16 on GPU, fp32 on CPU
     deepspeed_config: str | None = "configs/deepspeed/zero.json"  # base knobs; the trainer fills the rest
+    overlap_grad_allreduce: bool = True    # stage 0 with fp32 weights on >1 rank: all-reduce gradient buckets during the backward
+    grad_bucket_mb: float = Field(100.0, gt=0)  # size of those buckets
 
 
 class CheckpointConfig(_Section):

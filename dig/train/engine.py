@@ -189,7 +189,15 @@ def build_engine(model: torch.nn.Module, cfg: TrainConfig, runtime: Runtime, loa
                                            config=deepspeed_config(cfg, runtime, load_universal),
                                            lr_scheduler=scheduler)
     if _own_clipping(cfg, runtime):
-        clip_without_zero(engine, cfg.optim.grad_clip)
+        reducer = None
+        if runtime.world_size > 1 and cfg.engine.overlap_grad_allreduce:
+            from .grad_allreduce import OverlappedGradAllReduce
+
+            reducer = OverlappedGradAllReduce(engine.module.parameters(), engine.is_gradient_accumulation_boundary,
+                                              bucket_mb=cfg.engine.grad_bucket_mb)
+            engine.enable_backward_allreduce = False  # the reducer's buckets replace DeepSpeed's reduce-after-backward
+            engine.dig_grad_reducer = reducer
+        clip_without_zero(engine, cfg.optim.grad_clip, reducer)
     return engine
 
 
@@ -199,16 +207,19 @@ def _own_clipping(cfg: TrainConfig, runtime: Runtime) -> bool:
     return cfg.engine.zero_stage == 0 and not runtime.bf16_weights
 
 
-def clip_without_zero(engine, max_norm: float) -> None:
+def clip_without_zero(engine, max_norm: float, reducer=None) -> None:
     """Without ZeRO, DeepSpeed's engine.step is the torch optimizer's step: clip the (already all-reduced)
     gradients first with torch's foreach clipping (a few fused kernels, no host sync) and keep the norm for
-    get_global_grad_norm (read only when metrics are logged)."""
+    get_global_grad_norm (read only when metrics are logged). With a `reducer` (grad_allreduce.py), its
+    exchange is finished first."""
     params = [p for p in engine.module.parameters() if p.requires_grad]
     step = engine.step
     engine._dig_grad_norm = None
 
     def clip_then_step(*args, **kwargs):
         if engine.is_gradient_accumulation_boundary():
+            if reducer is not None:
+                reducer.finish()
             grads = [p.grad for p in params if p.grad is not None]
             norm = torch.nn.utils.get_total_norm(grads, foreach=True)
             if max_norm > 0:

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Issue 11 on 2 H200s: `dig train` (DiG-XL/2, 256 px, 32 images per GPU, the ImageNet-256 recipe) with the
+# gradient all-reduce overlapped with the backward (default) and with DeepSpeed's reduce-after-backward, side by
+# side, on 1 and 2 GPUs; then the GPU resume test on another GPU count.
+set -u
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TORCH_EXTENSIONS_DIR=/tmp/tex TRITON_CACHE_DIR=/tmp/tc
+timeout "${BENCH_LIMIT:-420}" python3 -m bench.bench_train --models DiG-XL/2 --resolutions 256 --gpus 1,2 \
+  --steps 24 --warmup 9 --log-every 3 --checkpoint-at 18 --bare-mode reduce-overhead \
+  --extra "no-overlap@2:engine.overlap_grad_allreduce=false" --out "$OUT" 2>&1 | tail -40

@@ -1,0 +1,116 @@
+"""Gradient all-reduce overlapped with the backward, for data parallel training without ZeRO (stage 0).
+
+DeepSpeed's stage 0 reduces after the backward has finished: it flattens every gradient into a buffer, all-reduces
+it and copies the result back, so the whole exchange (2.7 GB of fp32 gradients for DiG-XL/2) waits on the last
+gradient. Here gradients go into fixed buckets as they become ready (a hook after each parameter's accumulation),
+and a bucket is all-reduced asynchronously as soon as all of its gradients are in, while the backward goes on;
+`finish` waits for the last ones before the optimizer step. Each parameter's .grad is then a view into its bucket,
+so nothing is copied back. Buckets follow the reverse parameter order (about the order the backward produces
+them) and are launched strictly in that order on every rank, as NCCL needs one collective order everywhere. The
+arithmetic is DeepSpeed's: the sum over ranks, then times 1 / world size.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class _Bucket:
+    params: list[torch.nn.Parameter]
+    buffer: torch.Tensor
+    views: dict[int, torch.Tensor] = field(default_factory=dict)  # id(param) -> its slice of the buffer
+    waiting: int = 0  # gradients not yet in this step
+    ready: set[int] = field(default_factory=set)  # id(param) of those in
+    handle: object = None  # the async all-reduce, once launched
+
+
+class OverlappedGradAllReduce:
+    """Hooks on `params`; `is_boundary()` says whether this backward ends a gradient-accumulation cycle (only then
+    are gradients exchanged). Call `finish()` after the backward and before reading gradients."""
+
+    def __init__(self, params, is_boundary: Callable[[], bool], bucket_mb: float = 100.0, group=None):
+        self.group = group
+        self.world_size = dist.get_world_size(group)
+        self.is_boundary = is_boundary
+        self.buckets: list[_Bucket] = []
+        self._bucket_of: dict[int, _Bucket] = {}
+        self._next_launch = 0
+        params = [p for p in params if p.requires_grad]
+        for members in _group_in_buckets(list(reversed(params)), int(bucket_mb * 2 ** 20)):
+            total = sum(p.numel() for p in members)
+            bucket = _Bucket(members, torch.zeros(total, dtype=members[0].dtype, device=members[0].device))
+            offset = 0
+            for p in members:
+                bucket.views[id(p)] = bucket.buffer[offset:offset + p.numel()].view_as(p)
+                offset += p.numel()
+                self._bucket_of[id(p)] = bucket
+            bucket.waiting = len(members)
+            self.buckets.append(bucket)
+        self._hooks = [p.register_post_accumulate_grad_hook(self._grad_ready) for p in params]
+
+    def _grad_ready(self, p: torch.nn.Parameter) -> None:
+        if not self.is_boundary():
+            return  # accumulating: the gradient stays where autograd put it until the cycle's last backward
+        bucket = self._bucket_of[id(p)]
+        if id(p) in bucket.ready:
+            raise RuntimeError("a parameter's gradient was accumulated twice in one backward, after its bucket may "
+                               "have been sent; set engine.overlap_grad_allreduce=false for this model")
+        self._into_bucket(p, bucket)
+        bucket.ready.add(id(p))
+        bucket.waiting -= 1
+        self._launch_ready()
+
+    def _into_bucket(self, p: torch.nn.Parameter, bucket: _Bucket) -> None:
+        view = bucket.views[id(p)]
+        if p.grad is None:
+            view.zero_()
+        elif p.grad.data_ptr() != view.data_ptr():
+            view.copy_(p.grad)
+        p.grad = view
+
+    def _launch_ready(self) -> None:
+        while self._next_launch < len(self.buckets) and self.buckets[self._next_launch].waiting == 0:
+            bucket = self.buckets[self._next_launch]
+            bucket.handle = dist.all_reduce(bucket.buffer, group=self.group, async_op=True)
+            self._next_launch += 1
+
+    def finish(self) -> None:
+        """Wait for every bucket's exchange (launching any whose gradients never came: they count as zero), then
+        average. Afterwards every parameter's .grad is the mean over ranks."""
+        for bucket in self.buckets[self._next_launch:]:
+            if bucket.waiting:
+                for p in bucket.params:
+                    if p.grad is None or p.grad.data_ptr() != bucket.views[id(p)].data_ptr():
+                        self._into_bucket(p, bucket)
+                bucket.waiting = 0
+        self._launch_ready()
+        for bucket in self.buckets:
+            bucket.handle.wait()
+            bucket.handle = None
+            bucket.waiting = len(bucket.params)
+            bucket.ready.clear()
+        self._next_launch = 0
+        torch._foreach_mul_([b.buffer for b in self.buckets], 1.0 / self.world_size)
+
+    def remove(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+
+
+def _group_in_buckets(params: list[torch.nn.Parameter], bucket_bytes: int) -> list[list[torch.nn.Parameter]]:
+    """Consecutive parameters of one dtype and device, about bucket_bytes per group (a larger parameter alone)."""
+    groups: list[list[torch.nn.Parameter]] = []
+    size = 0
+    for p in params:
+        same_kind = groups and (groups[-1][0].dtype, groups[-1][0].device) == (p.dtype, p.device)
+        if same_kind and size + p.numel() * p.element_size() <= bucket_bytes:
+            groups[-1].append(p)
+            size += p.numel() * p.element_size()
+        else:
+            groups.append([p])
+            size = p.numel() * p.element_size()
+    return groups

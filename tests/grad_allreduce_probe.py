@@ -1,0 +1,54 @@
+"""Run by tests/test_grad_allreduce.py under torchrun with 2 CPU processes (gloo):
+
+    python -m torch.distributed.run --nproc_per_node=2 tests/grad_allreduce_probe.py DATA WORKDIR OVERLAP OUT
+
+A Trainer with ZeRO stage 0 and fp32 weights (two micro-batches per rank per step, gradient clipping on) trains 3
+steps with engine.overlap_grad_allreduce=OVERLAP and tiny buckets; rank 0 saves the weights, the logged gradient
+norms and, with the overlap, how many buckets were already sent when the backward had finished."""
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+
+def main(data: str, workdir: str, overlap: bool, out: str) -> None:
+    from dig.train import trainer as trainer_module
+    from dig.train.config import resolve, validate
+    from dig.train.engine import shutdown
+    from dig.train.tracking import NullTracker
+
+    base = {"run": {"dir": os.path.join(workdir, "run"), "seed": 3},
+            "model": {"name": "DiG-S/2", "num_classes": 10, "overrides": {"depth": 2, "hidden_size": 64,
+                                                                          "num_heads": 2}},
+            "data": {"path": data, "resolution": 64, "global_batch_size": 8, "micro_batch_size": 2},
+            "optim": {"lr": 1e-3, "warmup_steps": 2, "grad_clip": 0.05},
+            "engine": {"zero_stage": 0, "precision": "fp32", "overlap_grad_allreduce": overlap,
+                       "grad_bucket_mb": 0.02},
+            "steps": 3, "ema_decay": 0.5, "checkpoint": {"every": 0},
+            "tracking": {"log_every": 0, "sample_every": 0}}
+    resolved = resolve(base=base)
+    trainer_module.make_tracker = lambda *a, **k: NullTracker()
+    tr = trainer_module.Trainer(validate(resolved), resolved)
+    reducer = getattr(tr.engine, "dig_grad_reducer", None)
+    assert (reducer is not None) == overlap, reducer
+    sent_before_finish = []
+    if reducer is not None:
+        finish = reducer.finish
+        reducer.finish = lambda: (sent_before_finish.append((reducer._next_launch, len(reducer.buckets))), finish())
+    norms = []
+    for _ in range(3):
+        tr.run_step()
+        norms.append(float(tr.engine.get_global_grad_norm()))
+    if tr.rt.rank == 0:
+        torch.save({"weights": {k: v.detach().clone() for k, v in tr.engine.module.state_dict().items()},
+                    "grad_norms": norms, "sent_before_finish": sent_before_finish}, out)
+    tr.data.close()
+    if tr.run_lock is not None:
+        tr.run_lock.release()
+    shutdown()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], sys.argv[3] == "true", sys.argv[4])
