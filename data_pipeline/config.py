@@ -27,6 +27,12 @@ class PipelineConfig(BaseModel):
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"  # encoder arithmetic
     device: Literal["auto", "cuda", "cpu"] = "auto"  # encoder device; auto: GPU actors when the cluster has GPUs
     encode_batch_size: int = Field(64, ge=1, description="images per VAE forward (each also flipped: 2x rows)")
+    memory_format: Literal["auto", "channels_last", "contiguous"] = Field(
+        "auto", description="encoder tensor layout; auto: channels_last on GPU (cuDNN's fast layout), "
+        "contiguous (NCHW) on CPU")
+    compile_encoder: bool = Field(
+        False, description="torch.compile the encoder for the fixed batch shape (a shard's last chunk is padded "
+        "to it); costs a compile on every actor's start, needs a C compiler on GPU nodes")
     num_encoders: Optional[int] = Field(None, ge=1, description="encoder actors, one GPU each on GPU; default: "
                                         "one per GPU of the cluster, or 1 without GPUs")
     encoder_cpus: float = Field(1.0, gt=0, description="CPUs reserved per encoder actor")
