@@ -31,8 +31,8 @@ class PipelineConfig(BaseModel):
         "auto", description="encoder tensor layout; auto: channels_last on GPU (cuDNN's fast layout), "
         "contiguous (NCHW) on CPU")
     compile_encoder: bool = Field(
-        False, description="torch.compile the encoder for the fixed batch shape (a shard's last chunk is padded "
-        "to it); costs a compile on every actor's start, needs a C compiler on GPU nodes")
+        False, description="torch.compile the encoder for one fixed batch shape (a shard's last chunk is padded "
+        "to it); each actor compiles when it starts (needs Triton and a C compiler on GPU nodes)")
     num_encoders: Optional[int] = Field(None, ge=1, description="encoder actors, one GPU each on GPU; default: "
                                         "one per GPU of the cluster, or 1 without GPUs")
     encoder_cpus: float = Field(1.0, gt=0, description="CPUs reserved per encoder actor")
