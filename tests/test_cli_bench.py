@@ -43,3 +43,35 @@ def test_bench_train_quick_runs_the_launcher_path_and_reads_its_metrics(tmp_path
     steady = [r["img_per_sec"] for r in records if r.get("step", 0) > result["warmup"] and "img_per_sec" in r]
     assert steady and min(steady) <= row["img_per_s_per_gpu"] <= max(steady), (steady, row)
     assert any("checkpoint_block_s" in r for r in records) and any("checkpoint" in r for r in records)
+
+
+def test_bench_pipeline_encoder_settings_side_by_side_on_cpu(tmp_path):
+    """`dig bench pipeline --only encoder --settings …` (what --sweep runs on the GPU, minus the compiles): one
+    row per setting with its speed and its distance from the strict fp32 encode of the same images."""
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=os.path.join(REPO, ".torch_extensions"))
+    out = subprocess.run([sys.executable, "-m", "dig.cli", "bench", "pipeline", "--only", "encoder", "--vae",
+                          "config:tiny", "--device", "cpu", "--images", "5", "--resolution", "32", "--batch", "2",
+                          "--repeat", "1", "--settings", "legacy-bf16,fp32,bf16+cl@4", "--out", str(tmp_path)],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads((tmp_path / "encoder_bench.json").read_text())
+    rows = {r["setting"]: r for r in result["rows"]}
+    assert list(rows) == ["legacy-bf16@2", "fp32@2", "bf16+cl@4"]
+    assert (rows["bf16+cl@4"]["batch"], rows["bf16+cl@4"]["memory_format"]) == (4, "channels_last")
+    for row in rows.values():
+        assert row["images"] == 5 and row["source_img_per_s"] > 0
+        assert abs(row["encodes_per_s"] - 2 * row["source_img_per_s"]) < 0.02 * row["encodes_per_s"]
+        assert f"| {row['setting']} |" in out.stdout  # the printed table
+    ref = result["reference"]
+    assert 0 < ref["storage_rounding_mean"] <= ref["mean_max_abs"] * 2 ** -11  # fp16: half an ulp at most
+    # fp32 differs from the reference by fp32 noise, then by the fp16 storage (at most half an ulp, plus one ulp
+    # where the noise crosses a rounding boundary); bf16 arithmetic by bf16 noise (8 significant bits)
+    assert rows["fp32@2"]["mean_max_abs_diff"] <= ref["mean_max_abs"] * 3 * 2 ** -11
+    for name in ("legacy-bf16@2", "bf16+cl@4"):
+        assert rows[name]["mean_max_abs_diff"] <= 0.05 * ref["mean_max_abs"], rows[name]
+
+
+def test_bench_pipeline_rejects_a_bad_encoder_setting():
+    out = subprocess.run([sys.executable, "-m", "dig.cli", "bench", "pipeline", "--only", "encoder", "--settings",
+                          "bf16+nhwc"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "bad encoder setting 'bf16+nhwc'" in out.stderr, out.stderr[-2000:]
