@@ -43,7 +43,7 @@ from bench.common import fmt_table, versions  # noqa: E402
 from data_pipeline.config import PipelineConfig  # noqa: E402
 from data_pipeline.encoder import LatentEncoder  # noqa: E402
 
-SWEEP = ["legacy-bf16", "fp32", "bf16", "bf16+cl", "bf16+cl+compile", "bf16+cl@32", "bf16+cl@128",
+SWEEP = ["legacy-bf16", "fp32", "bf16", "bf16+cl", "fp16+cl", "bf16+cl+compile", "bf16+cl@32", "bf16+cl@128",
          "bf16+cl+compile@32", "bf16+cl+compile@128"]
 SETTING = re.compile(r"^(?P<legacy>legacy-)?(?P<precision>fp32|fp16|bf16)(?P<flags>(\+(cl|compile))*)"
                      r"(@(?P<batch>[1-9][0-9]*))?$")

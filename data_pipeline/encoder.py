@@ -56,6 +56,8 @@ class LatentEncoder:
         self.batch_size = batch_size
         self.storage_dtype = storage_dtype
         self.compile = bool(compile)
+        # Eager, a last chunk of a new size costs one cuDNN autotune (at most one per size below the batch), which
+        # is cheaper than encoding up to batch_size - 1 padded rows in every shard; compiled, it would recompile.
         self.pad_final_batch = self.compile if pad_final_batch is None else bool(pad_final_batch)
         if self.device == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest convolutions
