@@ -10,9 +10,10 @@ Both count source images per second (each image is encoded twice: as is and mirr
   .venv/bin/python bench/bench_pipeline.py --vae config:sd --resolution 256 --images 64 --batch 16
 
 Encoder settings (`--only encoder`): one setting from the flags, or several in one process with `--settings`
-(comma-separated) or `--sweep` (the issue-12 table). A setting is PRECISION[+cl][+compile][@BATCH]:
+(comma-separated) or `--sweep` (the issue-12 table). A setting is PRECISION[+cl][+compile|+autotune][@BATCH]:
   fp32 | fp16 | bf16   encoder arithmetic;      +cl        channels-last memory format (else contiguous NCHW)
-  +compile             torch.compile'd step;    @BATCH     images per forward (default --batch)
+  +compile             torch.compile'd step;    +autotune  the same in mode max-autotune-no-cudagraphs (slow compile)
+  @BATCH               images per forward (default --batch)
   legacy-bf16@64       the encoder stage as it was before issue 12 (kept here for before/after in one run)
 Every row reports source images/s, encodes/s, its warm-up (first call: cuDNN autotune, compile) and the max abs
 difference of its stored mean/std against a strict fp32 encode (TF32 off) of the same images through diffusers'
@@ -45,7 +46,7 @@ from data_pipeline.encoder import LatentEncoder  # noqa: E402
 
 SWEEP = ["legacy-bf16", "fp32", "bf16", "bf16+cl", "fp16+cl", "bf16+cl+compile", "bf16+cl@32", "bf16+cl@128",
          "bf16+cl+compile@32", "bf16+cl+compile@128"]
-SETTING = re.compile(r"^(?P<legacy>legacy-)?(?P<precision>fp32|fp16|bf16)(?P<flags>(\+(cl|compile))*)"
+SETTING = re.compile(r"^(?P<legacy>legacy-)?(?P<precision>fp32|fp16|bf16)(?P<flags>(\+(cl|compile|autotune))*)"
                      r"(@(?P<batch>[1-9][0-9]*))?$")
 
 
@@ -57,21 +58,25 @@ class EncoderSetting:
     compile: bool
     batch: int
     legacy: bool = False
+    compile_mode: str = "default"
 
 
 def parse_setting(spec: str, default_batch: int) -> EncoderSetting:
     match = SETTING.match(spec.strip())
     if not match:
-        raise ValueError(f"bad encoder setting {spec!r}: expected PRECISION[+cl][+compile][@BATCH], e.g. "
+        raise ValueError(f"bad encoder setting {spec!r}: expected PRECISION[+cl][+compile|+autotune][@BATCH], e.g. "
                          "bf16+cl+compile@64, or legacy-bf16")
     flags = set(filter(None, match["flags"].split("+")))
     if match["legacy"] and flags:
-        raise ValueError(f"bad encoder setting {spec!r}: the legacy path takes no +cl/+compile")
+        raise ValueError(f"bad encoder setting {spec!r}: the legacy path takes no +cl/+compile/+autotune")
+    if {"compile", "autotune"} <= flags:
+        raise ValueError(f"bad encoder setting {spec!r}: +autotune is a compile mode; give +compile or +autotune")
     batch = int(match["batch"]) if match["batch"] else default_batch
     name = spec.strip() if match["batch"] else f"{spec.strip()}@{batch}"
     return EncoderSetting(name=name, precision=match["precision"],
                           memory_format="channels_last" if "cl" in flags else "contiguous",
-                          compile="compile" in flags, batch=batch, legacy=bool(match["legacy"]))
+                          compile=bool(flags & {"compile", "autotune"}), batch=batch, legacy=bool(match["legacy"]),
+                          compile_mode="max-autotune-no-cudagraphs" if "autotune" in flags else "default")
 
 
 def make_jpeg_folder(root: str, count: int, classes: int = 4, seed: int = 0) -> None:
@@ -161,7 +166,8 @@ def measure_encoder(setting: EncoderSetting, args, images: np.ndarray, reference
         else:
             encoder = LatentEncoder(args.vae, precision=setting.precision, device=args.device,
                                     batch_size=setting.batch, storage_dtype=args.storage_dtype,
-                                    memory_format=setting.memory_format, compile=setting.compile)
+                                    memory_format=setting.memory_format, compile=setting.compile,
+                                    compile_mode=setting.compile_mode)
     device = torch.device(encoder.device)
     start = time.perf_counter()
     encoder.encode_images(images)  # warm-up: allocator, cuDNN autotune of every shape, compile
@@ -175,7 +181,8 @@ def measure_encoder(setting: EncoderSetting, args, images: np.ndarray, reference
         times.append(time.perf_counter() - start)
     seconds = float(np.median(times))
     row = {"setting": setting.name, "device": encoder.device, "precision": setting.precision,
-           "memory_format": "legacy" if setting.legacy else setting.memory_format, "compile": setting.compile,
+           "memory_format": "legacy" if setting.legacy else setting.memory_format,
+           "compile": setting.compile_mode if setting.compile else False,
            "batch": setting.batch, "images": len(images), "seconds": round(seconds, 4),
            "source_img_per_s": round(len(images) / seconds, 2), "encodes_per_s": round(2 * len(images) / seconds, 2),
            "warmup_s": round(warmup, 2)}
@@ -195,10 +202,10 @@ def encoder_settings(args) -> list[EncoderSetting]:
     from data_pipeline.encoder import resolve_device, resolve_memory_format
 
     memory_format = resolve_memory_format(args.memory_format, resolve_device(args.device))
-    name = args.precision + ("+cl" if memory_format == "channels_last" else "") + ("+compile" if args.compile
-                                                                                    else "")
+    name = args.precision + ("+cl" if memory_format == "channels_last" else "")
+    name += ("+autotune" if args.compile_mode != "default" else "+compile") if args.compile else ""
     return [EncoderSetting(name=f"{name}@{args.batch}", precision=args.precision, memory_format=memory_format,
-                           compile=args.compile, batch=args.batch)]
+                           compile=args.compile, batch=args.batch, compile_mode=args.compile_mode)]
 
 
 def bench_encoder(args) -> list[dict]:
@@ -250,7 +257,8 @@ def bench_pipeline(args) -> dict:
                              vae=args.vae, shard_size=args.shard_size, precision=args.precision,
                              device=args.device, encode_batch_size=args.batch, num_encoders=args.num_encoders,
                              decode_cpus=args.decode_cpus, memory_format=args.memory_format,
-                             compile_encoder=args.compile, storage_dtype=args.storage_dtype)
+                             compile_encoder=args.compile, compile_mode=args.compile_mode,
+                             storage_dtype=args.storage_dtype)
         summary = run(cfg)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -267,6 +275,7 @@ def main() -> None:
     parser.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
     parser.add_argument("--memory-format", default="auto", choices=["auto", "channels_last", "contiguous"])
     parser.add_argument("--compile", action="store_true", help="torch.compile the encoder step")
+    parser.add_argument("--compile-mode", default="default", choices=["default", "max-autotune-no-cudagraphs"])
     parser.add_argument("--storage-dtype", default="float16", choices=["float16", "float32"])
     parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     parser.add_argument("--shard-size", type=int, default=32)
@@ -275,7 +284,7 @@ def main() -> None:
     parser.add_argument("--input", default=None, help="an ImageFolder to use instead of synthetic JPEGs")
     parser.add_argument("--only", choices=["encoder", "pipeline"], default=None)
     parser.add_argument("--settings", default=None,
-                        help="encoder: comma-separated settings PRECISION[+cl][+compile][@BATCH] (see above)")
+                        help="encoder: comma-separated settings PRECISION[+cl][+compile|+autotune][@BATCH]")
     parser.add_argument("--sweep", action="store_true", help="encoder: the issue-12 table: " + ", ".join(SWEEP))
     parser.add_argument("--repeat", type=int, default=3, help="encoder: timed calls per setting (median)")
     parser.add_argument("--no-reference", action="store_true", help="encoder: skip the fp32 reference encode")
@@ -304,7 +313,7 @@ def main() -> None:
     if args.only in (None, "pipeline"):
         pipeline_row = bench_pipeline(args)
         setup = {k: getattr(args, k) for k in ("vae", "resolution", "batch", "precision", "device", "shard_size",
-                                               "memory_format", "compile")}
+                                               "memory_format", "compile", "compile_mode")}
         print("[bench_pipeline] " + json.dumps({**setup, **pipeline_row}), flush=True)
     if pipeline_row and len(encoder_rows) == 1:
         print(f"[bench_pipeline] pipeline / bare encoder = "

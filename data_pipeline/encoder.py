@@ -6,6 +6,7 @@ import numpy as np
 
 PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 
 
 def resolve_device(device: str) -> str:
@@ -39,7 +40,7 @@ class LatentEncoder:
 
     def __init__(self, vae: str, precision: str = "fp32", device: str = "auto", batch_size: int = 64,
                  storage_dtype: str = "float16", memory_format: str = "auto", compile: bool = False,
-                 pad_final_batch: bool | None = None):
+                 compile_mode: str = "default", pad_final_batch: bool | None = None):
         import torch
 
         from dig.vae import PosteriorEncoder, load_vae
@@ -48,6 +49,8 @@ class LatentEncoder:
 
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; choose one of {list(PRECISIONS)}")
+        if compile_mode not in COMPILE_MODES:
+            raise ValueError(f"unknown compile mode {compile_mode!r}; choose one of {list(COMPILE_MODES)}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.device = resolve_device(device)
@@ -66,7 +69,7 @@ class LatentEncoder:
                                dtype=getattr(torch, PRECISIONS[precision]), memory_format=self.memory_format,
                                storage_dtype=getattr(torch, storage_dtype)).eval()
         # dynamic=False: one graph for the one (padded) batch shape, never a dynamic-shape recompile.
-        self.run_step = torch.compile(self.step, dynamic=False) if self.compile else self.step
+        self.run_step = torch.compile(self.step, mode=compile_mode, dynamic=False) if self.compile else self.step
 
     def _to_device(self, chunk: np.ndarray):
         import torch

@@ -5,6 +5,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -75,3 +77,20 @@ def test_bench_pipeline_rejects_a_bad_encoder_setting():
     out = subprocess.run([sys.executable, "-m", "dig.cli", "bench", "pipeline", "--only", "encoder", "--settings",
                           "bf16+nhwc"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "bad encoder setting 'bf16+nhwc'" in out.stderr, out.stderr[-2000:]
+
+
+def test_bench_pipeline_setting_names():
+    from bench.bench_pipeline import SWEEP, parse_setting
+
+    s = parse_setting("bf16+cl+compile@128", 64)
+    assert (s.precision, s.memory_format, s.compile, s.compile_mode, s.batch) == (
+        "bf16", "channels_last", True, "default", 128)
+    s = parse_setting("fp16+autotune", 64)
+    assert (s.name, s.memory_format, s.compile, s.compile_mode) == (
+        "fp16+autotune@64", "contiguous", True, "max-autotune-no-cudagraphs")
+    assert parse_setting("legacy-bf16", 32).legacy and not parse_setting("bf16", 32).legacy
+    names = [parse_setting(spec, 64).name for spec in SWEEP]
+    assert len(set(names)) == len(names) and "legacy-bf16@64" in names and "bf16+cl+compile@64" in names
+    for bad in ("bf16+cl+compile+autotune", "legacy-bf16+cl", "bf16@0", "int8", "bf16+cl@"):
+        with pytest.raises(ValueError, match="bad encoder setting"):
+            parse_setting(bad, 64)

@@ -122,6 +122,8 @@ def test_bad_inputs_and_options_are_clear_errors(crops):
 
     with pytest.raises(ValueError, match="unknown precision 'fp8'"):
         LatentEncoder("config:tiny", precision="fp8", device="cpu")
+    with pytest.raises(ValueError, match="unknown compile mode 'reduce-overhead'"):
+        LatentEncoder("config:tiny", device="cpu", compile=True, compile_mode="reduce-overhead")
 
 
 def test_pipeline_config_types_the_encoder_options():
@@ -131,13 +133,17 @@ def test_pipeline_config_types_the_encoder_options():
     from data_pipeline.config import PipelineConfig
 
     cfg = PipelineConfig(input="in", output="out")
-    assert (cfg.memory_format, cfg.compile_encoder) == ("auto", False)
-    cfg = parse_args(["--input", "in", "--output", "out", "--memory-format", "contiguous", "compile_encoder=true"])
-    assert (cfg.memory_format, cfg.compile_encoder) == ("contiguous", True)
+    assert (cfg.memory_format, cfg.compile_encoder, cfg.compile_mode) == ("auto", False, "default")
+    cfg = parse_args(["--input", "in", "--output", "out", "--memory-format", "contiguous", "compile_encoder=true",
+                      "--compile-mode", "max-autotune-no-cudagraphs"])
+    assert (cfg.memory_format, cfg.compile_encoder, cfg.compile_mode) == (
+        "contiguous", True, "max-autotune-no-cudagraphs")
     with pytest.raises(ValidationError, match="memory_format"):
         PipelineConfig(input="in", output="out", memory_format="nhwc")
     with pytest.raises(ValidationError, match="compile_encoder"):
         PipelineConfig(input="in", output="out", compile_encoder="sometimes")
+    with pytest.raises(ValidationError, match="compile_mode"):
+        PipelineConfig(input="in", output="out", compile_mode="reduce-overhead")
 
 
 @pytest.mark.gpu
