@@ -232,6 +232,10 @@ def bench_encoder(args) -> list[dict]:
               f"{summary['storage_rounding_std']:.3g}", flush=True)
     rows = []
     for setting in settings:
+        if setting.batch > args.images:
+            print(f"[bench_pipeline] {setting.name}: skipped, its batch is larger than --images {args.images}",
+                  flush=True)
+            continue
         rows.append({"mode": "bare encoder", **measure_encoder(setting, args, images, reference)})
         print("[bench_pipeline] " + json.dumps({"vae": args.vae, "resolution": args.resolution, **rows[-1]}),
               flush=True)
