@@ -294,6 +294,8 @@ def main() -> None:
     parser.add_argument("--no-reference", action="store_true", help="encoder: skip the fp32 reference encode")
     parser.add_argument("--out", default=None, help="encoder: write encoder_bench.json (updated after each row)")
     args = parser.parse_args()
+    if args.images < 1 or args.repeat < 1 or args.batch < 1:
+        parser.error("--images, --repeat and --batch must be at least 1")
     if (args.sweep or args.settings) and args.only != "encoder":
         parser.error("--sweep/--settings measure the bare encoder only: add --only encoder")
     if args.only != "pipeline":
