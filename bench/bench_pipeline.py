@@ -1,12 +1,25 @@
-"""Latent pipeline throughput against the bare encoder, same machine, same VAE, same batch.
+"""Latent pipeline throughput against the bare encoder, same machine, same VAE, same batch; and the encoder's
+speed options side by side (issue 12).
 
   bare encoder  LatentEncoder.encode_images on already-cropped uint8 images in memory (host->device copy,
                 normalise, VAE encode of image + flip, cast to the storage dtype, copy back): the ceiling.
   pipeline      python -m data_pipeline's job on a local Ray (or RAY_ADDRESS) over an ImageFolder of JPEGs:
                 list, read, decode, ADM crop, encode, write tar shards + done records + manifest.
-Both count input images per second (each image is encoded twice: as is and mirrored).
+Both count source images per second (each image is encoded twice: as is and mirrored; encodes/s = 2x).
 
   .venv/bin/python bench/bench_pipeline.py --vae config:sd --resolution 256 --images 64 --batch 16
+
+Encoder settings (`--only encoder`): one setting from the flags, or several in one process with `--settings`
+(comma-separated) or `--sweep` (the issue-12 table). A setting is PRECISION[+cl][+compile|+autotune][@BATCH]:
+  fp32 | fp16 | bf16   encoder arithmetic;      +cl        channels-last memory format (else contiguous NCHW)
+  +compile             torch.compile'd step;    +autotune  the same in mode max-autotune-no-cudagraphs (slow compile)
+  @BATCH               images per forward (default --batch)
+  legacy-bf16@64       the encoder stage as it was before issue 12 (kept here for before/after in one run)
+Every row reports source images/s, encodes/s, its warm-up (first call: cuDNN autotune, compile) and the max abs
+difference of its stored mean/std against a strict fp32 encode (TF32 off) of the same images through diffusers'
+own AutoencoderKL.encode; `--no-reference` skips that encode.
+
+  python bench/bench_pipeline.py --only encoder --sweep --vae config:sd --resolution 256 --images 1024
 Synthetic ImageNet-like JPEGs (random sizes around 500x375) are generated unless --input is given; random VAE
 weights are fine for speed ("config:sd" is the sd-vae-ft-ema architecture).
 """
@@ -15,18 +28,55 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
 import time
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.common import fmt_table, versions  # noqa: E402
 from data_pipeline.config import PipelineConfig  # noqa: E402
 from data_pipeline.encoder import LatentEncoder  # noqa: E402
+
+SWEEP = ["legacy-bf16", "fp32", "bf16", "bf16+cl", "fp16+cl", "bf16+cl+compile", "bf16+cl@32", "bf16+cl@128",
+         "bf16+cl+compile@32", "bf16+cl+compile@128"]
+SETTING = re.compile(r"^(?P<legacy>legacy-)?(?P<precision>fp32|fp16|bf16)(?P<flags>(\+(cl|compile|autotune))*)"
+                     r"(@(?P<batch>[1-9][0-9]*))?$")
+
+
+@dataclass
+class EncoderSetting:
+    name: str
+    precision: str
+    memory_format: str  # "channels_last" | "contiguous"
+    compile: bool
+    batch: int
+    legacy: bool = False
+    compile_mode: str = "default"
+
+
+def parse_setting(spec: str, default_batch: int) -> EncoderSetting:
+    match = SETTING.match(spec.strip())
+    if not match:
+        raise ValueError(f"bad encoder setting {spec!r}: expected PRECISION[+cl][+compile|+autotune][@BATCH], e.g. "
+                         "bf16+cl+compile@64, or legacy-bf16")
+    flags = set(filter(None, match["flags"].split("+")))
+    if match["legacy"] and flags:
+        raise ValueError(f"bad encoder setting {spec!r}: the legacy path takes no +cl/+compile/+autotune")
+    if {"compile", "autotune"} <= flags:
+        raise ValueError(f"bad encoder setting {spec!r}: +autotune is a compile mode; give +compile or +autotune")
+    batch = int(match["batch"]) if match["batch"] else default_batch
+    name = spec.strip() if match["batch"] else f"{spec.strip()}@{batch}"
+    return EncoderSetting(name=name, precision=match["precision"],
+                          memory_format="channels_last" if "cl" in flags else "contiguous",
+                          compile=bool(flags & {"compile", "autotune"}), batch=batch, legacy=bool(match["legacy"]),
+                          compile_mode="max-autotune-no-cudagraphs" if "autotune" in flags else "default")
 
 
 def make_jpeg_folder(root: str, count: int, classes: int = 4, seed: int = 0) -> None:
@@ -43,22 +93,159 @@ def make_jpeg_folder(root: str, count: int, classes: int = 4, seed: int = 0) -> 
         image.save(os.path.join(folder, f"img{i:06d}.JPEG"), quality=90)
 
 
-def bench_encoder(args) -> dict:
+class LegacyEncoder:
+    """The encoder stage as it was before issue 12 (measured at 306.7 img/s, bf16, batch 64, one H200), restated
+    for before/after in one run: the whole VAE on the device; per chunk a pageable upload, the [-1, 1] scaling in
+    fp32 on a channels-last view fed to an NCHW network, diffusers' encode, and a device->host copy (a sync)."""
+
+    def __init__(self, vae: str, precision: str, device: str, batch_size: int, storage_dtype: str = "float16"):
+        import torch
+
+        from data_pipeline.encoder import PRECISIONS, resolve_device
+        from dig.vae import load_vae
+
+        self.device = resolve_device(device)
+        if self.device == "cuda":
+            torch.backends.cudnn.benchmark = True
+        self.vae = load_vae(vae, device=self.device, dtype=getattr(torch, PRECISIONS[precision]))
+        self.batch_size = batch_size
+        self.storage_dtype = storage_dtype
+
+    def encode_images(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        import torch
+
+        from dig.vae import encode
+
+        means, stds = [], []
+        to_store = getattr(torch, self.storage_dtype)
+        for start in range(0, len(images), self.batch_size):
+            chunk = torch.from_numpy(np.require(images[start:start + self.batch_size], requirements=["C", "W"]))
+            x = chunk.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+            n = x.shape[0]
+            mean, std = encode(self.vae, torch.cat([x, x.flip(-1)]))
+            means.append(mean.float().unflatten(0, (2, n)).transpose(0, 1).to(to_store).cpu().numpy())
+            stds.append(std.float().unflatten(0, (2, n)).transpose(0, 1).to(to_store).cpu().numpy())
+        return np.concatenate(means), np.concatenate(stds)
+
+
+def reference_encode(vae_spec: str, images: np.ndarray, batch: int, device: str) -> tuple[np.ndarray, np.ndarray]:
+    """Strict fp32 (TF32 off) through diffusers' own AutoencoderKL.encode, contiguous NCHW, the scaling in float64:
+    (mean, std), each float64 [N, 2, C, h, w]; [:, 1] is the mirror image."""
     import torch
+
+    from dig.vae import encode, load_vae
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        encoder = LatentEncoder(args.vae, precision=args.precision, device=args.device, batch_size=args.batch)
+        vae = load_vae(vae_spec, device=device)
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    means, stds = [], []
+    try:
+        for start in range(0, len(images), batch):
+            x = torch.from_numpy(images[start:start + batch]).to(device).permute(0, 3, 1, 2).double() / 127.5 - 1
+            n = x.shape[0]
+            mean, std = encode(vae, torch.cat([x, x.flip(-1)]).float().contiguous())
+            means.append(mean.double().unflatten(0, (2, n)).transpose(0, 1).cpu().numpy())
+            stds.append(std.double().unflatten(0, (2, n)).transpose(0, 1).cpu().numpy())
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+        del vae
+    return np.concatenate(means), np.concatenate(stds)
+
+
+def measure_encoder(setting: EncoderSetting, args, images: np.ndarray, reference) -> dict:
+    import torch
+
+    if setting.compile:
+        torch._dynamo.reset()  # each compiled row starts from a clean cache (and its own compile time)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if setting.legacy:
+            encoder = LegacyEncoder(args.vae, setting.precision, args.device, setting.batch, args.storage_dtype)
+        else:
+            encoder = LatentEncoder(args.vae, precision=setting.precision, device=args.device,
+                                    batch_size=setting.batch, storage_dtype=args.storage_dtype,
+                                    memory_format=setting.memory_format, compile=setting.compile,
+                                    compile_mode=setting.compile_mode)
+    device = torch.device(encoder.device)
+    start = time.perf_counter()
+    encoder.encode_images(images)  # warm-up: allocator, cuDNN autotune of every shape, compile
+    warmup = time.perf_counter() - start
+    times = []
+    for _ in range(args.repeat):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        mean, std = encoder.encode_images(images)  # returns host arrays: includes the device->host copy
+        times.append(time.perf_counter() - start)
+    seconds = float(np.median(times))
+    row = {"setting": setting.name, "device": encoder.device, "precision": setting.precision,
+           "memory_format": "legacy" if setting.legacy else setting.memory_format,
+           "compile": setting.compile_mode if setting.compile else False,
+           "batch": setting.batch, "images": len(images), "seconds": round(seconds, 4),
+           "source_img_per_s": round(len(images) / seconds, 2), "encodes_per_s": round(2 * len(images) / seconds, 2),
+           "warmup_s": round(warmup, 2)}
+    if reference is not None:
+        row["mean_max_abs_diff"] = float(np.abs(mean.astype(np.float64) - reference[0]).max())
+        row["std_max_abs_diff"] = float(np.abs(std.astype(np.float64) - reference[1]).max())
+    del encoder
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def encoder_settings(args) -> list[EncoderSetting]:
+    if args.sweep or args.settings:
+        specs = SWEEP if args.sweep else [s for s in args.settings.split(",") if s.strip()]
+        return [parse_setting(spec, args.batch) for spec in specs]
+    from data_pipeline.encoder import resolve_device, resolve_memory_format
+
+    memory_format = resolve_memory_format(args.memory_format, resolve_device(args.device))
+    name = args.precision + ("+cl" if memory_format == "channels_last" else "")
+    name += ("+autotune" if args.compile_mode != "default" else "+compile") if args.compile else ""
+    return [EncoderSetting(name=f"{name}@{args.batch}", precision=args.precision, memory_format=memory_format,
+                           compile=args.compile, batch=args.batch, compile_mode=args.compile_mode)]
+
+
+def bench_encoder(args) -> list[dict]:
+    """Every requested encoder setting on the same images in one process; each row as soon as it is measured
+    (printed, and written to --out), so a run cut short keeps the rows it finished."""
+    from data_pipeline.encoder import resolve_device
+
+    settings = encoder_settings(args)  # bad specs fail before any work
     images = np.random.default_rng(0).integers(0, 256, (args.images, args.resolution, args.resolution, 3),
                                                dtype=np.uint8)
-    encoder.encode_images(images[: args.batch])  # warm-up (allocator, cuDNN autotune)
-    if encoder.device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    encoder.encode_images(images)  # returns host arrays: includes the device->host copy
-    seconds = time.perf_counter() - start
-    return {"mode": "bare encoder", "device": encoder.device, "images": args.images,
-            "seconds": round(seconds, 3), "images_per_s": round(args.images / seconds, 2)}
+    reference = summary = None
+    if not args.no_reference:
+        start = time.perf_counter()
+        reference = reference_encode(args.vae, images, max(s.batch for s in settings), resolve_device(args.device))
+        mean, std = reference
+        summary = {"seconds": round(time.perf_counter() - start, 2), "mean_max_abs": float(np.abs(mean).max()),
+                   "std_max_abs": float(np.abs(std).max()),
+                   # what storing the fp32 reference itself in the storage dtype changes: the floor of the diffs
+                   "storage_rounding_mean": float(np.abs(mean.astype(args.storage_dtype) - mean).max()),
+                   "storage_rounding_std": float(np.abs(std.astype(args.storage_dtype) - std).max())}
+        print(f"[bench_pipeline] fp32 reference encode (TF32 off) {summary['seconds']} s; max |mean| "
+              f"{summary['mean_max_abs']:.4g}, max |std| {summary['std_max_abs']:.4g}; {args.storage_dtype} storage "
+              f"alone changes them by up to {summary['storage_rounding_mean']:.3g} / "
+              f"{summary['storage_rounding_std']:.3g}", flush=True)
+    rows = []
+    for setting in settings:
+        if setting.batch > args.images:
+            print(f"[bench_pipeline] {setting.name}: skipped, its batch is larger than --images {args.images}",
+                  flush=True)
+            continue
+        rows.append({"mode": "bare encoder", **measure_encoder(setting, args, images, reference)})
+        print("[bench_pipeline] " + json.dumps({"vae": args.vae, "resolution": args.resolution, **rows[-1]}),
+              flush=True)
+        if args.out:
+            os.makedirs(args.out, exist_ok=True)
+            with open(os.path.join(args.out, "encoder_bench.json"), "w") as f:
+                json.dump({"env": versions(), "vae": args.vae, "resolution": args.resolution,
+                           "images": args.images, "storage_dtype": args.storage_dtype, "reference": summary,
+                           "rows": rows}, f, indent=1)
+    return rows
 
 
 def bench_pipeline(args) -> dict:
@@ -73,7 +260,9 @@ def bench_pipeline(args) -> dict:
         cfg = PipelineConfig(input=source, output=os.path.join(work, "latents"), resolution=args.resolution,
                              vae=args.vae, shard_size=args.shard_size, precision=args.precision,
                              device=args.device, encode_batch_size=args.batch, num_encoders=args.num_encoders,
-                             decode_cpus=args.decode_cpus)
+                             decode_cpus=args.decode_cpus, memory_format=args.memory_format,
+                             compile_encoder=args.compile, compile_mode=args.compile_mode,
+                             storage_dtype=args.storage_dtype)
         summary = run(cfg)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -86,31 +275,55 @@ def main() -> None:
     parser.add_argument("--vae", default="config:sd")
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--images", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=16, help="images per forward (each also mirrored)")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
+    parser.add_argument("--memory-format", default="auto", choices=["auto", "channels_last", "contiguous"])
+    parser.add_argument("--compile", action="store_true", help="torch.compile the encoder step")
+    parser.add_argument("--compile-mode", default="default", choices=["default", "max-autotune-no-cudagraphs"])
+    parser.add_argument("--storage-dtype", default="float16", choices=["float16", "float32"])
     parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     parser.add_argument("--shard-size", type=int, default=32)
     parser.add_argument("--num-encoders", type=int, default=None)
     parser.add_argument("--decode-cpus", type=float, default=1.0)
     parser.add_argument("--input", default=None, help="an ImageFolder to use instead of synthetic JPEGs")
     parser.add_argument("--only", choices=["encoder", "pipeline"], default=None)
+    parser.add_argument("--settings", default=None,
+                        help="encoder: comma-separated settings PRECISION[+cl][+compile|+autotune][@BATCH]")
+    parser.add_argument("--sweep", action="store_true", help="encoder: the issue-12 table: " + ", ".join(SWEEP))
+    parser.add_argument("--repeat", type=int, default=3, help="encoder: timed calls per setting (median)")
+    parser.add_argument("--no-reference", action="store_true", help="encoder: skip the fp32 reference encode")
+    parser.add_argument("--out", default=None, help="encoder: write encoder_bench.json (updated after each row)")
     args = parser.parse_args()
+    if args.images < 1 or args.repeat < 1 or args.batch < 1:
+        parser.error("--images, --repeat and --batch must be at least 1")
+    if (args.sweep or args.settings) and args.only != "encoder":
+        parser.error("--sweep/--settings measure the bare encoder only: add --only encoder")
+    if args.only != "pipeline":
+        try:
+            encoder_settings(args)  # a bad setting fails here, before any work
+        except ValueError as exc:
+            parser.error(str(exc))
 
     import torch
 
     if args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available()):
         torch.set_num_threads(os.cpu_count())
-    results = []
+    encoder_rows, pipeline_row = [], None
     if args.only in (None, "encoder"):
-        results.append(bench_encoder(args))
+        encoder_rows = bench_encoder(args)
+        columns = ["setting", "batch", "source_img_per_s", "encodes_per_s", "warmup_s"]
+        columns += ["mean_max_abs_diff", "std_max_abs_diff"] if not args.no_reference else []
+        print(f"\n[bench_pipeline] bare encoder, {args.vae} at {args.resolution} px, {args.images} images, "
+              f"{encoder_rows[0]['device']}, {args.storage_dtype} storage:\n" + fmt_table(encoder_rows, columns),
+              flush=True)
     if args.only in (None, "pipeline"):
-        results.append(bench_pipeline(args))
-    setup = {k: getattr(args, k) for k in ("vae", "resolution", "batch", "precision", "device", "shard_size")}
-    for r in results:
-        print("[bench_pipeline] " + json.dumps({**setup, **r}), flush=True)
-    if len(results) == 2:
+        pipeline_row = bench_pipeline(args)
+        setup = {k: getattr(args, k) for k in ("vae", "resolution", "batch", "precision", "device", "shard_size",
+                                               "memory_format", "compile", "compile_mode")}
+        print("[bench_pipeline] " + json.dumps({**setup, **pipeline_row}), flush=True)
+    if pipeline_row and len(encoder_rows) == 1:
         print(f"[bench_pipeline] pipeline / bare encoder = "
-              f"{results[1]['images_per_s'] / results[0]['images_per_s']:.2f}", flush=True)
+              f"{pipeline_row['images_per_s'] / encoder_rows[0]['source_img_per_s']:.2f}", flush=True)
 
 
 if __name__ == "__main__":

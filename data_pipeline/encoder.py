@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 
 
 def resolve_device(device: str) -> str:
@@ -17,41 +19,93 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def resolve_memory_format(memory_format: str, device: str) -> str:
+    """auto: channels-last on the GPU (cuDNN's tensor-core convolutions work in NHWC; NCHW costs transposes
+    around them), contiguous NCHW elsewhere (the CPU path the tests and the offline demo take, unchanged)."""
+    if memory_format not in MEMORY_FORMATS:
+        raise ValueError(f"unknown memory format {memory_format!r}; choose one of {list(MEMORY_FORMATS)}")
+    if memory_format == "auto":
+        return "channels_last" if device == "cuda" else "contiguous"
+    return memory_format
+
+
 class LatentEncoder:
-    """Callable class for `Dataset.map_batches(..., batch_size=1)`: one row is one shard."""
+    """Callable class for `Dataset.map_batches(..., batch_size=1)`: one row is one shard.
+
+    Per shard: every chunk of `batch_size` crops goes to the device (through pinned memory on a GPU) and through
+    the encode step; the results stay on the device until the shard is done, then come back in one copy, so the
+    host never waits for the GPU between chunks. With `compile`, the step is compiled for one fixed batch shape
+    and a shard's last, smaller chunk is padded to it (the padded rows are dropped): no recompiles, whatever
+    the shard sizes. `pad_final_batch` forces the padding on or off (default: on exactly when compiling)."""
 
     def __init__(self, vae: str, precision: str = "fp32", device: str = "auto", batch_size: int = 64,
-                 storage_dtype: str = "float16"):
+                 storage_dtype: str = "float16", memory_format: str = "auto", compile: bool = False,
+                 compile_mode: str = "default", pad_final_batch: bool | None = None):
         import torch
 
-        from dig.vae import load_vae
+        from dig.vae import PosteriorEncoder, load_vae
 
+        from .encode_step import EncodeStep
+
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}; choose one of {list(PRECISIONS)}")
+        if compile_mode not in COMPILE_MODES:
+            raise ValueError(f"unknown compile mode {compile_mode!r}; choose one of {list(COMPILE_MODES)}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.device = resolve_device(device)
-        if self.device == "cuda":
-            torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest convolutions
-        self.vae = load_vae(vae, device=self.device, dtype=getattr(torch, PRECISIONS[precision]))
+        self.memory_format = resolve_memory_format(memory_format, self.device)
+        self.precision = precision
         self.batch_size = batch_size
         self.storage_dtype = storage_dtype
+        self.compile = bool(compile)
+        # Eager, a last chunk of a new size costs one cuDNN autotune (at most one per size below the batch), which
+        # is cheaper than encoding up to batch_size - 1 padded rows in every shard; compiled, it would recompile.
+        self.pad_final_batch = self.compile if pad_final_batch is None else bool(pad_final_batch)
+        if self.device == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest convolutions
+        # Loaded on the host in fp32; only the encoder half (no decoder) goes to the device.
+        self.step = EncodeStep(PosteriorEncoder(load_vae(vae)), device=self.device,
+                               dtype=getattr(torch, PRECISIONS[precision]), memory_format=self.memory_format,
+                               storage_dtype=getattr(torch, storage_dtype)).eval()
+        # dynamic=False: one graph for the one (padded) batch shape, never a dynamic-shape recompile.
+        self.run_step = torch.compile(self.step, mode=compile_mode, dynamic=False) if self.compile else self.step
+
+    def _to_device(self, chunk: np.ndarray):
+        import torch
+
+        if self.device == "cuda":
+            # One host copy into pinned memory (Ray's arrays are read-only, so some copy is needed anyway), then
+            # an asynchronous upload; the pinned block is not reused before that upload has finished.
+            pinned = torch.empty(chunk.shape, dtype=torch.uint8, pin_memory=True)
+            pinned.numpy()[...] = chunk
+            return pinned.to(self.device, non_blocking=True)
+        # torch warns about read-only arrays, so copy only when not writable
+        return torch.from_numpy(np.require(chunk, requirements=["C", "W"]))
 
     def encode_images(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """uint8 [N, H, W, 3] -> (mean, std), each [N, 2, C, h, w] in the storage dtype; [:, 1] is the flip."""
         import torch
 
-        from dig.vae import encode
-
-        means, stds = [], []
-        for start in range(0, len(images), self.batch_size):
-            # Ray hands over read-only arrays; torch warns about those, so copy only when not writable
-            chunk = torch.from_numpy(np.require(images[start:start + self.batch_size], requirements=["C", "W"]))
-            x = chunk.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-            n = x.shape[0]
-            mean, std = encode(self.vae, torch.cat([x, x.flip(-1)]))
-            to_store = getattr(torch, self.storage_dtype)
-            means.append(mean.float().unflatten(0, (2, n)).transpose(0, 1).to(to_store).cpu().numpy())
-            stds.append(std.float().unflatten(0, (2, n)).transpose(0, 1).to(to_store).cpu().numpy())
-        if not means:
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"expected uint8 crops [N, H, W, 3], got {images.dtype} {list(images.shape)}")
+        if not len(images):
             return np.zeros((0, 2, 0, 0, 0), self.storage_dtype), np.zeros((0, 2, 0, 0, 0), self.storage_dtype)
-        return np.concatenate(means), np.concatenate(stds)
+        means = stds = None
+        with torch.no_grad():
+            for start in range(0, len(images), self.batch_size):
+                chunk = images[start:start + self.batch_size]
+                crops = self._to_device(chunk)
+                rows = len(chunk)
+                if self.pad_final_batch and rows < self.batch_size:
+                    crops = torch.cat([crops, crops.new_zeros((self.batch_size - rows, *crops.shape[1:]))])
+                mean, std = self.run_step(crops)
+                if means is None:
+                    means = mean.new_empty((len(images), *mean.shape[1:]))
+                    stds = std.new_empty((len(images), *std.shape[1:]))
+                means[start:start + rows] = mean[:rows]
+                stds[start:start + rows] = std[:rows]
+        return means.cpu().numpy(), stds.cpu().numpy()
 
     def __call__(self, batch: dict) -> dict:
         out = {k: v for k, v in batch.items() if k != "images"}

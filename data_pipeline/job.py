@@ -118,7 +118,9 @@ def build_dataset(cfg: PipelineConfig, rows: list[dict], use_gpu: bool, num_enco
     ds = ds.map_batches(
         LatentEncoder, batch_size=1, batch_format="numpy",
         fn_constructor_kwargs=dict(vae=cfg.vae, precision=cfg.precision, device="cuda" if use_gpu else "cpu",
-                                   batch_size=cfg.encode_batch_size, storage_dtype=cfg.storage_dtype),
+                                   batch_size=cfg.encode_batch_size, storage_dtype=cfg.storage_dtype,
+                                   memory_format=cfg.memory_format, compile=cfg.compile_encoder,
+                                   compile_mode=cfg.compile_mode),
         compute=ActorPoolStrategy(size=num_encoders), num_gpus=1 if use_gpu else 0, num_cpus=cfg.encoder_cpus)
     return ds.map(write_shard, fn_kwargs=dict(output=cfg.output, name=cfg.name, storage_dtype=cfg.storage_dtype),
                   num_cpus=0.5, runtime_env=runtime_env)
@@ -208,7 +210,9 @@ def run(cfg: PipelineConfig) -> dict:
     dealt = f"shuffled, seed {cfg.shuffle_seed}" if cfg.shuffle else "unshuffled"
     print(f"[data_pipeline] {len(listing.items)} inputs ({listing.layout}, {len(listing.classes)} classes) -> "
           f"{len(shards)} shards of {cfg.shard_size} ({dealt}); {len(done)} already done, {len(todo)} to do; "
-          f"encoder on {'GPU' if use_gpu else 'CPU'} x{num_encoders}", flush=True)
+          f"encoder on {'GPU' if use_gpu else 'CPU'} x{num_encoders} ({cfg.precision}, batch "
+          f"{cfg.encode_batch_size}, memory format {cfg.memory_format}"
+          f"{f', compiled ({cfg.compile_mode})' if cfg.compile_encoder else ''})", flush=True)
 
     records = _read_done(cfg, done)
     encode_start = time.monotonic()

@@ -103,9 +103,36 @@ def scaling_factor(vae) -> float:
 
 @torch.no_grad()
 def encode(vae, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """images in [-1, 1], [N, 3, H, W] -> posterior (mean, std), each [N, C, H/f, W/f], unscaled."""
+    """images in [-1, 1], [N, 3, H, W] -> posterior (mean, std), each [N, C, H/f, W/f], unscaled.
+
+    Through diffusers' own `AutoencoderKL.encode` (the reference); the preprocessing encoder runs
+    `PosteriorEncoder`, which computes the same thing without the decoder and the distribution object."""
     dist = vae.encode(images.to(device=vae.device, dtype=vae.dtype)).latent_dist
     return dist.mean, dist.std
+
+
+class PosteriorEncoder(torch.nn.Module):
+    """The encoder half of an AutoencoderKL as a plain tensor-in, tensors-out module: images in [-1, 1]
+    [N, 3, H, W] -> posterior (mean, std), each float32 [N, C, H/f, W/f], unscaled.
+
+    What `AutoencoderKL.encode` does (encoder, quant_conv, DiagonalGaussianDistribution's mean and
+    exp(0.5 * clamp(logvar, -30, 20))) minus what the pipeline does not need: no decoder on the device, no
+    variance, no distribution object (so torch.compile sees one tensor graph). The std is taken in float32 from
+    the network's logvar, so a bf16/fp16 network loses no further precision in the exp."""
+
+    def __init__(self, vae):
+        super().__init__()
+        if getattr(vae, "use_tiling", False) or getattr(vae, "use_slicing", False):
+            raise ValueError("PosteriorEncoder runs the whole batch at once; disable the VAE's tiling/slicing")
+        self.encoder = vae.encoder
+        self.quant_conv = vae.quant_conv  # None in VAEs built with use_quant_conv=False
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        moments = self.encoder(images)
+        if self.quant_conv is not None:
+            moments = self.quant_conv(moments)
+        mean, logvar = moments.float().chunk(2, dim=1)
+        return mean, torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
 
 
 @torch.no_grad()

@@ -5,6 +5,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -62,3 +64,50 @@ def test_bench_gla_kernels_quick_times_forward_and_backward_against_the_byte_flo
             expected = row[f"torch_{direction}_ms"] / (floor_s * 1e3)
             assert abs(row[f"torch_{direction}_floor_x"] - expected) <= 1e-6 * expected, (direction, row)
     assert "GLA fwd" in out.stdout and "GLA bwd" in out.stdout
+def test_bench_pipeline_encoder_settings_side_by_side_on_cpu(tmp_path):
+    """`dig bench pipeline --only encoder --settings …` (what --sweep runs on the GPU, minus the compiles): one
+    row per setting with its speed and its distance from the strict fp32 encode of the same images."""
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=os.path.join(REPO, ".torch_extensions"))
+    out = subprocess.run([sys.executable, "-m", "dig.cli", "bench", "pipeline", "--only", "encoder", "--vae",
+                          "config:tiny", "--device", "cpu", "--images", "5", "--resolution", "32", "--batch", "2",
+                          "--repeat", "1", "--settings", "legacy-bf16,fp32,bf16+cl@4", "--out", str(tmp_path)],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads((tmp_path / "encoder_bench.json").read_text())
+    rows = {r["setting"]: r for r in result["rows"]}
+    assert list(rows) == ["legacy-bf16@2", "fp32@2", "bf16+cl@4"]
+    assert (rows["bf16+cl@4"]["batch"], rows["bf16+cl@4"]["memory_format"]) == (4, "channels_last")
+    for row in rows.values():
+        assert row["images"] == 5 and row["source_img_per_s"] > 0
+        assert abs(row["encodes_per_s"] - 2 * row["source_img_per_s"]) < 0.02 * row["encodes_per_s"]
+        assert f"| {row['setting']} |" in out.stdout  # the printed table
+    ref = result["reference"]
+    assert 0 < ref["storage_rounding_mean"] <= ref["mean_max_abs"] * 2 ** -11  # fp16: half an ulp at most
+    # fp32 differs from the reference by fp32 noise, then by the fp16 storage (at most half an ulp, plus one ulp
+    # where the noise crosses a rounding boundary); bf16 arithmetic by bf16 noise (8 significant bits)
+    assert rows["fp32@2"]["mean_max_abs_diff"] <= ref["mean_max_abs"] * 3 * 2 ** -11
+    for name in ("legacy-bf16@2", "bf16+cl@4"):
+        assert rows[name]["mean_max_abs_diff"] <= 0.05 * ref["mean_max_abs"], rows[name]
+
+
+def test_bench_pipeline_rejects_a_bad_encoder_setting():
+    out = subprocess.run([sys.executable, "-m", "dig.cli", "bench", "pipeline", "--only", "encoder", "--settings",
+                          "bf16+nhwc"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "bad encoder setting 'bf16+nhwc'" in out.stderr, out.stderr[-2000:]
+
+
+def test_bench_pipeline_setting_names():
+    from bench.bench_pipeline import SWEEP, parse_setting
+
+    s = parse_setting("bf16+cl+compile@128", 64)
+    assert (s.precision, s.memory_format, s.compile, s.compile_mode, s.batch) == (
+        "bf16", "channels_last", True, "default", 128)
+    s = parse_setting("fp16+autotune", 64)
+    assert (s.name, s.memory_format, s.compile, s.compile_mode) == (
+        "fp16+autotune@64", "contiguous", True, "max-autotune-no-cudagraphs")
+    assert parse_setting("legacy-bf16", 32).legacy and not parse_setting("bf16", 32).legacy
+    names = [parse_setting(spec, 64).name for spec in SWEEP]
+    assert len(set(names)) == len(names) and "legacy-bf16@64" in names and "bf16+cl+compile@64" in names
+    for bad in ("bf16+cl+compile+autotune", "legacy-bf16+cl", "bf16@0", "int8", "bf16+cl@"):
+        with pytest.raises(ValueError, match="bad encoder setting"):
+            parse_setting(bad, 64)

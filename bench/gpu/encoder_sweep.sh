@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Issue 12, the encoder table (BENCHMARKS.md "Encoder settings"), on one H200 (device tool, kind nvidia-h200):
+# the pipeline's bare encoder stage (LatentEncoder.encode_images: upload, scale, VAE encode of image + mirror,
+# fp16 storage, download) at 256 px with the sd-vae-ft-ema architecture (random weights), every setting of
+# `bench_pipeline.py --sweep` in one process, each row against a strict fp32 encode (TF32 off) of the same images;
+# then the encoder's GPU tests. Rows are printed and written to $OUT/encoder_bench.json as each one finishes, so a
+# run cut short by the time limit keeps what it measured (the compiled rows come last among the batch-64 rows).
+# .whl/ needs the usual set (../shared/gpu/prepare-wheels.sh) plus diffusers and what it imports, e.g.
+#   pip download --no-deps --only-binary=:all: <the PLAT flags of prepare-wheels.sh> -d .whl diffusers \
+#       huggingface_hub hf-xet httpx2 click fsspec filelock regex requests urllib3 idna certifi \
+#       charset-normalizer importlib-metadata zipp pillow packaging typing-extensions
+#   (check with `python3 -c "import diffusers.models"` there; add whatever it still names)
+set -u
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TORCH_EXTENSIONS_DIR=/tmp/tex TRITON_CACHE_DIR=/tmp/tc \
+    TORCHINDUCTOR_CACHE_DIR=/tmp/ic
+python3 -c "from diffusers import AutoencoderKL" > "$OUT/diffusers_import.log" 2>&1 || {
+    echo "diffusers does not import (see the wheel list at the top of this script):"; tail -3 "$OUT/diffusers_import.log"
+    exit 1; }
+nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,memory.used --format=csv | tee "$OUT/gpu.txt"
+t0=$SECONDS
+timeout "${LIMIT:-430}" python3 bench/bench_pipeline.py --only encoder --sweep --device cuda --vae config:sd \
+    --resolution 256 --images "${IMAGES:-1024}" --batch 64 --repeat 3 --out "$OUT" > "$OUT/encoder_sweep.log" 2>&1
+echo "sweep rc=$? $((SECONDS - t0))s"
+grep -v '^\[bench_pipeline\] {' "$OUT/encoder_sweep.log" | grep -v "^\s*$" | tail -16
+grep -m3 -i "error\|recompil\|graph break" "$OUT/encoder_sweep.log" | cut -c1-300
+timeout "${TEST_LIMIT:-120}" python3 -m pytest -m gpu tests/test_encoder.py -x -q > "$OUT/gpu_tests.log" 2>&1
+echo "encoder gpu tests rc=$?"; tail -3 "$OUT/gpu_tests.log"
