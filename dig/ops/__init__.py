@@ -5,8 +5,9 @@ DiG's training shapes; backend="fla" flash-linear-attention's `chunk_gla` (CUDA 
 chunked PyTorch implementation in `gla_torch.py` (any device, float32 compute). backend="auto": on CUDA, triton
 when Triton is installed, the heads fit and batch x heads gives every SM at least one sequence (the fused kernels
 run one program per sequence and head: at DiG-XL/2 shapes on an H200 they are 1.5-2.5x faster than fla from 256
-to 1024 px, and 4-6x slower at 2048-4096 px with 1-2 images per GPU, see BENCHMARKS.md), else fla when installed,
-else triton, else torch; on other devices, torch.
+to 1024 px, and were 4-6x slower at 2048-4096 px with 1-2 images per GPU, see BENCHMARKS.md), else fla when
+installed, else triton (which then splits each sequence across programs to fill the GPU), else torch; on other
+devices, torch. The split kernels are tested but not yet timed against fla, so auto does not prefer them yet.
 """
 from __future__ import annotations
 
