@@ -4,7 +4,8 @@
 
 A Trainer with ZeRO stage 0 and fp32 weights (two micro-batches per rank per step, gradient clipping on) trains 3
 steps with engine.overlap_grad_allreduce=OVERLAP and tiny buckets; rank 0 saves the weights, the logged gradient
-norms and, with the overlap, how many buckets were already sent when the backward had finished."""
+norms, how often DeepSpeed's own gradient all-reduce ran and, with the overlap, how many buckets were already
+sent when the backward had finished. With one process there is nothing to reduce."""
 from __future__ import annotations
 
 import os
@@ -32,7 +33,10 @@ def main(data: str, workdir: str, overlap: bool, out: str) -> None:
     trainer_module.make_tracker = lambda *a, **k: NullTracker()
     tr = trainer_module.Trainer(validate(resolved), resolved)
     reducer = getattr(tr.engine, "dig_grad_reducer", None)
-    assert (reducer is not None) == overlap, reducer
+    assert (reducer is not None) == (overlap and tr.rt.world_size > 1), reducer
+    deepspeed_reduces = []
+    fallback = tr.engine.buffered_allreduce_fallback
+    tr.engine.buffered_allreduce_fallback = lambda *a, **k: (deepspeed_reduces.append(1), fallback(*a, **k))[1]
     sent_before_finish = []
     if reducer is not None:
         finish = reducer.finish
@@ -43,7 +47,8 @@ def main(data: str, workdir: str, overlap: bool, out: str) -> None:
         norms.append(float(tr.engine.get_global_grad_norm()))
     if tr.rt.rank == 0:
         torch.save({"weights": {k: v.detach().clone() for k, v in tr.engine.module.state_dict().items()},
-                    "grad_norms": norms, "sent_before_finish": sent_before_finish}, out)
+                    "grad_norms": norms, "sent_before_finish": sent_before_finish,
+                    "deepspeed_reduces": len(deepspeed_reduces)}, out)
     tr.data.close()
     if tr.run_lock is not None:
         tr.run_lock.release()

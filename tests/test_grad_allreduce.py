@@ -16,11 +16,11 @@ from dig.train.engine import free_loopback_port
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _train(data: str, tmp_path, overlap: bool) -> dict:
-    work = tmp_path / f"overlap_{overlap}"
+def _train(data: str, tmp_path, overlap: bool, ranks: int = 2) -> dict:
+    work = tmp_path / f"overlap_{overlap}_{ranks}"
     work.mkdir()
     out = work / "result.pt"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", "--master_addr=127.0.0.1",
            f"--master_port={free_loopback_port()}", os.path.join(REPO, "tests", "grad_allreduce_probe.py"), data,
            str(work), str(overlap).lower(), str(out)]
     env = dict(os.environ, TORCH_EXTENSIONS_DIR=os.path.join(REPO, ".torch_extensions"), OMP_NUM_THREADS="1")
@@ -37,7 +37,18 @@ def test_overlapped_allreduce_equals_deepspeeds_reduce_after_backward(tmp_path):
     assert set(ours["weights"]) == set(deepspeeds["weights"])
     differing = [k for k in ours["weights"] if not torch.equal(ours["weights"][k], deepspeeds["weights"][k])]
     assert not differing, differing
-    assert deepspeeds["sent_before_finish"] == []
+    assert deepspeeds["sent_before_finish"] == [] and deepspeeds["deepspeed_reduces"] == 3  # once per step
+    assert ours["deepspeed_reduces"] == 0
     assert len(ours["sent_before_finish"]) == 3  # one exchange per optimizer step, not per micro-batch
     for sent, buckets in ours["sent_before_finish"]:
         assert buckets > 10 and sent >= buckets // 2, (sent, buckets)  # most buckets left during the backward
+
+
+def test_one_rank_skips_deepspeeds_identity_all_reduce(tmp_path):
+    """One rank: DeepSpeed's stage 0 would flatten every gradient, all-reduce it over one rank and copy it back;
+    the engine turns that off (tests/test_train_single.py checks the steps against a plain-PyTorch replay)."""
+    data = str(tmp_path / "latents")
+    write_synthetic_dataset(data, num_shards=4, samples_per_shard=8)
+    single = _train(data, tmp_path, True, ranks=1)
+    assert single["deepspeed_reduces"] == 0 and single["sent_before_finish"] == []
+    assert all(n > 0 for n in single["grad_norms"])
