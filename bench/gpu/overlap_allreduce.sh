@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 11 on 2 H200s: `dig train` (DiG-XL/2, 256 px, 32 images per GPU, the ImageNet-256 recipe) with the
 # gradient all-reduce overlapped with the backward (default) and with DeepSpeed's reduce-after-backward, side by
-# side, on 1 and 2 GPUs; then the GPU resume test on another GPU count.
+# side, on 1 and 2 GPUs, after the GPU test of the overlapped all-reduce (NCCL) against DeepSpeed's.
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
