@@ -15,10 +15,11 @@ within --tolerance (2%) of the smallest that ran out of memory. Batches stop at 
 (1024 images at 256 px, 256 at 512, 64 at 1024): a row at that cap reads ">= N".
 
 Where it differs from `dig train` (and why):
-  * The blocks are compiled with dynamic shapes (`compile_blocks(dynamic=True)`) and without CUDA graphs, so one
-    compile serves every batch and resolution (a DiG compile takes ~40 s; static shapes would recompile per
-    batch). The recipe's exact setting (static shapes, compile_mode reduce-overhead = CUDA graphs) is checked
-    at the end at one point (--recipe-check, default DiG-XL/2 at 256 px at the batch found): both numbers printed.
+  * The blocks are compiled (regional, as model.compile) with the batch dimension dynamic from the first step and
+    without CUDA graphs, so one compile serves every batch of a resolution (a DiG compile takes ~40 s; static
+    shapes would recompile for the second batch size, as dynamo does in `dig train` only once). The recipe's exact
+    setting (static shapes, compile_mode reduce-overhead = CUDA graphs) is run at one point right after that
+    model's search (--recipe-check, default DiG-XL/2 at 256 px at the batch found): both peaks are printed.
   * One GPU: DeepSpeed's stage-0 step flattens the gradients into 500M-element buckets for its all-reduce; with
     several GPUs the trainer's overlapped all-reduce keeps gradients in fixed buckets instead, and NCCL adds its own
     buffers (a few hundred MB).
@@ -108,11 +109,12 @@ def search_max_batch(trial, capacity: float, cap: int, first: int = PROBE_BATCH,
 
     def predict(lo: int) -> int | None:
         """The batch a line through two measured peaks puts at `capacity`: the largest fitting batch and the
-        smallest one at least a quarter of it (a wide base: nearby points give a noisy slope)."""
-        base = [b for b in fits if lo / 4 <= b < lo]
-        if not base:
+        smallest one at least a quarter of it (a wide base: nearby points give a noisy slope), else the largest
+        one below that."""
+        below = [b for b in fits if b < lo]
+        if not below:
             return None
-        b0 = min(base)
+        b0 = min([b for b in below if b >= lo / 4] or [max(below)])
         slope = (fits[lo] - fits[b0]) / (lo - b0)
         if slope <= 0:
             return None
@@ -136,7 +138,7 @@ def search_max_batch(trial, capacity: float, cap: int, first: int = PROBE_BATCH,
             break
         pred = predict(lo)
         if hi is None:
-            cand = min(cap, 4 * lo) if pred is None else min(cap, 4 * lo, max(pred, lo + step))
+            cand = min(cap, 4 * lo) if pred is None else min(cap, 16 * lo, max(pred, lo + step))
         elif last_oom or pred is None:
             cand = (lo + hi) // 2  # the line overshot: bisect
         else:
@@ -244,6 +246,23 @@ def _base_optimizer(opt):
     return opt
 
 
+def compile_blocks_dynamic_batch(module) -> None:
+    """model.compile's regional compile (`compile_blocks`: torch.compile of each block's forward) with the batch
+    dimension of the block's tensor inputs marked dynamic from the first call: one compile serves every batch (what
+    dynamo itself does after a block has seen a second batch size; a new resolution recompiles once more, then the
+    token count is dynamic too)."""
+    for block in module.blocks:
+        compiled = torch.compile(block.forward)
+
+        def forward(*args, _compiled=compiled, **kwargs):
+            for t in (*args, *kwargs.values()):
+                if torch.is_tensor(t) and t.dim() > 1:
+                    torch._dynamo.maybe_mark_dynamic(t, 0)
+            return _compiled(*args, **kwargs)
+
+        block.forward = forward
+
+
 def build_trainer(name: str, resolution: int, workdir: str, overrides: dict, extra: list[str]):
     """`dig train`'s Trainer for the recipe config with this model and resolution, on a one-shard synthetic dataset
     (only its manifest is read: the steps get their batches from `synthetic_batch`)."""
@@ -333,6 +352,7 @@ def run_model(a, name: str, out_path: str, t_end: float) -> None:
         if hasattr(dynamo.config, "accumulated_cache_size_limit"):
             dynamo.config.accumulated_cache_size_limit = max(dynamo.config.accumulated_cache_size_limit, 256)
     workdir = tempfile.mkdtemp(prefix="bench_memory_")
+    fallback = ""  # set when compiling with a dynamic batch failed: model.compile's own way from then on
     for res in a.resolutions:
         if time.time() > t_end:
             _emit(out_path, {"model": name, "res": res, "error": "skipped (time budget)"})
@@ -344,25 +364,31 @@ def run_model(a, name: str, out_path: str, t_end: float) -> None:
             tr, cfg = build_trainer(name, res, workdir, overrides, ["model.compile=false"])
             module = tr.engine.module
             compiled = "eager"
-            if cuda and not a.eager:  # model.compile's regional compile, with dynamic shapes: one compile for all
-                module.compile_blocks(dynamic=True)
-                compiled = "dynamic shapes, no CUDA graphs"
+            if cuda and not a.eager and not fallback:
+                compile_blocks_dynamic_batch(module)
+                compiled = "dynamic batch, no CUDA graphs"
+            elif cuda and not a.eager:
+                module.compile_blocks()
+                compiled = fallback
             warm = warmup_batch(module, cuda)
             try:
                 state = measure_state(tr, warm)  # the warm-up step: compiles, creates the AdamW state
             except Exception as e:
-                if compiled == "eager" or isinstance(e, torch.OutOfMemoryError):
+                if compiled == "eager" or fallback or isinstance(e, torch.OutOfMemoryError):
                     raise
-                # the recipe's own compile then: static shapes, made dynamic by dynamo after a shape change
-                print(f"[bench_memory] compile with dynamic=True failed ({type(e).__name__}: {e}); compiling as "
-                      "model.compile does", flush=True)
+                # the recipe's own compile then (here and for the next resolutions): static shapes, made dynamic by
+                # dynamo after a shape change
+                print(f"[bench_memory] compiling with a dynamic batch failed ({type(e).__name__}: {e}); compiling "
+                      "as model.compile does", flush=True)
                 for block in module.blocks:
                     block.__dict__.pop("forward", None)
                 for p in module.parameters():
                     p.grad = None
                 module.compile_blocks()
-                compiled = f"static, then dynamic after a shape change (dynamic=True failed: {type(e).__name__})"
+                fallback = compiled = f"static, then dynamic after a shape change (dynamic batch failed: " \
+                                      f"{type(e).__name__})"
                 state = measure_state(tr, warm)
+            if compiled.startswith("static"):
                 tr.next_batch = lambda: synthetic_batch(tr, warm + 1)
                 tr.run_step()  # the second shape: dynamo's recompile with a dynamic batch, before any trial
             tokens = module.grid_size[0] * module.grid_size[1]
@@ -656,7 +682,7 @@ def main(argv: list[str] | None = None) -> int:
     with open(os.path.join(out_dir, "bench_memory.json"), "w") as f:
         json.dump(result, f, indent=1)
     print(f"\n{device}{'' if total is None else f', {total / GIB:.1f} GiB'}; recipe {result['recipe']}; "
-          f"blocks {'eager' if a.eager or a.quick else 'compiled (dynamic shapes, no CUDA graphs)'}; "
+          f"blocks {'eager' if a.eager or a.quick else 'compiled (dynamic batch, no CUDA graphs)'}; "
           f"max batch within {a.tolerance:.0%} of the first that ran out of memory, tried up to {a.max_tokens} "
           f"tokens per micro-batch\n")
     print(table(rows, "MiB" if a.quick else "GiB"))

@@ -153,7 +153,8 @@ def test_bench_memory_search_finds_the_brute_force_edge(case):
         assert exact["oom_batch"] == expected + 1
     calls.clear()
     found = search_max_batch(trial, capacity, cap)  # the defaults the GPU run uses
-    assert len(calls) <= 12 and [t["batch"] for t in found["trials"]] == calls
+    assert len(calls) <= (6 if case in ("linear", "rounded", "capped") else 12), calls  # GPU time: few trials
+    assert [t["batch"] for t in found["trials"]] == calls
     assert found["max_batch"] <= expected and expected - found["max_batch"] <= max(1, int(0.02 * expected))
     if 0 < expected < cap:
         assert found["oom_batch"] - found["max_batch"] <= max(1, int(0.02 * found["max_batch"]))
