@@ -16,7 +16,7 @@ export PYTHONPATH=$PWD/bench/triton_first_config:/tmp/site:$PWD PYTHONUNBUFFERED
     TRITON_CACHE_DIR=/tmp/tc TORCHINDUCTOR_CACHE_DIR=/tmp/ic
 nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv | tee "$OUT/gpu.txt"
 t0=$SECONDS
-timeout "${LIMIT:-540}" python3 -m bench.bench_memory --budget-s "${BUDGET:-450}" \
+timeout "${LIMIT:-560}" python3 -m bench.bench_memory --budget-s "${BUDGET:-450}" \
     --models "${MODELS:-DiG-XL/2,DiT-XL/2,DiG-L/2,DiG-B/2,DiG-S/2}" --recipe-check "${CHECK:-DiG-XL/2@256}" \
     --out "$OUT" > "$OUT/bench_memory.log" 2>&1
 echo "bench memory rc=$? $((SECONDS - t0))s"
