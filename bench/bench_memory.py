@@ -4,8 +4,8 @@ What runs: the real training step of `dig train` (`Trainer.run_step`: DeepSpeed 
 norm, AdamW step, EMA update) built from the run config users start from, configs/train/dig-xl2-imagenet256.yaml
 (ZeRO stage 0, engine.precision amp: fp32 weights, gradients, AdamW state and EMA, bf16 autocast; blocks compiled),
 with only the model, the resolution and the micro-batch changed. Each trial is one step on a batch of random
-latents already on the GPU (the shard reader only holds host memory; its batches are a few MB on the GPU), after a
-warm-up step that compiled the blocks and created the AdamW state. Peak = torch.cuda.max_memory_allocated /
+latents already on the GPU (the shard reader only holds host memory; its batches are a few MB on the GPU), after
+warm-up steps at two batch sizes (compiles, the AdamW state). Peak = torch.cuda.max_memory_allocated /
 max_memory_reserved over the step; "fits" = the step ran without torch.OutOfMemoryError.
 
 Search, per model, resolution and activation checkpointing (model.grad_checkpointing) on/off: a step at 32 images
@@ -22,12 +22,12 @@ Where it differs from `dig train` (and why):
     model's search (--recipe-check, default DiG-XL/2 at 256 px at the batch found): both peaks are printed.
   * One GPU: DeepSpeed's stage-0 step flattens the gradients into 500M-element buckets for its all-reduce; with
     several GPUs the trainer's overlapped all-reduce keeps gradients in fixed buckets instead, and NCCL adds its own
-    buffers (a few hundred MB).
+    buffers.
   * Not included: the sampling model (an fp32 copy of the weights, 4 B/param) and the VAE that stay on the GPU
     after the first sample grid (tracking.sample_every > 0), and the FID evaluator (tracking.eval_every > 0).
 Each model runs in its own process, so an out-of-memory error or fragmentation cannot change the next model's rows.
 
-    python -m bench.bench_memory --out $OUT                 # all of it (one H200: ~6-8 min, see --budget-s)
+    python -m bench.bench_memory --out $OUT                 # all of it (one H200: ~8 min, see --budget-s)
     python -m bench.bench_memory --models DiG-XL/2 --resolutions 256 --out $OUT
     python -m bench.bench_memory --analytic                  # parameter counts and the 20 B/param state, no GPU
     python -m bench.bench_memory --quick --out /tmp/m        # CPU dry run of the plumbing (tiny model, fake limit)
@@ -339,11 +339,12 @@ def measure_state(tr, batch: int) -> dict:
     return state
 
 
-def run_model(a, name: str, out_path: str, t_end: float) -> None:
+def run_model(a, name: str, out_path: str, t_end: float, cuda: bool | None = None) -> None:
     from dig.train import trainer as trainer_module
 
     trainer_module.filter_known_warnings() if hasattr(trainer_module, "filter_known_warnings") else None
-    cuda = torch.cuda.is_available() and not a.quick
+    if cuda is None:
+        cuda = torch.cuda.is_available() and not a.quick
     overrides = dict(TINY) if a.quick else {}
     if cuda:
         import torch._dynamo as dynamo
@@ -388,9 +389,12 @@ def run_model(a, name: str, out_path: str, t_end: float) -> None:
                 fallback = compiled = f"static, then dynamic after a shape change (dynamic batch failed: " \
                                       f"{type(e).__name__})"
                 state = measure_state(tr, warm)
-            if compiled.startswith("static"):
+            if compiled != "eager":
+                # a second batch size before any trial: the parts of a block after a graph break (and a static
+                # compile) are recompiled for a dynamic batch here, and Inductor's first-call kernel benchmarking
+                # happens here, not inside a measured step
                 tr.next_batch = lambda: synthetic_batch(tr, warm + 1)
-                tr.run_step()  # the second shape: dynamo's recompile with a dynamic batch, before any trial
+                tr.run_step()
             tokens = module.grid_size[0] * module.grid_size[1]
             cap = max(1, a.max_tokens // tokens)
             params = [p for p in module.parameters() if p.requires_grad]
@@ -420,8 +424,9 @@ def run_model(a, name: str, out_path: str, t_end: float) -> None:
                         fake_limit = p1 + (QUICK_FIT_IMAGES - 1) * (p2 - p1)
                     meter.limit = fake_limit
                 else:
-                    tr.next_batch = lambda: synthetic_batch(tr, warm)
-                    tr.run_step()  # a checkpointed step may compile the recomputation once
+                    for b in (warm, warm + 1):  # a checkpointed step may compile the recomputation once
+                        tr.next_batch = lambda b=b: synthetic_batch(tr, b)
+                        tr.run_step()
                 capacity = meter.capacity()
                 row = dict(common, checkpointing=ckpt, capacity=capacity, cap=cap)
                 row.update(_search(a, tr, meter, capacity, cap))
