@@ -6,7 +6,8 @@ norm, AdamW step, EMA update) built from the run config users start from, config
 with only the model, the resolution and the micro-batch changed. Each trial is one step on a batch of random
 latents already on the GPU (the shard reader only holds host memory; its batches are a few MB on the GPU), after
 warm-up steps at two batch sizes (compiles, the AdamW state). Peak = torch.cuda.max_memory_allocated /
-max_memory_reserved over the step; "fits" = the step ran without torch.OutOfMemoryError.
+max_memory_reserved over the step; "fits" = the step ran without running out of memory (torch.OutOfMemoryError,
+or a cuBLAS/cuDNN workspace allocation failing).
 
 Search, per model, resolution and activation checkpointing (model.grad_checkpointing) on/off: a step at 32 images
 (the recipe's micro-batch; halved until one fits), one at 64, then a line through the measured peaks predicts the
@@ -448,6 +449,11 @@ def run_model(a, name: str, out_path: str, t_end: float, cuda: bool | None = Non
     shutdown()
 
 
+def is_out_of_memory(e: BaseException) -> bool:
+    text = str(e)
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in text or "ALLOC_FAILED" in text
+
+
 def _search(a, tr, meter, capacity: float, cap: int) -> dict:
     params = [p for p in tr.engine.module.parameters() if p.requires_grad]
     peaks: dict[int, tuple[float, float]] = {}
@@ -458,7 +464,9 @@ def _search(a, tr, meter, capacity: float, cap: int) -> dict:
         oom = False
         try:
             peaks[batch] = meter.measure(tr.run_step)
-        except torch.OutOfMemoryError:
+        except RuntimeError as e:  # torch.OutOfMemoryError, or a library's workspace allocation failing at the edge
+            if not is_out_of_memory(e):
+                raise
             oom = True
         if oom:  # outside the handler, so that the traceback's frames (and their activations) are gone
             for p in params:
@@ -513,7 +521,9 @@ def recipe_check(a, spec: str, batch: int, out_path: str) -> None:
             for _ in range(2):  # compile, CUDA-graph warm-up / recording
                 tr.run_step()
             row["peak_allocated"], row["peak_reserved"] = meter.measure(tr.run_step)
-        except torch.OutOfMemoryError:
+        except RuntimeError as e:
+            if not is_out_of_memory(e):
+                raise
             oom = True
         row["fits"] = not oom
     except Exception as e:

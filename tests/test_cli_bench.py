@@ -198,3 +198,12 @@ def test_bench_memory_quick_measures_the_recipe_state_and_searches(tmp_path):
     assert rows[True]["max_batch"] > rows[False]["max_batch"]
     assert "| model | res | tokens/img | params (M) |" in out.stdout and "| DiG-S/2 | 64 | 16 |" in out.stdout
     assert "training state = 20 B/param" in out.stdout
+
+
+def test_bench_memory_usage_errors_are_one_line():
+    for args, message in ((["--resolutions", "250"], "--resolutions: multiples of 16 px"),
+                          (["--recipe-check", "XL@256"], "--recipe-check: MODEL@RES"),
+                          (["--models", "DiG-XXL/2"], "unknown model(s) ['DiG-XXL/2']")):
+        out = subprocess.run([sys.executable, "-m", "dig.cli", "bench", "memory", *args], capture_output=True,
+                             text=True, timeout=120)
+        assert out.returncode == 2 and message in out.stderr, (args, out.stderr[-2000:])
