@@ -81,11 +81,6 @@ def param_count(name: str, overrides: dict | None = None) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def tokens_per_image(name: str, resolution: int) -> int:
-    patch = int(name.rsplit("/", 1)[1])
-    return (resolution // 8 // patch) ** 2
-
-
 # --- the search (pure: a trial function in, the largest batch that fits out) -------------------------------------
 
 def search_max_batch(trial, capacity: float, cap: int, first: int = PROBE_BATCH, second: int | None = None,
@@ -504,7 +499,7 @@ def _emit(path: str, row: dict) -> None:
               f"{'>= ' if row['capped'] else ''}{row['max_batch']} ({row['wall_s']:.0f} s)", flush=True)
 
 
-def recipe_check(a, spec: str, batch: int, out_path: str) -> None:
+def recipe_check(spec: str, batch: int, out_path: str) -> None:
     """The recipe exactly (static shapes, its compile_mode: CUDA graphs) at one model, resolution and batch."""
     name, res = spec.rsplit("@", 1)
     res = int(res)
@@ -643,7 +638,7 @@ def main(argv: list[str] | None = None) -> int:
         run_model(a, a.worker, a.rows, a.end_time or math.inf)
         return 0
     if a.worker_recipe:
-        recipe_check(a, a.worker_recipe, a.worker_batch, a.rows)
+        recipe_check(a.worker_recipe, a.worker_batch, a.rows)
         return 0
     if a.analytic:
         print(analytic_table(models))
