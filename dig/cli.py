@@ -276,6 +276,7 @@ BENCH_SUITES = {
     "train": "bench/bench_train.py",                     # the real `dig train` path (launcher, DeepSpeed, ...)
     "trainer-overhead": "bench/bench_trainer_overhead.py",  # full `dig train` step vs the bare model step
     "pipeline": "bench/bench_pipeline.py",               # Ray latent pipeline vs the bare VAE encoder
+    "memory": "bench/bench_memory.py",                   # GPU memory and the largest batch per GPU, per model/res
 }
 
 

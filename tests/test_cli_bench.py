@@ -111,3 +111,99 @@ def test_bench_pipeline_setting_names():
     for bad in ("bf16+cl+compile+autotune", "legacy-bf16+cl", "bf16@0", "int8", "bf16+cl@"):
         with pytest.raises(ValueError, match="bad encoder setting"):
             parse_setting(bad, 64)
+
+
+def _brute_force_max_batch(fits, cap):
+    return max((b for b in range(1, cap + 1) if fits(b)), default=0)
+
+
+@pytest.mark.parametrize("case", ["linear", "convex", "rounded", "first_too_big", "none_fits", "capped"])
+def test_bench_memory_search_finds_the_brute_force_edge(case):
+    """`search_max_batch` against a brute-force scan of the same memory model: exact with tolerance 0, within
+    2% (and in at most its default 12 trials) with the default tolerance."""
+    from bench.bench_memory import search_max_batch
+
+    gib = 2 ** 30
+    state, per_image, capacity, cap = 13 * gib, 0.33 * gib, 139 * gib, 1024
+    if case == "convex":  # the line through two small batches overshoots the edge
+        def peak(b): return state + per_image * b + 0.002 * gib * b * b
+    elif case == "rounded":  # the allocator's 2 MiB rounding
+        def peak(b): return -(-(state + per_image * b) // 2 ** 21) * 2 ** 21
+    elif case == "first_too_big":  # 1024 px: 32 images do not fit
+        def peak(b): return state + 16 * per_image * b
+    elif case == "none_fits":
+        def peak(b): return capacity + b
+    elif case == "capped":  # activation checkpointing at 256 px: the cap comes first
+        def peak(b): return state + 0.04 * gib * b
+    else:
+        def peak(b): return state + per_image * b
+
+    calls = []
+
+    def trial(b):
+        calls.append(b)
+        assert 1 <= b <= cap, b
+        return peak(b) if peak(b) <= capacity else None
+
+    expected = _brute_force_max_batch(lambda b: peak(b) <= capacity, cap)
+    exact = search_max_batch(trial, capacity, cap, tol=0.0, max_trials=40)
+    assert exact["max_batch"] == expected, (exact, expected)
+    assert exact["capped"] == (expected == cap)
+    if 0 < expected < cap:
+        assert exact["oom_batch"] == expected + 1
+    calls.clear()
+    found = search_max_batch(trial, capacity, cap)  # the defaults the GPU run uses
+    assert len(calls) <= (6 if case in ("linear", "rounded", "capped") else 12), calls  # GPU time: few trials
+    assert [t["batch"] for t in found["trials"]] == calls
+    assert found["max_batch"] <= expected and expected - found["max_batch"] <= max(1, int(0.02 * expected))
+    if 0 < expected < cap:
+        assert found["oom_batch"] - found["max_batch"] <= max(1, int(0.02 * found["max_batch"]))
+
+
+def test_bench_memory_quick_measures_the_recipe_state_and_searches(tmp_path):
+    """`dig bench memory --quick`: the real trainer step of the recipe config (tiny DiG-S/2, CPU) with and without
+    activation checkpointing. Its training state, counted from the trainer's own tensors, must be what the
+    recipe keeps: fp32 weights, fp32 gradients, AdamW's two fp32 moments and the fp32 EMA = 4 + 4 + 8 + 4 bytes per
+    parameter (parameter count from the model registry); and the batch search must be consistent with its trials
+    against the fake limit."""
+    from bench.bench_memory import TINY
+
+    from dig.models import create_model
+
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=os.path.join(REPO, ".torch_extensions"))
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    out = subprocess.run([sys.executable, "-m", "dig.cli", "bench", "memory", "--quick", "--out", str(tmp_path)],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, (out.stdout[-2000:], out.stderr[-3000:])
+    result = json.loads((tmp_path / "bench_memory.json").read_text())
+    rows = {r["checkpointing"]: r for r in result["rows"]}
+    assert set(rows) == {False, True} and not result["state_mismatches"]
+    n = sum(p.numel() for p in create_model("DiG-S/2", input_size=8, **TINY).parameters())
+    for row in rows.values():
+        assert row["params"] == n
+        assert (row["state"]["weights"], row["state"]["grads"], row["state"]["adam_moments"], row["state"]["ema"]) \
+            == (4 * n, 4 * n, 8 * n, 4 * n), row["state"]
+        fit = [t["batch"] for t in row["trials"] if "peak_allocated" in t]
+        oom = [t["batch"] for t in row["trials"] if "peak_allocated" not in t]
+        assert row["max_batch"] == max(fit) and (not oom or max(fit) < min(oom))  # monotone, as memory is
+        assert all(t["peak_allocated"] <= row["capacity"] for t in row["trials"] if "peak_allocated" in t)
+        if row["capped"]:
+            assert row["max_batch"] == row["cap"] == 64
+        else:
+            assert row["oom_batch"] == min(oom) and row["oom_batch"] - row["max_batch"] <= 1
+    # the fake limit lets ~9 images through without checkpointing; checkpointing saves fewer activations per image
+    assert 8 <= rows[False]["max_batch"] <= 10, rows[False]["trials"]
+    assert rows[True]["bytes_per_image"] < rows[False]["bytes_per_image"]
+    assert rows[True]["max_batch"] > rows[False]["max_batch"]
+    assert "| model | res | tokens/img | params (M) |" in out.stdout and "| DiG-S/2 | 64 | 16 |" in out.stdout
+    assert "training state = 20 B/param" in out.stdout
+
+
+def test_bench_memory_usage_errors_are_one_line():
+    for args, message in ((["--resolutions", "250"], "--resolutions: multiples of 16 px"),
+                          (["--recipe-check", "XL@256"], "--recipe-check: MODEL@RES"),
+                          (["--models", "DiG-XXL/2"], "unknown model(s) ['DiG-XXL/2']")):
+        out = subprocess.run([sys.executable, "-m", "dig.cli", "bench", "memory", *args], capture_output=True,
+                             text=True, timeout=120)
+        assert out.returncode == 2 and message in out.stderr, (args, out.stderr[-2000:])
