@@ -34,12 +34,14 @@ def floor_bytes(batch: int, tokens: int, itemsize: int = 2) -> dict[str, int]:
     return {d: n * itemsize * batch * tokens * HEADS for d, n in per_token_head.items()}
 
 
-def _variants(device: torch.device, quick: bool) -> dict:
+def _variants(device: torch.device, quick: bool, split_counts: tuple[int, ...] = ()) -> dict:
     """name -> fn(q, k, v, g) -> o, for the GLA implementations measured here."""
     if quick or device.type != "cuda":
         return {"torch": lambda q, k, v, g: gla(q, k, v, g, backend="torch")[0]}
     out = {"triton": lambda q, k, v, g: gla_triton(q, k, v, g)[0],
            "triton_1split": lambda q, k, v, g: gla_triton(q, k, v, g, splits=1)[0]}
+    for n in split_counts:  # forced split counts, to tune the automatic choice (gla_triton.automatic_splits)
+        out[f"triton_{n}split"] = lambda q, k, v, g, n=n: gla_triton(q, k, v, g, splits=n)[0]
     try:
         from dig.ops.gla_fla import fla_installed
         if fla_installed():
@@ -60,7 +62,7 @@ def time_fwd_bwd(fn, inputs, cotangent, device, repeat: int) -> tuple[float, flo
 
 
 def bench_case(res: int, batch: int, device: torch.device, copy_gbs: float | None, repeat: int,
-               quick: bool) -> dict:
+               quick: bool, split_counts: tuple[int, ...] = ()) -> dict:
     tokens = (res // 16) ** 2
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     gen = torch.Generator(device=device).manual_seed(0)
@@ -78,7 +80,7 @@ def bench_case(res: int, batch: int, device: torch.device, copy_gbs: float | Non
     inputs = [x.requires_grad_() for x in inputs]
     do = rnd(batch, tokens, HEADS, V)
     floor = floor_bytes(batch, tokens, itemsize=inputs[0].element_size())
-    for name, fn in _variants(device, quick).items():
+    for name, fn in _variants(device, quick, split_counts).items():
         try:
             fwd, bwd = time_fwd_bwd(fn, inputs, do, device, repeat)
         except Exception as e:  # noqa: BLE001  reported in the table, the other columns still run
@@ -105,6 +107,8 @@ def main(argv=None) -> None:
     ap.add_argument("--quick", action="store_true", help="CPU, tiny shapes, torch backend")
     ap.add_argument("--resolutions", default="", help="comma list to restrict the cases, e.g. 2048,4096")
     ap.add_argument("--repeat", type=int, default=10)
+    ap.add_argument("--splits", default="", help="also time our kernel at these forced split counts, e.g. 2,4,8 "
+                    "(columns triton_<n>split), to tune the automatic split rule")
     ap.add_argument("--out", default=os.environ.get("OUT", ""))
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
@@ -112,13 +116,14 @@ def main(argv=None) -> None:
     if args.resolutions:
         keep = {int(r) for r in args.resolutions.split(",")}
         cases = [c for c in cases if c[0] in keep]
+    split_counts = tuple(int(n) for n in args.splits.split(",") if n)
     copy_gbs = copy_bandwidth_gbs(device, 1 << 24 if args.quick else 4 << 30, 2 if args.quick else 10)
     rows = []
     for res, batch in cases:
-        row = bench_case(res, batch, device, copy_gbs, 2 if args.quick else args.repeat, args.quick)
+        row = bench_case(res, batch, device, copy_gbs, 2 if args.quick else args.repeat, args.quick, split_counts)
         rows.append(row)
         print(json.dumps(row), flush=True)
-    names = list(_variants(device, args.quick))
+    names = list(_variants(device, args.quick, split_counts))
     tables = []
     for d in ("fwd", "bwd"):
         columns = ["res", "batch", "tokens", "splits", f"floor_{d}_ms"]

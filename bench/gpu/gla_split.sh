@@ -8,7 +8,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --tar
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TORCH_EXTENSIONS_DIR=/tmp/tex TRITON_CACHE_DIR=/tmp/tc
 run() { local name=$1 limit=$2; shift 2; echo "=== $name: $*"; local t0=$SECONDS
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; echo "rc=$? ${name} $((SECONDS - t0))s"; tail -n "${TAIL:-30}" "$OUT/$name.log"; }
-run kernels 200 python3 -m bench.bench_gla_kernels --out "$OUT"
+run kernels 240 python3 -m bench.bench_gla_kernels --splits 2,4,8 --out "$OUT"
 TAIL=6 run split_tests 150 python3 -m pytest -m gpu tests/test_gla.py -k "sequence_split or auto_choice" -x -q
 run model_hires "${MODEL_LIMIT:-220}" python3 -m bench.run_all --sections ceilings,model --variants compile \
   --gla-backends triton,fla --resolutions 2048,4096 --out "$OUT/model"
