@@ -383,7 +383,7 @@ def test_auto_choice_is_traceable_with_symbolic_sizes(monkeypatch):
     saw a second batch size). The machine facts are faked so that this runs without a GPU: 10 SMs."""
     import dig.ops as ops
 
-    monkeypatch.setattr(ops, "_sm_count_of", torch._dynamo.assume_constant_result(lambda index: 10))
+    monkeypatch.setattr(ops, "_sm_count_of", torch._dynamo.assume_constant_result(lambda device: 10))
     monkeypatch.setattr(ops, "_installed", torch._dynamo.assume_constant_result(lambda: (True, True)))
     cuda = torch.device("cuda", 0)
 

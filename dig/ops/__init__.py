@@ -18,6 +18,7 @@ import torch
 from .gla_fla import FlaUnavailableError, fla_installed, gla_fla
 from .gla_torch import gla_torch
 from .gla_triton import MAX_K, MAX_V, gla_triton, triton_installed
+from .gla_triton import sm_count_of as _sm_count_of
 
 BACKENDS = ("auto", "torch", "fla", "triton")
 
@@ -37,11 +38,10 @@ def resolve_backend(backend: str, device: torch.device, q: torch.Tensor | None =
         return backend
     if device.type != "cuda":
         return "torch"
-    index = device.index if device.index is not None else torch.cuda.current_device()
     triton_ok, fla_ok = _installed()
     if q is not None and (q.shape[-1] > MAX_K or v.shape[-1] > MAX_V):
         triton_ok = False
-    if triton_ok and (q is None or not fla_ok or q.shape[0] * q.shape[2] >= _sm_count_of(index)):
+    if triton_ok and (q is None or not fla_ok or q.shape[0] * q.shape[2] >= _sm_count_of(device)):
         return "triton"
     if fla_ok:
         return "fla"
@@ -70,16 +70,6 @@ def _warn_no_kernels() -> None:
 
 
 _warned_no_fla = False
-
-
-_sm_counts: dict[int, int] = {}
-
-
-@torch._dynamo.assume_constant_result
-def _sm_count_of(index: int) -> int:
-    if index not in _sm_counts:
-        _sm_counts[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _sm_counts[index]
 
 
 def _check_inputs(q, k, v, g, initial_state):

@@ -93,16 +93,22 @@ def _split_layout(tokens: int, splits: int) -> tuple[int, int]:
 _sm_counts: dict[int, int] = {}
 
 
+@torch._dynamo.assume_constant_result
+def sm_count_of(device: torch.device) -> int:
+    """The CUDA device's SM count, looked up once per device (a constant to dynamo)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _sm_counts:
+        _sm_counts[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _sm_counts[index]
+
+
 def _splits_for(q: torch.Tensor, splits: int) -> int:
     if splits > 0:
         return splits
     if not q.is_cuda:  # Triton's interpreter: one program per sequence and head unless told otherwise
         return 1
-    index = q.device.index if q.device.index is not None else torch.cuda.current_device()
-    if index not in _sm_counts:
-        _sm_counts[index] = torch.cuda.get_device_properties(index).multi_processor_count
     B, T, H, _ = q.shape
-    return automatic_splits(B * H, T, _sm_counts[index])
+    return automatic_splits(B * H, T, sm_count_of(q.device))
 
 
 def _launch_args(q: torch.Tensor, v: torch.Tensor, splits: int = 1) -> dict:
