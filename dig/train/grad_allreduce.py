@@ -23,9 +23,11 @@ class _Bucket:
     params: list[torch.nn.Parameter]
     buffer: torch.Tensor
     views: dict[int, torch.Tensor] = field(default_factory=dict)  # id(param) -> its slice of the buffer
-    waiting: int = 0  # gradients not yet in this step
-    ready: set[int] = field(default_factory=set)  # id(param) of those in
+    ready: set[int] = field(default_factory=set)  # id(param) of the gradients already in, this step
     handle: object = None  # the async all-reduce, once launched
+
+    def full(self) -> bool:
+        return len(self.ready) == len(self.params)
 
 
 class OverlappedGradAllReduce:
@@ -48,9 +50,9 @@ class OverlappedGradAllReduce:
                 bucket.views[id(p)] = bucket.buffer[offset:offset + p.numel()].view_as(p)
                 offset += p.numel()
                 self._bucket_of[id(p)] = bucket
-            bucket.waiting = len(members)
             self.buckets.append(bucket)
-        self._hooks = [p.register_post_accumulate_grad_hook(self._grad_ready) for p in params]
+        for p in params:
+            p.register_post_accumulate_grad_hook(self._grad_ready)
 
     def _grad_ready(self, p: torch.nn.Parameter) -> None:
         if not self.is_boundary():
@@ -60,8 +62,6 @@ class OverlappedGradAllReduce:
             raise RuntimeError("a parameter's gradient was accumulated twice in one backward, after its bucket may "
                                "have been sent; set engine.overlap_grad_allreduce=false for this model")
         self._into_bucket(p, bucket)
-        bucket.ready.add(id(p))
-        bucket.waiting -= 1
         self._launch_ready()
 
     def _into_bucket(self, p: torch.nn.Parameter, bucket: _Bucket) -> None:
@@ -71,9 +71,10 @@ class OverlappedGradAllReduce:
         elif p.grad.data_ptr() != view.data_ptr():
             view.copy_(p.grad)
         p.grad = view
+        bucket.ready.add(id(p))
 
     def _launch_ready(self) -> None:
-        while self._next_launch < len(self.buckets) and self.buckets[self._next_launch].waiting == 0:
+        while self._next_launch < len(self.buckets) and self.buckets[self._next_launch].full():
             bucket = self.buckets[self._next_launch]
             bucket.handle = dist.all_reduce(bucket.buffer, group=self.group, async_op=True)
             self._next_launch += 1
@@ -82,24 +83,16 @@ class OverlappedGradAllReduce:
         """Wait for every bucket's exchange (launching any whose gradients never came: they count as zero), then
         average. Afterwards every parameter's .grad is the mean over ranks."""
         for bucket in self.buckets[self._next_launch:]:
-            if bucket.waiting:
-                for p in bucket.params:
-                    if p.grad is None or p.grad.data_ptr() != bucket.views[id(p)].data_ptr():
-                        self._into_bucket(p, bucket)
-                bucket.waiting = 0
+            for p in bucket.params:
+                if id(p) not in bucket.ready:
+                    self._into_bucket(p, bucket)
         self._launch_ready()
         for bucket in self.buckets:
             bucket.handle.wait()
             bucket.handle = None
-            bucket.waiting = len(bucket.params)
             bucket.ready.clear()
         self._next_launch = 0
         torch._foreach_mul_([b.buffer for b in self.buckets], 1.0 / self.world_size)
-
-    def remove(self) -> None:
-        for hook in self._hooks:
-            hook.remove()
-
 
 def _group_in_buckets(params: list[torch.nn.Parameter], bucket_bytes: int) -> list[list[torch.nn.Parameter]]:
     """Consecutive parameters of one dtype and device, about bucket_bytes per group (a larger parameter alone)."""
