@@ -16,10 +16,15 @@ DIG_XL = dict(heads=18, k=32, v=64)
 DIT_XL = dict(heads=16, d=72)
 
 
+def gla_floor_bytes(batch: int, tokens: int, heads: int, k: int, v: int, itemsize: int = 2) -> dict[str, int]:
+    """The bytes GLA's forward and backward must move at least."""
+    per_token_head = {"fwd": 3 * k + v + v,  # read q, k, g, v; write o
+                      "bwd": (3 * k + v + v) + (3 * k + v)}  # read q, k, g, v, do; write dq, dk, dg, dv
+    return {d: n * itemsize * batch * tokens * heads for d, n in per_token_head.items()}
+
+
 def gla_min_bytes(batch: int, tokens: int, heads: int, k: int, v: int, itemsize: int = 2) -> int:
-    fwd = 3 * k + v + v  # read q, k, g, v; write o
-    bwd = (3 * k + v + v) + (3 * k + v)  # read q, k, g, v, do; write dq, dk, dg, dv
-    return (fwd + bwd) * itemsize * batch * tokens * heads
+    return sum(gla_floor_bytes(batch, tokens, heads, k, v, itemsize).values())
 
 
 def sdpa_flops(batch: int, tokens: int, heads: int, d: int) -> float:

@@ -20,18 +20,14 @@ import torch.nn.functional as F
 
 from dig.ops import gla, gla_triton
 
+from .bench_gla import DIG_XL, DIT_XL, gla_floor_bytes
 from .common import copy_bandwidth_gbs, fmt_table, median, time_ms, versions
 
-HEADS, K, V = 18, 32, 64  # DiG-XL/2
-DIT_HEADS, DIT_D = 16, 72  # DiT-XL/2
+HEADS, K, V = DIG_XL["heads"], DIG_XL["k"], DIG_XL["v"]
+DIT_HEADS, DIT_D = DIT_XL["heads"], DIT_XL["d"]
 # (resolution, images per GPU): the paper's 32 at 256 px, then about 32k tokens per GPU, as bench.run_all
 GPU_CASES = [(256, 32), (256, 128), (512, 32), (1024, 8), (2048, 2), (4096, 1)]
 QUICK_CASES = [(64, 2), (128, 1)]
-
-
-def floor_bytes(batch: int, tokens: int, itemsize: int = 2) -> dict[str, int]:
-    per_token_head = {"fwd": 3 * K + V + V, "bwd": (3 * K + V + V) + (3 * K + V)}
-    return {d: n * itemsize * batch * tokens * HEADS for d, n in per_token_head.items()}
 
 
 def _variants(device: torch.device, quick: bool, split_counts: tuple[int, ...] = ()) -> dict:
@@ -79,7 +75,7 @@ def bench_case(res: int, batch: int, device: torch.device, copy_gbs: float | Non
               (F.logsigmoid(rnd(batch, tokens, HEADS, K).float()) / 16).to(dtype)]
     inputs = [x.requires_grad_() for x in inputs]
     do = rnd(batch, tokens, HEADS, V)
-    floor = floor_bytes(batch, tokens, itemsize=inputs[0].element_size())
+    floor = gla_floor_bytes(batch, tokens, HEADS, K, V, itemsize=inputs[0].element_size())
     for name, fn in _variants(device, quick, split_counts).items():
         try:
             fwd, bwd = time_fwd_bwd(fn, inputs, do, device, repeat)

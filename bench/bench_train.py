@@ -171,14 +171,17 @@ def main(argv: list[str] | None = None) -> int:
         a.batch, a.steps, a.warmup, a.log_every, a.checkpoint_at, a.no_bare = 2, 6, 2, 1, 4, True
         settings += ["model.overrides={depth: 2, hidden_size: 64, num_heads: 2}", "model.num_classes=10",
                      "engine.zero_stage=3", "engine.precision=fp32", "model.compile=false"]
+    extras = []  # (label, GPUs, overrides)
     for extra in a.extra:
-        gpus = extra.partition(":")[0].partition("@")[2]
+        label, _, sets = extra.partition(":")
+        label, _, gpus = label.partition("@")
         if gpus and not gpus.isdigit():
             p.error(f"--extra {extra!r}: the GPU count after @ must be a number")
-        if cuda and int(gpus or 1) > total_gpus:
+        extras.append((label, int(gpus or 1), [x for x in sets.split(",") if x]))
+        if cuda and extras[-1][1] > total_gpus:
             print(f"bench_train: --extra {extra!r} asks for {gpus} GPUs, {total_gpus} visible", file=sys.stderr)
             return 2
-    most_gpus = max(gpu_counts + [int(e.partition(":")[0].partition("@")[2] or 1) for e in a.extra])
+    most_gpus = max(gpu_counts + [gpus for _, gpus, _ in extras])
     if cuda and max(gpu_counts) > total_gpus:
         print(f"bench_train: --gpus asks for {max(gpu_counts)} GPUs, {total_gpus} visible", file=sys.stderr)
         return 2
@@ -206,10 +209,7 @@ def main(argv: list[str] | None = None) -> int:
             counts = gpu_counts if a.all_gpu_counts or (model, res) == (models[0], resolutions[0]) else [1]
             variants = [("", gpus, []) for gpus in counts]
             if model == models[0] and res == resolutions[0]:
-                for extra in a.extra:
-                    label, _, sets = extra.partition(":")
-                    label, _, gpus = label.partition("@")
-                    variants.append((label, int(gpus or 1), [x for x in sets.split(",") if x]))
+                variants += extras
             for label, gpus, extra_sets in variants:
                 name = f"{tag}_{gpus}gpu{'_' + label if label else ''}"
                 run_dir = os.path.join(work, f"run_{name}")
