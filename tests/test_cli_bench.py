@@ -10,11 +10,17 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_bench_trainer_overhead_quick_runs_from_any_directory(tmp_path):
+def dig_bench(*args: str, cwd=None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`dig bench ARGS…` in a fresh process, outside any torchrun rendezvous of the caller."""
     env = dict(os.environ, TORCH_EXTENSIONS_DIR=os.path.join(REPO, ".torch_extensions"))
-    out = subprocess.run([sys.executable, "-m", "dig.cli", "bench", "trainer-overhead", "--quick",
-                          "--out", str(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True,
-                         timeout=600)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return subprocess.run([sys.executable, "-m", "dig.cli", "bench", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_bench_trainer_overhead_quick_runs_from_any_directory(tmp_path):
+    out = dig_bench("trainer-overhead", "--quick", "--out", str(tmp_path), cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = dict(re.findall(r"^(bare model step|dig train step \(ZeRO-3\))\s+([\d.]+)", out.stdout, re.M))
     assert set(rows) == {"bare model step", "dig train step (ZeRO-3)"} and all(float(v) > 0 for v in rows.values())
@@ -23,8 +29,7 @@ def test_bench_trainer_overhead_quick_runs_from_any_directory(tmp_path):
 
 
 def test_bench_rejects_unknown_suite():
-    out = subprocess.run([sys.executable, "-m", "dig.cli", "bench", "no-such-suite"], capture_output=True,
-                         text=True, timeout=120)
+    out = dig_bench("no-such-suite", timeout=120)
     assert out.returncode == 2 and "invalid choice" in out.stderr
 
 
@@ -32,11 +37,7 @@ def test_bench_train_quick_runs_the_launcher_path_and_reads_its_metrics(tmp_path
     """`dig bench train --quick`: the real `python -m launch.train` → torchrun → `dig train` on CPU, metrics
     through the trainer's JSON-lines tracker (no MLflow), a checkpoint whose blocking time is logged, and a
     summary whose throughput agrees with the run's own metric records."""
-    env = dict(os.environ, TORCH_EXTENSIONS_DIR=os.path.join(REPO, ".torch_extensions"))
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    out = subprocess.run([sys.executable, "-m", "dig.cli", "bench", "train", "--quick", "--out", str(tmp_path)],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    out = dig_bench("train", "--quick", "--out", str(tmp_path), cwd=tmp_path)
     assert out.returncode == 0, (out.stdout[-2000:], out.stderr[-3000:])
     result = json.loads((tmp_path / "bench_train.json").read_text())
     (row,) = result["rows"]
@@ -48,8 +49,7 @@ def test_bench_train_quick_runs_the_launcher_path_and_reads_its_metrics(tmp_path
 
 
 def test_bench_gla_kernels_quick_times_forward_and_backward_against_the_byte_floor(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "dig.cli", "bench", "gla-kernels", "--quick", "--out", str(tmp_path)],
-                         capture_output=True, text=True, timeout=300)
+    out = dig_bench("gla-kernels", "--quick", "--out", str(tmp_path), timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads((tmp_path / "gla_kernels.json").read_text())
     assert [(r["res"], r["batch"]) for r in report["rows"]] == [(64, 2), (128, 1)]
@@ -67,11 +67,9 @@ def test_bench_gla_kernels_quick_times_forward_and_backward_against_the_byte_flo
 def test_bench_pipeline_encoder_settings_side_by_side_on_cpu(tmp_path):
     """`dig bench pipeline --only encoder --settings …` (what --sweep runs on the GPU, minus the compiles): one
     row per setting with its speed and its distance from the strict fp32 encode of the same images."""
-    env = dict(os.environ, TORCH_EXTENSIONS_DIR=os.path.join(REPO, ".torch_extensions"))
-    out = subprocess.run([sys.executable, "-m", "dig.cli", "bench", "pipeline", "--only", "encoder", "--vae",
-                          "config:tiny", "--device", "cpu", "--images", "5", "--resolution", "32", "--batch", "2",
-                          "--repeat", "1", "--settings", "legacy-bf16,fp32,bf16+cl@4", "--out", str(tmp_path)],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    out = dig_bench("pipeline", "--only", "encoder", "--vae", "config:tiny", "--device", "cpu", "--images", "5",
+                    "--resolution", "32", "--batch", "2", "--repeat", "1", "--settings", "legacy-bf16,fp32,bf16+cl@4",
+                    "--out", str(tmp_path), cwd=tmp_path, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads((tmp_path / "encoder_bench.json").read_text())
     rows = {r["setting"]: r for r in result["rows"]}
@@ -91,8 +89,7 @@ def test_bench_pipeline_encoder_settings_side_by_side_on_cpu(tmp_path):
 
 
 def test_bench_pipeline_rejects_a_bad_encoder_setting():
-    out = subprocess.run([sys.executable, "-m", "dig.cli", "bench", "pipeline", "--only", "encoder", "--settings",
-                          "bf16+nhwc"], capture_output=True, text=True, timeout=120)
+    out = dig_bench("pipeline", "--only", "encoder", "--settings", "bf16+nhwc", timeout=120)
     assert out.returncode == 2 and "bad encoder setting 'bf16+nhwc'" in out.stderr, out.stderr[-2000:]
 
 
@@ -170,11 +167,7 @@ def test_bench_memory_quick_measures_the_recipe_state_and_searches(tmp_path):
 
     from dig.models import create_model
 
-    env = dict(os.environ, TORCH_EXTENSIONS_DIR=os.path.join(REPO, ".torch_extensions"))
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    out = subprocess.run([sys.executable, "-m", "dig.cli", "bench", "memory", "--quick", "--out", str(tmp_path)],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    out = dig_bench("memory", "--quick", "--out", str(tmp_path), cwd=tmp_path, timeout=300)
     assert out.returncode == 0, (out.stdout[-2000:], out.stderr[-3000:])
     result = json.loads((tmp_path / "bench_memory.json").read_text())
     rows = {r["checkpointing"]: r for r in result["rows"]}
@@ -204,6 +197,5 @@ def test_bench_memory_usage_errors_are_one_line():
     for args, message in ((["--resolutions", "250"], "--resolutions: multiples of 16 px"),
                           (["--recipe-check", "XL@256"], "--recipe-check: MODEL@RES"),
                           (["--models", "DiG-XXL/2"], "unknown model(s) ['DiG-XXL/2']")):
-        out = subprocess.run([sys.executable, "-m", "dig.cli", "bench", "memory", *args], capture_output=True,
-                             text=True, timeout=120)
+        out = dig_bench("memory", *args, timeout=120)
         assert out.returncode == 2 and message in out.stderr, (args, out.stderr[-2000:])
