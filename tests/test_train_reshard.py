@@ -257,3 +257,28 @@ def test_universal_conversion_is_atomic_and_done_once(resharded_run, tmp_path):
         reshard.convert_to_universal(broken, workers=1)
     assert not os.path.exists(os.path.join(broken, reshard.UNIVERSAL_TAG))
     assert not [n for n in os.listdir(broken) if n.startswith(f".{reshard.UNIVERSAL_TAG}.tmp")]
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_restored_adamw_steps_are_put_on_their_parameters_device(fused):
+    """DeepSpeed's ZeRO-3 universal load leaves every AdamW `step` where torch.load put it (the CPU), in states whose
+    group lists no params (ZeRO-3 fills them at step time); torch's fused AdamW needs the step on the parameter's
+    device (on a GPU the fused kernel refused the resumed run's first step). No GPU here: the parameters live on the
+    meta device, and a CPU step must move there as float32 — only for fused AdamW."""
+    from types import SimpleNamespace
+
+    from dig.train.reshard import place_optimizer_steps
+
+    params = [torch.nn.Parameter(torch.randn(4, device="meta")), torch.nn.Parameter(torch.randn(2, 3, device="meta"))]
+    adamw = torch.optim.AdamW(params, lr=1e-3, fused=fused)
+    step = torch.tensor(7.0, dtype=torch.float64)   # one tensor shared by every state, as DeepSpeed does
+    for p in params:
+        adamw.state[p] = {"step": step, "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+    adamw.param_groups[0]["params"] = []
+    place_optimizer_steps(SimpleNamespace(optimizer=adamw))   # DeepSpeed's ZeRO optimizer wraps torch's
+    for p in params:
+        placed = adamw.state[p]["step"]
+        if fused:
+            assert (placed.device, placed.dtype) == (torch.device("meta"), torch.float32)
+        else:
+            assert placed is step

@@ -135,34 +135,18 @@ def load_engine(engine, ckpt: str) -> None:
                                      load_lr_scheduler_states=True)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load the universal checkpoint {universal_folder(ckpt)}")
+    place_optimizer_steps(engine.optimizer)
 
 
-def rank_seed(seed: int, step: int, rank: int, world_size: int) -> int:
-    return int(np.random.SeedSequence([seed, step, rank, world_size, 0x5E5A]).generate_state(1, np.uint64)[0]
-               >> 1)
-
-
-def fresh_rng_state(seed: int) -> dict:
-    """RNG states (checkpoint.rng_state's layout) of generators seeded with `seed`."""
-    state = {"torch": torch.Generator().manual_seed(seed).get_state(),
-             "numpy": np.random.RandomState(seed % 2 ** 32).get_state(),
-             "python": random.Random(seed).getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.Generator(device="cuda").manual_seed(seed).get_state()
-    return state
-
-
-def load_rank_state(ckpt: str, rank: int, world_size: int, reader, seed: int) -> dict:
-    """This new rank's state (checkpoint.load_rank_state's layout) from the states of all old ranks."""
-    old_world = saved_world_size(ckpt)
-    # weights_only=False: the files hold numpy/python RNG states, written by this trainer
-    old = [torch.load(checkpoint.rank_file(ckpt, q), weights_only=False) for q in range(old_world)]
-    data = reader.redealt_state([s["data"] for s in old])
-    step = old[0]["step"]
-    if rank == 0:
-        log.info("resuming %s (written by %d ranks) on %d ranks at step %d: epoch %d, %d samples per rank left "
-                 "in it", ckpt, old_world, world_size, step, data["epoch"],
-                 data["dealt"]["quota"] if data["dealt"] else 0)
-    return {"data": data, "step": step, "nonfinite_total": old[0]["nonfinite_total"],
-            "nonfinite_in_a_row": old[0]["nonfinite_in_a_row"],
-            "rng": fresh_rng_state(rank_seed(seed, step, rank, world_size))}
+def place_optimizer_steps(optimizer) -> None:
+    """DeepSpeed's ZeRO-3 universal load gives every AdamW state the `step` tensor it read from disk, on the CPU;
+    torch's fused and capturable AdamW need it on the parameter's device (the fused CUDA kernel refuses a CPU step)."""
+    inner = getattr(optimizer, "optimizer", optimizer)   # DeepSpeed's ZeRO optimizer wraps torch's
+    # ZeRO-3 leaves the groups' `params` empty between steps (it puts each sub-group's partition in at step time),
+    # so the states are found through `state`, not through the groups.
+    if not any(group.get("fused") or group.get("capturable") for group in inner.param_groups):
+        return
+    for param, state in inner.state.items():
+        step = state.get("step")
+        if torch.is_tensor(step) and step.device != param.device:
+            state["step"] = step.to(device=param.device, dtype=torch.float32)
