@@ -368,9 +368,10 @@ def test_auto_choice_on_cuda():
     torch.testing.assert_close(o_auto, o_triton, rtol=0, atol=0)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     q_long, _, v_long, _, _ = make_inputs(1, 64, sms - 1, 32, 64, device="cuda")  # fewer sequences than SMs
-    assert resolve_backend("auto", q.device, q_long, v_long) == "fla"
+    assert resolve_backend("auto", q.device, q_long, v_long) == "triton"   # split across programs
+    assert resolve_backend("auto", q.device, q_long, v_long, stateful=True) == "fla"   # cannot be split
     q_wide, _, v_wide, _, _ = make_inputs(2, 16, sms, 32, 64, device="cuda")
-    assert resolve_backend("auto", q.device, q_wide, v_wide) == "triton"
+    assert resolve_backend("auto", q.device, q_wide, v_wide, stateful=True) == "triton"
     q_big, _, v_big, _, _ = make_inputs(1, 16, 1, 128, 256, device="cuda")
     assert resolve_backend("auto", q.device, q_big, v_big) == "fla"
     with pytest.raises(ValueError, match="K <= 64, V <= 128"):
@@ -378,9 +379,10 @@ def test_auto_choice_on_cuda():
 
 
 def test_auto_choice_is_traceable_with_symbolic_sizes(monkeypatch):
-    """The CUDA rule (fused kernel when batch x heads >= #SMs, else fla) decided inside a graph compiled with a
-    dynamic batch: dynamo must guard on the comparison, not demand a constant (the crash of a compiled DiG that
-    saw a second batch size). The machine facts are faked so that this runs without a GPU: 10 SMs."""
+    """The CUDA rule for calls that carry state (fused kernel when batch x heads >= #SMs, else fla; stateless calls
+    always take the fused kernel, which splits sequences) decided inside a graph compiled with a dynamic batch:
+    dynamo must guard on the comparison, not demand a constant (the crash of a compiled DiG that saw a second
+    batch size). The machine facts are faked so that this runs without a GPU: 10 SMs."""
     import dig.ops as ops
 
     monkeypatch.setattr(ops, "_sm_count_of", torch._dynamo.assume_constant_result(lambda device: 10))
@@ -388,7 +390,7 @@ def test_auto_choice_is_traceable_with_symbolic_sizes(monkeypatch):
     cuda = torch.device("cuda", 0)
 
     def choice(q, v):
-        fused = ops.resolve_backend("auto", cuda, q, v) == "triton"
+        fused = ops.resolve_backend("auto", cuda, q, v, stateful=True) == "triton"
         return q.sum() + (1.0 if fused else -1.0)
 
     torch._dynamo.reset()
@@ -396,5 +398,6 @@ def test_auto_choice_is_traceable_with_symbolic_sizes(monkeypatch):
     for batch, heads, k_dim, fused in ((4, 2, 32, False), (5, 2, 32, True), (3, 4, 32, True), (1, 2, 32, False),
                                        (8, 2, 80, False)):  # the last: heads too large for the fused kernel
         q, v = torch.zeros(batch, 3, heads, k_dim), torch.zeros(batch, 3, heads, 64)
-        assert ops.resolve_backend("auto", cuda, q, v) == ("triton" if fused else "fla")
+        assert ops.resolve_backend("auto", cuda, q, v, stateful=True) == ("triton" if fused else "fla")
+        assert ops.resolve_backend("auto", cuda, q, v) == ("triton" if k_dim <= ops.MAX_K else "fla")
         assert compiled(q, v).item() == (1.0 if fused else -1.0), (batch, heads, k_dim)

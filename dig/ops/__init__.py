@@ -3,11 +3,12 @@
 backend="triton" runs our fused-chunk Triton kernels (`gla_triton.py`; heads up to K=64, V=128), fastest at
 DiG's training shapes; backend="fla" flash-linear-attention's `chunk_gla` (CUDA only); backend="torch" the exact
 chunked PyTorch implementation in `gla_torch.py` (any device, float32 compute). backend="auto": on CUDA, triton
-when Triton is installed, the heads fit and batch x heads gives every SM at least one sequence (the fused kernels
-run one program per sequence and head: at DiG-XL/2 shapes on an H200 they are 1.5-2.5x faster than fla from 256
-to 1024 px, and were 4-6x slower at 2048-4096 px with 1-2 images per GPU, see BENCHMARKS.md), else fla when
-installed, else triton (which then splits each sequence across programs to fill the GPU), else torch; on other
-devices, torch. The split kernels are tested but not yet timed against fla, so auto does not prefer them yet.
+when Triton is installed and the heads fit, else fla when installed, else torch; on other devices, torch.
+Measured at DiG-XL/2 shapes on an H200 (BENCHMARKS.md "GLA kernels"): triton is 1.5-2.5x faster than fla from 256
+to 1024 px, and with 1-2 images at 2048-4096 px, where a stateless call splits each sequence across programs,
+2.9-3.1x (forward) and 1.5-1.9x (backward). A call that carries state (initial_state or output_final_state) is
+not split: with fewer sequences x heads than SMs it runs one program per pair, several times slower than fla,
+so auto gives those calls to fla.
 """
 from __future__ import annotations
 
@@ -26,8 +27,9 @@ __all__ = ["BACKENDS", "FlaUnavailableError", "gla", "gla_fla", "gla_torch", "gl
 
 
 def resolve_backend(backend: str, device: torch.device, q: torch.Tensor | None = None,
-                    v: torch.Tensor | None = None) -> str:
-    """The backend `gla` will use for tensors on `device` (and, if given, of q's and v's shapes).
+                    v: torch.Tensor | None = None, stateful: bool = False) -> str:
+    """The backend `gla` will use for tensors on `device` (and, if given, of q's and v's shapes; `stateful`: the
+    call takes an initial state or returns the final one).
 
     Under torch.compile the sizes may be symbolic (a dynamic batch): the facts about the machine come from
     functions dynamo treats as constants, and the comparison with the sizes is plain Python, which dynamo turns
@@ -41,7 +43,9 @@ def resolve_backend(backend: str, device: torch.device, q: torch.Tensor | None =
     triton_ok, fla_ok = _installed()
     if q is not None and (q.shape[-1] > MAX_K or v.shape[-1] > MAX_V):
         triton_ok = False
-    if triton_ok and (q is None or not fla_ok or q.shape[0] * q.shape[2] >= _sm_count_of(device)):
+    # (short-circuited so that a stateless call under torch.compile puts no guard on the batch size)
+    unsplit_and_few = stateful and fla_ok and q is not None and q.shape[0] * q.shape[2] < _sm_count_of(device)
+    if triton_ok and not unsplit_and_few:
         return "triton"
     if fla_ok:
         return "fla"
@@ -102,7 +106,7 @@ def gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, scal
     Returns (o [B, T, H, V] in q's dtype, final state [B, H, K, V] in float32 if output_final_state else None).
     """
     _check_inputs(q, k, v, g, initial_state)
-    chosen = resolve_backend(backend, q.device, q, v)
+    chosen = resolve_backend(backend, q.device, q, v, stateful=initial_state is not None or output_final_state)
     if chosen == "triton":
         return gla_triton(q, k, v, g, scale=scale, initial_state=initial_state, output_final_state=output_final_state)
     if chosen == "fla":
