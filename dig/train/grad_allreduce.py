@@ -55,22 +55,29 @@ class OverlappedGradAllReduce:
             p.register_post_accumulate_grad_hook(self._grad_ready)
 
     def _grad_ready(self, p: torch.nn.Parameter) -> None:
-        if not self.is_boundary():
-            return  # accumulating: the gradient stays where autograd put it until the cycle's last backward
         bucket = self._bucket_of[id(p)]
+        if not self.is_boundary():
+            # accumulating: the gradient moves into its bucket now and autograd adds the next micro-batches there in
+            # place; left where autograd put it, every gradient would exist twice until the cycle's last backward
+            self._place(p, bucket)
+            return
         if id(p) in bucket.ready:
             raise RuntimeError("a parameter's gradient was accumulated twice in one backward, after its bucket may "
                                "have been sent; set engine.overlap_grad_allreduce=false for this model")
         self._into_bucket(p, bucket)
         self._launch_ready()
 
-    def _into_bucket(self, p: torch.nn.Parameter, bucket: _Bucket) -> None:
+    @staticmethod
+    def _place(p: torch.nn.Parameter, bucket: _Bucket) -> None:
         view = bucket.views[id(p)]
         if p.grad is None:
             view.zero_()
         elif p.grad.data_ptr() != view.data_ptr():
             view.copy_(p.grad)
         p.grad = view
+
+    def _into_bucket(self, p: torch.nn.Parameter, bucket: _Bucket) -> None:
+        self._place(p, bucket)
         bucket.ready.add(id(p))
 
     def _launch_ready(self) -> None:
