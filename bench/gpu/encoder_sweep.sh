@@ -5,11 +5,8 @@
 # `bench_pipeline.py --sweep` in one process, each row against a strict fp32 encode (TF32 off) of the same images;
 # then the encoder's GPU tests. Rows are printed and written to $OUT/encoder_bench.json as each one finishes, so a
 # run cut short by the time limit keeps what it measured (the compiled rows come last among the batch-64 rows).
-# .whl/ needs the usual set (../shared/gpu/prepare-wheels.sh) plus diffusers and what it imports, e.g.
-#   pip download --no-deps --only-binary=:all: <the PLAT flags of prepare-wheels.sh> -d .whl diffusers \
-#       huggingface_hub hf-xet httpx2 click fsspec filelock regex requests urllib3 idna certifi \
-#       charset-normalizer importlib-metadata zipp pillow packaging typing-extensions
-#   (check with `python3 -c "import diffusers.models"` there; add whatever it still names)
+# .whl/ needs the usual set (../shared/gpu/prepare-wheels.sh) plus diffusers and what it imports:
+#   bash bench/gpu/prepare-encoder-wheels.sh
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
