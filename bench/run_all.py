@@ -39,7 +39,8 @@ def main(argv=None) -> None:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--gla-backends", default="fla,triton",
                     help="GLA backends: compared side by side in the gla section; each one is a DiG row in the "
-                         "model section (DiT runs once)")
+                         "model section (DiT runs once). BACKEND+scan: a DiG row with model.scan_in_kernel "
+                         "(no reorienting copies between blocks; the gla section skips it)")
     ap.add_argument("--out", default=os.environ.get("OUT", ""))
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
@@ -50,7 +51,8 @@ def main(argv=None) -> None:
     sections = set(args.sections.split(","))
     gla_backends = tuple(args.gla_backends.split(","))
     if device.type != "cuda":
-        gla_backends = ("torch",)
+        gla_backends = tuple(b for b in gla_backends if b.startswith("torch")) or ("torch",)
+    kernel_backends = tuple(dict.fromkeys(b.split("+")[0] for b in gla_backends))
     cases = QUICK_CASES if args.quick else GPU_CASES
     if args.resolutions:
         keep = {int(r) for r in args.resolutions.split(",")}
@@ -79,16 +81,16 @@ def main(argv=None) -> None:
             tokens = (res // 16) ** 2
             try:
                 row = bench_gla_vs_sdpa(batch, tokens, device, copy_gbs=copy_gbs, peak_tflops=peak,
-                                        repeat=2 if args.quick else 10, backends=gla_backends)
+                                        repeat=2 if args.quick else 10, backends=kernel_backends)
             except Exception as e:  # noqa: BLE001  reported in the table
                 row = {"batch": batch, "tokens": tokens, "error": f"{type(e).__name__}: {e}"[:160]}
             row["res"] = res
             rows.append(row)
             log(f"gla {row}")
         results["gla"] = rows
-        per_backend = [c for b in gla_backends for c in (f"{b}_ms", f"{b}_over_floor")]
+        per_backend = [c for b in kernel_backends for c in (f"{b}_ms", f"{b}_over_floor")]
         tables.append("GLA fwd+bwd (18 heads, K 32, V 64) vs SDPA fwd+bwd (16 heads, d 72), bf16; sdpa/gla uses "
-                      f"the {gla_backends[0]} backend\n" + fmt_table(
+                      f"the {kernel_backends[0]} backend\n" + fmt_table(
                           rows, ["res", "batch", "tokens", *per_backend, "gla_floor_ms", "sdpa_ms", "sdpa/gla",
                                  "sdpa_tflops", "error"]))
 
@@ -101,7 +103,11 @@ def main(argv=None) -> None:
                         rows.append({"model": name, "gla": backend, "res": res, "batch": batch, "variant": variant,
                                      "error": "skipped (time budget)"})
                         continue
-                    overrides = {"gla_backend": backend} if backend else {}
+                    overrides = {}
+                    if backend:
+                        overrides["gla_backend"] = backend.split("+")[0]
+                        if backend.endswith("+scan"):
+                            overrides["scan_in_kernel"] = True
                     row = bench_train_step(name, res, batch, device, variant=variant, checkpointing=ckpt,
                                            warmup=1 if args.quick or res >= 4096 else 2,
                                            repeat=2 if args.quick else (3 if res >= 4096 else args.repeat),

@@ -20,10 +20,11 @@ for case in torch.load(sys.argv[1]):
     leaves = [None if x is None else x.clone().requires_grad_() for x in case["inputs"]]
     do, dstate = case["cotangents"]
     if case["stateless"]:  # the registered operator (DiG's case)
-        o, state = module.gla_triton(*leaves[:4], splits=case["splits"])
+        o, state = module.gla_triton(*leaves[:4], splits=case["splits"], token_order=case["order"])
         (o.double() * do).sum().backward()
     else:  # the autograd Function with initial and final states
-        o, state = module.gla_triton(*leaves[:4], initial_state=leaves[4], output_final_state=True)
+        o, state = module.gla_triton(*leaves[:4], initial_state=leaves[4], output_final_state=True,
+                                     token_order=case["order"])
         ((o.double() * do).sum() + (state.double() * dstate).sum()).backward()
     results.append({"o": o.detach(), "state": None if state is None else state.detach(),
                     "grads": [None if x is None else x.grad for x in leaves]})

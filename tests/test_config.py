@@ -46,6 +46,7 @@ def test_dotted_overrides_are_typed():
     (["model.overrides.depthh=3"], "model.overrides ['depthh'] are not options of DiG-S/2"),
     (["data.global_batch_size=10", "data.micro_batch_size=4"], "not a multiple of data.micro_batch_size=4"),
     (["steps=many"], "steps: Input should be a valid integer"),
+    (["model.name=U-DiG-S/2", "model.scan_in_kernel=true"], "model.scan_in_kernel applies to DiG models"),
 ])
 def test_clear_errors(override, message):
     with pytest.raises(ConfigError) as exc:
@@ -113,3 +114,12 @@ def test_params_carry_no_credentials():
     assert "s3cret" not in json.dumps(params, default=str)
     assert redact({"storage.aws_secret_access_key": "x", "data.path": "s3://b/p"}) == {
         "storage.aws_secret_access_key": "<redacted>", "data.path": "s3://b/p"}
+
+
+def test_scan_in_kernel_reaches_the_model():
+    from dig.models import create_model
+
+    cfg = load_config(TINY, ["model.scan_in_kernel=true"])
+    model = create_model(cfg.model.name, **cfg.model_kwargs(8))
+    assert model.scan_in_kernel and model.scan_token_orders.shape == (4, 16)
+    assert "scan_in_kernel" not in load_config(TINY, []).model_kwargs(8)

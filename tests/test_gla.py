@@ -325,6 +325,21 @@ def test_triton_other_head_sizes(shape, dtype):
     _kernel_vs_float64(shape, dtype, gates="mixed", with_state=True, backend="triton")
 
 
+def test_token_order_through_the_torch_backend_and_its_checks():
+    """gla(..., token_order) on the CPU: the recurrence visits token order[s] at step s (the float64 recurrence on
+    the gathered tokens, outputs put back at their tokens); a wrong shape or type is refused."""
+    q, k, v, g, h0 = make_inputs(2, 37, 2, 16, 24, gates="mixed", with_state=True, seed=4)
+    order = torch.randperm(37, generator=torch.Generator().manual_seed(1))
+    o, state = gla(q, k, v, g, initial_state=h0, output_final_state=True, backend="torch", token_order=order)
+    o_ref, state_ref = recurrent_gla_float64(q[:, order], k[:, order], v[:, order], g[:, order], 16 ** -0.5, h0)
+    check("o", o[:, order], o_ref, 2e-5)
+    check("state", state, state_ref, 2e-5)
+    with pytest.raises(ValueError, match="permutation of range"):
+        gla(q, k, v, g, backend="torch", token_order=order[:-1])
+    with pytest.raises(ValueError, match="permutation of range"):
+        gla(q, k, v, g, backend="torch", token_order=order.float())
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("splits", [None, 3, 64], ids=["auto", "3", "64"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -345,6 +360,31 @@ def test_triton_sequence_split_matches_float64(splits, dtype):
     errors = {"o": _norm_err(o, o_ref), **{f"d{n}": _norm_err(a.grad, b.grad)
                                             for n, a, b in zip("qkvg", leaves, leaves64)}}
     assert all(err <= FLA_TOL[dtype] for err in errors.values()), errors
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("splits", [1, None], ids=["1", "auto"])
+def test_triton_token_order_matches_float64(splits):
+    """DiG's scan directions read in place: one 1024-px image of DiG-XL/2 (a 64 x 64 token grid, 18 heads) visited
+    column by column from the end (block 3's direction), bf16, unsplit and split; output and gradients against the
+    float64 torch backend run on the tokens gathered into that order."""
+    from dig.models.dig import scan_directions
+    from dig.ops import gla_triton
+    B, T, H, K, V = 1, 64 * 64, 18, 32, 64
+    order = scan_directions((64, 64))[0][3].cuda()
+    q, k, v, g, _ = make_inputs(B, T, H, K, V, gates="dig", seed=12, device="cuda")
+    q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    do = torch.randn(B, T, H, V, device="cuda", generator=torch.Generator(device="cuda").manual_seed(6))
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v, g)]
+    o, _ = gla_triton(*leaves, splits=splits, token_order=order)
+    (o.double() * do).sum().backward()
+    leaves64 = [x.detach().double().requires_grad_() for x in (q, k, v, g)]
+    index = order.long()
+    o_ref, _ = gla_torch(*(x[:, index] for x in leaves64))
+    (o_ref * do[:, index]).sum().backward()
+    errors = {"o": _norm_err(o[:, index], o_ref), **{f"d{n}": _norm_err(a.grad, b.grad)
+                                                      for n, a, b in zip("qkvg", leaves, leaves64)}}
+    assert all(err <= FLA_TOL[torch.bfloat16] for err in errors.values()), errors
 
 
 @pytest.mark.gpu

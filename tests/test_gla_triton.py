@@ -6,7 +6,7 @@ decays, and forced), sequences shorter than and not a multiple of a chunk, head 
 (masked lanes), chunk sizes 16/32/64, with and without states (without: the registered torch operator DiG
 uses, also checked to compile inside one graph), the sequence split across programs at several split counts
 (split lengths that leave a partial last split, one chunk per split, more splits asked than there are chunks),
-float32 and bf16 inputs. The interpreter runs
+a token order read in place (with and without states and splits), float32 and bf16 inputs. The interpreter runs
 dots in float32, so bf16 inputs are exact here up to their rounding; tests/test_gla.py runs the same kernels on
 a GPU (tensor cores, TF32) against the float64 oracle.
 """
@@ -42,6 +42,10 @@ CASES = {  # id: (B, T, H, K, V, gates, with_state, dtype, module settings); "op
     "op-split5-one-chunk-each-mixed": (1, 77, 2, 20, 24, "mixed", False, torch.float32, {"splits": 5}),
     "op-split-more-than-chunks": (1, 40, 1, 32, 64, "dig", False, torch.float32, {"splits": 50}),
     "op-split4-chunk32-bf16": (1, 200, 2, 32, 64, "dig", False, torch.bfloat16, {"splits": 4, "CHUNK": 32}),
+    # a token order (DiG's scan directions read in place): the recurrence visits token order[s] at step s
+    "op-order": (2, 50, 2, 32, 64, "dig", False, torch.float32, {"order": True}),
+    "op-order-split3-mixed": (1, 130, 2, 20, 24, "mixed", False, torch.float32, {"order": True, "splits": 3}),
+    "order-with-state": (1, 45, 2, 32, 64, "strong", True, torch.float32, {"order": True}),
 }
 DEFAULTS = {"CHUNK": 16, "FACTORISED_MAX_DECAY": 40.0}
 TOL = {torch.float32: 2e-5, torch.bfloat16: 1.5e-2}  # bf16: the output and gradients are rounded to bf16
@@ -64,8 +68,10 @@ def interpreted(tmp_path_factory):
     for i, (name, (*shape_and_kind, settings)) in enumerate(CASES.items()):
         inputs, cotangents = _case_inputs(*shape_and_kind, seed=i)
         settings = {**DEFAULTS, **settings}
+        T = shape_and_kind[1]
+        order = torch.randperm(T, generator=torch.Generator().manual_seed(i)) if settings.pop("order", False) else None
         cases.append({"id": name, "inputs": inputs, "cotangents": cotangents, "splits": settings.pop("splits", None),
-                      "settings": settings, "stateless": name.startswith("op-")})
+                      "order": order, "settings": settings, "stateless": name.startswith("op-")})
     torch.save(cases, folder / "in.pt")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     worker = Path(__file__).with_name("gla_triton_interpret.py")
@@ -73,17 +79,26 @@ def interpreted(tmp_path_factory):
                           capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[1])
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = torch.load(folder / "out.pt")
-    return {c["id"]: (c["inputs"], c["cotangents"], r) for c, r in zip(cases, results)}
+    return {c["id"]: (c["inputs"], c["cotangents"], c["order"], r) for c, r in zip(cases, results)}
+
+
+def recurrence_in_token_order(q, k, v, g, scale, h0, order):
+    """The float64 recurrence over the tokens taken in `order` (step s reads token order[s]), with each output
+    put back at its token: what a token order asks of the kernels, by gathering and scattering."""
+    if order is None:
+        return recurrent_gla_float64(q, k, v, g, scale, h0)
+    o, state = recurrent_gla_float64(q[:, order], k[:, order], v[:, order], g[:, order], scale, h0)
+    return o[:, torch.argsort(order)], state
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_interpreted_kernels_match_float64_recurrence(interpreted, case):
-    inputs, cotangents, got = interpreted[case]
+    inputs, cotangents, order, got = interpreted[case]
     dtype = CASES[case][7]
     scale = inputs[0].shape[-1] ** -0.5
     if case.startswith("op-"):  # no final state: its cotangent is zero
         cotangents = (cotangents[0], torch.zeros_like(cotangents[1]))
-    o_ref, state_ref, grads_ref = run_with_grads(lambda *x: recurrent_gla_float64(*x[:4], scale, x[4]),
+    o_ref, state_ref, grads_ref = run_with_grads(lambda *x: recurrence_in_token_order(*x[:4], scale, x[4], order),
                                                  inputs, cotangents)
     assert got["o"].dtype == dtype
     check("o", got["o"], o_ref, TOL[dtype])
@@ -116,12 +131,14 @@ def test_automatic_splits_fill_the_gpu_only_when_batch_times_heads_does_not():
 
 
 def test_dig_layer_compiles_with_the_kernel_inside_one_graph():
-    """torch.compile(fullgraph=True) of DiG's GLA layer with backend "triton": the kernels are a registered
-    operator, so there is no graph break around them, and compiled = eager (outputs and input gradients)."""
+    """torch.compile(fullgraph=True) of DiG's GLA layer with backend "triton", with and without a token order:
+    the kernels are a registered operator, so there is no graph break around them, and compiled = eager (outputs
+    and input gradients)."""
     worker = Path(__file__).with_name("gla_triton_compile_check.py")
     proc = subprocess.run([sys.executable, str(worker)], env={**os.environ, "TRITON_INTERPRET": "1"},
                           capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[1])
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert report["graph_breaks"] == 0 and report["graphs"] == 1, report
-    assert report["out_rel"] < 1e-5 and report["grad_rel"] < 1e-5, report
+    for name in ("", "ordered_"):  # without and with a token order (DiG's scan_in_kernel)
+        assert report[f"{name}graph_breaks"] == 0 and report[f"{name}graphs"] == 1, report
+        assert report[f"{name}out_rel"] < 1e-5 and report[f"{name}grad_rel"] < 1e-5, report

@@ -187,6 +187,52 @@ def test_u_dig_skips_pair_blocks_as_in_release():
             assert skip == expected_order((depth - i) % 4, rows, cols)[0], f"block {i}"
 
 
+@pytest.mark.parametrize("input_size", [6, (4, 6)], ids=["3x3", "2x3"])
+def test_scan_in_kernel_token_orders_are_the_four_directions(input_size):
+    from dig.models.dig import scan_directions
+
+    model = create_model("DiG-S/2", depth=2, hidden_size=8, num_heads=2, input_size=input_size)
+    rows, cols = model.grid_size
+    orders, _ = scan_directions((rows, cols))
+    assert orders.dtype == torch.int32
+    assert [o.tolist() for o in orders] == [expected_order(d, rows, cols)[0] for d in range(4)]
+
+
+@pytest.mark.parametrize("input_size", [6, (4, 6)], ids=["3x3", "2x3"])
+def test_scan_in_kernel_equals_reorienting_copies(input_size):
+    """scan_in_kernel (raster-order stream, token orders, rearranged conv taps) computes what the reorienting
+    path (the release's, checked above) computes: outputs and every parameter gradient, float64, 5 blocks (all
+    four directions and the wrap-around), random weights everywhere so that every conv tap and gate matters."""
+    kw = dict(depth=5, hidden_size=32, num_heads=2, input_size=input_size, num_classes=10, gla_backend="torch")
+    reorienting = create_model("DiG-S/2", **kw).double().eval()
+    in_place = create_model("DiG-S/2", **kw, scan_in_kernel=True).double().eval()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in reorienting.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.2)
+    in_place.load_state_dict(reorienting.state_dict())
+    rows, cols = reorienting.latent_hw
+    x = torch.randn(3, 4, rows, cols, generator=gen, dtype=torch.float64)
+    t, y = torch.tensor([1, 500, 999]), torch.tensor([0, 3, 10])
+    outs = []
+    for model in (reorienting, in_place):
+        out = model(x, t, y)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        outs.append(out.detach())
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-10, atol=1e-10)
+    assert outs[0].abs().max() > 1
+    for (name, a), (_, b) in zip(reorienting.named_parameters(), in_place.named_parameters()):
+        # the output norm computes in float32 (as the release's fused norm), so its weight's gradient, a sum over
+        # tokens taken in another order, agrees to float32 rounding; everything else to float64's
+        tol = 1e-6 if name.endswith("g_norm_swish_gate.weight") else 1e-10
+        assert (b.grad - a.grad).abs().max() <= tol * a.grad.abs().max(), name
+
+
+def test_scan_in_kernel_is_refused_for_u_dig():
+    with pytest.raises(ValueError, match="U-DiG"):
+        create_model("U-DiG-S/2", depth=4, hidden_size=8, num_heads=2, input_size=6, scan_in_kernel=True)
+
+
 # -------------------------------------------------------------------------------------------------- init
 def test_dw_conv_is_identity_at_init():
     model = create_model("DiG-S/2", **{**TINY, "depth": 3})

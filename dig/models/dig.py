@@ -14,17 +14,18 @@ from .embedders import modulate
 from .scan import reorient_after_block, restore_raster
 
 
-def _gla(q, k, v, g, backend):
+def _gla(q, k, v, g, backend, token_order=None):
     if resolve_backend(backend, q.device, q, v) == "triton":
-        return gla(q, k, v, g, backend="triton")  # a registered operator: stays inside a compiled block's graph
-    return _gla_outside_graphs(q, k, v, g, backend)
+        # a registered operator: stays inside a compiled block's graph
+        return gla(q, k, v, g, backend="triton", token_order=token_order)
+    return _gla_outside_graphs(q, k, v, g, backend, token_order)
 
 
 @torch.compiler.disable
-def _gla_outside_graphs(q, k, v, g, backend):
+def _gla_outside_graphs(q, k, v, g, backend, token_order):
     """fla's kernels are an autograd Function launching Triton kernels, and the torch reference is a Python loop
     over chunks: both run eagerly between the compiled parts of a block."""
-    return gla(q, k, v, g, backend=backend)
+    return gla(q, k, v, g, backend=backend, token_order=token_order)
 
 
 class RMSNormSwishGate(nn.Module):
@@ -76,7 +77,8 @@ class GatedLinearAttention(nn.Module):
                     nn.init.zeros_(module.bias)
         nn.init.ones_(self.g_norm_swish_gate.weight)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, token_order: torch.Tensor | None = None) -> torch.Tensor:
+        """token_order: the order the recurrence visits the tokens in (see dig.ops.gla); None: as they come."""
         n, t, _ = x.shape
         if x.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(x.device.type):
             # Cast once: autocast would cast x separately for each of the five projections below, and each
@@ -85,7 +87,7 @@ class GatedLinearAttention(nn.Module):
         heads = lambda z: z.reshape(n, t, self.num_heads, -1)  # noqa: E731  [N, T, H, head_dim], fla's layout
         q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
         gk = F.logsigmoid(heads(self.gk_proj(x))) / self.gate_logit_normalizer
-        o, _ = _gla(q, k, v, gk, self.backend)
+        o, _ = _gla(q, k, v, gk, self.backend, token_order)
         o = self.g_norm_swish_gate(o, heads(self.g_proj(x)))
         return self.o_proj(o.reshape(n, t, -1))
 
@@ -126,26 +128,58 @@ class DiGBlock(nn.Module):
             self.dw_conv.bias.zero_()
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, grid: tuple[int, int],
-                skip: torch.Tensor | None = None) -> torch.Tensor:
+                skip: torch.Tensor | None = None, token_order: torch.Tensor | None = None,
+                conv_taps: torch.Tensor | None = None) -> torch.Tensor:
+        """token_order and conv_taps (DiG.scan_in_kernel): x stays in raster order; the GLA visits the tokens in
+        this block's scan direction, and the 3x3 taps are rearranged (flipped, transposed) to match, so that the
+        result is the raster-order view of what the block computes on the reoriented sequence."""
         if self.skip_linear is not None:
             if skip is None:
                 raise ValueError("this block has a long skip; pass the matching first-half output")
             x = self.skip_linear(torch.cat([x, skip], dim=-1))
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), token_order)
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         n, t, d = x.shape
         # (N, T, D) tokens are an NHWC image: convolve it channels-last and read the result back as tokens,
         # both without a copy.
-        x = self.dw_conv(x.reshape(n, *grid, d).permute(0, 3, 1, 2))
+        weight = self.dw_conv.weight
+        if conv_taps is not None:
+            weight = weight.flatten(2)[:, :, conv_taps].view_as(weight)
+        x = F.conv2d(x.reshape(n, *grid, d).permute(0, 3, 1, 2), weight, self.dw_conv.bias, padding=1, groups=d)
         return x.permute(0, 2, 3, 1).reshape(n, t, d)
+
+
+def scan_directions(grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """For the four block inputs of the reorientation cycle (block i uses entry i % 4): the raster index of the
+    token at each step of that block's sequence ([4, T] int32), and where each of the 3x3 depthwise-conv taps
+    comes from when the conv runs on the raster grid instead of the reoriented one ([4, 9]). Block i's grid is
+    the raster grid flipped in both axes (i odd) and transposed (i // 2 odd); a 3x3 conv (padding 1) of a
+    flipped / transposed grid is the flip / transpose of the conv of the grid by the flipped / transposed kernel."""
+    rows, cols = grid
+    index, current = torch.arange(rows * cols).view(1, -1, 1), grid
+    orders = []
+    for i in range(4):
+        orders.append(index.flatten().to(torch.int32))
+        index, current = reorient_after_block(index, current, i)
+    taps = []
+    for i in range(4):
+        tap = torch.arange(9).view(3, 3)
+        if i % 2:
+            tap = tap.flip(0, 1)
+        if (i // 2) % 2:
+            tap = tap.t()
+        taps.append(tap.flatten())
+    return torch.stack(orders), torch.stack(taps)
 
 
 class DiG(LatentDiffusionTransformer):
     """Diffusion GLA transformer. With long_skip=True this is U-DiG: as in the release, the outputs of blocks
     0 .. depth/2 - 2 (after their reorientation) are fused, last in first out, into blocks depth/2 + 1 ..
     depth - 1 by Linear(2D, D); block depth/2 has none. skip_init "zero" initialises those Linears as [I | 0]
-    (the release's "skipzero"), "xavier" like every other Linear (its "skip"). Kept from the release: a skip
+    (the release's "skipzero"), "xavier" like every other Linear (its "skip"). scan_in_kernel (DiG without long
+    skips): the sequence stays in raster order and each block's GLA reads its scan direction through a token
+    order (no reorienting copy between blocks; with the Triton kernels the order is read in place). Kept from the release: a skip
     is fused in the scan order it was stored in, which for odd block indices is the transpose of the current
     order: spatially misaligned, as in the release (for non-square grids the two grids even differ in shape)."""
 
@@ -153,7 +187,7 @@ class DiG(LatentDiffusionTransformer):
                  input_size: int | tuple[int, int] = 32, in_channels: int = 4, num_classes: int = 1000,
                  learn_sigma: bool = True, class_dropout_prob: float = 0.1, gla_backend: str = "auto",
                  grad_checkpointing: bool = False, pos_embed_base_size: int | tuple[int, int] | None = None,
-                 long_skip: bool = False, skip_init: str = "zero"):
+                 long_skip: bool = False, skip_init: str = "zero", scan_in_kernel: bool = False):
         super().__init__(input_size=input_size, patch_size=patch_size, in_channels=in_channels,
                          hidden_size=hidden_size, num_classes=num_classes, learn_sigma=learn_sigma,
                          class_dropout_prob=class_dropout_prob, pos_embed_base_size=pos_embed_base_size,
@@ -164,6 +198,9 @@ class DiG(LatentDiffusionTransformer):
             raise ValueError(f"U-DiG pairs first-half and second-half blocks: depth must be even, got {depth}")
         if skip_init not in ("zero", "xavier"):
             raise ValueError(f"skip_init must be 'zero' or 'xavier', got {skip_init!r}")
+        if scan_in_kernel and long_skip:
+            raise ValueError("scan_in_kernel keeps the sequence in raster order, but U-DiG's long skips are fused "
+                             "in the reoriented order (as the release does); use scan_in_kernel=False for U-DiG")
         self.depth = depth
         self.num_heads = num_heads
         self.long_skip = long_skip
@@ -172,6 +209,11 @@ class DiG(LatentDiffusionTransformer):
             DiGBlock(hidden_size, num_heads, mlp_ratio, gla_backend, long_skip=long_skip and i > depth // 2)
             for i in range(depth)
         ])
+        self.scan_in_kernel = scan_in_kernel
+        if scan_in_kernel:
+            orders, taps = scan_directions(self.grid_size)
+            self.register_buffer("scan_token_orders", orders, persistent=False)
+            self.register_buffer("scan_conv_taps", taps, persistent=False)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -188,6 +230,11 @@ class DiG(LatentDiffusionTransformer):
 
     def forward_blocks(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         grid = self.grid_size
+        if self.scan_in_kernel:  # the same computation without reorienting copies between the blocks
+            for i, block in enumerate(self.blocks):
+                x = self.run_block(block, x, c, grid, None, self.scan_token_orders[i % 4],
+                                   self.scan_conv_taps[i % 4])
+            return x
         skips: list[torch.Tensor] = []
         for i, block in enumerate(self.blocks):
             skip = skips.pop() if block.skip_linear is not None else None

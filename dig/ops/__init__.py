@@ -18,7 +18,7 @@ import torch
 
 from .gla_fla import FlaUnavailableError, fla_installed, gla_fla
 from .gla_torch import gla_torch
-from .gla_triton import MAX_K, MAX_V, gla_triton, triton_installed
+from .gla_triton import MAX_K, MAX_V, checked_token_order, gla_triton, inverse_order, triton_installed
 from .gla_triton import sm_count_of as _sm_count_of
 
 BACKENDS = ("auto", "torch", "fla", "triton")
@@ -98,17 +98,27 @@ def _check_inputs(q, k, v, g, initial_state):
 
 
 def gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, scale: float | None = None,
-        initial_state: torch.Tensor | None = None, output_final_state: bool = False, backend: str = "auto"):
+        initial_state: torch.Tensor | None = None, output_final_state: bool = False, backend: str = "auto",
+        token_order: torch.Tensor | None = None):
     """Gated linear attention, per head: S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t, o_t = (q_t * scale) S_t.
 
     q, k: [B, T, H, K]; v: [B, T, H, V]; g: [B, T, H, K] log-space forget gates (g <= 0, e.g.
     logsigmoid(x) / 16); initial_state: [B, H, K, V] or None; scale defaults to K ** -0.5.
+    token_order: a permutation of range(T) (int32/int64, q's device) or None: step t of the recurrence takes
+    token token_order[t], and each output is written at its own token. The Triton kernels read the tokens in
+    place; the other backends gather the inputs into that order and scatter the outputs back.
     Returns (o [B, T, H, V] in q's dtype, final state [B, H, K, V] in float32 if output_final_state else None).
     """
     _check_inputs(q, k, v, g, initial_state)
     chosen = resolve_backend(backend, q.device, q, v, stateful=initial_state is not None or output_final_state)
     if chosen == "triton":
-        return gla_triton(q, k, v, g, scale=scale, initial_state=initial_state, output_final_state=output_final_state)
-    if chosen == "fla":
-        return gla_fla(q, k, v, g, scale=scale, initial_state=initial_state, output_final_state=output_final_state)
-    return gla_torch(q, k, v, g, scale=scale, initial_state=initial_state, output_final_state=output_final_state)
+        return gla_triton(q, k, v, g, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
+                          token_order=token_order)
+    if token_order is not None:
+        order = checked_token_order(token_order, q).long()
+        q, k, v, g = (x.index_select(1, order) for x in (q, k, v, g))
+    run = gla_fla if chosen == "fla" else gla_torch
+    o, state = run(q, k, v, g, scale=scale, initial_state=initial_state, output_final_state=output_final_state)
+    if token_order is not None:
+        o = o.index_select(1, inverse_order(order))
+    return o, state

@@ -23,6 +23,10 @@ Backward. With G_t the cumulative gate over the whole sequence, o_t = sum_{s<=t}
 (+ q_t e^{G_t} S_0), so dL/dG_t = q_t * dq_t - k_t * dk_t (+ S_T * dS_T summed over V at t = T), and
 dg_s = sum_{t>=s} dL/dG_t: a reverse cumulative sum that the reverse sweep carries across chunks.
 
+Token order. `token_order` (a permutation of range(T)) makes step s of the recurrence the token order[s]: every
+kernel reads and writes the rows at those tokens, so DiG's four scan directions need no reordered copy of the
+sequence (DiG's scan_in_kernel).
+
 The reference is `gla_torch.py` (exact, float32/float64); tests run these kernels on GPUs and, through Triton's
 interpreter (TRITON_INTERPRET=1), on the CPU.
 """
@@ -111,82 +115,86 @@ def _splits_for(q: torch.Tensor, splits: int) -> int:
     return automatic_splits(B * H, T, sm_count_of(q.device))
 
 
-def _launch_args(q: torch.Tensor, v: torch.Tensor, splits: int = 1) -> dict:
+def _launch_args(q: torch.Tensor, v: torch.Tensor, splits: int = 1, order: torch.Tensor | None = None) -> dict:
     B, T, H, K = q.shape
     NS, CPS = _split_layout(T, splits)
     return dict(T=T, H=H, K=K, V=v.shape[-1], BT=CHUNK, BK=_block(K), BV=_block(v.shape[-1]),
-                PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=NUM_WARPS, NS=NS, CPS=CPS)
+                PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=NUM_WARPS, NS=NS, CPS=CPS,
+                ORDERED=order is not None)
 
 
 def _block(n: int) -> int:
     return max(16, 1 << (n - 1).bit_length())
 
 
-def _forward(q, k, v, g, scale, h0, output_final_state, splits=1):
+def _forward(q, k, v, g, scale, h0, output_final_state, splits=1, order=None):
     fwd, _, _ = _kernels()
     B, T, H, K = q.shape
-    args = _launch_args(q, v, splits)
+    args = _launch_args(q, v, splits, order)
     o = torch.empty_like(v, dtype=q.dtype)
     ht = q.new_empty(B, H, K, v.shape[-1], dtype=torch.float32) if output_final_state else None
     if args["NS"] > 1:
-        h0 = _split_start_states(k, v, g, args)[0]
-    fwd[(B * H, args["NS"])](q, k, v, g, o, h0, ht, scale, FACTORISED_MAX_DECAY, USE_H0=h0 is not None,
+        h0 = _split_start_states(k, v, g, order, args)[0]
+    fwd[(B * H, args["NS"])](q, k, v, g, o, h0, ht, order, scale, FACTORISED_MAX_DECAY, USE_H0=h0 is not None,
                              STORE_HT=output_final_state, **args)
     return o, ht
 
 
-def _split_start_states(k, v, g, args):
+def _split_start_states(k, v, g, order, args):
     """Every split's state at its start ([B * H, NS, K, V]) and every split's total gate ([B * H, NS, K])."""
     states_kernel, _, scan = _split_kernels()
     B, T, H, K = k.shape
     NS = args["NS"]
     local = k.new_empty(B * H, NS, K, v.shape[-1], dtype=torch.float32)
     gsum = k.new_empty(B * H, NS, K, dtype=torch.float32)
-    states_kernel[(B * H, NS)](k, v, g, local, gsum, **args)
+    states_kernel[(B * H, NS)](k, v, g, local, gsum, order, **args)
     starts = torch.empty_like(local)
     scan[(B * H,)](local, gsum, starts, K=K, V=v.shape[-1], BK=args["BK"], BV=args["BV"], NS=NS, REVERSE=False,
                    num_warps=NUM_WARPS)
     return starts, gsum
 
 
-def _split_end_state_grads(q, g, do, gsum, scale, args):
+def _split_end_state_grads(q, g, do, gsum, order, scale, args):
     """The gradient of every split's state at its end from the outputs of the splits after it."""
     _, grads_kernel, scan = _split_kernels()
     B, T, H, K = q.shape
     NS, V = args["NS"], do.shape[-1]
     local = q.new_empty(B * H, NS, K, V, dtype=torch.float32)
-    grads_kernel[(B * H, NS)](q, g, do, local, scale, **args)
+    grads_kernel[(B * H, NS)](q, g, do, local, order, scale, **args)
     ends = torch.empty_like(local)
     scan[(B * H,)](local, gsum, ends, K=K, V=V, BK=args["BK"], BV=args["BV"], NS=NS, REVERSE=True,
                    num_warps=NUM_WARPS)
     return ends
 
 
-def _backward(q, k, v, g, h0, scale, do, dht, need_dh0, splits=1):
+def _backward(q, k, v, g, h0, scale, do, dht, need_dh0, splits=1, order=None):
     _, bwd_dq, bwd_dkv = _kernels()
     B, T, H, K = q.shape
     do = do.contiguous()
     dht = dht.contiguous() if dht is not None else None
-    args = _launch_args(q, v, splits)
+    args = _launch_args(q, v, splits, order)
     NS = args["NS"]
     dq = torch.empty(q.shape, dtype=torch.float32, device=q.device)
     final_dg = torch.empty(B, H, K, dtype=torch.float32, device=q.device) if dht is not None else None
     dgsum = None
     if NS > 1:  # stateless only (h0 and dht are None)
-        h0, gsum = _split_start_states(k, v, g, args)
-        dht = _split_end_state_grads(q, g, do, gsum, scale, args)
+        h0, gsum = _split_start_states(k, v, g, order, args)
+        dht = _split_end_state_grads(q, g, do, gsum, order, scale, args)
         dgsum = q.new_empty(B * H, NS, K, dtype=torch.float32)
-    bwd_dq[(B * H, NS)](q, k, v, g, do, dq, dht, final_dg, h0, scale, FACTORISED_MAX_DECAY,
+    bwd_dq[(B * H, NS)](q, k, v, g, do, dq, dht, final_dg, h0, order, scale, FACTORISED_MAX_DECAY,
                         USE_H0=h0 is not None, USE_DHT=dht is not None and NS == 1, **args)
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     dg = torch.empty_like(g, dtype=torch.float32) if NS > 1 else torch.empty_like(g)
     dh0 = torch.empty_like(h0, dtype=torch.float32) if h0 is not None and need_dh0 and NS == 1 else None
-    bwd_dkv[(B * H, NS)](q, k, v, g, do, dq, dk, dv, dg, dht, final_dg, dh0, dgsum, scale, FACTORISED_MAX_DECAY,
+    bwd_dkv[(B * H, NS)](q, k, v, g, do, dq, dk, dv, dg, dht, final_dg, dh0, dgsum, order, scale,
+                         FACTORISED_MAX_DECAY,
                          USE_DHT=dht is not None, STORE_DH0=dh0 is not None, **args)
     if NS > 1:  # each split's dg still lacks the sum of q*dq - k*dk over the splits after it
         after = dgsum.flip(1).cumsum(1).flip(1) - dgsum
-        per_token = after.view(B, H, NS, K).transpose(1, 2).repeat_interleave(args["CPS"] * CHUNK, dim=1)
-        dg = (dg + per_token[:, :T]).to(g.dtype)
+        per_step = after.view(B, H, NS, K).transpose(1, 2).repeat_interleave(args["CPS"] * CHUNK, dim=1)[:, :T]
+        if order is not None:  # scan step s is token order[s]
+            per_step = per_step.index_select(1, inverse_order(order))
+        dg = (dg + per_step).to(g.dtype)
     return dq.to(q.dtype), dk, dv, dg, dh0
 
 
@@ -194,55 +202,56 @@ class _FusedChunkGLA(torch.autograd.Function):
     """With states (initial and/or final): an autograd Function, run eagerly."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g, scale, initial_state, output_final_state):
-        o, ht = _forward(q, k, v, g, scale, initial_state, output_final_state)
-        ctx.save_for_backward(q, k, v, g, initial_state)
+    def forward(ctx, q, k, v, g, scale, initial_state, output_final_state, order):
+        o, ht = _forward(q, k, v, g, scale, initial_state, output_final_state, order=order)
+        ctx.save_for_backward(q, k, v, g, initial_state, order)
         ctx.scale = scale
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, g, h0 = ctx.saved_tensors
-        dq, dk, dv, dg, dh0 = _backward(q, k, v, g, h0, ctx.scale, do, dht, ctx.needs_input_grad[5])
-        return dq, dk, dv, dg, None, dh0, None
+        q, k, v, g, h0, order = ctx.saved_tensors
+        dq, dk, dv, dg, dh0 = _backward(q, k, v, g, h0, ctx.scale, do, dht, ctx.needs_input_grad[5], order=order)
+        return dq, dk, dv, dg, None, dh0, None, None
 
 
 # Without states (DiG's case): registered operators, so that torch.compile keeps them inside a block's graph
 # (an autograd Function with Triton launches would split the graph in two around every GLA call).
 @torch.library.custom_op("dig::gla_fused_chunk", mutates_args=())
 def gla_fused_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
-                    scale: float, splits: int = 0) -> torch.Tensor:
+                    scale: float, splits: int = 0, order: torch.Tensor | None = None) -> torch.Tensor:
     q, k, v, g = (x.contiguous() for x in (q, k, v, g))
-    return _forward(q, k, v, g, scale, None, False, _splits_for(q, splits))[0]
+    return _forward(q, k, v, g, scale, None, False, _splits_for(q, splits), order)[0]
 
 
 @gla_fused_chunk.register_fake
-def _(q, k, v, g, scale, splits=0):
+def _(q, k, v, g, scale, splits=0, order=None):
     return torch.empty_like(v, dtype=q.dtype, memory_format=torch.contiguous_format)
 
 
 @torch.library.custom_op("dig::gla_fused_chunk_backward", mutates_args=())
 def gla_fused_chunk_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
-                             do: torch.Tensor, scale: float, splits: int = 0) -> tuple[
+                             do: torch.Tensor, scale: float, splits: int = 0,
+                             order: torch.Tensor | None = None) -> tuple[
                                  torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     q, k, v, g = (x.contiguous() for x in (q, k, v, g))
-    return _backward(q, k, v, g, None, scale, do, None, False, _splits_for(q, splits))[:4]
+    return _backward(q, k, v, g, None, scale, do, None, False, _splits_for(q, splits), order)[:4]
 
 
 @gla_fused_chunk_backward.register_fake
-def _(q, k, v, g, do, scale, splits=0):
+def _(q, k, v, g, do, scale, splits=0, order=None):
     return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v, g))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, g, scale, splits = inputs
-    ctx.save_for_backward(q, k, v, g)
+    q, k, v, g, scale, splits, order = inputs
+    ctx.save_for_backward(q, k, v, g, order)
     ctx.scale, ctx.splits = scale, splits
 
 
 def _gla_fused_chunk_grad(ctx, do):
-    q, k, v, g = ctx.saved_tensors
-    return (*torch.ops.dig.gla_fused_chunk_backward(q, k, v, g, do, ctx.scale, ctx.splits), None, None)
+    q, k, v, g, order = ctx.saved_tensors
+    return (*torch.ops.dig.gla_fused_chunk_backward(q, k, v, g, do, ctx.scale, ctx.splits, order), None, None, None)
 
 
 gla_fused_chunk.register_autograd(_gla_fused_chunk_grad, setup_context=_setup_context)
@@ -250,9 +259,11 @@ gla_fused_chunk.register_autograd(_gla_fused_chunk_grad, setup_context=_setup_co
 
 def gla_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, scale: float | None = None,
                initial_state: torch.Tensor | None = None, output_final_state: bool = False,
-               splits: int | None = None):
+               splits: int | None = None, token_order: torch.Tensor | None = None):
     """Fused-chunk GLA in `[B, T, H, K]` layout. Returns (o in q's dtype, float32 final state or None).
-    `splits`: split each sequence across this many programs (stateless calls only); None chooses."""
+    `splits`: split each sequence across this many programs (stateless calls only); None chooses.
+    `token_order`: the recurrence visits token token_order[s] at step s (a permutation of range(T), int32 or
+    int64), read and written in place; None is the tokens' own order."""
     if not all(x.is_cuda for x in (q, k, v, g)) and not _INTERPRETED:
         raise ValueError("backend='triton' runs Triton kernels and needs CUDA tensors; got "
                          f"{q.device}. Use backend='torch' (or 'auto') for tensors on {q.device}.")
@@ -268,9 +279,29 @@ def gla_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tenso
     if splits is not None and splits > 1 and not stateless:
         raise ValueError("splitting the sequence (splits > 1) needs a call without initial or final state")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    order = None if token_order is None else checked_token_order(token_order, q)
     if stateless:
-        return torch.ops.dig.gla_fused_chunk(q, k, v, g, scale, splits or 0), None
+        return torch.ops.dig.gla_fused_chunk(q, k, v, g, scale, splits or 0, order), None
     if initial_state is not None:
         initial_state = initial_state.float().contiguous()
     return _FusedChunkGLA.apply(q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(), scale,
-                                initial_state, output_final_state)
+                                initial_state, output_final_state, order)
+
+
+def checked_token_order(token_order: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """`token_order` as the kernels read it (contiguous int32 on q's device), after checking its shape and type
+    (that it is a permutation is the caller's promise: checking it on a GPU would synchronise every call)."""
+    T = q.shape[1]
+    if token_order.shape != (T,) or token_order.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"token_order must be an int32/int64 permutation of range(T) with T = {T}, got "
+                         f"{token_order.dtype} of shape {tuple(token_order.shape)}")
+    if token_order.device != q.device:
+        raise ValueError(f"token_order is on {token_order.device}, the inputs on {q.device}")
+    return token_order.to(torch.int32).contiguous()
+
+
+def inverse_order(order: torch.Tensor) -> torch.Tensor:
+    """inverse[order[s]] = s: for each token, the scan step that visits it."""
+    inverse = torch.empty_like(order)
+    inverse[order.long()] = torch.arange(order.numel(), device=order.device, dtype=order.dtype)
+    return inverse

@@ -44,10 +44,10 @@ def _split_vector(i_s, K: tl.constexpr, BK: tl.constexpr, NS: tl.constexpr):
 
 
 @triton.jit
-def _chunk(q, k, g, v, i_t, base_qk, base_v, scale, T: tl.constexpr, H: tl.constexpr, K: tl.constexpr,
-           V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+def _chunk(q, k, g, v, i_t, base_qk, base_v, order, scale, T: tl.constexpr, H: tl.constexpr, K: tl.constexpr,
+           V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ORDERED: tl.constexpr):
     """Chunk i_t: offsets and masks of its q/k/g and v rows, q (scaled), k, v in float32, gc and gl."""
-    p_qk, p_v, m_qk, m_v = _chunk_offsets(i_t, base_qk, base_v, T, H, K, V, BT, BK, BV)
+    p_qk, p_v, m_qk, m_v = _chunk_offsets(i_t, base_qk, base_v, order, T, H, K, V, BT, BK, BV, ORDERED)
     b_q = tl.load(q + p_qk, mask=m_qk, other=0.).to(tl.float32) * scale
     b_k = tl.load(k + p_qk, mask=m_qk, other=0.).to(tl.float32)
     b_g = tl.load(g + p_qk, mask=m_qk, other=0.).to(tl.float32)  # padding rows: no decay and no key
@@ -56,15 +56,21 @@ def _chunk(q, k, g, v, i_t, base_qk, base_v, scale, T: tl.constexpr, H: tl.const
 
 
 @triton.jit
-def _chunk_offsets(i_t, base_qk, base_v, T: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                   BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+def _chunk_offsets(i_t, base_qk, base_v, order, T: tl.constexpr, H: tl.constexpr, K: tl.constexpr,
+                   V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ORDERED: tl.constexpr):
+    """Scan steps i_t * BT ... of the sequence; with ORDERED, step s is the token order[s] (DiG's scan directions
+    read in place, no reordered copy of the sequence), else token s."""
     o_t = i_t * BT + tl.arange(0, BT)
+    if ORDERED:
+        rows = tl.load(order + o_t, mask=o_t < T, other=0).to(tl.int64)
+    else:
+        rows = o_t.to(tl.int64)
     o_k = tl.arange(0, BK)
     o_v = tl.arange(0, BV)
     m_qk = (o_t[:, None] < T) & (o_k[None, :] < K)
     m_v = (o_t[:, None] < T) & (o_v[None, :] < V)
-    p_qk = base_qk + o_t[:, None].to(tl.int64) * (H * K) + o_k[None, :]
-    p_v = base_v + o_t[:, None].to(tl.int64) * (H * V) + o_v[None, :]
+    p_qk = base_qk + rows[:, None] * (H * K) + o_k[None, :]
+    p_v = base_v + rows[:, None] * (H * V) + o_v[None, :]
     return p_qk, p_v, m_qk, m_v
 
 
@@ -143,10 +149,10 @@ def _scores_grad_k(dA, b_q, gc, gl, max_decay, PRECISION: tl.constexpr, BT: tl.c
 
 
 @triton.jit
-def fwd_kernel(q, k, v, g, o, h0, ht, scale, max_decay,
+def fwd_kernel(q, k, v, g, o, h0, ht, order, scale, max_decay,
                T: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
-               USE_H0: tl.constexpr, STORE_HT: tl.constexpr, NS: tl.constexpr, CPS: tl.constexpr):
+               USE_H0: tl.constexpr, STORE_HT: tl.constexpr, NS: tl.constexpr, CPS: tl.constexpr, ORDERED: tl.constexpr):
     """Outputs of one split of the sequence (the whole sequence when NS = 1), from its state at the start."""
     base_qk, base_v, p_s, m_s = _head(T, H, K, V, BK, BV, NS)
     if USE_H0:
@@ -155,8 +161,8 @@ def fwd_kernel(q, k, v, g, o, h0, ht, scale, max_decay,
         S = tl.zeros([BK, BV], dtype=tl.float32)
     first, end = _split_chunks(T, BT, CPS)
     for i_t in range(first, end):
-        p_qk, p_v, m_qk, m_v, b_q, b_k, b_v, gc, gl = _chunk(q, k, g, v, i_t, base_qk, base_v, scale,
-                                                             T, H, K, V, BT, BK, BV)
+        p_qk, p_v, m_qk, m_v, b_q, b_k, b_v, gc, gl = _chunk(q, k, g, v, i_t, base_qk, base_v, order,
+                                                             scale, T, H, K, V, BT, BK, BV, ORDERED)
         A = _scores(b_q, b_k, gc, gl, max_decay, PRECISION, BT)
         b_o = _mm(A, b_v, PRECISION) + _mm(b_q * tl.exp(gc), S, PRECISION)
         tl.store(o + p_v, b_o.to(o.dtype.element_ty), mask=m_v)
@@ -166,10 +172,10 @@ def fwd_kernel(q, k, v, g, o, h0, ht, scale, max_decay,
 
 
 @triton.jit
-def bwd_dq_kernel(q, k, v, g, do, dq, dht, final_dg, h0, scale, max_decay,
+def bwd_dq_kernel(q, k, v, g, do, dq, dht, final_dg, h0, order, scale, max_decay,
                   T: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                   BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
-                  USE_H0: tl.constexpr, USE_DHT: tl.constexpr, NS: tl.constexpr, CPS: tl.constexpr):
+                  USE_H0: tl.constexpr, USE_DHT: tl.constexpr, NS: tl.constexpr, CPS: tl.constexpr, ORDERED: tl.constexpr):
     """Forward sweep over one split: dq in float32 and, with a final-state gradient (NS = 1 only), the
     gate-gradient term sum_v S_T * dS_T that every position's dg receives."""
     base_qk, base_v, p_s, m_s = _head(T, H, K, V, BK, BV, NS)
@@ -179,8 +185,8 @@ def bwd_dq_kernel(q, k, v, g, do, dq, dht, final_dg, h0, scale, max_decay,
         S = tl.zeros([BK, BV], dtype=tl.float32)
     first, end = _split_chunks(T, BT, CPS)
     for i_t in range(first, end):
-        p_qk, p_v, m_qk, m_v, b_q, b_k, b_v, gc, gl = _chunk(q, k, g, v, i_t, base_qk, base_v, scale,
-                                                             T, H, K, V, BT, BK, BV)
+        p_qk, p_v, m_qk, m_v, b_q, b_k, b_v, gc, gl = _chunk(q, k, g, v, i_t, base_qk, base_v, order,
+                                                             scale, T, H, K, V, BT, BK, BV, ORDERED)
         b_do = tl.load(do + p_v, mask=m_v, other=0.).to(tl.float32)
         dA = _output_grad_scores(b_do, b_v, PRECISION, BT)
         b_dq = _scores_grad_q(dA, b_k, gc, gl, max_decay, PRECISION, BT)
@@ -194,10 +200,10 @@ def bwd_dq_kernel(q, k, v, g, do, dq, dht, final_dg, h0, scale, max_decay,
 
 
 @triton.jit
-def bwd_dkv_kernel(q, k, v, g, do, dq, dk, dv, dg, dht, final_dg, dh0, dgsum, scale, max_decay,
+def bwd_dkv_kernel(q, k, v, g, do, dq, dk, dv, dg, dht, final_dg, dh0, dgsum, order, scale, max_decay,
                    T: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
-                   USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, NS: tl.constexpr, CPS: tl.constexpr):
+                   USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, NS: tl.constexpr, CPS: tl.constexpr, ORDERED: tl.constexpr):
     """Reverse sweep over one split: dk, dv, and dg as the reverse cumulative sum of q*dq - k*dk. The state
     gradient at the split's end comes from dht ([B * H, NS, K, V]); with NS > 1 the split's dg lacks the sum of
     q*dq - k*dk over the splits after it, and that split total is stored in dgsum for the caller to add."""
@@ -213,8 +219,8 @@ def bwd_dkv_kernel(q, k, v, g, do, dq, dk, dv, dg, dht, final_dg, dh0, dgsum, sc
         dg_after = tl.zeros([BK], dtype=tl.float32)
     first, end = _split_chunks(T, BT, CPS)
     for i_r in range(0, end - first):
-        p_qk, p_v, m_qk, m_v, b_q, b_k, b_v, gc, gl = _chunk(q, k, g, v, end - 1 - i_r, base_qk, base_v, scale,
-                                                             T, H, K, V, BT, BK, BV)
+        p_qk, p_v, m_qk, m_v, b_q, b_k, b_v, gc, gl = _chunk(q, k, g, v, end - 1 - i_r, base_qk, base_v,
+                                                             order, scale, T, H, K, V, BT, BK, BV, ORDERED)
         b_do = tl.load(do + p_v, mask=m_v, other=0.).to(tl.float32)
         to_end = tl.exp(gl[None, :] - gc)
         A = _scores(b_q, b_k, gc, gl, max_decay, PRECISION, BT)
@@ -242,17 +248,17 @@ def bwd_dkv_kernel(q, k, v, g, do, dq, dk, dv, dg, dht, final_dg, dh0, dgsum, sc
 # (split_scan_kernel), then the kernels above per split from the state (gradient) the scan gives it.
 
 @triton.jit
-def split_states_kernel(k, v, g, states, gsum,
+def split_states_kernel(k, v, g, states, gsum, order,
                         T: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                         BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
-                        NS: tl.constexpr, CPS: tl.constexpr):
+                        NS: tl.constexpr, CPS: tl.constexpr, ORDERED: tl.constexpr):
     """The state at a split's end from a zero state at its start, and the split's total gate per channel."""
     base_qk, base_v, p_s, m_s = _head(T, H, K, V, BK, BV, NS)
     S = tl.zeros([BK, BV], dtype=tl.float32)
     g_total = tl.zeros([BK], dtype=tl.float32)
     first, end = _split_chunks(T, BT, CPS)
     for i_t in range(first, end):
-        p_qk, p_v, m_qk, m_v = _chunk_offsets(i_t, base_qk, base_v, T, H, K, V, BT, BK, BV)
+        p_qk, p_v, m_qk, m_v = _chunk_offsets(i_t, base_qk, base_v, order, T, H, K, V, BT, BK, BV, ORDERED)
         b_k = tl.load(k + p_qk, mask=m_qk, other=0.).to(tl.float32)
         b_g = tl.load(g + p_qk, mask=m_qk, other=0.).to(tl.float32)
         b_v = tl.load(v + p_v, mask=m_v, other=0.).to(tl.float32)
@@ -265,16 +271,17 @@ def split_states_kernel(k, v, g, states, gsum,
 
 
 @triton.jit
-def split_state_grads_kernel(q, g, do, dstates, scale,
+def split_state_grads_kernel(q, g, do, dstates, order, scale,
                              T: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                              BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
-                             NS: tl.constexpr, CPS: tl.constexpr):
+                             NS: tl.constexpr, CPS: tl.constexpr, ORDERED: tl.constexpr):
     """The gradient of the state at a split's start from the split's own outputs."""
     base_qk, base_v, p_s, m_s = _head(T, H, K, V, BK, BV, NS)
     dS = tl.zeros([BK, BV], dtype=tl.float32)
     first, end = _split_chunks(T, BT, CPS)
     for i_r in range(0, end - first):
-        p_qk, p_v, m_qk, m_v = _chunk_offsets(end - 1 - i_r, base_qk, base_v, T, H, K, V, BT, BK, BV)
+        p_qk, p_v, m_qk, m_v = _chunk_offsets(end - 1 - i_r, base_qk, base_v, order, T, H, K, V, BT, BK, BV,
+                                               ORDERED)
         b_q = tl.load(q + p_qk, mask=m_qk, other=0.).to(tl.float32) * scale
         b_g = tl.load(g + p_qk, mask=m_qk, other=0.).to(tl.float32)
         b_do = tl.load(do + p_v, mask=m_v, other=0.).to(tl.float32)

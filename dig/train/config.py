@@ -44,6 +44,7 @@ class ModelConfig(_Section):
     learn_sigma: bool = True               # learned-range variance (2x output channels), hybrid MSE + VLB loss
     class_dropout_prob: float = Field(0.1, ge=0.0, lt=1.0)  # label dropout for classifier-free guidance
     gla_backend: str = "auto"              # auto | triton | fla | torch (auto: Triton on CUDA, torch on CPU)
+    scan_in_kernel: bool = False           # DiG: tokens stay in raster order, each block's GLA reads its scan direction in place (no copies between blocks; not U-DiG)
     grad_checkpointing: bool = False       # per-block activation checkpointing (high resolution)
     compile: bool = False                  # regional torch.compile of each block's forward (any ZeRO stage)
     compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "default"  # torch.compile mode on CUDA; reduce-overhead adds CUDA graphs
@@ -194,6 +195,8 @@ class TrainConfig(_Section):
         if unknown:
             raise ValueError(f"model.overrides {unknown} are not options of {self.model.name}; "
                              f"allowed: {', '.join(sorted(allowed))}")
+        if self.model.scan_in_kernel and not self.model.name.startswith("DiG"):
+            raise ValueError(f"model.scan_in_kernel applies to DiG models (not U-DiG or DiT); got {self.model.name}")
         return self
 
     @model_validator(mode="after")
@@ -237,6 +240,8 @@ class TrainConfig(_Section):
                   class_dropout_prob=self.model.class_dropout_prob, grad_checkpointing=self.model.grad_checkpointing)
         if "gla_backend" in allowed_overrides(self.model.name):
             kw["gla_backend"] = self.model.gla_backend
+        if self.model.scan_in_kernel:
+            kw["scan_in_kernel"] = True
         if self.model.pos_embed_base_size is not None:
             kw["pos_embed_base_size"] = self.model.pos_embed_base_size
         kw.update(self.model.overrides)
