@@ -10,6 +10,6 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TORCH_EXTENSIONS_DIR=/tmp/te
 run() { local name=$1 limit=$2; shift 2; local t0=$SECONDS
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; echo "=== $name: rc=$? $((SECONDS - t0))s"; tail -n 3 "$OUT/$name.log"; }
 run overlap_allreduce 150 python3 -m pytest -m gpu tests/test_grad_allreduce.py -x -q
-run resume_other_gpu_count 240 python3 -m pytest -m gpu tests/test_train_gpu.py -k another_gpu_count -x -q -s
+run resume_other_gpu_count 330 python3 -m pytest -m gpu tests/test_train_gpu.py -k another_gpu_count -x -q -s
 CUDA_VISIBLE_DEVICES=0 PYTHONPATH=bench/triton_first_config:$PYTHONPATH \
   run compiled_any_shape "${SHAPE_LIMIT:-300}" python3 -m pytest -m gpu tests/test_gpu.py -k any_batch -x -q
