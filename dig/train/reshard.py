@@ -150,3 +150,34 @@ def place_optimizer_steps(optimizer) -> None:
         step = state.get("step")
         if torch.is_tensor(step) and step.device != param.device:
             state["step"] = step.to(device=param.device, dtype=torch.float32)
+
+
+def rank_seed(seed: int, step: int, rank: int, world_size: int) -> int:
+    return int(np.random.SeedSequence([seed, step, rank, world_size, 0x5E5A]).generate_state(1, np.uint64)[0]
+               >> 1)
+
+
+def fresh_rng_state(seed: int) -> dict:
+    """RNG states (checkpoint.rng_state's layout) of generators seeded with `seed`."""
+    state = {"torch": torch.Generator().manual_seed(seed).get_state(),
+             "numpy": np.random.RandomState(seed % 2 ** 32).get_state(),
+             "python": random.Random(seed).getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.Generator(device="cuda").manual_seed(seed).get_state()
+    return state
+
+
+def load_rank_state(ckpt: str, rank: int, world_size: int, reader, seed: int) -> dict:
+    """This new rank's state (checkpoint.load_rank_state's layout) from the states of all old ranks."""
+    old_world = saved_world_size(ckpt)
+    # weights_only=False: the files hold numpy/python RNG states, written by this trainer
+    old = [torch.load(checkpoint.rank_file(ckpt, q), weights_only=False) for q in range(old_world)]
+    data = reader.redealt_state([s["data"] for s in old])
+    step = old[0]["step"]
+    if rank == 0:
+        log.info("resuming %s (written by %d ranks) on %d ranks at step %d: epoch %d, %d samples per rank left "
+                 "in it", ckpt, old_world, world_size, step, data["epoch"],
+                 data["dealt"]["quota"] if data["dealt"] else 0)
+    return {"data": data, "step": step, "nonfinite_total": old[0]["nonfinite_total"],
+            "nonfinite_in_a_row": old[0]["nonfinite_in_a_row"],
+            "rng": fresh_rng_state(rank_seed(seed, step, rank, world_size))}
