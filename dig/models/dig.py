@@ -177,11 +177,12 @@ class DiG(LatentDiffusionTransformer):
     """Diffusion GLA transformer. With long_skip=True this is U-DiG: as in the release, the outputs of blocks
     0 .. depth/2 - 2 (after their reorientation) are fused, last in first out, into blocks depth/2 + 1 ..
     depth - 1 by Linear(2D, D); block depth/2 has none. skip_init "zero" initialises those Linears as [I | 0]
-    (the release's "skipzero"), "xavier" like every other Linear (its "skip"). scan_in_kernel (DiG without long
-    skips): the sequence stays in raster order and each block's GLA reads its scan direction through a token
-    order (no reorienting copy between blocks; with the Triton kernels the order is read in place). Kept from the release: a skip
+    (the release's "skipzero"), "xavier" like every other Linear (its "skip"). Kept from the release: a skip
     is fused in the scan order it was stored in, which for odd block indices is the transpose of the current
-    order: spatially misaligned, as in the release (for non-square grids the two grids even differ in shape)."""
+    order: spatially misaligned, as in the release (for non-square grids the two grids even differ in shape).
+    scan_in_kernel (DiG without long skips): the sequence stays in raster order and each block's GLA reads its
+    scan direction through a token order (no reorienting copy between blocks; the Triton kernels read the order
+    in place)."""
 
     def __init__(self, *, depth: int, hidden_size: int, num_heads: int, patch_size: int, mlp_ratio: float = 4.0,
                  input_size: int | tuple[int, int] = 32, in_channels: int = 4, num_classes: int = 1000,

@@ -152,7 +152,8 @@ def _scores_grad_k(dA, b_q, gc, gl, max_decay, PRECISION: tl.constexpr, BT: tl.c
 def fwd_kernel(q, k, v, g, o, h0, ht, order, scale, max_decay,
                T: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
-               USE_H0: tl.constexpr, STORE_HT: tl.constexpr, NS: tl.constexpr, CPS: tl.constexpr, ORDERED: tl.constexpr):
+               USE_H0: tl.constexpr, STORE_HT: tl.constexpr, NS: tl.constexpr, CPS: tl.constexpr,
+               ORDERED: tl.constexpr):
     """Outputs of one split of the sequence (the whole sequence when NS = 1), from its state at the start."""
     base_qk, base_v, p_s, m_s = _head(T, H, K, V, BK, BV, NS)
     if USE_H0:
@@ -175,7 +176,8 @@ def fwd_kernel(q, k, v, g, o, h0, ht, order, scale, max_decay,
 def bwd_dq_kernel(q, k, v, g, do, dq, dht, final_dg, h0, order, scale, max_decay,
                   T: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                   BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
-                  USE_H0: tl.constexpr, USE_DHT: tl.constexpr, NS: tl.constexpr, CPS: tl.constexpr, ORDERED: tl.constexpr):
+                  USE_H0: tl.constexpr, USE_DHT: tl.constexpr, NS: tl.constexpr, CPS: tl.constexpr,
+                  ORDERED: tl.constexpr):
     """Forward sweep over one split: dq in float32 and, with a final-state gradient (NS = 1 only), the
     gate-gradient term sum_v S_T * dS_T that every position's dg receives."""
     base_qk, base_v, p_s, m_s = _head(T, H, K, V, BK, BV, NS)
@@ -203,7 +205,8 @@ def bwd_dq_kernel(q, k, v, g, do, dq, dht, final_dg, h0, order, scale, max_decay
 def bwd_dkv_kernel(q, k, v, g, do, dq, dk, dv, dg, dht, final_dg, dh0, dgsum, order, scale, max_decay,
                    T: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
-                   USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, NS: tl.constexpr, CPS: tl.constexpr, ORDERED: tl.constexpr):
+                   USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, NS: tl.constexpr, CPS: tl.constexpr,
+                   ORDERED: tl.constexpr):
     """Reverse sweep over one split: dk, dv, and dg as the reverse cumulative sum of q*dq - k*dk. The state
     gradient at the split's end comes from dht ([B * H, NS, K, V]); with NS > 1 the split's dg lacks the sum of
     q*dq - k*dk over the splits after it, and that split total is stored in dgsum for the caller to add."""
