@@ -9,7 +9,7 @@
 #   bash bench/gpu/prepare-encoder-wheels.sh
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
+[ -f /tmp/site/.installed ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TORCH_EXTENSIONS_DIR=/tmp/tex TRITON_CACHE_DIR=/tmp/tc \
     TORCHINDUCTOR_CACHE_DIR=/tmp/ic
 python3 -c "from diffusers import AutoencoderKL" > "$OUT/diffusers_import.log" 2>&1 || {

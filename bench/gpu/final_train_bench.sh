@@ -5,7 +5,7 @@
 # compiles for minutes on a fresh machine.
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
+[ -f /tmp/site/.installed ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TORCH_EXTENSIONS_DIR=/tmp/tex TRITON_CACHE_DIR=/tmp/tc
 nvidia-smi --query-gpu=name,clocks.sm,memory.used --format=csv
 timeout ${BENCH_LIMIT:-470} python3 -m bench.bench_train --models DiG-XL/2,DiT-XL/2 --resolutions 256,512 \

@@ -5,11 +5,15 @@
 # → all). Logs under $OUT.
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
+[ -f /tmp/site/.installed ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TORCH_EXTENSIONS_DIR=/tmp/tex TRITON_CACHE_DIR=/tmp/tc
 run() { local name=$1 limit=$2; shift 2; local t0=$SECONDS
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; echo "=== $name: rc=$? $((SECONDS - t0))s"; tail -n 3 "$OUT/$name.log"; }
-run overlap_allreduce 150 python3 -m pytest -m gpu tests/test_grad_allreduce.py -x -q
-run resume_other_gpu_count 330 python3 -m pytest -m gpu tests/test_train_gpu.py -k another_gpu_count -x -q -s
-CUDA_VISIBLE_DEVICES=0 PYTHONPATH=bench/triton_first_config:$PYTHONPATH \
+TESTS=${TESTS:-overlap,resume,shape}  # a subset, e.g. TESTS=shape on one GPU beside the others (bench/gpu/parallel.sh)
+[[ ,$TESTS, == *,overlap,* ]] && run overlap_allreduce 150 python3 -m pytest -m gpu tests/test_grad_allreduce.py -x -q
+[[ ,$TESTS, == *,resume,* ]] && \
+  run resume_other_gpu_count 330 python3 -m pytest -m gpu tests/test_train_gpu.py -k another_gpu_count -x -q -s
+first_gpu=${CUDA_VISIBLE_DEVICES:-0}; first_gpu=${first_gpu%%,*}
+[[ ,$TESTS, == *,shape,* ]] && CUDA_VISIBLE_DEVICES=$first_gpu PYTHONPATH=bench/triton_first_config:$PYTHONPATH \
   run compiled_any_shape "${SHAPE_LIMIT:-300}" python3 -m pytest -m gpu tests/test_gpu.py -k any_batch -x -q
+true

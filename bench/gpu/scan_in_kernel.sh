@@ -5,13 +5,13 @@
 # 32 images, both ways side by side.
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl >/dev/null 2>&1 || exit 1
+[ -f /tmp/site/.installed ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl >/dev/null 2>&1 || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TORCH_EXTENSIONS_DIR=/tmp/tex TRITON_CACHE_DIR=/tmp/tc
 run() { local name=$1 limit=$2; shift 2; echo "=== $name: $*"; local t0=$SECONDS
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; echo "rc=$? ${name} $((SECONDS - t0))s"; tail -n "${TAIL:-14}" "$OUT/$name.log"; }
 TAIL=3 run token_order_tests 120 python3 -m pytest -m gpu tests/test_gla.py -k token_order -x -q
-run model 240 python3 -m bench.run_all --sections ceilings,model --variants compile --gla-backends triton,triton+scan \
+run model "${MODEL_LIMIT:-240}" python3 -m bench.run_all --sections ceilings,model --variants compile --gla-backends triton,triton+scan \
   --resolutions 256,512 --out "$OUT/model"
-run train "${TRAIN_LIMIT:-200}" python3 -m bench.bench_train --models DiG-XL/2 --resolutions 256 --gpus 1 --steps 24 \
+[ "${TRAIN_LIMIT:-200}" -gt 0 ] && run train "${TRAIN_LIMIT:-200}" python3 -m bench.bench_train --models DiG-XL/2 --resolutions 256 --gpus 1 --steps 24 \
   --warmup 9 --log-every 3 --checkpoint-at 18 --bare-mode reduce-overhead \
   --extra "scan-in-kernel@1:model.scan_in_kernel=true" --out "$OUT/train"
