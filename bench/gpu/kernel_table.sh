@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 12, the GLA kernel table (BENCHMARKS.md) at the shapes the 2048/4096 px run (gla_split.sh) left out, on one
-# H200: 256 and 512 px, then 1024 px with forced splits (does splitting the sequence pay at B·H = 144?). fla's
+# H200: 256 and 512 px, then 1024 px with forced splits (measured 2026-11-28: splitting does not pay at B·H = 144). fla's
 # autotuning makes the whole table longer than one call, hence the pieces. Logs and JSON under $OUT.
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -8,5 +8,7 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TORCH_EXTENSIONS_DIR=/tmp/tex TRITON_CACHE_DIR=/tmp/tc
 run() { local name=$1 limit=$2; shift 2; echo "=== $name: $*"; local t0=$SECONDS
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; echo "rc=$? ${name} $((SECONDS - t0))s"; tail -n "${TAIL:-14}" "$OUT/$name.log"; }
-run kernels_256_512 "${LIMIT_LOW:-160}" python3 -m bench.bench_gla_kernels --resolutions 256,512 --out "$OUT/low"
+# one process per resolution: fla autotunes each shape (160 s was too short for 256 and 512 together)
+run kernels_256 "${LIMIT_EACH:-150}" python3 -m bench.bench_gla_kernels --resolutions 256 --out "$OUT/256"
+run kernels_512 "${LIMIT_EACH:-150}" python3 -m bench.bench_gla_kernels --resolutions 512 --out "$OUT/512"
 run kernels_1024 "${LIMIT_1024:-130}" python3 -m bench.bench_gla_kernels --resolutions 1024 --splits 2,4 --out "$OUT/1024"

@@ -3,10 +3,13 @@
 # on its own GPUs with its own $OUT/<name>/, the wheels installed once before. One job per argument:
 #   GPUS:NAME:COMMAND     e.g.  "0,1:tests:TESTS=overlap,resume bash bench/gpu/gpu_tests.sh"  "3:scan:bash bench/gpu/scan_in_kernel.sh"
 # Jobs share the host's CPUs (compile workers of one can slow another's launch-bound timing a little): ratios
-# that matter are measured inside one job. Each job's output goes to $OUT/<name>.txt and is printed when all end.
+# that matter are measured inside one job. Each job's output goes to $OUT/<name>.txt and is printed when all end;
+# its files come back as $OUT/<name>.tgz (the device tool returns only a handful of files per call).
+# The wheels are installed with --upgrade: a machine still warm from an earlier call may hold other versions.
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  > "$OUT/pip.log" 2>&1 || { grep -v '^WARNING: Target directory' "$OUT/pip.log" | tail -n 5; exit 1; }
 touch /tmp/site/.installed
 nvidia-smi --query-gpu=index,name,clocks.sm,memory.used --format=csv | tee "$OUT/gpus.txt"
 pids=(); names=(); t0=$SECONDS
@@ -19,3 +22,4 @@ done
 for i in "${!pids[@]}"; do
   wait "${pids[$i]}"; echo "##### ${names[$i]}: rc=$? at $((SECONDS - t0))s"; tail -n "${TAIL:-25}" "$OUT/${names[$i]}.txt"
 done
+for name in "${names[@]}"; do tar czf "$OUT/$name.tgz" -C "$OUT" "$name" && rm -rf "${OUT:?}/$name"; done
