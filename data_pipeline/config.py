@@ -28,8 +28,8 @@ class PipelineConfig(BaseModel):
     device: Literal["auto", "cuda", "cpu"] = "auto"  # encoder device; auto: GPU actors when the cluster has GPUs
     encode_batch_size: int = Field(64, ge=1, description="images per VAE forward (each also flipped: 2x rows)")
     memory_format: Literal["auto", "channels_last", "contiguous"] = Field(
-        "auto", description="encoder tensor layout; auto: channels_last on GPU (cuDNN's fast layout), "
-        "contiguous (NCHW) on CPU")
+        "auto", description="encoder tensor layout; auto: channels_last for the compiled encoder on a GPU, "
+        "contiguous (NCHW) otherwise (the faster of the two on an H200 in each case, BENCHMARKS.md)")
     compile_encoder: bool = Field(
         False, description="torch.compile the encoder for one fixed batch shape (a shard's last chunk is padded "
         "to it); each actor compiles when it starts (needs Triton and a C compiler on GPU nodes)")
