@@ -661,25 +661,27 @@ def main(argv: list[str] | None = None) -> int:
         os.remove(rows_path)
     t_start = time.time()
     t_end = t_start + a.budget_s
-    common = [f"--resolutions={','.join(map(str, a.resolutions))}", f"--max-tokens={a.max_tokens}",
-              f"--tolerance={a.tolerance}", "--rows", rows_path] + (["--quick"] if a.quick else []) + \
-        (["--eager"] if a.eager else [])
+    common = [f"--max-tokens={a.max_tokens}", f"--tolerance={a.tolerance}", "--rows", rows_path] + \
+        (["--quick"] if a.quick else []) + (["--eager"] if a.eager else [])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
     check_model, _, check_res = a.recipe_check.partition("@")
     recipe = None
     for m in models:
-        left = t_end - time.time()
-        if left < 60:
-            _emit(rows_path, {"model": m, "res": "all", "error": "skipped (time budget)"})
-            continue
-        print(f"[bench_memory] {m}: {len(a.resolutions)} resolutions, {left:.0f} s of budget left", flush=True)
-        # no new resolution is started in the last minute; a worker still running 30 s past the budget is stopped
-        rc = _run_worker([sys.executable, "-m", "bench.bench_memory", "--worker", m, "--end-time", str(t_end - 60),
-                          *common], env, left + 30)
-        if rc != 0:
-            _emit(rows_path, {"model": m, "res": "rest", "error": f"worker exited with {rc}"})
-        if m == check_model:  # right after its search: it needs the batch found, and is worth more than the last rows
-            recipe = _recipe_check(a.recipe_check, check_res, rows_path, env, t_end)
+        for res in a.resolutions:
+            left = t_end - time.time()
+            if left < 60:
+                _emit(rows_path, {"model": m, "res": res, "error": "skipped (time budget)"})
+                continue
+            print(f"[bench_memory] {m} {res}px: {left:.0f} s of budget left", flush=True)
+            # One process per model and resolution: a trainer built in the same process before (its compiled
+            # blocks, DeepSpeed's engine) kept 5-8 GiB allocated on the H200, which lowered every later max batch.
+            # No new worker in the last minute; one still running 30 s past the budget is stopped.
+            rc = _run_worker([sys.executable, "-m", "bench.bench_memory", "--worker", m, "--end-time",
+                              str(t_end - 60), f"--resolutions={res}", *common], env, left + 30)
+            if rc != 0:
+                _emit(rows_path, {"model": m, "res": res, "error": f"worker exited with {rc}"})
+            if m == check_model and str(res) == check_res:  # right after its search: it needs the batch found
+                recipe = _recipe_check(a.recipe_check, check_res, rows_path, env, t_end)
     rows = [r for r in _read_rows(rows_path) if not r.get("recipe_check")]
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() and not a.quick else "cpu (fake limit)"

@@ -3,7 +3,7 @@
 # kind nvidia-h200, carrying .whl: the usual set of ../shared/gpu/prepare-wheels.sh; no diffusers, Ray or MLflow
 # needed). `dig bench memory`: DiG-XL/2, DiT-XL/2, DiG-L/2, DiG-B/2, DiG-S/2 at 256/512/1024 px, the real `dig train`
 # step of configs/train/dig-xl2-imagenet256.yaml, the largest micro-batch per GPU with and without activation
-# checkpointing; then the recipe's exact compile (CUDA graphs) at DiG-XL/2 256 px. One process per model; rows are
+# checkpointing; then the recipe's exact compile (CUDA graphs) at DiG-XL/2 256 px. One process per model and resolution; rows are
 # written to $OUT/bench_memory_rows.jsonl as each finishes, so a run cut short keeps what it measured. Models not
 # started within BUDGET seconds are listed as skipped: run them again with e.g.
 #   MODELS=DiG-B/2,DiG-S/2 CHECK=none bash bench/gpu/memory_table.sh
