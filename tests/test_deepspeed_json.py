@@ -32,6 +32,7 @@ def _config(tmp_path, user_json: dict, *overrides):
     ({"bf16": {"enabled": True}}, "bf16.enabled", "true", "false"),
     ({"optimizer": {"type": "Adam", "params": {"lr": 0.001}}}, "optimizer.type", '"Adam"', '"AdamW"'),
     ({"optimizer": {"type": "AdamW", "params": {"lr": 0.001}}}, "optimizer.params.lr", "0.001", "0.0001"),
+    ({"communication_data_type": "fp16"}, "communication_data_type", '"fp16"', "null"),
 ])
 def test_a_conflicting_value_is_an_error_naming_both(tmp_path, user, key, theirs, ours):
     cfg = _config(tmp_path, user, "optim.lr=1e-4")
@@ -65,6 +66,13 @@ def test_equal_values_and_extra_keys_are_kept(tmp_path):
     assert "stage3_max_live_parameters" not in ds["zero_optimization"]  # ignored by DeepSpeed below stage 3
     assert ds["wall_clock_breakdown"] is True  # cosmetic: the user's value wins
     assert ds["activation_checkpointing"] == {"partition_activations": True}
+
+
+def test_grad_allreduce_dtype_sets_deepspeeds_communication_dtype(tmp_path):
+    assert deepspeed_config(_config(tmp_path, {}), CPU2)["communication_data_type"] is None
+    bf16 = deepspeed_config(_config(tmp_path, {"communication_data_type": "bf16"}, "engine.grad_allreduce_dtype=bf16"),
+                            CPU2)
+    assert bf16["communication_data_type"] == "bf16"
 
 
 def test_a_number_written_as_float_is_the_same_value(tmp_path):

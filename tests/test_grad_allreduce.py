@@ -75,3 +75,28 @@ def test_overlapped_allreduce_on_two_gpus(tmp_path):
         torch.testing.assert_close(ours["weights"][k].cpu(), deepspeeds["weights"][k].cpu(), rtol=1e-5, atol=1e-6,
                                    msg=k)
     assert all(sent >= buckets // 2 for sent, buckets in ours["sent_before_finish"]), ours["sent_before_finish"]
+
+
+def test_bf16_exchange_sums_the_bf16_rounded_fp32_accumulations(tmp_path):
+    """engine.grad_allreduce_dtype=bf16: each rank's fp32 accumulation is rounded to bf16 once, the sum over the 2
+    ranks is rounded to bf16 once (gloo adds in fp32), and the mean is read back into the fp32 bucket. Reference:
+    the same roundings applied to the closed-form gradients in float64."""
+    out = tmp_path / "bf16.pt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={free_loopback_port()}", os.path.join(REPO, "tests", "grad_allreduce_bf16_probe.py"),
+           str(out)]
+    done = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    result = torch.load(out, weights_only=False)
+    assert result["dtypes"] == [torch.float32] * 3
+    for i, got in enumerate(result["grads"]):
+        per_rank = [(micro[0][i].double() + micro[1][i].double()).float() for micro in result["inputs"]]
+        rounded = [g.to(torch.bfloat16).double() for g in per_rank]
+        expected = ((rounded[0] + rounded[1]).to(torch.bfloat16).double() * 0.5).float()
+        assert torch.equal(got, expected), (i, (got - expected).abs().max())
+        exact_mean = (per_rank[0].double() + per_rank[1].double()) / 2
+        assert not torch.equal(got.double(), exact_mean)  # the bf16 rounding is really there
+        # three bf16 roundings (unit roundoff 2^-8 each: both ranks' values, then their sum), halved by the mean
+        bound = 2 ** -8 * (per_rank[0].double().abs() + per_rank[1].double().abs()) * 1.01
+        assert ((got.double() - exact_mean).abs() <= bound).all()

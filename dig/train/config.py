@@ -100,6 +100,7 @@ class EngineConfig(_Section):
     deepspeed_config: str | None = "configs/deepspeed/zero.json"  # base knobs; the trainer fills the rest
     overlap_grad_allreduce: bool = True    # stage 0 with fp32 weights on >1 rank: all-reduce gradient buckets during the backward
     grad_bucket_mb: float = Field(100.0, gt=0)  # size of those buckets
+    grad_allreduce_dtype: Literal["fp32", "bf16"] = "fp32"  # dtype gradients are summed over ranks in (bf16: half the bytes, bf16 rounding)
 
 
 class CheckpointConfig(_Section):

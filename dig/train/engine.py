@@ -145,6 +145,7 @@ def deepspeed_config(cfg: TrainConfig, runtime: Runtime, load_universal: bool = 
         "torch_autocast": {"enabled": runtime.bf16, "dtype": "bfloat16"},
         "fp16": {"enabled": False},
         "zero_optimization": zero,
+        "communication_data_type": "bf16" if cfg.engine.grad_allreduce_dtype == "bf16" else None,
         "steps_per_print": 10 ** 12,
         "wall_clock_breakdown": False,
     })
@@ -198,7 +199,9 @@ def build_engine(model: torch.nn.Module, cfg: TrainConfig, runtime: Runtime, loa
             from .grad_allreduce import OverlappedGradAllReduce
 
             reducer = OverlappedGradAllReduce(engine.module.parameters(), engine.is_gradient_accumulation_boundary,
-                                              bucket_mb=cfg.engine.grad_bucket_mb)
+                                              bucket_mb=cfg.engine.grad_bucket_mb,
+                                              comm_dtype={"fp32": None, "bf16": torch.bfloat16}[
+                                                  cfg.engine.grad_allreduce_dtype])
             engine.enable_backward_allreduce = False  # the reducer's buckets replace DeepSpeed's reduce-after-backward
             engine.dig_grad_reducer = reducer
         clip_without_zero(engine, cfg.optim.grad_clip, reducer)
