@@ -27,11 +27,12 @@ def main(out: str) -> None:
     state = {"boundary": False}
     reducer = OverlappedGradAllReduce(params, lambda: state["boundary"], bucket_mb=1200 / 2 ** 20,
                                       comm_dtype=torch.bfloat16)
-    assert len(reducer.buckets) >= 2 and all(b.comm is not None for b in reducer.buckets)
+    assert len(reducer.buckets) >= 2
     for m, xs in enumerate(micro):
         state["boundary"] = m == len(micro) - 1
         sum((p * x).sum() for p, x in zip(params, xs)).backward()
     reducer.finish()
+    assert all(b.comm is not None and b.comm.dtype == torch.bfloat16 for b in reducer.buckets)
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, micro)
     if rank == 0:

@@ -6,7 +6,8 @@ A Trainer with ZeRO stage 0 and fp32 weights (two micro-batches per rank per ste
 steps with engine.overlap_grad_allreduce=OVERLAP and tiny buckets; rank 0 saves the weights, the logged gradient
 norms, how often DeepSpeed's own gradient all-reduce ran and, with the overlap, how many buckets were already
 sent when the backward had finished and how many gradient elements lived outside the buckets after each
-micro-batch's backward. With one process there is nothing to reduce."""
+micro-batch's backward, and how many bucket elements stayed allocated after each optimizer step. With one process
+there is nothing to reduce."""
 from __future__ import annotations
 
 import os
@@ -42,22 +43,24 @@ def main(data: str, workdir: str, overlap: bool, out: str) -> None:
     if reducer is not None:
         finish = reducer.finish
         reducer.finish = lambda: (sent_before_finish.append((reducer._next_launch, len(reducer.buckets))), finish())
-        bucket_storage = {b.buffer.untyped_storage().data_ptr() for b in reducer.buckets}
         backward = tr.engine.backward
 
         def backward_then_count(*args, **kwargs):
             out = backward(*args, **kwargs)   # after each micro-batch: gradient elements held outside the buckets
+            bucket_storage = {b.buffer.untyped_storage().data_ptr() for b in reducer.buckets if b.buffer is not None}
             outside_buckets.append(sum(p.grad.numel() for p in tr.engine.module.parameters() if p.grad is not None
                                        and p.grad.untyped_storage().data_ptr() not in bucket_storage))
             return out
         tr.engine.backward = backward_then_count
-    norms = []
+    norms, held_between_steps = [], []
     for _ in range(3):
         tr.run_step()
         norms.append(float(tr.engine.get_global_grad_norm()))
+        if reducer is not None:  # bucket elements still allocated after the optimizer step
+            held_between_steps.append(sum(b.numel for b in reducer.buckets if b.buffer is not None))
     if tr.rt.rank == 0:
         torch.save({"weights": {k: v.detach().clone() for k, v in tr.engine.module.state_dict().items()},
-                    "grad_norms": norms, "sent_before_finish": sent_before_finish, "outside_buckets": outside_buckets,
+                    "grad_norms": norms, "held_between_steps": held_between_steps, "sent_before_finish": sent_before_finish, "outside_buckets": outside_buckets,
                     "deepspeed_reduces": len(deepspeed_reduces)}, out)
     tr.data.close()
     if tr.run_lock is not None:

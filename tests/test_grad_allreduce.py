@@ -1,7 +1,8 @@
 """The gradient all-reduce overlapped with the backward (dig/train/grad_allreduce.py) against DeepSpeed's own
 reduce-after-backward: 2 CPU ranks (gloo), ZeRO stage 0, fp32, two micro-batches per step, clipping on; the
 weights after 3 steps and every step's gradient norm must be bitwise the same, buckets must have been sent while
-the backward was still running, and the gradients must be accumulated in the buckets themselves."""
+the backward was still running, the gradients must be accumulated in the buckets themselves, and the buckets must
+be freed between steps."""
 from __future__ import annotations
 
 import os
@@ -46,6 +47,8 @@ def test_overlapped_allreduce_equals_deepspeeds_reduce_after_backward(tmp_path):
         assert buckets > 10 and sent >= buckets // 2, (sent, buckets)  # most buckets left during the backward
     # every micro-batch's gradients are accumulated in the buckets: no second copy of them while accumulating
     assert ours["outside_buckets"] == [0] * 6, ours["outside_buckets"]
+    # the buckets live from a step's first gradient to its optimizer step, not across steps
+    assert ours["held_between_steps"] == [0] * 3, ours["held_between_steps"]
 
 
 def test_one_rank_skips_deepspeeds_identity_all_reduce(tmp_path):

@@ -232,6 +232,10 @@ def clip_without_zero(engine, max_norm: float, reducer=None) -> None:
             if max_norm > 0:
                 torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
             engine._dig_grad_norm = norm
+            out = step(*args, **kwargs)
+            if reducer is not None:
+                reducer.release()
+            return out
         return step(*args, **kwargs)
 
     engine.step = clip_then_step
