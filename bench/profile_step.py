@@ -3,6 +3,7 @@ AdamW, fp32 params, bf16 autocast, regional compile by default), kernels grouped
 side by side in one run.
 
     python3 -m bench.profile_step --models DiG-XL/2,DiT-XL/2 --res 512 --batch 32
+    python3 -m bench.profile_step --models DiG-XL/2,DiG-XL/2+scan --res 512 --batch 32   # model.scan_in_kernel
 """
 from __future__ import annotations
 
@@ -65,7 +66,8 @@ def profile_model(name: str, res: int, batch: int, device: torch.device, steps: 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default="DiG-XL/2,DiT-XL/2")
+    ap.add_argument("--models", default="DiG-XL/2,DiT-XL/2", help="comma list; NAME+scan: a DiG with "
+                    "model.scan_in_kernel (the scan directions read by the GLA kernels)")
     ap.add_argument("--res", type=int, default=512)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--steps", type=int, default=3)
@@ -75,7 +77,9 @@ def main(argv=None) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     kinds, tops = {}, {}
     for name in args.models.split(","):
-        kinds[name], tops[name] = profile_model(name, args.res, args.batch, device, args.steps, not args.eager)
+        model, scan = (name[:-len("+scan")], True) if name.endswith("+scan") else (name, False)
+        kinds[name], tops[name] = profile_model(model, args.res, args.batch, device, args.steps, not args.eager,
+                                                **({"scan_in_kernel": True} if scan else {}))
     names = list(kinds)
     rows = [{"kind": k, **{f"{n} ms/step": kinds[n].get(k, 0.0) for n in names}}
             for k in sorted({k for d in kinds.values() for k in d}, key=lambda k: -max(d.get(k, 0) for d in kinds.values()))]

@@ -17,7 +17,9 @@ python3 -c "from diffusers import AutoencoderKL" > "$OUT/diffusers_import.log" 2
     exit 1; }
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,memory.used --format=csv | tee "$OUT/gpu.txt"
 t0=$SECONDS
-timeout "${LIMIT:-430}" python3 bench/bench_pipeline.py --only encoder --sweep --device cuda --vae config:sd \
+# SETTINGS=a,b,... times those settings instead of the sweep (e.g. SETTINGS=bf16+cl+compile,fp16+cl+compile,bf16+compile)
+if [ -n "${SETTINGS:-}" ]; then which=(--settings "$SETTINGS"); else which=(--sweep); fi
+timeout "${LIMIT:-430}" python3 bench/bench_pipeline.py --only encoder "${which[@]}" --device cuda --vae config:sd \
     --resolution 256 --images "${IMAGES:-1024}" --batch 64 --repeat 3 --out "$OUT" > "$OUT/encoder_sweep.log" 2>&1
 echo "sweep rc=$? $((SECONDS - t0))s"
 grep -v '^\[bench_pipeline\] {' "$OUT/encoder_sweep.log" | grep -v "^\s*$" | tail -16
