@@ -120,7 +120,10 @@ def summarise_run(metrics_file: str, gpus: int, batch: int, warmup: int, checkpo
     if any("mfu" in r for r in steady):
         out["mfu"] = statistics.median(r["mfu"] for r in steady if "mfu" in r)
     if any("gpu_mem_max_gib" in r for r in records):
+        # the trainer resets the maximum at every log: peak_gib includes the warm-up (compiles, graph captures),
+        # steady_gib only the intervals after it
         out["peak_gib"] = max(r.get("gpu_mem_max_gib", 0.0) for r in records)
+        out["steady_gib"] = max(r.get("gpu_mem_max_gib", 0.0) for r in steady)
     blocks = [r["checkpoint_block_s"] for r in records if "checkpoint_block_s" in r]
     if blocks:
         out["checkpoint_block_s"] = max(blocks)
@@ -284,7 +287,7 @@ def summarise(jobs: list[Job], *, a, settings, out, gpu_name, total_gpus, spec, 
         return 0
 
     cols = ["model", "variant", "res", "gpus", "img_per_s_per_gpu", "wall_img_per_s_per_gpu", "mfu", "mfu_measured_peak",
-            "peak_gib", "checkpoint_block_s", "bare_img_per_s", "trainer/bare", "scaling_vs_1gpu", "rc"]
+            "peak_gib", "steady_gib", "checkpoint_block_s", "bare_img_per_s", "trainer/bare", "scaling_vs_1gpu", "rc"]
     print(f"\n`dig train` vs the bare compiled step ({a.bare_mode}), {a.batch} images/GPU, {gpu_name}, measured bf16 "
           f"peak {peak_measured and round(peak_measured)} TFLOP/s; settings {settings}")
     print(" | ".join(cols))
