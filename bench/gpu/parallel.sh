@@ -11,6 +11,7 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   > "$OUT/pip.log" 2>&1 || { grep -v '^WARNING: Target directory' "$OUT/pip.log" | tail -n 5; exit 1; }
 touch /tmp/site/.installed
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TORCH_EXTENSIONS_DIR=/tmp/tex TRITON_CACHE_DIR=/tmp/tc  # for bare python3 jobs
 nvidia-smi --query-gpu=index,name,clocks.sm,memory.used --format=csv | tee "$OUT/gpus.txt"
 pids=(); names=(); t0=$SECONDS
 for job in "$@"; do
