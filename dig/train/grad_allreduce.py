@@ -7,9 +7,10 @@ and a bucket is all-reduced asynchronously as soon as all of its gradients are i
 `finish` waits for the last ones before the optimizer step. Each parameter's .grad is then a view into its bucket,
 so nothing is copied back. The buckets exist only from a step's first gradient to the end of its optimizer step
 (`release`): between steps, as with one rank, no gradient memory is held while the forward builds its
-activations (persistent buckets cost DiG-XL/2 2.5 GiB of peak on 2-4 H200s). Buckets follow the reverse parameter order (about the order the backward produces
-them) and are launched strictly in that order on every rank, as NCCL needs one collective order everywhere. The
-arithmetic is DeepSpeed's: the sum over ranks, then times 1 / world size.
+activations (persistent buckets cost DiG-XL/2 2.5 GiB of peak on 2-4 H200s). Buckets follow the reverse
+parameter order (about the order the backward produces them) and are launched strictly in that order on every
+rank, as NCCL needs one collective order everywhere. The arithmetic is DeepSpeed's: the sum over ranks, then
+times 1 / world size.
 
 With `comm_dtype` (e.g. bf16, `engine.grad_allreduce_dtype`) a bucket is cast into a buffer of that dtype just
 before it is sent and the sum is read back into the fp32 bucket: half the bytes on the wire and half the time NCCL's
