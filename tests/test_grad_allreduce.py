@@ -80,18 +80,33 @@ def test_overlapped_allreduce_on_two_gpus(tmp_path):
     assert all(sent >= buckets // 2 for sent, buckets in ours["sent_before_finish"]), ours["sent_before_finish"]
 
 
+def _bf16_exchange(tmp_path, device: str, extra_env: dict | None = None) -> dict:
+    out = tmp_path / f"bf16_{device}.pt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={free_loopback_port()}", os.path.join(REPO, "tests", "grad_allreduce_bf16_probe.py"),
+           str(out), device]
+    done = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1", **(extra_env or {})),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return torch.load(out, weights_only=False)
+
+
 def test_bf16_exchange_sums_the_bf16_rounded_fp32_accumulations(tmp_path):
     """engine.grad_allreduce_dtype=bf16: each rank's fp32 accumulation is rounded to bf16 once, the sum over the 2
     ranks is rounded to bf16 once (gloo adds in fp32), and the mean is read back into the fp32 bucket. Reference:
     the same roundings applied to the closed-form gradients in float64."""
-    out = tmp_path / "bf16.pt"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={free_loopback_port()}", os.path.join(REPO, "tests", "grad_allreduce_bf16_probe.py"),
-           str(out)]
-    done = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-4000:]
-    result = torch.load(out, weights_only=False)
+    _check_bf16_exchange(_bf16_exchange(tmp_path, "cpu"))
+
+
+@pytest.mark.gpu
+def test_bf16_exchange_over_nccl(tmp_path):
+    """The same closed-form check over NCCL on 2 GPUs (NCCL's bf16 sum of two values: one rounding, like gloo's)."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    _check_bf16_exchange(_bf16_exchange(tmp_path, "cuda", {"CUDA_VISIBLE_DEVICES": "0,1", "NCCL_NVLS_ENABLE": "0"}))
+
+
+def _check_bf16_exchange(result: dict) -> None:
     assert result["dtypes"] == [torch.float32] * 3
     for i, got in enumerate(result["grads"]):
         per_rank = [(micro[0][i].double() + micro[1][i].double()).float() for micro in result["inputs"]]
