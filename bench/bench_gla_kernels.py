@@ -5,7 +5,9 @@
 
 Per resolution and images per GPU: our fused Triton kernel with the sequence split across programs as chosen
 automatically (`triton`), the same kernel with one program per sequence and head (`triton_1split`), fla's
-`chunk_gla` (`fla`), the exact PyTorch implementation where it is affordable, and SDPA at DiT-XL/2's shapes (16
+`chunk_gla` (`fla`), with `--orders` our kernel reading the tokens in DiG's scan orders in place
+(`triton_order1` … `triton_order3`: flipped, transposed, transposed + flipped; `model.scan_in_kernel`), the exact
+PyTorch implementation where it is affordable, and SDPA at DiT-XL/2's shapes (16
 heads, head dim 72), against GLA's byte floor: the bytes the op must move at least over the measured copy
 bandwidth (forward: read q, k, g, v, write o; backward: read q, k, g, v, do, write dq, dk, dg, dv). The
 backward is timed alone: one forward keeps its graph and the backward runs repeatedly from it."""
@@ -30,14 +32,21 @@ GPU_CASES = [(256, 32), (256, 128), (512, 32), (1024, 8), (2048, 2), (4096, 1)]
 QUICK_CASES = [(64, 2), (128, 1)]
 
 
-def _variants(device: torch.device, quick: bool, split_counts: tuple[int, ...] = ()) -> dict:
-    """name -> fn(q, k, v, g) -> o, for the GLA implementations measured here."""
+def _variants(device: torch.device, quick: bool, split_counts: tuple[int, ...] = (),
+              orders: torch.Tensor | None = None) -> dict:
+    """name -> fn(q, k, v, g) -> o, for the GLA implementations measured here. `orders`: [4, T] scan orders."""
     if quick or device.type != "cuda":
-        return {"torch": lambda q, k, v, g: gla(q, k, v, g, backend="torch")[0]}
+        out = {"torch": lambda q, k, v, g: gla(q, k, v, g, backend="torch")[0]}
+        if orders is not None:
+            out["torch_order2"] = lambda q, k, v, g: gla(q, k, v, g, backend="torch", token_order=orders[2])[0]
+        return out
     out = {"triton": lambda q, k, v, g: gla_triton(q, k, v, g)[0],
            "triton_1split": lambda q, k, v, g: gla_triton(q, k, v, g, splits=1)[0]}
     for n in split_counts:  # forced split counts, to tune the automatic choice (gla_triton.automatic_splits)
         out[f"triton_{n}split"] = lambda q, k, v, g, n=n: gla_triton(q, k, v, g, splits=n)[0]
+    if orders is not None:  # DiG's scan directions read in place (model.scan_in_kernel)
+        for i in (1, 2, 3):
+            out[f"triton_order{i}"] = lambda q, k, v, g, i=i: gla_triton(q, k, v, g, token_order=orders[i])[0]
     try:
         from dig.ops.gla_fla import fla_installed
         if fla_installed():
@@ -58,7 +67,7 @@ def time_fwd_bwd(fn, inputs, cotangent, device, repeat: int) -> tuple[float, flo
 
 
 def bench_case(res: int, batch: int, device: torch.device, copy_gbs: float | None, repeat: int,
-               quick: bool, split_counts: tuple[int, ...] = ()) -> dict:
+               quick: bool, split_counts: tuple[int, ...] = (), with_orders: bool = False) -> dict:
     tokens = (res // 16) ** 2
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     gen = torch.Generator(device=device).manual_seed(0)
@@ -76,7 +85,12 @@ def bench_case(res: int, batch: int, device: torch.device, copy_gbs: float | Non
     inputs = [x.requires_grad_() for x in inputs]
     do = rnd(batch, tokens, HEADS, V)
     floor = gla_floor_bytes(batch, tokens, HEADS, K, V, itemsize=inputs[0].element_size())
-    for name, fn in _variants(device, quick, split_counts).items():
+    orders = None
+    if with_orders:
+        from dig.models.dig import scan_directions
+        side = res // 16
+        orders = scan_directions((side, side))[0].to(device)
+    for name, fn in _variants(device, quick, split_counts, orders).items():
         try:
             fwd, bwd = time_fwd_bwd(fn, inputs, do, device, repeat)
         except Exception as e:  # noqa: BLE001  reported in the table, the other columns still run
@@ -105,6 +119,8 @@ def main(argv=None) -> None:
     ap.add_argument("--repeat", type=int, default=10)
     ap.add_argument("--splits", default="", help="also time our kernel at these forced split counts, e.g. 2,4,8 "
                     "(columns triton_<n>split), to tune the automatic split rule")
+    ap.add_argument("--orders", action="store_true", help="also time our kernel reading DiG's scan orders in place "
+                    "(model.scan_in_kernel)")
     ap.add_argument("--out", default=os.environ.get("OUT", ""))
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
@@ -116,10 +132,11 @@ def main(argv=None) -> None:
     copy_gbs = copy_bandwidth_gbs(device, 1 << 24 if args.quick else 4 << 30, 2 if args.quick else 10)
     rows = []
     for res, batch in cases:
-        row = bench_case(res, batch, device, copy_gbs, 2 if args.quick else args.repeat, args.quick, split_counts)
+        row = bench_case(res, batch, device, copy_gbs, 2 if args.quick else args.repeat, args.quick, split_counts,
+                         args.orders)
         rows.append(row)
         print(json.dumps(row), flush=True)
-    names = list(_variants(device, args.quick, split_counts))
+    names = list(_variants(device, args.quick, split_counts, torch.zeros(4, 1) if args.orders else None))
     tables = []
     for d in ("fwd", "bwd"):
         columns = ["res", "batch", "tokens", "splits", f"floor_{d}_ms"]

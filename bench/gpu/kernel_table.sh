@@ -9,6 +9,6 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TORCH_EXTENSIONS_DIR=/tmp/te
 run() { local name=$1 limit=$2; shift 2; echo "=== $name: $*"; local t0=$SECONDS
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; echo "rc=$? ${name} $((SECONDS - t0))s"; tail -n "${TAIL:-14}" "$OUT/$name.log"; }
 # one process per resolution: fla autotunes each shape (160 s was too short for 256 and 512 together)
-run kernels_256 "${LIMIT_EACH:-150}" python3 -m bench.bench_gla_kernels --resolutions 256 --out "$OUT/256"
-run kernels_512 "${LIMIT_EACH:-150}" python3 -m bench.bench_gla_kernels --resolutions 512 --out "$OUT/512"
+run kernels_256 "${LIMIT_EACH:-150}" python3 -m bench.bench_gla_kernels --resolutions 256 --orders --out "$OUT/256"
+run kernels_512 "${LIMIT_EACH:-150}" python3 -m bench.bench_gla_kernels --resolutions 512 --orders --out "$OUT/512"
 run kernels_1024 "${LIMIT_1024:-130}" python3 -m bench.bench_gla_kernels --resolutions 1024 --splits 2,4 --out "$OUT/1024"
