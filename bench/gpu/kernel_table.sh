@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Issue 12, the GLA kernel table (BENCHMARKS.md) at the shapes the 2048/4096 px run (gla_split.sh) left out, on one
-# H200: 256 and 512 px, then 1024 px with forced splits (measured 2026-11-28: splitting does not pay at B·H = 144). fla's
-# autotuning makes the whole table longer than one call, hence the pieces. Logs and JSON under $OUT.
+# H200: 256 and 512 px, with our kernel also reading DiG's scan orders in place (is the ordered kernel what makes
+# model.scan_in_kernel 22% slower at 512 px?), then 1024 px with forced splits (measured 2026-11-28: splitting does
+# not pay at B·H = 144). fla's autotuning makes the whole table longer than one call, hence the pieces. Logs and
+# JSON under $OUT.
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 [ -f /tmp/site/.installed ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
