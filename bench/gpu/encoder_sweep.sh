@@ -8,10 +8,7 @@
 # .whl/ needs the usual set (../shared/gpu/prepare-wheels.sh) plus diffusers and what it imports:
 #   bash bench/gpu/prepare-encoder-wheels.sh
 set -u
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-[ -f /tmp/site/.installed ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TORCH_EXTENSIONS_DIR=/tmp/tex TRITON_CACHE_DIR=/tmp/tc \
-    TORCHINDUCTOR_CACHE_DIR=/tmp/ic
+source bench/gpu/env.sh
 python3 -c "from diffusers import AutoencoderKL" > "$OUT/diffusers_import.log" 2>&1 || {
     echo "diffusers does not import (see the wheel list at the top of this script):"; tail -3 "$OUT/diffusers_import.log"
     exit 1; }

@@ -3,9 +3,7 @@
 # each engine setting, DiG-XL/2 at 256 px with 32 images per GPU; then the GPU shape-safety test.
 # (Run on 2026-11-28 with the ZeRO-3 persistence thresholds in a separate JSON; configs/deepspeed/zero.json has them now.)
 set -u
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-[ -f /tmp/site/.installed ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TORCH_EXTENSIONS_DIR=/tmp/tex TRITON_CACHE_DIR=/tmp/tc
+source bench/gpu/env.sh
 B="python3 -m bench.bench_trainer_overhead --model DiG-XL/2 --resolution 256 --batch 32 --steps 10 --warmup 5 --out $OUT --trainer-only --compile --profile --set model.compile_mode=reduce-overhead"
 P=engine.deepspeed_config=configs/deepspeed/zero.json
 run() { local name=$1; shift; echo "=== $name: $*"; local t0=$SECONDS

@@ -3,9 +3,7 @@
 # Each line is one process; results (JSON + logs) go to $OUT. Run from the repo root with the wheels in .whl/.
 # (Run on 2026-11-28 with the ZeRO-3 persistence thresholds in a separate JSON; configs/deepspeed/zero.json has them now.)
 set -u
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-[ -f /tmp/site/.installed ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TORCH_EXTENSIONS_DIR=/tmp/tex TRITON_CACHE_DIR=/tmp/tc
+source bench/gpu/env.sh
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,memory.used --format=csv | tee "$OUT/gpu.txt"
 B="python3 -m bench.bench_trainer_overhead --model DiG-XL/2 --resolution 256 --batch 32 --steps 10 --warmup 4 --out $OUT"
 P=configs/deepspeed/zero.json

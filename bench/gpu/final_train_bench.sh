@@ -4,9 +4,7 @@
 # on any shape, resume on another GPU count, the overlapped all-reduce) are in gpu_tests.sh: the shape test alone
 # compiles for minutes on a fresh machine.
 set -u
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-[ -f /tmp/site/.installed ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TORCH_EXTENSIONS_DIR=/tmp/tex TRITON_CACHE_DIR=/tmp/tc
+source bench/gpu/env.sh
 nvidia-smi --query-gpu=name,clocks.sm,memory.used --format=csv
 timeout ${BENCH_LIMIT:-470} python3 -m bench.bench_train --models DiG-XL/2,DiT-XL/2 --resolutions 256,512 \
     --gpus ${GPUS:-1,2} --parallel --steps 24 --warmup 9 --log-every 3 --checkpoint-at 18 --timeout 300 \

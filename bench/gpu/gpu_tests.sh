@@ -4,11 +4,8 @@
 # on a fresh machine), the overlapped gradient all-reduce over NCCL, and resuming on another GPU count (all → half
 # → all). Logs under $OUT.
 set -u
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-[ -f /tmp/site/.installed ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TORCH_EXTENSIONS_DIR=/tmp/tex TRITON_CACHE_DIR=/tmp/tc
-run() { local name=$1 limit=$2; shift 2; local t0=$SECONDS
-  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; echo "=== $name: rc=$? $((SECONDS - t0))s"; tail -n 3 "$OUT/$name.log"; }
+source bench/gpu/env.sh
+TAIL=${TAIL:-3}
 TESTS=${TESTS:-overlap,resume,shape}  # a subset, e.g. TESTS=shape on one GPU beside the others (bench/gpu/parallel.sh)
 [[ ,$TESTS, == *,overlap,* ]] && run overlap_allreduce 150 python3 -m pytest -m gpu tests/test_grad_allreduce.py -x -q
 [[ ,$TESTS, == *,resume,* ]] && \

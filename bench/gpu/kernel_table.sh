@@ -5,11 +5,7 @@
 # not pay at B·H = 144). fla's autotuning makes the whole table longer than one call, hence the pieces. Logs and
 # JSON under $OUT.
 set -u
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-[ -f /tmp/site/.installed ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TORCH_EXTENSIONS_DIR=/tmp/tex TRITON_CACHE_DIR=/tmp/tc
-run() { local name=$1 limit=$2; shift 2; echo "=== $name: $*"; local t0=$SECONDS
-  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; echo "rc=$? ${name} $((SECONDS - t0))s"; tail -n "${TAIL:-14}" "$OUT/$name.log"; }
+source bench/gpu/env.sh
 # one process per resolution: fla autotunes each shape (160 s was too short for 256 and 512 together)
 run kernels_256 "${LIMIT_EACH:-150}" python3 -m bench.bench_gla_kernels --resolutions 256 --orders --out "$OUT/256"
 run kernels_512 "${LIMIT_EACH:-150}" python3 -m bench.bench_gla_kernels --resolutions 512 --orders --out "$OUT/512"

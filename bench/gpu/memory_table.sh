@@ -10,10 +10,8 @@
 # Triton autotuners keep their first config (bench/triton_first_config): no minutes of autotuning, and a kernel's
 # config does not change what is allocated.
 set -u
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-[ -f /tmp/site/.installed ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=$PWD/bench/triton_first_config:/tmp/site:$PWD PYTHONUNBUFFERED=1 TORCH_EXTENSIONS_DIR=/tmp/tex \
-    TRITON_CACHE_DIR=/tmp/tc TORCHINDUCTOR_CACHE_DIR=/tmp/ic
+source bench/gpu/env.sh
+export PYTHONPATH=$PWD/bench/triton_first_config:$PYTHONPATH
 nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv | tee "$OUT/gpu.txt"
 t0=$SECONDS
 timeout "${LIMIT:-560}" python3 -m bench.bench_memory --budget-s "${BUDGET:-450}" \

@@ -3,9 +3,7 @@
 # gradient all-reduce overlapped with the backward (default) and with DeepSpeed's reduce-after-backward, side by
 # side, on 1 and 2 GPUs, after the GPU test of the overlapped all-reduce (NCCL) against DeepSpeed's.
 set -u
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-[ -f /tmp/site/.installed ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TORCH_EXTENSIONS_DIR=/tmp/tex TRITON_CACHE_DIR=/tmp/tc
+source bench/gpu/env.sh
 timeout 150 python3 -m pytest -m gpu tests/test_grad_allreduce.py -x -q 2>&1 | tail -n 5
 timeout "${BENCH_LIMIT:-420}" python3 -m bench.bench_train --models DiG-XL/2 --resolutions 256 --gpus 1,2 \
   --steps 24 --warmup 9 --log-every 3 --checkpoint-at 18 --bare-mode reduce-overhead \

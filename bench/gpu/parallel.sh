@@ -5,13 +5,8 @@
 # Jobs share the host's CPUs (compile workers of one can slow another's launch-bound timing a little): ratios
 # that matter are measured inside one job. Each job's output goes to $OUT/<name>.txt and is printed when all end;
 # its files come back as $OUT/<name>.tgz (the device tool returns only a handful of files per call).
-# The wheels are installed with --upgrade: a machine still warm from an earlier call may hold other versions.
 set -u
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  > "$OUT/pip.log" 2>&1 || { grep -v '^WARNING: Target directory' "$OUT/pip.log" | tail -n 5; exit 1; }
-touch /tmp/site/.installed
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TORCH_EXTENSIONS_DIR=/tmp/tex TRITON_CACHE_DIR=/tmp/tc  # for bare python3 jobs
+source bench/gpu/env.sh  # installs once for all jobs; the jobs' own `source` then finds the same wheel set
 nvidia-smi --query-gpu=index,name,clocks.sm,memory.used --format=csv | tee "$OUT/gpus.txt"
 pids=(); names=(); t0=$SECONDS
 for job in "$@"; do

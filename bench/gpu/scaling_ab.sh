@@ -5,9 +5,7 @@
 # 2-4 GPUs with fp32); then, if PIN_AB=1, one GPU with torch's multi-threaded host registration for the
 # checkpoint's pinned buffers (PYTORCH_CUDA_ALLOC_CONF) against the first run's first-save blocking time.
 set -u
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-[ -f /tmp/site/.installed ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TORCH_EXTENSIONS_DIR=/tmp/tex TRITON_CACHE_DIR=/tmp/tc
+source bench/gpu/env.sh
 common=(--models DiG-XL/2 --resolutions 256 --steps 24 --warmup 9 --log-every 3 --checkpoint-at 18 --timeout 200
         --bare-mode reduce-overhead)
 timeout "${BENCH_LIMIT:-480}" python3 -m bench.bench_train "${common[@]}" --gpus "${GPUS:-1,2,4}" \

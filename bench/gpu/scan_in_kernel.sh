@@ -4,11 +4,7 @@
 # order, then the compiled DiG-XL/2 step with both (and DiT-XL/2) at 256 and 512 px, then `dig train` at 256 px,
 # 32 images, both ways side by side.
 set -u
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-[ -f /tmp/site/.installed ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl >/dev/null 2>&1 || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TORCH_EXTENSIONS_DIR=/tmp/tex TRITON_CACHE_DIR=/tmp/tc
-run() { local name=$1 limit=$2; shift 2; echo "=== $name: $*"; local t0=$SECONDS
-  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; echo "rc=$? ${name} $((SECONDS - t0))s"; tail -n "${TAIL:-14}" "$OUT/$name.log"; }
+source bench/gpu/env.sh
 TAIL=3 run token_order_tests 120 python3 -m pytest -m gpu tests/test_gla.py -k token_order -x -q
 run model "${MODEL_LIMIT:-240}" python3 -m bench.run_all --sections ceilings,model --variants compile --gla-backends triton,triton+scan \
   --resolutions 256,512 --out "$OUT/model"

@@ -1,0 +1,16 @@
+# Sourced by the bench/gpu scripts (device tool runs, carrying .whl): $OUT, the carried wheels installed into
+# /tmp/site, the environment every script needs, and `run NAME LIMIT CMD...` (CMD's output to $OUT/NAME.log under a
+# time limit, then its rc, time and last $TAIL lines). The install is skipped only when /tmp/site already holds this
+# exact wheel set: a machine still warm from an earlier call may hold other versions (it once kept a
+# huggingface_hub that broke diffusers), and scripts run side by side by parallel.sh share one install.
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+_wheels=$(ls .whl | sha1sum | cut -c1-40)
+if [ "$(cat /tmp/site/.installed 2>/dev/null)" != "$_wheels" ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    > "$OUT/pip.log" 2>&1 || { grep -v '^WARNING: Target directory' "$OUT/pip.log" | tail -n 5; exit 1; }
+  echo "$_wheels" > /tmp/site/.installed
+fi
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TORCH_EXTENSIONS_DIR=/tmp/tex TRITON_CACHE_DIR=/tmp/tc \
+    TORCHINDUCTOR_CACHE_DIR=/tmp/ic
+run() { local name=$1 limit=$2; shift 2; echo "=== $name: $*"; local t0=$SECONDS
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; echo "rc=$? ${name} $((SECONDS - t0))s"; tail -n "${TAIL:-14}" "$OUT/$name.log"; }
