@@ -8,9 +8,11 @@ set -u
 source bench/gpu/env.sh
 common=(--models DiG-XL/2 --resolutions 256 --steps 24 --warmup 9 --log-every 3 --checkpoint-at 18 --timeout 200
         --bare-mode reduce-overhead)
-timeout "${BENCH_LIMIT:-480}" python3 -m bench.bench_train "${common[@]}" --gpus "${GPUS:-1,2,4}" \
-    --extra "bf16-allreduce@2:engine.grad_allreduce_dtype=bf16" \
-    --extra "bf16-allreduce@4:engine.grad_allreduce_dtype=bf16" --out "$OUT/ab" 2>&1 | grep -v "^\[" | tail -14
+GPUS=${GPUS:-1,2,4}  # GPUS=1,2 on a 2-GPU machine
+extras=()
+for n in ${GPUS//,/ }; do [ "$n" -gt 1 ] && extras+=(--extra "bf16-allreduce@$n:engine.grad_allreduce_dtype=bf16"); done
+timeout "${BENCH_LIMIT:-480}" python3 -m bench.bench_train "${common[@]}" --gpus "$GPUS" "${extras[@]}" \
+    --out "$OUT/ab" 2>&1 | grep -v "^\[" | tail -14
 if [ "${PIN_AB:-1}" = 1 ]; then
   PYTORCH_CUDA_ALLOC_CONF=pinned_use_cuda_host_register:True,pinned_num_register_threads:8 \
     timeout "${PIN_LIMIT:-110}" python3 -m bench.bench_train "${common[@]}" --gpus 1 --no-bare --out "$OUT/pin" 2>&1 \
