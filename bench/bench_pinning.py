@@ -12,13 +12,15 @@ ways:
   pin-slab-register the slab with the register setting
   copy-reuse        copies into buffers pinned before (every later save)
   device-clone      a copy of every tensor on the GPU itself (memory permitting)
-  pin-beside-work   pin-each in a thread while the main thread runs bf16 matmuls: how much slower the matmuls get
+  pin-beside-work   pinned buffers allocated while another thread runs rounds of small bf16 matmuls: how much slower they get
+  pin-beside-work-register  the same with the register setting
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import threading
@@ -30,7 +32,8 @@ from .common import fmt_table
 
 REGISTER = "pinned_use_cuda_host_register:True,pinned_num_register_threads:8"
 WAYS = {"pin-each": None, "pin-each-register": REGISTER, "pin-slab": None, "pin-slab-register": REGISTER,
-        "copy-reuse": None, "device-clone": None, "pin-beside-work": None}
+        "copy-reuse": None, "device-clone": None, "pin-beside-work": None,
+        "pin-beside-work-register": REGISTER}
 
 
 def checkpoint_tensors(model_name: str, copies: int) -> list[torch.Tensor]:
@@ -65,12 +68,14 @@ def _pin_slab(tensors):
     return out
 
 
-def _matmul_times(stop: threading.Event, n: int = 8192) -> list[float]:
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+def _matmul_times(stop: threading.Event | None, rounds: int = 20) -> list[float]:
+    """Rounds of 64 small bf16 matmuls (many launches, like a training step), each synchronised: until `stop`
+    is set (at least 5 rounds), or `rounds` rounds when there is no stop."""
+    a = torch.randn(2048, 2048, device="cuda", dtype=torch.bfloat16)
     times = []
-    while not stop.is_set() or len(times) < 5:
+    while (len(times) < rounds) if stop is None else (not stop.is_set() or len(times) < 5):
         t0 = time.perf_counter()
-        for _ in range(4):
+        for _ in range(64):
             a @ a
         torch.cuda.synchronize()
         times.append((time.perf_counter() - t0) * 1e3)
@@ -83,7 +88,7 @@ def run_way(way: str, model_name: str, copies: int) -> dict:
     torch.cuda.synchronize()
     row = {"way": way, "GB": gb}
     t0 = time.perf_counter()
-    if way.startswith("pin-each") and way != "pin-beside-work":
+    if way.startswith("pin-each"):
         _pin_each(tensors)
     elif way.startswith("pin-slab"):
         _pin_slab(tensors)
@@ -96,21 +101,19 @@ def run_way(way: str, model_name: str, copies: int) -> dict:
     elif way == "device-clone":
         [t.clone() for t in tensors]
         torch.cuda.synchronize()
-    elif way == "pin-beside-work":
-        stop = threading.Event()
-        alone = _matmul_times(stop)  # stop not set: 5 rounds
-        stop_early = threading.Event()
-        result = {}
-        worker = threading.Thread(target=lambda: result.setdefault("times", _matmul_times(stop_early)))
+    elif way.startswith("pin-beside-work"):
+        alone = _matmul_times(None)
+        stop, result = threading.Event(), {}
+        worker = threading.Thread(target=lambda: result.setdefault("times", _matmul_times(stop)))
         worker.start()
         t0 = time.perf_counter()
-        _pin_each(tensors)
+        [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]  # allocation only, as a pre-pin
         row["seconds"] = time.perf_counter() - t0
-        stop_early.set()
+        stop.set()
         worker.join()
         beside = result["times"]
-        row["matmul ms alone"] = sorted(alone)[len(alone) // 2]
-        row["matmul ms beside (median / max)"] = f"{sorted(beside)[len(beside) // 2]:.1f} / {max(beside):.1f}"
+        row["matmul ms alone"] = statistics.median(alone)
+        row["matmul ms beside (median / max)"] = f"{statistics.median(beside):.2f} / {max(beside):.1f}"
         return row
     row["seconds"] = time.perf_counter() - t0
     row["GB/s"] = gb / row["seconds"]

@@ -1,6 +1,7 @@
 """Run by tests/test_train_async_checkpoint.py in a fresh process (one process group per process):
 
-A one-process Trainer (CPU, ZeRO stage from argv) trains 2 steps; DeepSpeed's own writer saves the engine state
+A one-process Trainer (CPU, ZeRO stage from argv) trains 2 steps (after the first it has rehearsed a save and
+created the host buffers the save copies into, writing nothing); DeepSpeed's own writer saves the engine state
 (the reference); the trainer's background save of the same step starts, and 3 more steps train while it is being
 written (mutating weights, optimizer moments, lr); the files it wrote must hold exactly the reference's values,
 the per-rank state the step-2 data position, and the EMA the step-2 EMA; and every file and folder of the checkpoint
@@ -64,6 +65,12 @@ def main(stage: int, workdir: str) -> None:
     tr = trainer_module.Trainer(validate(resolved), resolved)
     for _ in range(2):
         tr.run_step()
+    # the first step rehearsed a save and created its host buffers in the background, writing nothing
+    tr.checkpoints._allocating.join()
+    prepared = [b.data_ptr() for b in tr.checkpoints._stager.buffers]
+    assert prepared, "no buffers prepared after the first step"
+    folder = os.path.join(tr.run_dir, "checkpoints")
+    assert not os.path.exists(folder) or not os.listdir(folder), os.listdir(folder)
     reference = os.path.join(workdir, "reference")
     tr.engine.save_checkpoint(reference, tag="engine", client_state={"step": tr.step}, save_latest=False)
     ema_then = tr.ema.full_state_dict()
@@ -81,6 +88,8 @@ def main(stage: int, workdir: str) -> None:
     checkpoint.write_durable = lambda path, write: (gate.wait(), write_durable(path, write))[1]
     tr.save_checkpoint()
     assert tr.checkpoints.background
+    # the save copied into exactly the prepared buffers: the rehearsal saw the tensors the save sees
+    assert [b.data_ptr() for b in tr.checkpoints._stager.buffers] == prepared
     for _ in range(3):
         tr.run_step()
     assert tr.checkpoints.in_flight()

@@ -31,6 +31,7 @@ import logging
 import os
 import shutil
 import socket
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -64,12 +65,28 @@ class SavedCheckpoint:
 
 class _HostStager:
     """Copies tensors into host buffers that are kept and reused by the next save (same traversal order, same
-    shapes), pinned when the source is on a GPU so the copies are asynchronous DMA; one sync at the end."""
+    shapes), pinned when the source is on a GPU so the copies are asynchronous DMA; one sync at the end.
+    With record_only it copies nothing: it notes each tensor's (shape, dtype, pinned) in `layout` and hands the
+    tensor back, so that a rehearsal of a save tells `allocate` which buffers the real one will need."""
 
-    def __init__(self):
+    def __init__(self, record_only: bool = False):
         self.buffers: list[torch.Tensor] = []
         self.index = 0
         self.any_cuda = False
+        self.record_only = record_only
+        self.layout: list[tuple[torch.Size, torch.dtype, bool]] = []
+
+    def allocate(self, layout: list[tuple[torch.Size, torch.dtype, bool]], device: int | None) -> None:
+        """Create the buffers of `layout` ahead of the save that uses them. Pinning is what makes a process's
+        first save slow (about 1.2 GB/s with torch's default host allocator, bench/bench_pinning.py), and it
+        runs here, in a background thread, while training goes on; `device` is the thread's CUDA device (the
+        host allocator works in the current device's context)."""
+        try:
+            if device is not None:
+                torch.cuda.set_device(device)
+            self.buffers = [torch.empty(shape, dtype=dtype, pin_memory=pinned) for shape, dtype, pinned in layout]
+        except Exception as exc:  # noqa: BLE001 - the save allocates what it needs itself (and reports failures)
+            log.warning("checkpoint host buffers not prepared ahead (%s); the first save allocates them", exc)
 
     def reset(self) -> None:
         self.index = 0
@@ -77,6 +94,9 @@ class _HostStager:
 
     @torch.no_grad()
     def copy(self, t: torch.Tensor) -> torch.Tensor:
+        if self.record_only:
+            self.layout.append((t.shape, t.dtype, t.is_cuda))
+            return t
         src = t.detach()
         i, self.index = self.index, self.index + 1
         buf = self.buffers[i] if i < len(self.buffers) else None
@@ -213,6 +233,7 @@ class CheckpointWriter:
         self.group = (dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
                       if world_size > 1 and background else None)
         self._stager = _HostStager()
+        self._allocating: threading.Thread | None = None
         self._thread: threading.Thread | None = None
         self._outcome: SavedCheckpoint | CheckpointWriteError | None = None
         self.failed: CheckpointWriteError | None = None
@@ -221,9 +242,32 @@ class CheckpointWriter:
 
     # --- public --------------------------------------------------------------------------------------------
 
+    def prepare(self, engine, ema) -> None:
+        """Collective. Rehearses a save without copying anything (DeepSpeed's traversal with a recording stager,
+        the EMA gather) and creates the host buffers it needs in a background thread, so that the first save of
+        the process only copies, like every later one (DiG-XL/2 on an H200: pinning its 10.8 GB took 5-9 s of
+        the first save). Call it after the first optimizer step: the optimizer's state exists from then on."""
+        if self._stager.buffers or self._allocating is not None:
+            return
+        plan = _HostStager(record_only=True)
+        rehearsal = tempfile.mkdtemp(prefix="dig-checkpoint-rehearsal-")
+        try:
+            capture_engine_state(engine, rehearsal, 0, plan)
+        finally:
+            shutil.rmtree(rehearsal, ignore_errors=True)
+        for _name, full in ema.gather_each():
+            if self.rank == 0:
+                plan.copy(full)
+        device = torch.cuda.current_device() if any(pinned for *_, pinned in plan.layout) else None
+        self._allocating = threading.Thread(target=self._stager.allocate, args=(plan.layout, device),
+                                            name="dig-checkpoint-buffers", daemon=True)
+        self._allocating.start()
+
     def save(self, step: int, engine, ema, rank_state: dict, trainer_meta: dict) -> None:
         """Collective. Returns once the state is copied; the write goes on in the background (or inline)."""
         self.wait()  # at most one save in flight (raises the previous one's failure)
+        if self._allocating is not None:
+            self._allocating.join()  # prepare()'s buffers: a save this early waits for the rest of them
         t0 = time.perf_counter()
         name = checkpoint.step_name(step)
         local = os.path.join(self.staging, name)

@@ -340,6 +340,7 @@ class Trainer:
 
     def maybe_checkpoint(self) -> None:
         self.collect_checkpoint()
+        self.checkpoints.prepare(self.engine, self.ema)  # once, after the first step: the first save's buffers
         every = self.cfg.checkpoint.every
         if every > 0 and self.step % every == 0:
             t0 = time.perf_counter()
