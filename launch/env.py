@@ -4,8 +4,9 @@ from __future__ import annotations
 from typing import Mapping
 
 # Prefixes of variables that every rank (or the Ray job) needs: storage credentials and endpoints, MLflow
-# tracking, collective-communication tuning, Hugging Face cache location, and the project's own settings.
-FORWARDED_PREFIXES = ("AWS_", "MLFLOW_", "NCCL_", "HF_", "DIG_", "TORCH_", "NVSHMEM_", "DS_", "OMP_")
+# tracking, collective-communication tuning, Hugging Face cache location, torch's allocator settings
+# (PYTORCH_CUDA_ALLOC_CONF), and the project's own settings.
+FORWARDED_PREFIXES = ("AWS_", "MLFLOW_", "NCCL_", "HF_", "DIG_", "TORCH_", "PYTORCH_", "NVSHMEM_", "DS_", "OMP_")
 
 # NVLink multicast (NVLS) stays off: on shared or partitioned GPU hosts it can hang collectives or fail to
 # allocate. Users may still override each one explicitly in their environment.

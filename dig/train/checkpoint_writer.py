@@ -78,9 +78,10 @@ class _HostStager:
 
     def allocate(self, layout: list[tuple[torch.Size, torch.dtype, bool]], device: int | None) -> None:
         """Create the buffers of `layout` ahead of the save that uses them. Pinning is what makes a process's
-        first save slow (about 1.2 GB/s with torch's default host allocator, bench/bench_pinning.py), and it
-        runs here, in a background thread, while training goes on; `device` is the thread's CUDA device (the
-        host allocator works in the current device's context)."""
+        first save slow (4.5 GB/s with the host-register setting dig train sets, engine.PINNED_HOST_REGISTER;
+        1.2 GB/s with torch's default cudaHostAlloc, which also stalls the GPU work of other threads), and it runs
+        here, in a background thread, while training goes on; `device` is the thread's CUDA device (the host
+        allocator works in the current device's context)."""
         try:
             if device is not None:
                 torch.cuda.set_device(device)
