@@ -411,22 +411,9 @@ def test_forwarded_env_masks_secrets_in_logs():
     assert "PATH" not in env
 
 
-def test_allocator_settings_reach_every_rank_and_dig_train_adds_host_registering():
-    from dig.train.engine import PINNED_HOST_REGISTER, host_allocator_settings
-
-    assert launch_env.forwarded_env({"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"})[
-        "PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
-    cases = [({}, "PYTORCH_CUDA_ALLOC_CONF", PINNED_HOST_REGISTER),
-             ({"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}, "PYTORCH_CUDA_ALLOC_CONF",
-              "expandable_segments:True," + PINNED_HOST_REGISTER),
-             ({"PYTORCH_ALLOC_CONF": "expandable_segments:True"}, "PYTORCH_ALLOC_CONF",
-              "expandable_segments:True," + PINNED_HOST_REGISTER),
-             ({"PYTORCH_CUDA_ALLOC_CONF": "pinned_num_register_threads:2"}, "PYTORCH_CUDA_ALLOC_CONF",
-              "pinned_num_register_threads:2")]  # the user's own pinned_ choice stays as it is
-    for environ, key, expected in cases:
-        host_allocator_settings(environ)
-        assert environ[key] == expected, (environ, key)
-    assert PINNED_HOST_REGISTER.split(",") == ["pinned_use_cuda_host_register:True", "pinned_num_register_threads:8"]
+def test_allocator_settings_reach_every_rank():
+    env = launch_env.forwarded_env({"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True", "PATH": "/bin"})
+    assert env["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True" and "PATH" not in env
 
 
 def test_ray_cluster_example_passes_rays_own_schema():

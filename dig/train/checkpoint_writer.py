@@ -77,11 +77,11 @@ class _HostStager:
         self.layout: list[tuple[torch.Size, torch.dtype, bool]] = []
 
     def allocate(self, layout: list[tuple[torch.Size, torch.dtype, bool]], device: int | None) -> None:
-        """Create the buffers of `layout` ahead of the save that uses them. Pinning is what makes a process's
-        first save slow (4.5 GB/s with the host-register setting dig train sets, engine.PINNED_HOST_REGISTER;
-        1.2 GB/s with torch's default cudaHostAlloc, which also stalls the GPU work of other threads), and it runs
-        here, in a background thread, while training goes on; `device` is the thread's CUDA device (the host
-        allocator works in the current device's context)."""
+        """Create the buffers of `layout` ahead of the save that uses them, in a background thread right after
+        the first step. Pinning is what makes a process's first save slow (cudaHostAlloc: 1.2 GB/s on an H200
+        host, bench/bench_pinning.py); it also stalls other threads' GPU work while it runs, which is why it
+        overlaps the first steps' warm-up (compilation, CUDA graph recording) rather than a later step. `device`
+        is the thread's CUDA device (the host allocator works in the current device's context)."""
         try:
             if device is not None:
                 torch.cuda.set_device(device)

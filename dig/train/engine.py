@@ -53,26 +53,8 @@ def free_loopback_port() -> int:
         return s.getsockname()[1]
 
 
-# Pinned host memory (the checkpoint writer's buffers) as malloc + cudaHostRegister from 8 threads instead of
-# cudaHostAlloc: DiG-XL/2's 10.8 GB pins in 2.4 s instead of 8.7-9.2 s, and cudaHostAlloc stalls the other
-# threads' GPU work while it runs (small matmuls beside it: 1.6 ms -> 651 ms; with registering 2.4 ms;
-# bench/bench_pinning.py, BENCHMARKS.md). The writer pins in a background thread while training goes on.
-PINNED_HOST_REGISTER = "pinned_use_cuda_host_register:True,pinned_num_register_threads:8"
-
-
-def host_allocator_settings(environ=os.environ) -> None:
-    """Add PINNED_HOST_REGISTER to torch's allocator settings (before CUDA allocates anything), unless the user
-    chose any pinned_ setting there."""
-    key = "PYTORCH_ALLOC_CONF" if "PYTORCH_ALLOC_CONF" in environ else "PYTORCH_CUDA_ALLOC_CONF"
-    current = environ.get(key, "")
-    if "pinned_" not in current:
-        environ[key] = f"{current},{PINNED_HOST_REGISTER}" if current else PINNED_HOST_REGISTER
-
-
 def setup_environment() -> None:
-    """Defaults for a single process started without a launcher, the CPU accelerator without CUDA, and the
-    host allocator's settings."""
-    host_allocator_settings()
+    """Defaults for a single process started without a launcher, and the CPU accelerator without CUDA."""
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if "RANK" not in os.environ:
