@@ -55,8 +55,8 @@ def open_image_batch(path: str):
                 per_image = int(np.prod(shape[1:]))
                 for start in range(0, shape[0], batch_size):
                     n = min(batch_size, shape[0] - start)
-                    data = f.read(n * per_image)
-                    if len(data) != n * per_image:
+                    data = bytearray(n * per_image)  # writable, so torch can take the batch without a warning
+                    if f.readinto(data) != len(data):
                         raise NpzError(f"{path}: arr_0 ends after {start} of {shape[0]} images (truncated file)")
                     yield np.frombuffer(data, np.uint8).reshape(n, *shape[1:])
 
