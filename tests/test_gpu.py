@@ -154,4 +154,3 @@ def test_compiled_dig_accepts_any_batch_and_resolution_in_one_process():
                 out = compiled(x, torch.randint(0, 1000, (n,), device="cuda"), torch.randint(0, 10, (n,), device="cuda"))
             out.float().square().mean().backward()
             assert all(torch.isfinite(p.grad).all() for p in compiled.parameters() if p.grad is not None)
-
