@@ -65,16 +65,12 @@ class SavedCheckpoint:
 
 class _HostStager:
     """Copies tensors into host buffers that are kept and reused by the next save (same traversal order, same
-    shapes), pinned when the source is on a GPU so the copies are asynchronous DMA; one sync at the end.
-    With record_only it copies nothing: it notes each tensor's (shape, dtype, pinned) in `layout` and hands the
-    tensor back, so that a rehearsal of a save tells `allocate` which buffers the real one will need."""
+    shapes), pinned when the source is on a GPU so the copies are asynchronous DMA; one sync at the end."""
 
-    def __init__(self, record_only: bool = False):
+    def __init__(self):
         self.buffers: list[torch.Tensor] = []
         self.index = 0
         self.any_cuda = False
-        self.record_only = record_only
-        self.layout: list[tuple[torch.Size, torch.dtype, bool]] = []
 
     def allocate(self, layout: list[tuple[torch.Size, torch.dtype, bool]], device: int | None) -> None:
         """Create the buffers of `layout` ahead of the save that uses them, in a background thread right after
@@ -95,9 +91,6 @@ class _HostStager:
 
     @torch.no_grad()
     def copy(self, t: torch.Tensor) -> torch.Tensor:
-        if self.record_only:
-            self.layout.append((t.shape, t.dtype, t.is_cuda))
-            return t
         src = t.detach()
         i, self.index = self.index, self.index + 1
         buf = self.buffers[i] if i < len(self.buffers) else None
@@ -119,10 +112,25 @@ class _HostStager:
             torch.cuda.synchronize()
 
 
+class _LayoutRecorder:
+    """Stands in for _HostStager in a rehearsal of a save: copies nothing, notes each tensor's (shape, dtype,
+    pinned) in the order the save meets them, which is what `_HostStager.allocate` needs."""
+
+    def __init__(self):
+        self.layout: list[tuple[torch.Size, torch.dtype, bool]] = []
+
+    def copy(self, t: torch.Tensor) -> torch.Tensor:
+        self.layout.append((t.shape, t.dtype, t.is_cuda))
+        return t
+
+    def synchronize(self) -> None:
+        pass
+
+
 _IMMUTABLE = (int, float, complex, str, bytes, bool, type(None), torch.dtype, torch.device)
 
 
-def snapshot(obj, stager: _HostStager, memo: dict):
+def snapshot(obj, stager: _HostStager | _LayoutRecorder, memo: dict):
     """`obj` with every tensor copied to host memory and every container rebuilt, so that training may go on
     mutating the originals (optimizer state in place, lr in param_groups) while the copy is written."""
     if isinstance(obj, torch.Tensor):
@@ -156,7 +164,7 @@ def _capturing_engine_class():
     class CapturingCheckpointEngine(CheckpointEngine):
         """Takes what DeepSpeed would torch.save: (path, host snapshot) pairs, written later."""
 
-        def __init__(self, stager: _HostStager):
+        def __init__(self, stager: _HostStager | _LayoutRecorder):
             super().__init__(None)
             self.name = "dig-capture"
             self.stager, self.memo, self.files = stager, {}, []
@@ -185,7 +193,8 @@ def _capturing_engine_class():
     return CapturingCheckpointEngine
 
 
-def capture_engine_state(engine, ckpt_dir: str, step: int, stager: _HostStager) -> tuple[list, list[str]]:
+def capture_engine_state(engine, ckpt_dir: str, step: int,
+                         stager: _HostStager | _LayoutRecorder) -> tuple[list, list[str]]:
     """Run DeepSpeed's save_checkpoint (collective) with the capturing engine: returns the files it would have
     written as (path, host state) and the recovery scripts (zero_to_fp32.py …) it would have copied."""
     original = engine.checkpoint_engine
@@ -244,13 +253,13 @@ class CheckpointWriter:
     # --- public --------------------------------------------------------------------------------------------
 
     def prepare(self, engine, ema) -> None:
-        """Collective. Rehearses a save without copying anything (DeepSpeed's traversal with a recording stager,
+        """Collective. Rehearses a save without copying anything (DeepSpeed's traversal with a _LayoutRecorder,
         the EMA gather) and creates the host buffers it needs in a background thread, so that the first save of
         the process only copies, like every later one (DiG-XL/2 on an H200: pinning its 10.8 GB took 5-9 s of
         the first save). Call it after the first optimizer step: the optimizer's state exists from then on."""
         if self._stager.buffers or self._allocating is not None:
             return
-        plan = _HostStager(record_only=True)
+        plan = _LayoutRecorder()
         rehearsal = tempfile.mkdtemp(prefix="dig-checkpoint-rehearsal-")
         try:
             capture_engine_state(engine, rehearsal, 0, plan)
