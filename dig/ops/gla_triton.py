@@ -40,6 +40,8 @@ import torch
 
 CHUNK = 16
 NUM_WARPS = 4
+# Per-kernel Triton launch options over NUM_WARPS (num_warps, num_stages, maxnreg), from bench.tune_gla_launch.
+LAUNCH: dict[str, dict] = {"fwd": {}, "bwd_dq": {}, "bwd_dkv": {}}
 FACTORISED_MAX_DECAY = 40.0
 MAX_K = 64
 MAX_V = 128
@@ -119,8 +121,11 @@ def _launch_args(q: torch.Tensor, v: torch.Tensor, splits: int = 1, order: torch
     B, T, H, K = q.shape
     NS, CPS = _split_layout(T, splits)
     return dict(T=T, H=H, K=K, V=v.shape[-1], BT=CHUNK, BK=_block(K), BV=_block(v.shape[-1]),
-                PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=NUM_WARPS, NS=NS, CPS=CPS,
-                ORDERED=order is not None)
+                PRECISION="ieee" if q.dtype == torch.float32 else "tf32", NS=NS, CPS=CPS, ORDERED=order is not None)
+
+
+def _options(kernel: str) -> dict:
+    return {"num_warps": NUM_WARPS, **LAUNCH[kernel]}
 
 
 def _block(n: int) -> int:
@@ -136,7 +141,7 @@ def _forward(q, k, v, g, scale, h0, output_final_state, splits=1, order=None):
     if args["NS"] > 1:
         h0 = _split_start_states(k, v, g, order, args)[0]
     fwd[(B * H, args["NS"])](q, k, v, g, o, h0, ht, order, scale, FACTORISED_MAX_DECAY, USE_H0=h0 is not None,
-                             STORE_HT=output_final_state, **args)
+                             STORE_HT=output_final_state, **args, **_options("fwd"))
     return o, ht
 
 
@@ -147,7 +152,7 @@ def _split_start_states(k, v, g, order, args):
     NS = args["NS"]
     local = k.new_empty(B * H, NS, K, v.shape[-1], dtype=torch.float32)
     gsum = k.new_empty(B * H, NS, K, dtype=torch.float32)
-    states_kernel[(B * H, NS)](k, v, g, local, gsum, order, **args)
+    states_kernel[(B * H, NS)](k, v, g, local, gsum, order, **args, num_warps=NUM_WARPS)
     starts = torch.empty_like(local)
     scan[(B * H,)](local, gsum, starts, K=K, V=v.shape[-1], BK=args["BK"], BV=args["BV"], NS=NS, REVERSE=False,
                    num_warps=NUM_WARPS)
@@ -160,7 +165,7 @@ def _split_end_state_grads(q, g, do, gsum, order, scale, args):
     B, T, H, K = q.shape
     NS, V = args["NS"], do.shape[-1]
     local = q.new_empty(B * H, NS, K, V, dtype=torch.float32)
-    grads_kernel[(B * H, NS)](q, g, do, local, order, scale, **args)
+    grads_kernel[(B * H, NS)](q, g, do, local, order, scale, **args, num_warps=NUM_WARPS)
     ends = torch.empty_like(local)
     scan[(B * H,)](local, gsum, ends, K=K, V=V, BK=args["BK"], BV=args["BV"], NS=NS, REVERSE=True,
                    num_warps=NUM_WARPS)
@@ -182,13 +187,13 @@ def _backward(q, k, v, g, h0, scale, do, dht, need_dh0, splits=1, order=None):
         dht = _split_end_state_grads(q, g, do, gsum, order, scale, args)
         dgsum = q.new_empty(B * H, NS, K, dtype=torch.float32)
     bwd_dq[(B * H, NS)](q, k, v, g, do, dq, dht, final_dg, h0, order, scale, FACTORISED_MAX_DECAY,
-                        USE_H0=h0 is not None, USE_DHT=dht is not None and NS == 1, **args)
+                        USE_H0=h0 is not None, USE_DHT=dht is not None and NS == 1, **args, **_options("bwd_dq"))
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     dg = torch.empty_like(g, dtype=torch.float32) if NS > 1 else torch.empty_like(g)
     dh0 = torch.empty_like(h0, dtype=torch.float32) if h0 is not None and need_dh0 and NS == 1 else None
     bwd_dkv[(B * H, NS)](q, k, v, g, do, dq, dk, dv, dg, dht, final_dg, dh0, dgsum, order, scale,
                          FACTORISED_MAX_DECAY,
-                         USE_DHT=dht is not None, STORE_DH0=dh0 is not None, **args)
+                         USE_DHT=dht is not None, STORE_DH0=dh0 is not None, **args, **_options("bwd_dkv"))
     if NS > 1:  # each split's dg still lacks the sum of q*dq - k*dk over the splits after it
         after = dgsum.flip(1).cumsum(1).flip(1) - dgsum
         per_step = after.view(B, H, NS, K).transpose(1, 2).repeat_interleave(args["CPS"] * CHUNK, dim=1)[:, :T]

@@ -1,0 +1,141 @@
+"""Per-kernel launch options of the fused Triton GLA kernels (`dig.ops.gla_triton.LAUNCH`): each of the three
+kernels (fwd, bwd_dq, bwd_dkv) timed alone under each option set, the other two at their defaults, at DiG-XL/2's
+shapes (18 heads, K 32, V 64, bf16), side by side in one process, with the registers and spills Triton reports.
+
+Why: at the paper's 32 images per GPU a layer is 576 programs for 132 SMs (4.4 per SM), and how many programs an
+SM holds at once is set by registers per thread x threads per program. The backward dk/dv/dg kernel uses 255
+registers with 4 warps (2 programs per SM: 3 rounds of programs), the others 132-165 (3 per SM: 2 rounds).
+`maxnreg` caps registers (spilling the rest), `num_warps` changes threads per program. The bwd_dq and bwd_dkv
+rows time the whole backward (both kernels), so their differences are that one kernel's.
+
+    python3 -m bench.tune_gla_launch --out DIR            # on a GPU machine
+    python3 -m bench.tune_gla_launch --configs w4,w4r128,w8 --cases 256x32
+
+Option sets: w<num_warps>[r<maxnreg>][s<num_stages>], e.g. w4r128s2.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import re
+
+import torch
+import torch.nn.functional as F
+
+from .common import fmt_table, median, time_ms, versions
+
+HEADS, K, V = 18, 32, 64
+DEFAULT_CASES = "256x32,256x128,512x32,1024x8"
+DEFAULT_CONFIGS = "w4,w4r128,w4r96,w4s2,w2,w2r200,w8,w8r128,w8r80"
+
+
+def parse_config(text: str) -> dict:
+    m = re.fullmatch(r"w(\d+)(?:r(\d+))?(?:s(\d+))?", text)
+    if not m:
+        raise SystemExit(f"bad option set {text!r}: expected w<num_warps>[r<maxnreg>][s<num_stages>], e.g. w4r128")
+    options = {"num_warps": int(m.group(1))}
+    if m.group(2):
+        options["maxnreg"] = int(m.group(2))
+    if m.group(3):
+        options["num_stages"] = int(m.group(3))
+    return options
+
+
+def _latest_binary(kernel) -> tuple[int | None, int | None]:
+    """(registers, spills) of the kernel's most recently compiled binary, where this Triton exposes them."""
+    try:
+        for cache in reversed([c[0] for c in kernel.device_caches.values()]):
+            binary = list(cache.values())[-1]
+            binary._init_handles()
+            return binary.n_regs, binary.n_spills
+    except Exception:  # noqa: BLE001  best effort: Triton's caches are not an API
+        pass
+    return None, None
+
+
+def bench_case(res: int, batch: int, configs: list[str], repeat: int, device: torch.device) -> list[dict]:
+    mod = importlib.import_module("dig.ops.gla_triton")  # the package re-exports a function of that name
+    kern = importlib.import_module("dig.ops.gla_triton_kernels")
+
+    tokens = (res // 16) ** 2
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def rnd(*shape):
+        return torch.randn(*shape, device=device, dtype=torch.bfloat16, generator=gen)
+
+    q, k, v = rnd(batch, tokens, HEADS, K), rnd(batch, tokens, HEADS, K), rnd(batch, tokens, HEADS, V)
+    g = (F.logsigmoid(rnd(batch, tokens, HEADS, K).float()) / 16).to(torch.bfloat16)
+    do = rnd(batch, tokens, HEADS, V)
+    scale = K ** -0.5
+    calls = {"fwd": lambda: mod._forward(q, k, v, g, scale, None, False, 1, None),
+             "bwd_dq": lambda: mod._backward(q, k, v, g, None, scale, do, None, False, 1, None),
+             "bwd_dkv": lambda: mod._backward(q, k, v, g, None, scale, do, None, False, 1, None)}
+    jit = {"fwd": kern.fwd_kernel, "bwd_dq": kern.bwd_dq_kernel, "bwd_dkv": kern.bwd_dkv_kernel}
+    rows = []
+    saved = {name: dict(options) for name, options in mod.LAUNCH.items()}
+    try:
+        for name, call in calls.items():
+            base = None
+            for config in configs:
+                mod.LAUNCH.update({n: dict(o) for n, o in saved.items()})
+                mod.LAUNCH[name] = parse_config(config)
+                row = {"res": res, "batch": batch, "programs": batch * HEADS, "kernel": name, "config": config}
+                try:
+                    call()
+                    row["regs"], row["spills"] = _latest_binary(jit[name])
+                    row["ms"] = median(time_ms(call, device, warmup=3, repeat=repeat))
+                except Exception as e:  # noqa: BLE001  a config Triton refuses is a row, not the end of the run
+                    row["error"] = f"{type(e).__name__}: {e}"[:160]
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+                    continue
+                if base is None:
+                    base = row["ms"]
+                row["vs_first"] = row["ms"] / base
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    finally:
+        mod.LAUNCH.clear()
+        mod.LAUNCH.update(saved)
+    return rows
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--configs", default=DEFAULT_CONFIGS, help="option sets; the first is the reference")
+    ap.add_argument("--cases", default=DEFAULT_CASES, help="RESxIMAGES list")
+    ap.add_argument("--repeat", type=int, default=20)
+    ap.add_argument("--out", default=os.environ.get("OUT", ""))
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("bench.tune_gla_launch times Triton kernels and needs a CUDA GPU")
+    device = torch.device("cuda")
+    configs = args.configs.split(",")
+    for c in configs:
+        parse_config(c)
+    rows = []
+    for case in args.cases.split(","):
+        res, batch = (int(x) for x in case.split("x"))
+        rows += bench_case(res, batch, configs, args.repeat, device)
+    text = fmt_table(rows, ["res", "batch", "programs", "kernel", "config", "regs", "spills", "ms", "vs_first"])
+    print(text)
+    best = {}
+    for r in rows:
+        key = (r["res"], r["batch"], r["kernel"])
+        if "ms" in r and (key not in best or r["ms"] < best[key]["ms"]):
+            best[key] = r
+    summary = fmt_table(list(best.values()), ["res", "batch", "kernel", "config", "ms", "vs_first"])
+    print("\nFastest per case and kernel\n" + summary)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "gla_launch.json"), "w") as f:
+            json.dump({"versions": versions(), "rows": rows,
+                       "command": "python3 -m bench.tune_gla_launch " + " ".join(argv or [])}, f, indent=1)
+        with open(os.path.join(args.out, "gla_launch.md"), "w") as f:
+            f.write(text + "\n\nFastest per case and kernel\n" + summary + "\n")
+
+
+if __name__ == "__main__":
+    main()
