@@ -11,7 +11,8 @@ rows time the whole backward (both kernels), so their differences are that one k
     python3 -m bench.tune_gla_launch --out DIR            # on a GPU machine
     python3 -m bench.tune_gla_launch --configs w4,w4r128,w8 --cases 256x32
 
-Option sets: w<num_warps>[r<maxnreg>][s<num_stages>], e.g. w4r128s2.
+Option sets: w<num_warps>[r<maxnreg>][s<num_stages>][p], e.g. w4r128s2; p: PREFETCH, each chunk's loads issued one
+chunk ahead (Triton's pipeliner leaves the q/k/v loads synchronous).
 """
 from __future__ import annotations
 
@@ -28,14 +29,16 @@ from .common import fmt_table, median, time_ms, versions
 
 HEADS, K, V = 18, 32, 64
 DEFAULT_CASES = "256x32,256x128,512x32,1024x8"
-DEFAULT_CONFIGS = "w4,w4r128,w4r96,w4s2,w2,w2r200,w8,w8r128,w8r80"
+DEFAULT_CONFIGS = "w4,w4p,w4r128,w4r128p,w4r96,w4r96p,w2,w2p,w8p"
 
 
 def parse_config(text: str) -> dict:
-    m = re.fullmatch(r"w(\d+)(?:r(\d+))?(?:s(\d+))?", text)
+    m = re.fullmatch(r"w(\d+)(?:r(\d+))?(?:s(\d+))?(p)?", text)
     if not m:
-        raise SystemExit(f"bad option set {text!r}: expected w<num_warps>[r<maxnreg>][s<num_stages>], e.g. w4r128")
+        raise SystemExit(f"bad option set {text!r}: expected w<num_warps>[r<maxnreg>][s<num_stages>][p], e.g. w4r128p")
     options = {"num_warps": int(m.group(1))}
+    if m.group(4):
+        options["PREFETCH"] = True
     if m.group(2):
         options["maxnreg"] = int(m.group(2))
     if m.group(3):
@@ -43,16 +46,32 @@ def parse_config(text: str) -> dict:
     return options
 
 
-def _latest_binary(kernel) -> tuple[int | None, int | None]:
-    """(registers, spills) of the kernel's most recently compiled binary, where this Triton exposes them."""
+def _binaries(kernel) -> list:
+    """The kernel's compiled binaries, where this Triton exposes them (its caches are not an API)."""
     try:
-        for cache in reversed([c[0] for c in kernel.device_caches.values()]):
-            binary = list(cache.values())[-1]
-            binary._init_handles()
-            return binary.n_regs, binary.n_spills
-    except Exception:  # noqa: BLE001  best effort: Triton's caches are not an API
-        pass
-    return None, None
+        return [b for cache in kernel.device_caches.values() for b in cache[0].values()]
+    except Exception:  # noqa: BLE001
+        return []
+
+
+def _usage(binary) -> tuple[int | None, int | None]:
+    try:
+        binary._init_handles()
+        return binary.n_regs, binary.n_spills
+    except Exception:  # noqa: BLE001
+        return None, None
+
+
+def _warm_clocks(device: torch.device, seconds: float = 2.0) -> None:
+    """Busy the GPU so that the first timed kernel does not run at idle clocks."""
+    import time
+
+    x = torch.randn(4096, 4096, device=device, dtype=torch.bfloat16)
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        for _ in range(20):
+            x = (x @ x).clamp_(-1, 1)
+        torch.cuda.synchronize(device)
 
 
 def bench_case(res: int, batch: int, configs: list[str], repeat: int, device: torch.device) -> list[dict]:
@@ -74,6 +93,7 @@ def bench_case(res: int, batch: int, configs: list[str], repeat: int, device: to
              "bwd_dkv": lambda: mod._backward(q, k, v, g, None, scale, do, None, False, 1, None)}
     jit = {"fwd": kern.fwd_kernel, "bwd_dq": kern.bwd_dq_kernel, "bwd_dkv": kern.bwd_dkv_kernel}
     rows = []
+    usage = {}  # (kernel, tokens, option set) -> (registers, spills): a shape seen before compiles nothing new
     saved = {name: dict(options) for name, options in mod.LAUNCH.items()}
     try:
         for name, call in calls.items():
@@ -83,8 +103,12 @@ def bench_case(res: int, batch: int, configs: list[str], repeat: int, device: to
                 mod.LAUNCH[name] = parse_config(config)
                 row = {"res": res, "batch": batch, "programs": batch * HEADS, "kernel": name, "config": config}
                 try:
+                    before = {id(b) for b in _binaries(jit[name])}
                     call()
-                    row["regs"], row["spills"] = _latest_binary(jit[name])
+                    new = [b for b in _binaries(jit[name]) if id(b) not in before]
+                    if new:
+                        usage[name, tokens, config] = _usage(new[-1])
+                    row["regs"], row["spills"] = usage.get((name, tokens, config), (None, None))
                     row["ms"] = median(time_ms(call, device, warmup=3, repeat=repeat))
                 except Exception as e:  # noqa: BLE001  a config Triton refuses is a row, not the end of the run
                     row["error"] = f"{type(e).__name__}: {e}"[:160]
@@ -116,6 +140,7 @@ def main(argv=None) -> None:
     for c in configs:
         parse_config(c)
     rows = []
+    _warm_clocks(device)
     for case in args.cases.split(","):
         res, batch = (int(x) for x in case.split("x"))
         rows += bench_case(res, batch, configs, args.repeat, device)

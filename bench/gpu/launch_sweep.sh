@@ -12,4 +12,4 @@ TAIL=24 run launch "${LAUNCH_LIMIT:-260}" python3 -m bench.tune_gla_launch ${CON
   --models DiG-XL/2,DiG-XL/2+scan --res 512 --batch 32 --top 25
 [ "${ENCODER_LIMIT:-150}" -gt 0 ] && LIMIT=${ENCODER_LIMIT:-150} TEST_LIMIT=1 \
   SETTINGS=${ENCODER_SETTINGS:-fp16+cl+compile,bf16+compile} bash bench/gpu/encoder_sweep.sh
-cd "$OUT" && tar czf results.tgz --exclude=results.tgz . && ls
+tar czf /tmp/results.tgz -C "$OUT" . && mv /tmp/results.tgz "$OUT/" && ls "$OUT"
