@@ -1,4 +1,4 @@
-"""Per-kernel launch options of the fused Triton GLA kernels (`dig.ops.gla_triton.LAUNCH`): each of the three
+"""Per-kernel launch options of the fused Triton GLA kernels (`dig.ops.gla_triton.LAUNCH_BUSY`): each of the three
 kernels (fwd, bwd_dq, bwd_dkv) timed alone under each option set, the other two at their defaults, at DiG-XL/2's
 shapes (18 heads, K 32, V 64, bf16), side by side in one process, with the registers and spills Triton reports.
 
@@ -12,7 +12,7 @@ rows time the whole backward (both kernels), so their differences are that one k
     python3 -m bench.tune_gla_launch --configs w4,w4r128,w8 --cases 256x32
 
 Option sets: w<num_warps>[r<maxnreg>][s<num_stages>][p], e.g. w4r128s2; p: PREFETCH, each chunk's loads issued one
-chunk ahead (Triton's pipeliner leaves the q/k/v loads synchronous).
+chunk ahead (Triton's pipeliner leaves the q/k/v loads synchronous); `auto`: what the module chooses for the shape.
 """
 from __future__ import annotations
 
@@ -29,10 +29,12 @@ from .common import fmt_table, median, time_ms, versions
 
 HEADS, K, V = 18, 32, 64
 DEFAULT_CASES = "256x32,256x128,512x32,1024x8"
-DEFAULT_CONFIGS = "w4,w4p,w4r128,w4r128p,w4r96,w4r96p,w2,w2p,w8p"
+DEFAULT_CONFIGS = "w4,auto,w4p,w4r128,w4r128p,w4r96,w4r96p,w2,w2p,w8p"
 
 
-def parse_config(text: str) -> dict:
+def parse_config(text: str) -> dict | None:
+    if text == "auto":
+        return None
     m = re.fullmatch(r"w(\d+)(?:r(\d+))?(?:s(\d+))?(p)?", text)
     if not m:
         raise SystemExit(f"bad option set {text!r}: expected w<num_warps>[r<maxnreg>][s<num_stages>][p], e.g. w4r128p")
@@ -94,13 +96,16 @@ def bench_case(res: int, batch: int, configs: list[str], repeat: int, device: to
     jit = {"fwd": kern.fwd_kernel, "bwd_dq": kern.bwd_dq_kernel, "bwd_dkv": kern.bwd_dkv_kernel}
     rows = []
     usage = {}  # (kernel, tokens, option set) -> (registers, spills): a shape seen before compiles nothing new
-    saved = {name: dict(options) for name, options in mod.LAUNCH.items()}
+    saved = dict(mod.LAUNCH_OVERRIDE)
     try:
         for name, call in calls.items():
             base = None
             for config in configs:
-                mod.LAUNCH.update({n: dict(o) for n, o in saved.items()})
-                mod.LAUNCH[name] = parse_config(config)
+                mod.LAUNCH_OVERRIDE.clear()
+                mod.LAUNCH_OVERRIDE.update(saved)
+                options = parse_config(config)
+                if options is not None:
+                    mod.LAUNCH_OVERRIDE[name] = options
                 row = {"res": res, "batch": batch, "programs": batch * HEADS, "kernel": name, "config": config}
                 try:
                     before = {id(b) for b in _binaries(jit[name])}
@@ -121,8 +126,8 @@ def bench_case(res: int, batch: int, configs: list[str], repeat: int, device: to
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     finally:
-        mod.LAUNCH.clear()
-        mod.LAUNCH.update(saved)
+        mod.LAUNCH_OVERRIDE.clear()
+        mod.LAUNCH_OVERRIDE.update(saved)
     return rows
 
 

@@ -7,6 +7,8 @@ interpreter.
 """
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -307,6 +309,20 @@ def test_kernel_matches_float64_dig_shapes(shape, dtype, backend):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_kernel_strong_decays(gates, dtype, backend):
     _kernel_vs_float64((2, 300, 4, 32, 64), dtype, gates=gates, with_state=True, backend=backend)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_triton_busy_launch_options_match_float64(dtype):
+    """Enough sequences x heads that every SM gets BUSY_PROGRAMS_PER_SM programs (DiG-XL/2 at 32 images per GPU):
+    the kernels run with LAUNCH_BUSY's options (register cap, loads a chunk ahead, 2 warps)."""
+    module = importlib.import_module("dig.ops.gla_triton")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    batch = -(-module.BUSY_PROGRAMS_PER_SM * sms // 18)
+    q = torch.empty(batch, 256, 18, 32, device="cuda")
+    assert module._options("bwd_dkv", q, batch * 18) == {"num_warps": module.NUM_WARPS,
+                                                         **module.LAUNCH_BUSY["bwd_dkv"]}
+    _kernel_vs_float64((batch, 256, 18, 32, 64), dtype, gates="dig", with_state=True, backend="triton")
 
 
 @pytest.mark.gpu
