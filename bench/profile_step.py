@@ -4,10 +4,9 @@ side by side in one run.
 
     python3 -m bench.profile_step --models DiG-XL/2,DiT-XL/2 --res 512 --batch 32
     python3 -m bench.profile_step --models DiG-XL/2,DiG-XL/2+scan --res 512 --batch 32   # model.scan_in_kernel
-    python3 -m bench.profile_step --models DiG-XL/2,DiG-XL/2+unfused --res 256 --batch 32
 
-NAME+unfused: DiG's GLA layer as it was before its five input projections became one GEMM (kept here for
-before/after in one run). Beside the kernel time, the step's wall time (median of 5, no CUDA graphs).
+Beside the kernel time, the step's wall time (median of 5; regional compile, no CUDA graphs: it includes the
+launch gaps that the trainer's CUDA graphs remove).
 """
 from __future__ import annotations
 
@@ -43,36 +42,9 @@ def kind_of(name: str) -> str:
     return "other"
 
 
-def _unfused_gla_forward(self, x, token_order=None):
-    """GatedLinearAttention.forward before the fused input projection: one GEMM per projection."""
-    import torch.nn.functional as F
-
-    from dig.models.dig import _gla
-
-    n, t, _ = x.shape
-    if torch.is_autocast_enabled(x.device.type):
-        x = x.to(torch.get_autocast_dtype(x.device.type))
-    heads = lambda z: z.reshape(n, t, self.num_heads, -1)  # noqa: E731
-    q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
-    gk = F.logsigmoid(heads(self.gk_proj(x))) / self.gate_logit_normalizer
-    o, _ = _gla(q, k, v, gk, self.backend, token_order)
-    o = self.g_norm_swish_gate(o, heads(self.g_proj(x)))
-    return self.o_proj(o.reshape(n, t, -1))
-
-
 def profile_model(name: str, res: int, batch: int, device: torch.device, steps: int, compile_blocks: bool,
-                  unfused: bool = False, **overrides) -> tuple[dict, list]:
-    import types
-
-    from dig.models.dig import GatedLinearAttention
-
-    model = build(name, res, device, compile_blocks=False, **overrides)
-    if unfused:
-        for module in model.modules():
-            if isinstance(module, GatedLinearAttention):
-                module.forward = types.MethodType(_unfused_gla_forward, module)
-    if compile_blocks:
-        model.compile_blocks()
+                  **overrides) -> tuple[dict, list]:
+    model = build(name, res, device, compile_blocks=compile_blocks, **overrides)
     step, opt = train_step_fn(model, batch, device)
     for _ in range(3):
         step()
@@ -102,8 +74,7 @@ def profile_model(name: str, res: int, batch: int, device: torch.device, steps: 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="DiG-XL/2,DiT-XL/2", help="comma list; NAME+scan: a DiG with "
-                    "model.scan_in_kernel (the scan directions read by the GLA kernels); NAME+unfused: one GEMM per "
-                    "GLA input projection, as before")
+                    "model.scan_in_kernel (the scan directions read by the GLA kernels)")
     ap.add_argument("--res", type=int, default=512)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--steps", type=int, default=3)
@@ -114,11 +85,9 @@ def main(argv=None) -> None:
     kinds, tops = {}, {}
     for name in args.models.split(","):
         model, *options = name.split("+")
-        unknown = set(options) - {"scan", "unfused"}
-        if unknown:
-            raise SystemExit(f"unknown model option(s) {sorted(unknown)} in {name!r}: expected +scan, +unfused")
+        if set(options) - {"scan"}:
+            raise SystemExit(f"unknown model option in {name!r}: expected NAME or NAME+scan")
         kinds[name], tops[name] = profile_model(model, args.res, args.batch, device, args.steps, not args.eager,
-                                                unfused="unfused" in options,
                                                 **({"scan_in_kernel": True} if "scan" in options else {}))
     walls = {n: kinds[n].pop(WALL) for n in kinds}
     names = list(kinds)

@@ -85,15 +85,10 @@ class GatedLinearAttention(nn.Module):
             # linear would save its own copy of it for backward.
             x = x.to(torch.get_autocast_dtype(x.device.type))
         heads = lambda z: z.reshape(n, t, self.num_heads, -1)  # noqa: E731  [N, T, H, head_dim], fla's layout
-        # The five projections of x as one GEMM (like DiT's fused qkv): the parameters stay the release's, and
-        # one product with their concatenation is one launch forwards and two backwards instead of 5 and 10
-        # small ones (DiG-XL/2: N = 576 .. 1152 each).
-        projections = (self.q_proj, self.k_proj, self.v_proj, self.g_proj, self.gk_proj[0])
-        fused = F.linear(x, torch.cat([p.weight for p in projections]))
-        q, k, v, gate, gk = fused.split([p.out_features for p in projections], dim=-1)
-        gk = F.logsigmoid(heads(self.gk_proj[1](gk))) / self.gate_logit_normalizer
-        o, _ = _gla(heads(q), heads(k), heads(v), gk, self.backend, token_order)
-        o = self.g_norm_swish_gate(o, heads(gate))
+        q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
+        gk = F.logsigmoid(heads(self.gk_proj(x))) / self.gate_logit_normalizer
+        o, _ = _gla(q, k, v, gk, self.backend, token_order)
+        o = self.g_norm_swish_gate(o, heads(self.g_proj(x)))
         return self.o_proj(o.reshape(n, t, -1))
 
 
