@@ -11,8 +11,9 @@ rows time the whole backward (both kernels), so their differences are that one k
     python3 -m bench.tune_gla_launch --out DIR            # on a GPU machine
     python3 -m bench.tune_gla_launch --configs w4,w4r128,w8 --cases 256x32
 
-Option sets: w<num_warps>[r<maxnreg>][s<num_stages>][p], e.g. w4r128s2; p: PREFETCH, each chunk's loads issued one
-chunk ahead (Triton's pipeliner leaves the q/k/v loads synchronous); `auto`: what the module chooses for the shape.
+Option sets: w<num_warps>[r<maxnreg>][s<num_stages>][p], e.g. w4r128s2; p: the forward kernel's PREFETCH, each chunk's
+loads issued one chunk ahead (Triton's pipeliner leaves the q/k/v loads synchronous; the backward sweeps had it too,
+measured slower on an H200, and dropped it); `auto`: what the module chooses for the shape.
 """
 from __future__ import annotations
 
@@ -104,6 +105,8 @@ def bench_case(res: int, batch: int, configs: list[str], repeat: int, device: to
                 mod.LAUNCH_OVERRIDE.clear()
                 mod.LAUNCH_OVERRIDE.update(saved)
                 options = parse_config(config)
+                if options is not None and options.get("PREFETCH") and name != "fwd":
+                    continue  # only the forward kernel has the option
                 if options is not None:
                     mod.LAUNCH_OVERRIDE[name] = options
                 row = {"res": res, "batch": batch, "programs": batch * HEADS, "kernel": name, "config": config}

@@ -46,22 +46,16 @@ def _split_vector(i_s, K: tl.constexpr, BK: tl.constexpr, NS: tl.constexpr):
 @triton.jit
 def _load_chunk(q, k, g, v, i_t, base_qk, base_v, order, T: tl.constexpr, H: tl.constexpr, K: tl.constexpr,
                 V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ORDERED: tl.constexpr):
-    """Chunk i_t's q, k, g and v rows as stored (padding rows: no decay and no key)."""
+    """Chunk i_t's q, k, g and v rows as stored."""
     p_qk, p_v, m_qk, m_v = _chunk_offsets(i_t, base_qk, base_v, order, T, H, K, V, BT, BK, BV, ORDERED)
-    return (tl.load(q + p_qk, mask=m_qk, other=0.), tl.load(k + p_qk, mask=m_qk, other=0.),
-            tl.load(g + p_qk, mask=m_qk, other=0.), tl.load(v + p_v, mask=m_v, other=0.))
+    return _load_at(q, k, g, v, p_qk, p_v, m_qk, m_v)
 
 
 @triton.jit
-def _load_rows(x, i_t, base_qk, base_v, order, T: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-               BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ORDERED: tl.constexpr, QK: tl.constexpr):
-    """Chunk i_t's rows of one more input: laid out like q (QK) or like v."""
-    p_qk, p_v, m_qk, m_v = _chunk_offsets(i_t, base_qk, base_v, order, T, H, K, V, BT, BK, BV, ORDERED)
-    if QK:
-        rows = tl.load(x + p_qk, mask=m_qk, other=0.)
-    else:
-        rows = tl.load(x + p_v, mask=m_v, other=0.)
-    return rows
+def _load_at(q, k, g, v, p_qk, p_v, m_qk, m_v):
+    """q, k, g and v at a chunk's offsets (padding rows: no decay and no key)."""
+    return (tl.load(q + p_qk, mask=m_qk, other=0.), tl.load(k + p_qk, mask=m_qk, other=0.),
+            tl.load(g + p_qk, mask=m_qk, other=0.), tl.load(v + p_v, mask=m_v, other=0.))
 
 
 @triton.jit
@@ -181,15 +175,14 @@ def fwd_kernel(q, k, v, g, o, h0, ht, order, scale, max_decay,
     if PREFETCH:
         n_q, n_k, n_g, n_v = _load_chunk(q, k, g, v, first, base_qk, base_v, order, T, H, K, V, BT, BK, BV, ORDERED)
     for i_t in range(first, end):
+        p_qk, p_v, m_qk, m_v = _chunk_offsets(i_t, base_qk, base_v, order, T, H, K, V, BT, BK, BV, ORDERED)
         if PREFETCH:  # the next chunk's loads are in flight while this one computes
             r_q, r_k, r_g, r_v = n_q, n_k, n_g, n_v
             n_q, n_k, n_g, n_v = _load_chunk(q, k, g, v, tl.minimum(i_t + 1, end - 1), base_qk, base_v, order,
                                              T, H, K, V, BT, BK, BV, ORDERED)
         else:
-            r_q, r_k, r_g, r_v = _load_chunk(q, k, g, v, i_t, base_qk, base_v, order, T, H, K, V, BT, BK, BV,
-                                             ORDERED)
+            r_q, r_k, r_g, r_v = _load_at(q, k, g, v, p_qk, p_v, m_qk, m_v)
         b_q, b_k, b_v, gc, gl = _chunk_values(r_q, r_k, r_g, r_v, scale)
-        p_qk, p_v, m_qk, m_v = _chunk_offsets(i_t, base_qk, base_v, order, T, H, K, V, BT, BK, BV, ORDERED)
         A = _scores(b_q, b_k, gc, gl, max_decay, PRECISION, BT)
         b_o = _mm(A, b_v, PRECISION) + _mm(b_q * tl.exp(gc), S, PRECISION)
         tl.store(o + p_v, b_o.to(o.dtype.element_ty), mask=m_v)
@@ -203,7 +196,7 @@ def bwd_dq_kernel(q, k, v, g, do, dq, dht, final_dg, h0, order, scale, max_decay
                   T: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                   BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
                   USE_H0: tl.constexpr, USE_DHT: tl.constexpr, NS: tl.constexpr, CPS: tl.constexpr,
-                  ORDERED: tl.constexpr, PREFETCH: tl.constexpr = False):
+                  ORDERED: tl.constexpr):
     """Forward sweep over one split: dq in float32 and, with a final-state gradient (NS = 1 only), the
     gate-gradient term sum_v S_T * dS_T that every position's dg receives."""
     base_qk, base_v, p_s, m_s = _head(T, H, K, V, BK, BV, NS)
@@ -212,23 +205,11 @@ def bwd_dq_kernel(q, k, v, g, do, dq, dht, final_dg, h0, order, scale, max_decay
     else:
         S = tl.zeros([BK, BV], dtype=tl.float32)
     first, end = _split_chunks(T, BT, CPS)
-    if PREFETCH:
-        n_q, n_k, n_g, n_v = _load_chunk(q, k, g, v, first, base_qk, base_v, order, T, H, K, V, BT, BK, BV, ORDERED)
-        n_do = _load_rows(do, first, base_qk, base_v, order, T, H, K, V, BT, BK, BV, ORDERED, False)
     for i_t in range(first, end):
-        if PREFETCH:  # the next chunk's loads are in flight while this one computes
-            r_q, r_k, r_g, r_v, r_do = n_q, n_k, n_g, n_v, n_do
-            i_n = tl.minimum(i_t + 1, end - 1)
-            n_q, n_k, n_g, n_v = _load_chunk(q, k, g, v, i_n, base_qk, base_v, order, T, H, K, V, BT, BK, BV,
-                                             ORDERED)
-            n_do = _load_rows(do, i_n, base_qk, base_v, order, T, H, K, V, BT, BK, BV, ORDERED, False)
-        else:
-            r_q, r_k, r_g, r_v = _load_chunk(q, k, g, v, i_t, base_qk, base_v, order, T, H, K, V, BT, BK, BV,
-                                             ORDERED)
-            r_do = _load_rows(do, i_t, base_qk, base_v, order, T, H, K, V, BT, BK, BV, ORDERED, False)
-        b_q, b_k, b_v, gc, gl = _chunk_values(r_q, r_k, r_g, r_v, scale)
-        b_do = r_do.to(tl.float32)
         p_qk, p_v, m_qk, m_v = _chunk_offsets(i_t, base_qk, base_v, order, T, H, K, V, BT, BK, BV, ORDERED)
+        r_q, r_k, r_g, r_v = _load_at(q, k, g, v, p_qk, p_v, m_qk, m_v)
+        b_q, b_k, b_v, gc, gl = _chunk_values(r_q, r_k, r_g, r_v, scale)
+        b_do = tl.load(do + p_v, mask=m_v, other=0.).to(tl.float32)
         dA = _output_grad_scores(b_do, b_v, PRECISION, BT)
         b_dq = _scores_grad_q(dA, b_k, gc, gl, max_decay, PRECISION, BT)
         b_dq += _mm(b_do, tl.trans(S), PRECISION) * tl.exp(gc)
@@ -245,7 +226,7 @@ def bwd_dkv_kernel(q, k, v, g, do, dq, dk, dv, dg, dht, final_dg, dh0, dgsum, or
                    T: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
                    USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, NS: tl.constexpr, CPS: tl.constexpr,
-                   ORDERED: tl.constexpr, PREFETCH: tl.constexpr = False):
+                   ORDERED: tl.constexpr):
     """Reverse sweep over one split: dk, dv, and dg as the reverse cumulative sum of q*dq - k*dk. The state
     gradient at the split's end comes from dht ([B * H, NS, K, V]); with NS > 1 the split's dg lacks the sum of
     q*dq - k*dk over the splits after it, and that split total is stored in dgsum for the caller to add."""
@@ -260,28 +241,12 @@ def bwd_dkv_kernel(q, k, v, g, do, dq, dk, dv, dg, dht, final_dg, dh0, dgsum, or
     else:
         dg_after = tl.zeros([BK], dtype=tl.float32)
     first, end = _split_chunks(T, BT, CPS)
-    if PREFETCH:
-        n_q, n_k, n_g, n_v = _load_chunk(q, k, g, v, end - 1, base_qk, base_v, order, T, H, K, V, BT, BK, BV,
-                                         ORDERED)
-        n_do = _load_rows(do, end - 1, base_qk, base_v, order, T, H, K, V, BT, BK, BV, ORDERED, False)
-        n_dq = _load_rows(dq, end - 1, base_qk, base_v, order, T, H, K, V, BT, BK, BV, ORDERED, True)
     for i_r in range(0, end - first):
         i_t = end - 1 - i_r
-        if PREFETCH:  # the previous chunk's loads are in flight while this one computes
-            r_q, r_k, r_g, r_v, r_do, r_dq = n_q, n_k, n_g, n_v, n_do, n_dq
-            i_n = tl.maximum(i_t - 1, first)
-            n_q, n_k, n_g, n_v = _load_chunk(q, k, g, v, i_n, base_qk, base_v, order, T, H, K, V, BT, BK, BV,
-                                             ORDERED)
-            n_do = _load_rows(do, i_n, base_qk, base_v, order, T, H, K, V, BT, BK, BV, ORDERED, False)
-            n_dq = _load_rows(dq, i_n, base_qk, base_v, order, T, H, K, V, BT, BK, BV, ORDERED, True)
-        else:
-            r_q, r_k, r_g, r_v = _load_chunk(q, k, g, v, i_t, base_qk, base_v, order, T, H, K, V, BT, BK, BV,
-                                             ORDERED)
-            r_do = _load_rows(do, i_t, base_qk, base_v, order, T, H, K, V, BT, BK, BV, ORDERED, False)
-            r_dq = _load_rows(dq, i_t, base_qk, base_v, order, T, H, K, V, BT, BK, BV, ORDERED, True)
-        b_q, b_k, b_v, gc, gl = _chunk_values(r_q, r_k, r_g, r_v, scale)
-        b_do = r_do.to(tl.float32)
         p_qk, p_v, m_qk, m_v = _chunk_offsets(i_t, base_qk, base_v, order, T, H, K, V, BT, BK, BV, ORDERED)
+        r_q, r_k, r_g, r_v = _load_at(q, k, g, v, p_qk, p_v, m_qk, m_v)
+        b_q, b_k, b_v, gc, gl = _chunk_values(r_q, r_k, r_g, r_v, scale)
+        b_do = tl.load(do + p_v, mask=m_v, other=0.).to(tl.float32)
         to_end = tl.exp(gl[None, :] - gc)
         A = _scores(b_q, b_k, gc, gl, max_decay, PRECISION, BT)
         dA = _output_grad_scores(b_do, b_v, PRECISION, BT)
@@ -290,7 +255,8 @@ def bwd_dkv_kernel(q, k, v, g, do, dq, dk, dv, dg, dht, final_dg, dh0, dgsum, or
         b_dv = _mm(tl.trans(A), b_do, PRECISION) + _mm(b_k * to_end, dS, PRECISION)
         tl.store(dk + p_qk, b_dk.to(dk.dtype.element_ty), mask=m_qk)
         tl.store(dv + p_v, b_dv.to(dv.dtype.element_ty), mask=m_v)
-        dG = b_q / scale * r_dq - b_k * b_dk  # r_dq: the gradient of the unscaled q
+        b_dq = tl.load(dq + p_qk, mask=m_qk, other=0.)  # gradient of the unscaled q
+        dG = b_q / scale * b_dq - b_k * b_dk
         b_dg = tl.cumsum(dG, axis=0, reverse=True) + dg_after[None, :]
         tl.store(dg + p_qk, b_dg.to(dg.dtype.element_ty), mask=m_qk)
         dg_after += tl.sum(dG, axis=0)
