@@ -1,5 +1,5 @@
 """Per-kernel launch options of the fused Triton GLA kernels (`dig.ops.gla_triton.LAUNCH_BUSY`): each of the three
-kernels (fwd, bwd_dq, bwd_dkv) timed alone under each option set, the other two at their defaults, at DiG-XL/2's
+kernels (fwd, bwd_dq, bwd_dkv) timed under each option set, the other two as the module chooses, at DiG-XL/2's
 shapes (18 heads, K 32, V 64, bf16), side by side in one process, with the registers and spills Triton reports.
 
 Why: at the paper's 32 images per GPU a layer is 576 programs for 132 SMs (4.4 per SM), and how many programs an
@@ -11,9 +11,9 @@ rows time the whole backward (both kernels), so their differences are that one k
     python3 -m bench.tune_gla_launch --out DIR            # on a GPU machine
     python3 -m bench.tune_gla_launch --configs w4,w4r128,w8 --cases 256x32
 
-Option sets: w<num_warps>[r<maxnreg>][s<num_stages>][p], e.g. w4r128s2; p: the forward kernel's PREFETCH, each chunk's
-loads issued one chunk ahead (Triton's pipeliner leaves the q/k/v loads synchronous; the backward sweeps had it too,
-measured slower on an H200, and dropped it); `auto`: what the module chooses for the shape.
+Option sets: w<num_warps>[r<maxnreg>][s<num_stages>][p], e.g. w4r128s2; p: the forward kernel's PREFETCH, each
+chunk's loads issued one chunk ahead (Triton's pipeliner leaves the q/k/v loads synchronous; the backward sweeps
+had it too, measured slower on an H200, and dropped it); `auto`: what the module chooses for the shape.
 """
 from __future__ import annotations
 
