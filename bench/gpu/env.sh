@@ -1,6 +1,7 @@
 # Sourced by the bench/gpu scripts (device tool runs, carrying .whl): $OUT, the carried wheels installed into
 # /tmp/site, the environment every script needs, and `run NAME LIMIT CMD...` (CMD's output to $OUT/NAME.log under a
-# time limit, then its rc, time and last $TAIL lines). The install is skipped only when /tmp/site already holds this
+# time limit, then its rc, time and last $TAIL lines),
+# and `show_failures`. The install is skipped only when /tmp/site already holds this
 # exact wheel set: a machine still warm from an earlier call may hold other versions (it once kept a
 # huggingface_hub that broke diffusers), and scripts run side by side by parallel.sh share one install.
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -12,5 +13,8 @@ if [ "$(cat /tmp/site/.installed 2>/dev/null)" != "$_wheels" ]; then
 fi
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TORCH_EXTENSIONS_DIR=/tmp/tex TRITON_CACHE_DIR=/tmp/tc \
     TORCHINDUCTOR_CACHE_DIR=/tmp/ic
+# show_failures LOG...: the last lines of every given log that holds a Python traceback (missing files skipped).
+show_failures() { local f; for f in "$@"; do
+  [ -f "$f" ] && grep -q Traceback "$f" && { echo "== failed: $f"; grep -v '^\s*$' "$f" | tail -n 12; }; done; return 0; }
 run() { local name=$1 limit=$2; shift 2; echo "=== $name: $*"; local t0=$SECONDS
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; echo "rc=$? ${name} $((SECONDS - t0))s"; tail -n "${TAIL:-14}" "$OUT/$name.log"; }

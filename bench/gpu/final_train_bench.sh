@@ -10,6 +10,6 @@ timeout ${BENCH_LIMIT:-470} python3 -m bench.bench_train --models DiG-XL/2,DiT-X
     --gpus ${GPUS:-1,2} --parallel --steps 24 --warmup 9 --log-every 3 --checkpoint-at 18 --timeout 300 \
     --bare-mode reduce-overhead --extra "zero3:engine.zero_stage=3,engine.precision=bf16" --out "$OUT/bt" 2>&1 \
     | grep -v "^\[" | tail -40
-for f in "$OUT"/bt/*.log; do grep -q Traceback "$f" && { echo "== failed: $f"; grep -v '^\s*$' "$f" | tail -n 15; }; done
+show_failures "$OUT"/bt/*.log
 cp "$OUT"/bt/bench_train.json "$OUT"/ 2>/dev/null
 cd "$OUT/bt" && tar czf "$OUT/logs.tgz" *.log 2>/dev/null; ls "$OUT"

@@ -10,8 +10,6 @@ TAIL=12 run pinning 150 python3 -m bench.bench_pinning --ways pin-beside-work,pi
 timeout "${BENCH_LIMIT:-330}" python3 -m bench.bench_train --models DiG-XL/2 --resolutions 256 --steps 24 --warmup 9 \
     --log-every 3 --checkpoint-at 18 --timeout 200 --bare-mode reduce-overhead --gpus "${GPUS:-1,2}" \
     --out "$OUT/train" 2>&1 | grep -v "^\[" | tail -6
-for f in "$OUT"/train/*.log; do
-  grep -q Traceback "$f" && { echo "== failed: $f"; grep -v '^\s*$' "$f" | tail -n 12; }
-done
+show_failures "$OUT"/train/*.log
 grep -h "checkpoint state copied\|not prepared" "$OUT"/train/*.log | cut -c1-160
 cd "$OUT" && tar czf runs.tgz train && rm -rf train/*.log train/*.jsonl

@@ -14,5 +14,5 @@ for ch in ${CHANNELS:-16 8 4}; do
   NCCL_MAX_NCHANNELS=$ch timeout 120 python3 -m bench.bench_train "${common[@]}" --gpus "$N" --out "$OUT/ch$ch" 2>&1 \
     | grep -v "^\[" | tail -2 | sed "s/^/NCCL_MAX_NCHANNELS=$ch /"
 done
-for f in "$OUT"/*/*.log; do grep -q Traceback "$f" && { echo "== failed: $f"; grep -v '^\s*$' "$f" | tail -n 12; }; done
+show_failures "$OUT"/*/*.log
 cd "$OUT" && tar czf runs.tgz default ch* && rm -rf default ch*

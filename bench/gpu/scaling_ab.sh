@@ -18,7 +18,5 @@ if [ "${PIN_AB:-1}" = 1 ]; then
     timeout "${PIN_LIMIT:-110}" python3 -m bench.bench_train "${common[@]}" --gpus 1 --no-bare --out "$OUT/pin" 2>&1 \
     | grep -v "^\[" | tail -4
 fi
-for f in "$OUT"/ab/*.log "$OUT"/pin/*.log; do
-  [ -f "$f" ] && grep -q Traceback "$f" && { echo "== failed: $f"; grep -v '^\s*$' "$f" | tail -n 12; }
-done
+show_failures "$OUT"/ab/*.log "$OUT"/pin/*.log
 cd "$OUT" && tar czf runs.tgz ab pin 2>/dev/null && rm -rf ab/*.log pin/*.log ab/*.jsonl pin/*.jsonl
