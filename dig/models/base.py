@@ -97,7 +97,10 @@ class LatentDiffusionTransformer(nn.Module):
         if x.ndim != 4 or tuple(x.shape[1:]) != (self.in_channels, *self.latent_hw):
             raise ValueError(f"expected latents of shape (N, {self.in_channels}, {self.latent_hw[0]}, "
                              f"{self.latent_hw[1]}), got {tuple(x.shape)}")
-        tokens = self.x_embedder(x) + self.pos_embed
+        # Contiguous (the patch conv's output is a transposed view, and the sum keeps its layout): compiled blocks
+        # (inductor, torch 2.13 on CPU) return wrong input gradients for a block input in that layout
+        # (test_compiled_blocks_equal_eager_with_reorientation_inside).
+        tokens = (self.x_embedder(x) + self.pos_embed).contiguous()
         c = self.t_embedder(t)
         if self.y_embedder is not None:
             if y is None:
