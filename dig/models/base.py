@@ -73,8 +73,18 @@ class LatentDiffusionTransformer(nn.Module):
         which fuses the elementwise work around the matmuls (adaLN modulate, norms, gates) and cuts saved
         activations. Only `forward` is compiled, not the module call: hooks on the block (ZeRO-3 gathers a
         block's weights in a forward pre-hook) stay eager around the compiled graph."""
+        # Every block runs the same code, so dynamo keeps one cache of graphs for all of them, one graph per input
+        # kind (shapes, grad mode, per-block arguments); past its recompile limit a block silently runs eagerly.
+        # Leave room for the default 8 per kind of block input.
+        config = torch._dynamo.config
+        config.recompile_limit = max(config.recompile_limit, 8 * self.block_input_kinds)
         for block in self.blocks:
             block.forward = torch.compile(block.forward, **compile_kwargs)
+
+    @property
+    def block_input_kinds(self) -> int:
+        """How many kinds of argument the blocks take apart from shapes (each compiles to its own graph)."""
+        return 1
 
     def run_block(self, block: nn.Module, *args):
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():

@@ -11,7 +11,7 @@ from dig.ops import BACKENDS, gla, resolve_backend
 
 from .base import LatentDiffusionTransformer
 from .embedders import modulate
-from .scan import reorient_after_block, restore_raster
+from .scan import REVERSE_TRANSPOSE, reorient, reorient_after_block, reorientation_after_block, reoriented_grid, restore_raster
 
 
 def _gla(q, k, v, g, backend, token_order=None):
@@ -129,10 +129,22 @@ class DiGBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, grid: tuple[int, int],
                 skip: torch.Tensor | None = None, token_order: torch.Tensor | None = None,
-                conv_taps: torch.Tensor | None = None) -> torch.Tensor:
-        """token_order and conv_taps (DiG.scan_in_kernel): x stays in raster order; the GLA visits the tokens in
+                conv_taps: torch.Tensor | None = None, reorient_input: str | None = None,
+                transposed: bool = False) -> torch.Tensor:
+        """x: (N, T, D) tokens filling `grid` (rows, cols) row by row, or its transpose (cols, rows) if `transposed`
+        (the grid as booleans and a fixed pair: a compiled block specialises on them, whereas int arguments that
+        change between calls become dynamic sizes).
+        reorient_input (scan.REVERSE or REVERSE_TRANSPOSE): x comes in the previous block's orientation and this
+        block first reorients it; `grid`/`transposed` describe the reoriented tokens. Inside a compiled block the
+        reorientation is index arithmetic in the kernels that read x, not a copy between blocks.
+        token_order and conv_taps (DiG.scan_in_kernel): x stays in raster order; the GLA visits the tokens in
         this block's scan direction, and the 3x3 taps are rearranged (flipped, transposed) to match, so that the
         result is the raster-order view of what the block computes on the reoriented sequence."""
+        # (`grid` itself is never reassigned: a graph break inside the block, e.g. fla's GLA, makes the locals
+        # the inputs of the graph after it, and an int local that differs between blocks would become dynamic)
+        if reorient_input is not None:
+            before = _transposed_if(grid, transposed != (reorient_input == REVERSE_TRANSPOSE))
+            x, _ = reorient(x, before, reorient_input)
         if self.skip_linear is not None:
             if skip is None:
                 raise ValueError("this block has a long skip; pass the matching first-half output")
@@ -146,8 +158,13 @@ class DiGBlock(nn.Module):
         weight = self.dw_conv.weight
         if conv_taps is not None:
             weight = weight.flatten(2)[:, :, conv_taps].view_as(weight)
-        x = F.conv2d(x.reshape(n, *grid, d).permute(0, 3, 1, 2), weight, self.dw_conv.bias, padding=1, groups=d)
+        x = x.reshape(n, *_transposed_if(grid, transposed), d).permute(0, 3, 1, 2)
+        x = F.conv2d(x, weight, self.dw_conv.bias, padding=1, groups=d)
         return x.permute(0, 2, 3, 1).reshape(n, t, d)
+
+
+def _transposed_if(grid: tuple[int, int], transpose: bool) -> tuple[int, int]:
+    return (grid[1], grid[0]) if transpose else grid
 
 
 def scan_directions(grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -229,6 +246,17 @@ class DiG(LatentDiffusionTransformer):
                     block.skip_linear.weight[:, :d].copy_(torch.eye(d))
                     block.skip_linear.bias.zero_()
 
+    @property
+    def block_input_kinds(self) -> int:
+        if self.scan_in_kernel:  # the four token orders are tensors: one graph
+            return 1
+        # U-DiG: with and without a long skip; DiG: input as it comes (block 0), reversed, reversed + transposed;
+        # on a non-square grid, each also on the transposed grid (except block 0's)
+        square = self.grid_size[0] == self.grid_size[1]
+        if self.long_skip:
+            return 2 if square else 4
+        return 3 if square else 5
+
     def forward_blocks(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         grid = self.grid_size
         if self.scan_in_kernel:  # the same computation without reorienting copies between the blocks
@@ -237,12 +265,20 @@ class DiG(LatentDiffusionTransformer):
                                    self.scan_conv_taps[i % 4])
             return x
         skips: list[torch.Tensor] = []
+        pending = None  # the reorientation after the previous block, which the next block applies to its input
         for i, block in enumerate(self.blocks):
             skip = skips.pop() if block.skip_linear is not None else None
-            x = self.run_block(block, x, c, grid, skip)
-            x, grid = reorient_after_block(x, grid, i)
-            if self.long_skip and i < self.depth // 2 - 1:
-                skips.append(x)
+            if pending is not None:
+                grid = reoriented_grid(grid, pending)
+            x = self.run_block(block, x, c, self.grid_size, skip, None, None, pending, grid != self.grid_size)
+            pending = reorientation_after_block(i)
+            if self.long_skip:  # U-DiG's long skips keep the reoriented sequence: reorient here, between blocks
+                x, grid = reorient(x, grid, pending)
+                pending = None
+                if i < self.depth // 2 - 1:
+                    skips.append(x)
+        if pending is not None:
+            x, grid = reorient(x, grid, pending)
         x, grid = restore_raster(x, grid, self.depth)
         assert grid == self.grid_size and not skips
         return x
