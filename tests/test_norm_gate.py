@@ -137,15 +137,19 @@ def test_cpu_without_interpreter_falls_back_to_the_reference():
 
 
 @pytest.mark.parametrize("dtype", [f32, bf16])
-def test_reference_is_dig_layer_math(dtype):
-    """norm_gate_torch computes exactly what DiG's RMSNormSwishGate computes (in float32, y in o's dtype)."""
+def test_dig_layer_matches_float64(dtype):
+    """DiG's RMSNormSwishGate (through rms_norm_swish_gate: here the torch path) against the float64 reference,
+    forward and gradients (o, gate in `dtype`, weight a float32 parameter)."""
     from dig.models.dig import RMSNormSwishGate
 
-    (o, gate, weight), _ = make_case((2, 5, 3, 64), dtype, dtype, f32, "normal", seed=1)
+    (o, gate, weight), cotangent = make_case((2, 5, 3, 64), dtype, dtype, f32, "normal", seed=1)
     layer = RMSNormSwishGate(64, EPS)
     with torch.no_grad():
         layer.weight.copy_(weight)
-        assert torch.equal(rms_norm_swish_gate_torch(o, gate, weight, EPS), layer(o, gate))
+    o_leaf, gate_leaf = o.clone().requires_grad_(), gate.clone().requires_grad_()
+    y = layer(o_leaf, gate_leaf)
+    (y.double() * cotangent).sum().backward()
+    check_against_float64((o, gate, weight), cotangent, y.detach(), [o_leaf.grad, gate_leaf.grad, layer.weight.grad])
 
 
 def test_reference_in_float64_matches_the_independent_reference():

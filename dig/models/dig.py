@@ -8,10 +8,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dig.ops import BACKENDS, gla, resolve_backend
+from dig.ops.norm_gate_triton import rms_norm_swish_gate
 
 from .base import LatentDiffusionTransformer
 from .embedders import modulate
-from .scan import REVERSE_TRANSPOSE, reorient, reorient_after_block, reorientation_after_block, reoriented_grid, restore_raster
+from .scan import (REVERSE_TRANSPOSE, reorient, reorient_after_block, reorientation_after_block, reoriented_grid,
+                   restore_raster)
 
 
 def _gla(q, k, v, g, backend, token_order=None):
@@ -29,7 +31,8 @@ def _gla_outside_graphs(q, k, v, g, backend, token_order):
 
 
 class RMSNormSwishGate(nn.Module):
-    """Per-head RMSNorm of the GLA output (one weight vector shared by all heads) times swish(gate)."""
+    """Per-head RMSNorm of the GLA output (one weight vector shared by all heads) times swish(gate), computed in
+    float32, in o's dtype. On CUDA one Triton kernel each way (dig/ops/norm_gate_triton.py)."""
 
     def __init__(self, head_dim: int, eps: float):
         super().__init__()
@@ -37,8 +40,7 @@ class RMSNormSwishGate(nn.Module):
         self.weight = nn.Parameter(torch.ones(head_dim))
 
     def forward(self, o: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        y = F.rms_norm(o.float(), (o.shape[-1],), self.weight.float(), self.eps) * F.silu(gate.float())
-        return y.to(o.dtype)
+        return rms_norm_swish_gate(o, gate, self.weight, self.eps)
 
 
 class GatedLinearAttention(nn.Module):
