@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dig.ops import BACKENDS, gla, resolve_backend
+from dig.ops.norm_gate_torch import rms_norm_swish_gate_torch
 from dig.ops.norm_gate_triton import rms_norm_swish_gate
 
 from .base import LatentDiffusionTransformer
@@ -32,15 +33,19 @@ def _gla_outside_graphs(q, k, v, g, backend, token_order):
 
 class RMSNormSwishGate(nn.Module):
     """Per-head RMSNorm of the GLA output (one weight vector shared by all heads) times swish(gate), computed in
-    float32, in o's dtype. On CUDA one Triton kernel each way (dig/ops/norm_gate_triton.py)."""
+    float32, in o's dtype. On CUDA one Triton kernel each way (dig/ops/norm_gate_triton.py); kernel=False: the torch
+    expression (inside a compiled block, inductor's fusion of it with its neighbours)."""
 
-    def __init__(self, head_dim: int, eps: float):
+    def __init__(self, head_dim: int, eps: float, kernel: bool = True):
         super().__init__()
         self.eps = eps
+        self.kernel = kernel
         self.weight = nn.Parameter(torch.ones(head_dim))
 
     def forward(self, o: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        return rms_norm_swish_gate(o, gate, self.weight, self.eps)
+        if self.kernel:
+            return rms_norm_swish_gate(o, gate, self.weight, self.eps)
+        return rms_norm_swish_gate_torch(o, gate, self.weight, self.eps)
 
 
 class GatedLinearAttention(nn.Module):
@@ -50,7 +55,7 @@ class GatedLinearAttention(nn.Module):
 
     def __init__(self, hidden_size: int, num_heads: int, expand_k: float = 0.5, expand_v: float = 1.0,
                  gate_low_rank_dim: int = 16, gate_logit_normalizer: float = 16.0, norm_eps: float = 1e-6,
-                 backend: str = "auto"):
+                 backend: str = "auto", norm_gate_kernel: bool = True):
         super().__init__()
         key_dim, value_dim = int(hidden_size * expand_k), int(hidden_size * expand_v)
         if key_dim % num_heads or value_dim % num_heads:
@@ -68,7 +73,7 @@ class GatedLinearAttention(nn.Module):
         self.gk_proj = nn.Sequential(nn.Linear(hidden_size, gate_low_rank_dim, bias=False),
                                      nn.Linear(gate_low_rank_dim, key_dim, bias=True))
         self.o_proj = nn.Linear(value_dim, hidden_size, bias=False)
-        self.g_norm_swish_gate = RMSNormSwishGate(value_dim // num_heads, norm_eps)
+        self.g_norm_swish_gate = RMSNormSwishGate(value_dim // num_heads, norm_eps, kernel=norm_gate_kernel)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -112,11 +117,12 @@ class SwiGLU(nn.Module):
 class DiGBlock(nn.Module):
     """[long-skip fuse] -> adaLN-Zero GLA -> adaLN-Zero SwiGLU -> depthwise 3x3 conv over the token grid."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, gla_backend: str, long_skip: bool):
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, gla_backend: str, long_skip: bool,
+                 norm_gate_kernel: bool = True):
         super().__init__()
         self.skip_linear = nn.Linear(2 * hidden_size, hidden_size) if long_skip else None
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.attn = GatedLinearAttention(hidden_size, num_heads, backend=gla_backend)
+        self.attn = GatedLinearAttention(hidden_size, num_heads, backend=gla_backend, norm_gate_kernel=norm_gate_kernel)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.mlp = SwiGLU(hidden_size, mlp_ratio)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
@@ -201,13 +207,15 @@ class DiG(LatentDiffusionTransformer):
     order: spatially misaligned, as in the release (for non-square grids the two grids even differ in shape).
     scan_in_kernel (DiG without long skips): the sequence stays in raster order and each block's GLA reads its
     scan direction through a token order (no reorienting copy between blocks; the Triton kernels read the order
-    in place)."""
+    in place). norm_gate_kernel=False: the GLA output norm and gate as the torch expression instead of the Triton
+    kernels (model.overrides.norm_gate_kernel=false; for measuring one against the other)."""
 
     def __init__(self, *, depth: int, hidden_size: int, num_heads: int, patch_size: int, mlp_ratio: float = 4.0,
                  input_size: int | tuple[int, int] = 32, in_channels: int = 4, num_classes: int = 1000,
                  learn_sigma: bool = True, class_dropout_prob: float = 0.1, gla_backend: str = "auto",
                  grad_checkpointing: bool = False, pos_embed_base_size: int | tuple[int, int] | None = None,
-                 long_skip: bool = False, skip_init: str = "zero", scan_in_kernel: bool = False):
+                 long_skip: bool = False, skip_init: str = "zero", scan_in_kernel: bool = False,
+                 norm_gate_kernel: bool = True):
         super().__init__(input_size=input_size, patch_size=patch_size, in_channels=in_channels,
                          hidden_size=hidden_size, num_classes=num_classes, learn_sigma=learn_sigma,
                          class_dropout_prob=class_dropout_prob, pos_embed_base_size=pos_embed_base_size,
@@ -226,7 +234,8 @@ class DiG(LatentDiffusionTransformer):
         self.long_skip = long_skip
         self.skip_init = skip_init
         self.blocks = nn.ModuleList([
-            DiGBlock(hidden_size, num_heads, mlp_ratio, gla_backend, long_skip=long_skip and i > depth // 2)
+            DiGBlock(hidden_size, num_heads, mlp_ratio, gla_backend, long_skip=long_skip and i > depth // 2,
+                     norm_gate_kernel=norm_gate_kernel)
             for i in range(depth)
         ])
         self.scan_in_kernel = scan_in_kernel
