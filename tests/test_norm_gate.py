@@ -136,14 +136,15 @@ def test_cpu_without_interpreter_falls_back_to_the_reference():
     assert torch.equal(rms_norm_swish_gate(o, gate, weight, EPS), rms_norm_swish_gate_torch(o, gate, weight, EPS))
 
 
+@pytest.mark.parametrize("kernel", [False, True], ids=["torch", "kernel-option"])
 @pytest.mark.parametrize("dtype", [f32, bf16])
-def test_dig_layer_matches_float64(dtype):
-    """DiG's RMSNormSwishGate (through rms_norm_swish_gate: here the torch path) against the float64 reference,
+def test_dig_layer_matches_float64(dtype, kernel):
+    """DiG's RMSNormSwishGate (either setting; on the CPU both run the torch math) against the float64 reference,
     forward and gradients (o, gate in `dtype`, weight a float32 parameter)."""
     from dig.models.dig import RMSNormSwishGate
 
     (o, gate, weight), cotangent = make_case((2, 5, 3, 64), dtype, dtype, f32, "normal", seed=1)
-    layer = RMSNormSwishGate(64, EPS)
+    layer = RMSNormSwishGate(64, EPS, kernel=kernel)
     with torch.no_grad():
         layer.weight.copy_(weight)
     o_leaf, gate_leaf = o.clone().requires_grad_(), gate.clone().requires_grad_()
