@@ -26,7 +26,7 @@ KINDS = [  # (kind, regex over the kernel name), first match wins
     ("attention (sdpa)", r"flash|fmha|attention"),
     ("matmul", r"gemm|sm90_xmma|cutlass|nvjet|wgmma|matmul"),
     ("conv", r"conv|depthwise"),
-    ("flip (scan reorientation)", r"flip"),
+    ("flip (scan reorientation)", r"flip_kernel"),  # aten's copies; inductor's kernels with a fused flip are elementwise
     ("optimizer", r"multi_tensor|adam"),
     ("fused elementwise (inductor)", r"^triton_"),
 ]
