@@ -25,7 +25,7 @@ from dig.ops.norm_gate_torch import rms_norm_swish_gate_torch
 from dig.ops.norm_gate_triton import rms_norm_swish_gate
 
 from .bench_gla import DIG_XL
-from .common import fmt_table, median, time_ms, versions
+from .common import finish_report, fmt_table, median, time_ms, versions
 
 HEADS, D = DIG_XL["heads"], DIG_XL["v"]
 EPS = 1e-6
@@ -123,20 +123,9 @@ def main(argv=None) -> None:
                       f"fp32 weight, {HEADS} heads, D {D}); floor at {args.bandwidth / 1e12:.2f} TB/s\n"
                       + fmt_table(rows, columns))
     tables.append("Max |y - eager| (forward)\n" + fmt_table(rows, ["res", "batch"] + [f"{n}_max_err" for n in names]))
-    errors = [{"res": r["res"], "batch": r["batch"], "error": v} for r in rows for k, v in r.items()
-              if k.endswith("_error")]
-    if errors:
-        tables.append("Errors\n" + fmt_table(errors, ["res", "batch", "error"]))
-    text = "\n\n".join(tables)
-    print(text)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "norm_gate.json"), "w") as f:
-            command = "python3 -m bench.bench_norm_gate " + " ".join(sys.argv[1:] if argv is None else argv)
-            json.dump({"versions": versions(), "bandwidth": args.bandwidth, "rows": rows, "command": command}, f,
-                      indent=1)
-        with open(os.path.join(args.out, "norm_gate.md"), "w") as f:
-            f.write(text + "\n")
+    command = "python3 -m bench.bench_norm_gate " + " ".join(sys.argv[1:] if argv is None else argv)
+    finish_report(tables, rows, args.out, "norm_gate",
+                  {"versions": versions(), "bandwidth": args.bandwidth, "command": command})
 
 
 if __name__ == "__main__":

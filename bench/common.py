@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import datetime
 import importlib.metadata
+import json
+import os
 import platform
 import statistics
 from typing import Callable
@@ -84,3 +86,21 @@ def fmt_table(rows: list[dict], columns: list[str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def finish_report(tables: list[str], rows: list[dict], out: str | None, stem: str, payload: dict) -> str:
+    """Append an errors table (the rows' `*_error` entries, if any), print the tables, and with `out` write
+    `<stem>.json` (payload + rows) and `<stem>.md` (the tables) there. Returns the printed text."""
+    errors = [{"res": r["res"], "batch": r["batch"], "error": v} for r in rows for k, v in r.items()
+              if k.endswith("_error")]
+    if errors:
+        tables = tables + ["Errors\n" + fmt_table(errors, ["res", "batch", "error"])]
+    text = "\n\n".join(tables)
+    print(text)
+    if out:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, f"{stem}.json"), "w") as f:
+            json.dump({**payload, "rows": rows}, f, indent=1)
+        with open(os.path.join(out, f"{stem}.md"), "w") as f:
+            f.write(text + "\n")
+    return text
