@@ -144,8 +144,9 @@ def main(argv=None) -> None:
             columns += [f"{n}_{d}_ms", f"{n}_{d}_floor_x"]
         tables.append(f"GLA {d} ({'bf16' if device.type == 'cuda' else 'fp32'}, {HEADS} heads, K {K}, V {V}) vs SDPA {d} ({DIT_HEADS} heads, d {DIT_D}); "
                       f"copy {copy_gbs:.0f} GB/s\n" + fmt_table(rows, columns + [f"sdpa_{d}_ms"]))
-    finish_report(tables, rows, args.out, "gla_kernels", {
-        "versions": versions(), "copy_gbs": copy_gbs, "command": "python3 -m bench.bench_gla_kernels " + " ".join(argv or [])})
+    command = "python3 -m bench.bench_gla_kernels " + " ".join(argv or [])
+    finish_report(tables, rows, args.out, "gla_kernels", {"versions": versions(), "copy_gbs": copy_gbs,
+                                                          "command": command})
 
 
 if __name__ == "__main__":

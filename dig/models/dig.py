@@ -124,7 +124,8 @@ class DiGBlock(nn.Module):
         super().__init__()
         self.skip_linear = nn.Linear(2 * hidden_size, hidden_size) if long_skip else None
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.attn = GatedLinearAttention(hidden_size, num_heads, backend=gla_backend, norm_gate_kernel=norm_gate_kernel)
+        self.attn = GatedLinearAttention(hidden_size, num_heads, backend=gla_backend,
+                                         norm_gate_kernel=norm_gate_kernel)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.mlp = SwiGLU(hidden_size, mlp_ratio)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
