@@ -1,13 +1,14 @@
 """Under Triton's CPU interpreter (TRITON_INTERPRET=1): a compiled DiG GLA layer with backend "triton" keeps the
 kernel inside one graph (no graph break) and computes what the eager layer computes, without and with a token
-order. Prints a JSON report."""
+order; and a small DiG compiled as training compiles it (`compile_blocks`) saves its heads-split tensors for
+backward in the layout the kernels take (strides of every saved [N, T, H, head_dim] tensor). Prints a JSON report."""
 import json
 import os
 
 import torch
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
-from dig.models.dig import GatedLinearAttention  # noqa: E402
+from dig.models.dig import DiG, GatedLinearAttention  # noqa: E402
 
 torch.manual_seed(0)
 layer = GatedLinearAttention(64, 2, backend="triton")
@@ -28,4 +29,21 @@ for name, order in (("", None), ("ordered_", torch.randperm(40).to(torch.int32))
         f"{name}out_rel": ((compiled - eager).norm() / eager.norm()).item(),
         f"{name}grad_rel": ((compiled_x.grad - eager_x.grad).norm() / eager_x.grad.norm()).item(),
     })
+
+torch._dynamo.reset()
+model = DiG(depth=2, hidden_size=64, num_heads=2, patch_size=2, input_size=8, num_classes=10, gla_backend="triton")
+model.compile_blocks()
+saved = []
+
+
+def pack(tensor):
+    if tensor.dim() == 4 and tensor.shape[0] == 2 and tensor.shape[2] == model.num_heads:  # [N, T, H, head_dim]
+        saved.append({"shape": list(tensor.shape), "stride": list(tensor.stride())})
+    return tensor
+
+
+with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    out = model(torch.randn(2, 4, 8, 8), torch.tensor([1, 500]), torch.tensor([3, 7]))
+out.square().sum().backward()
+report["block_saved_heads"] = saved
 print(json.dumps(report))

@@ -139,7 +139,8 @@ def test_automatic_splits_fill_the_gpu_only_when_batch_times_heads_does_not():
 def test_dig_layer_compiles_with_the_kernel_inside_one_graph():
     """torch.compile(fullgraph=True) of DiG's GLA layer with backend "triton", with and without a token order:
     the kernels are a registered operator, so there is no graph break around them, and compiled = eager (outputs
-    and input gradients)."""
+    and input gradients). And DiG's compiled blocks save q, k, v, the gate logits, the GLA output and its gate
+    row-major, the layout the kernels read."""
     worker = Path(__file__).with_name("gla_triton_compile_check.py")
     proc = subprocess.run([sys.executable, str(worker)], env={**os.environ, "TRITON_INTERPRET": "1"},
                           capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[1])
@@ -148,3 +149,9 @@ def test_dig_layer_compiles_with_the_kernel_inside_one_graph():
     for name in ("", "ordered_"):  # without and with a token order (DiG's scan_in_kernel)
         assert report[f"{name}graph_breaks"] == 0 and report[f"{name}graphs"] == 1, report
         assert report[f"{name}out_rel"] < 1e-5 and report[f"{name}grad_rel"] < 1e-5, report
+    # Inductor's layout optimization (on for graphs with a convolution: DiG's depthwise conv) would store these
+    # token-innermost, as if they were images, and copy them to and from the kernels' layout in every block.
+    saved = report["block_saved_heads"]
+    assert saved, "the compiled blocks saved no heads-split tensor: the check looks at nothing"
+    row_major = [{"shape": s["shape"], "stride": list(torch.empty(s["shape"]).stride())} for s in saved]
+    assert saved == row_major, saved

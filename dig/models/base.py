@@ -2,6 +2,8 @@
 unpatchify, classifier-free guidance. Subclasses build `self.blocks` and implement `forward_blocks`."""
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
@@ -68,18 +70,30 @@ class LatentDiffusionTransformer(nn.Module):
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
 
-    def compile_blocks(self, **compile_kwargs) -> None:
+    def compile_blocks(self, mode: str | None = None, **compile_kwargs) -> None:
         """Regional compilation: torch.compile each block's forward in place (the blocks share one compiled graph),
         which fuses the elementwise work around the matmuls (adaLN modulate, norms, gates) and cuts saved
         activations. Only `forward` is compiled, not the module call: hooks on the block (ZeRO-3 gathers a
-        block's weights in a forward pre-hook) stay eager around the compiled graph."""
+        block's weights in a forward pre-hook) stay eager around the compiled graph. `mode`: torch.compile's.
+
+        Inductor's layout optimization is off for the blocks (unless TORCHINDUCTOR_LAYOUT_OPTIMIZATION is set):
+        with a convolution in the graph (DiG's depthwise conv) it treats every 4-D tensor upstream of the conv as an
+        image and stores it channels-last, so the heads-split [N, T, H, head_dim] tensors around the GLA get the
+        token index innermost, and inductor copies them to and from the row-major layout the custom ops take
+        (forward and backward, q, k, v, the gate logits, the output and its gate). The conv's input is a
+        channels-last view of the tokens already."""
         # Every block runs the same code, so dynamo keeps one cache of graphs for all of them, one graph per input
         # kind (shapes, grad mode, per-block arguments); past its recompile limit a block silently runs eagerly.
         # Leave room for the default 8 per kind of block input.
         config = torch._dynamo.config
         config.recompile_limit = max(config.recompile_limit, 8 * self.block_input_kinds)
+        from torch._inductor import list_mode_options
+
+        options = {**list_mode_options(mode or "default"), **compile_kwargs.pop("options", {})}
+        if "TORCHINDUCTOR_LAYOUT_OPTIMIZATION" not in os.environ:
+            options.setdefault("layout_optimization", False)
         for block in self.blocks:
-            block.forward = torch.compile(block.forward, **compile_kwargs)
+            block.forward = torch.compile(block.forward, options=options, **compile_kwargs)
 
     @property
     def block_input_kinds(self) -> int:
