@@ -136,7 +136,7 @@ def test_cpu_without_interpreter_falls_back_to_the_reference():
     assert torch.equal(rms_norm_swish_gate(o, gate, weight, EPS), rms_norm_swish_gate_torch(o, gate, weight, EPS))
 
 
-@pytest.mark.parametrize("kernel", [False, True], ids=["torch", "kernel-option"])
+@pytest.mark.parametrize("kernel", [False, True], ids=["torch", "kernel"])
 @pytest.mark.parametrize("dtype", [f32, bf16])
 def test_dig_layer_matches_float64(dtype, kernel):
     """DiG's RMSNormSwishGate (either setting; on the CPU both run the torch math) against the float64 reference,

@@ -33,12 +33,11 @@ def _gla_outside_graphs(q, k, v, g, backend, token_order):
 
 class RMSNormSwishGate(nn.Module):
     """Per-head RMSNorm of the GLA output (one weight vector shared by all heads) times swish(gate), computed in
-    float32, in o's dtype: the torch expression, which inside a compiled block inductor fuses with its neighbours.
-    kernel=True: one Triton kernel each way on CUDA (dig/ops/norm_gate_triton.py). Not the default: in `dig train`
-    (DiG-XL/2, 256 px, 32 images, one H200) the kernels' step was 0.7 % slower, since inductor then copies o and the
-    gate into the row-major layout the kernels read (BENCHMARKS.md)."""
+    float32, in o's dtype. On CUDA one Triton kernel each way (dig/ops/norm_gate_triton.py): `dig train` DiG-XL/2 at
+    256 px / 32 images ran 4 % faster than with inductor's fusion of the torch expression (BENCHMARKS.md).
+    kernel=False: the torch expression (inside a compiled block, inductor's fusion of it with its neighbours)."""
 
-    def __init__(self, head_dim: int, eps: float, kernel: bool = False):
+    def __init__(self, head_dim: int, eps: float, kernel: bool = True):
         super().__init__()
         self.eps = eps
         self.kernel = kernel
@@ -57,7 +56,7 @@ class GatedLinearAttention(nn.Module):
 
     def __init__(self, hidden_size: int, num_heads: int, expand_k: float = 0.5, expand_v: float = 1.0,
                  gate_low_rank_dim: int = 16, gate_logit_normalizer: float = 16.0, norm_eps: float = 1e-6,
-                 backend: str = "auto", norm_gate_kernel: bool = False):
+                 backend: str = "auto", norm_gate_kernel: bool = True):
         super().__init__()
         key_dim, value_dim = int(hidden_size * expand_k), int(hidden_size * expand_v)
         if key_dim % num_heads or value_dim % num_heads:
@@ -120,7 +119,7 @@ class DiGBlock(nn.Module):
     """[long-skip fuse] -> adaLN-Zero GLA -> adaLN-Zero SwiGLU -> depthwise 3x3 conv over the token grid."""
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, gla_backend: str, long_skip: bool,
-                 norm_gate_kernel: bool = False):
+                 norm_gate_kernel: bool = True):
         super().__init__()
         self.skip_linear = nn.Linear(2 * hidden_size, hidden_size) if long_skip else None
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
@@ -210,15 +209,15 @@ class DiG(LatentDiffusionTransformer):
     order: spatially misaligned, as in the release (for non-square grids the two grids even differ in shape).
     scan_in_kernel (DiG without long skips): the sequence stays in raster order and each block's GLA reads its
     scan direction through a token order (no reorienting copy between blocks; the Triton kernels read the order
-    in place). norm_gate_kernel=True: the GLA output norm and gate as Triton kernels instead of the torch expression
-    (model.overrides.norm_gate_kernel=true; measured slower in the trainer, see RMSNormSwishGate)."""
+    in place). norm_gate_kernel=False: the GLA output norm and gate as the torch expression instead of the Triton
+    kernels (model.overrides.norm_gate_kernel=false; for measuring one against the other)."""
 
     def __init__(self, *, depth: int, hidden_size: int, num_heads: int, patch_size: int, mlp_ratio: float = 4.0,
                  input_size: int | tuple[int, int] = 32, in_channels: int = 4, num_classes: int = 1000,
                  learn_sigma: bool = True, class_dropout_prob: float = 0.1, gla_backend: str = "auto",
                  grad_checkpointing: bool = False, pos_embed_base_size: int | tuple[int, int] | None = None,
                  long_skip: bool = False, skip_init: str = "zero", scan_in_kernel: bool = False,
-                 norm_gate_kernel: bool = False):
+                 norm_gate_kernel: bool = True):
         super().__init__(input_size=input_size, patch_size=patch_size, in_channels=in_channels,
                          hidden_size=hidden_size, num_classes=num_classes, learn_sigma=learn_sigma,
                          class_dropout_prob=class_dropout_prob, pos_embed_base_size=pos_embed_base_size,
