@@ -25,6 +25,8 @@ Where the time goes (host overhead shows best on the CPU with a small compute, e
                 DeepSpeed's per-module hooks, the reader, the EMA, ...
   --sync-debug N  (CUDA) the host syncs of N trainer steps by call site (torch.cuda.set_sync_debug_mode): each
                 one stops the CPU from queueing work ahead of the GPU.
+  --gpu-idle N  (CUDA) N more steps of each loop under torch.profiler, unsynchronised: GPU busy and idle ms per
+                step, the idle time charged to the phase and operator whose launch ended each gap (bench.gpu_idle).
 """
 from __future__ import annotations
 
@@ -56,9 +58,13 @@ class Phases:
         self.device = device
         self.seconds: dict[str, float] = collections.defaultdict(float)
         self.enabled = False
+        self.annotate = False  # name the phase in a profiler trace (no syncs, no timing)
 
     def wrap(self, name: str, fn):
         def timed(*args, **kwargs):
+            if self.annotate:
+                with torch.profiler.record_function(name):
+                    return fn(*args, **kwargs)
             if not self.enabled:
                 return fn(*args, **kwargs)
             _sync(self.device)
@@ -102,6 +108,28 @@ def _phase_loop(step_fn, steps: int, device: torch.device, phases: Phases) -> di
     return phases.table(steps, time.perf_counter() - t0)
 
 
+def _idle_loop(step_fn, steps: int, device: torch.device, phases: Phases) -> dict:
+    """GPU busy / idle per step over `steps` unsynchronised steps, gaps charged to the phase that launched the work
+    ending them (bench.gpu_idle)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from bench.gpu_idle import gpu_idle
+
+    phases.annotate = True
+    _sync(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        with torch.profiler.record_function("(outside the named phases)"):
+            for _ in range(steps):
+                step_fn()
+        _sync(device)
+    phases.annotate = False
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            return gpu_idle(json.load(f), steps)
+
+
 def _cprofile_loop(step_fn, steps: int, device: torch.device, top: int) -> str:
     prof = cProfile.Profile()
     _sync(device)
@@ -138,7 +166,7 @@ def _sync_sites(step_fn, steps: int, device: torch.device) -> dict[str, float]:
 
 
 def bare_step_times(name: str, kwargs: dict, batch: int, steps: int, warmup: int, device: torch.device,
-                    bf16: bool, lr: float, profile: bool, compile_mode: str | None = None):
+                    bf16: bool, lr: float, profile: bool, compile_mode: str | None = None, idle_steps: int = 0):
     from dig.diffusion import create_diffusion
     from dig.models import create_model
 
@@ -178,13 +206,14 @@ def bare_step_times(name: str, kwargs: dict, batch: int, steps: int, warmup: int
     _timed_loop(step, warmup, device)
     times, cpu = _timed_loop(step, steps, device)
     table = _phase_loop(step, steps, device, phases) if profile else None
+    idle = _idle_loop(step, idle_steps, device, phases) if idle_steps else None
     del model, opt
-    return times, cpu, table
+    return times, cpu, table, idle
 
 
 def trainer_step_times(name: str, overrides: dict, resolution: int, batch: int, steps: int, warmup: int,
                        zero_stage: int, workdir: str, log_every: int, profile: bool, cprofile: int,
-                       sync_debug: int, settings: list[str] = ()):
+                       sync_debug: int, settings: list[str] = (), idle_steps: int = 0):
     from dig.data.synthetic import write_synthetic_dataset
     from dig.train import trainer as trainer_module
     from dig.train.config import resolve, validate
@@ -196,7 +225,7 @@ def trainer_step_times(name: str, overrides: dict, resolution: int, batch: int, 
         os.environ.setdefault(key, value)
     latent = resolution // 8
     per_shard = max(batch, 64)
-    total_steps = warmup + (2 + bool(profile) + bool(cprofile)) * steps + sync_debug
+    total_steps = warmup + (2 + bool(profile) + bool(cprofile)) * steps + sync_debug + idle_steps
     num_shards = max(2, -(-(total_steps + 4) * batch // per_shard))
     data = os.path.join(workdir, "latents")
     write_synthetic_dataset(data, num_shards=num_shards, samples_per_shard=per_shard, latent_size=latent,
@@ -235,11 +264,12 @@ def trainer_step_times(name: str, overrides: dict, resolution: int, batch: int, 
     table = _phase_loop(step, steps, device, phases) if profile else None
     report = _cprofile_loop(step, steps, device, cprofile) if cprofile else None
     syncs = _sync_sites(step, sync_debug, device) if sync_debug and device.type == "cuda" else None
+    idle = _idle_loop(step, idle_steps, device, phases) if idle_steps else None
     tr.data.close()
     from dig.train.engine import shutdown
 
     shutdown()
-    return times, cpu, device, table, report, syncs
+    return times, cpu, device, table, report, syncs, idle
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -268,6 +298,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--profile", action="store_true", help="per-phase ms/step of both loops (extra steps)")
     p.add_argument("--cprofile", type=int, default=0, metavar="N", help="top N Python functions by own time")
     p.add_argument("--sync-debug", type=int, default=0, metavar="N", help="(CUDA) host syncs of N trainer steps")
+    p.add_argument("--gpu-idle", type=int, default=0, metavar="N",
+                   help="(CUDA) GPU busy/idle over N profiled steps of each loop, idle charged to phases")
     a = p.parse_args(argv)
     overrides: dict = dict(TINY) if a.tiny else {}
     overrides.update({k: int(v) for k, v in (o.split("=", 1) for o in a.override)})
@@ -278,15 +310,16 @@ def main(argv: list[str] | None = None) -> None:
     # The bare loop first: DeepSpeed may patch torch globally (ZeRO-3's memory_efficient_linear replaces
     # torch.nn.functional.linear for the whole process), which must not slow the reference down.
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    idle_steps = a.gpu_idle if device.type == "cuda" else 0
     kwargs = dict(input_size=a.resolution // 8, num_classes=1000, **overrides)
     compile_mode = a.bare_compile_mode or ("default" if a.compile else None)
     settings = list(a.settings) + (["model.compile=true"] if a.compile else [])
     if a.trainer_only:
-        bare_times, bare_cpu, bare_phases = [float("nan")], [float("nan")], {}
+        bare_times, bare_cpu, bare_phases, bare_idle = [float("nan")], [float("nan")], {}, None
     else:
-        bare_times, bare_cpu, bare_phases = bare_step_times(a.model, kwargs, a.batch, a.steps, a.warmup, device,
-                                                            bf16=device.type == "cuda", lr=1e-4, profile=a.profile,
-                                                            compile_mode=compile_mode)
+        bare_times, bare_cpu, bare_phases, bare_idle = bare_step_times(
+            a.model, kwargs, a.batch, a.steps, a.warmup, device, bf16=device.type == "cuda", lr=1e-4,
+            profile=a.profile, compile_mode=compile_mode, idle_steps=idle_steps)
     if a.bare_only:
         med = statistics.median(bare_times)
         if a.json:
@@ -302,9 +335,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     torch.cuda.empty_cache() if device.type == "cuda" else None
     with tempfile.TemporaryDirectory() as work:
-        trainer_times, trainer_cpu, device, trainer_phases, report, syncs = trainer_step_times(
+        trainer_times, trainer_cpu, device, trainer_phases, report, syncs, trainer_idle = trainer_step_times(
             a.model, overrides, a.resolution, a.batch, a.steps, a.warmup, a.zero_stage, work, a.log_every,
-            a.profile, a.cprofile, a.sync_debug, settings)
+            a.profile, a.cprofile, a.sync_debug, settings, idle_steps)
 
     rows = []
     for label, times, cpu in (("bare model step", bare_times, bare_cpu),
@@ -323,7 +356,8 @@ def main(argv: list[str] | None = None) -> None:
               "overhead_loop_cpu": overhead_cpu,
               "trainer_ms": [t * 1e3 for t in trainer_times], "bare_ms": [t * 1e3 for t in bare_times],
               "trainer_loop_cpu_ms": [t * 1e3 for t in trainer_cpu], "bare_loop_cpu_ms": [t * 1e3 for t in bare_cpu],
-              "phases_ms": {"bare": bare_phases, "trainer": trainer_phases}, "syncs_per_step": syncs}
+              "phases_ms": {"bare": bare_phases, "trainer": trainer_phases}, "syncs_per_step": syncs,
+              "gpu_idle": {"bare": bare_idle, "trainer": trainer_idle}}
     if a.out:
         os.makedirs(a.out, exist_ok=True)
         tag = f"{a.model.replace('/', '_')}_{a.resolution}_zero{a.zero_stage}{'_compile' if compile_mode else ''}"
@@ -352,6 +386,12 @@ def main(argv: list[str] | None = None) -> None:
         for site, n in syncs.items():
             print(f"  {n:6.2f}  {site}")
         print(f"  {sum(syncs.values()):6.2f}  in all")
+    if idle_steps:
+        from bench.gpu_idle import format_report
+
+        for label, idle in (("bare", bare_idle), ("trainer", trainer_idle)):
+            if idle:
+                print("\n" + format_report(f"GPU idle, {label} loop, {idle_steps} profiled steps", idle))
     if report:
         print(f"\ntrainer, top {a.cprofile} Python functions by own time over {a.steps} steps:\n{report}")
 

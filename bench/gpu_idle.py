@@ -1,0 +1,120 @@
+"""Where a step leaves the GPU idle, from a torch.profiler (Kineto) chrome trace of a few steps.
+
+The GPU is busy while any kernel, copy or memset runs (the union of their intervals); the rest of the profiled
+window is idle. Every idle gap ends with some GPU activity, launched from the host by a runtime call (kernel launch,
+graph launch, copy) that the trace links to it by its correlation id. The gap is charged to what the host was
+doing at that launch: the innermost user annotation (the step's phases, e.g. "forward", "optimizer step") and the
+innermost operator around it. A launch made after the GPU went idle means the GPU waited for the host; a launch
+made earlier means the GPU waited on something else (a stream wait, a copy on another stream) — counted apart.
+
+    report = gpu_idle(json.load(open(trace)), steps=5)
+
+Used by `bench.bench_trainer_overhead --gpu-idle N` for the bare and the trainer loop.
+"""
+from __future__ import annotations
+
+import bisect
+import collections
+
+GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
+LAUNCH_CATEGORIES = ("cuda_runtime", "cuda_driver")
+
+
+def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    merged: list[list[float]] = []
+    for start, end in sorted(intervals):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return [(a, b) for a, b in merged]
+
+
+class _Spans:
+    """Host spans of one category on each thread; the innermost one containing a time."""
+
+    def __init__(self, events: list[dict]):
+        self.by_thread: dict[tuple, list[tuple[float, float, str]]] = collections.defaultdict(list)
+        for e in events:
+            self.by_thread[(e.get("pid"), e.get("tid"))].append((e["ts"], e["ts"] + e.get("dur", 0), e["name"]))
+        for spans in self.by_thread.values():
+            spans.sort()
+
+    def innermost(self, thread: tuple, t: float) -> str | None:
+        """Host spans nest, so the innermost span around t is the latest-starting one still open at t."""
+        spans = self.by_thread.get(thread, [])
+        for i in range(bisect.bisect_right(spans, (t, float("inf"), "")) - 1, -1, -1):
+            if spans[i][1] >= t:
+                return spans[i][2]
+        return None
+
+
+def gpu_idle(trace: dict, steps: int, top: int = 12, window: tuple[float, float] | None = None) -> dict:
+    """Per-step GPU busy and idle ms over the profiled window, idle ms per host phase and operator, and the
+    largest gaps. `window` (µs, the trace's clock): the span to account; default from the first host annotation
+    to the last GPU activity (the loop synchronises before and after its steps)."""
+    events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X"]
+    gpu = sorted((e for e in events if e.get("cat") in GPU_CATEGORIES), key=lambda e: e["ts"])
+    if not gpu:
+        raise ValueError("the trace holds no GPU activity (kernels, copies): was CUDA profiled?")
+    annotations = [e for e in events if e.get("cat") == "user_annotation"]
+    if window is None:
+        start = min((e["ts"] for e in annotations), default=gpu[0]["ts"])
+        window = (start, max(e["ts"] + e.get("dur", 0) for e in gpu))
+    lo, hi = window
+    busy = _union([(max(lo, e["ts"]), min(hi, e["ts"] + e.get("dur", 0))) for e in gpu
+                   if e["ts"] + e.get("dur", 0) > lo and e["ts"] < hi])
+    launches = {e["args"]["correlation"]: e for e in events
+                if e.get("cat") in LAUNCH_CATEGORIES and "correlation" in e.get("args", {})}
+    phases, ops = _Spans(annotations), _Spans([e for e in events if e.get("cat") == "cpu_op"])
+    next_activity = {round(e["ts"], 3): e for e in reversed(gpu)}  # the first GPU event at each start time
+
+    ends = sorted((e["ts"] + e.get("dur", 0), e["name"]) for e in gpu)
+    gaps = []
+    edges = [(lo, lo)] + busy + [(hi, hi)]
+    for (_, gap_start), (gap_end, _) in zip(edges, edges[1:]):
+        if gap_end - gap_start <= 0:
+            continue
+        ending = next_activity.get(round(gap_end, 3))
+        launch = launches.get(ending["args"].get("correlation")) if ending else None
+        if launch is not None:
+            thread, t = (launch.get("pid"), launch.get("tid")), launch["ts"]
+            host_late = t + launch.get("dur", 0) >= gap_start
+            phase, op = phases.innermost(thread, t) or "(no phase)", ops.innermost(thread, t) or launch["name"]
+        else:
+            host_late, phase, op = False, "(no phase)", "(end of window)" if gap_end >= hi else "(unlinked)"
+        before = bisect.bisect_right(ends, (gap_start, "\uffff")) - 1  # the activity the GPU finished last
+        gaps.append({"ms": (gap_end - gap_start) / 1e3, "phase": phase, "op": op, "host_late": host_late,
+                     "after": ends[before][1][:80] if before >= 0 else None,
+                     "next": ending["name"][:80] if ending else None})
+
+    span_ms = (hi - lo) / 1e3
+    busy_ms = sum(b - a for a, b in busy) / 1e3
+    by_phase: dict[str, float] = collections.defaultdict(float)
+    by_op: dict[str, float] = collections.defaultdict(float)
+    for gap in gaps:
+        key = gap["phase"] if gap["host_late"] else f"{gap['phase']} (GPU waiting, host ahead)"
+        by_phase[key] += gap["ms"] / steps
+        by_op[gap["op"]] += gap["ms"] / steps
+    return {
+        "steps": steps, "step_ms": span_ms / steps, "gpu_busy_ms": busy_ms / steps,
+        "gpu_idle_ms": (span_ms - busy_ms) / steps, "busy_fraction": busy_ms / span_ms if span_ms else 0.0,
+        "gaps_per_step": len(gaps) / steps,
+        "idle_ms_by_phase": dict(sorted(by_phase.items(), key=lambda kv: -kv[1])),
+        "idle_ms_by_op": dict(sorted(by_op.items(), key=lambda kv: -kv[1])[:top]),
+        "largest_gaps": sorted(gaps, key=lambda g: -g["ms"])[:top],
+    }
+
+
+def format_report(label: str, report: dict) -> str:
+    lines = [f"{label}: step {report['step_ms']:.1f} ms, GPU busy {report['gpu_busy_ms']:.1f} ms "
+             f"({report['busy_fraction'] * 100:.1f} %), idle {report['gpu_idle_ms']:.1f} ms in "
+             f"{report['gaps_per_step']:.0f} gaps per step",
+             "  idle ms/step by host phase at the launch that ended the gap:"]
+    lines += [f"    {ms:8.2f}  {name}" for name, ms in report["idle_ms_by_phase"].items()]
+    lines.append("  idle ms/step by host operator at that launch:")
+    lines += [f"    {ms:8.2f}  {name}" for name, ms in report["idle_ms_by_op"].items()]
+    lines.append("  largest gaps (ms, phase, host op, host late?, after → next):")
+    lines += [f"    {g['ms']:8.3f}  {g['phase']} | {g['op']} | {'host' if g['host_late'] else 'gpu'} | "
+              f"{g['after']} → {g['next']}" for g in report["largest_gaps"]]
+    return "\n".join(lines)
