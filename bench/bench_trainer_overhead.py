@@ -177,6 +177,8 @@ def bare_step_times(name: str, kwargs: dict, batch: int, steps: int, warmup: int
     cudagraphs = compile_mode == "reduce-overhead"
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, fused=device.type == "cuda")
     diffusion = create_diffusion()
+    if compile_mode is not None:
+        diffusion.compile_losses()  # as the trainer does with model.compile
     h, w = model.latent_hw
     x = torch.randn(batch, model.in_channels, h, w, device=device)
     y = torch.randint(0, model.num_classes, (batch,), device=device)

@@ -141,8 +141,18 @@ def oracle_model(noise, var_values):
     return model
 
 
-def test_training_losses_with_true_noise():
+def diffusion_for(path: str):
+    """The training loss eager, or compiled as `dig train` runs it with model.compile (compile_losses)."""
     d = create_diffusion()
+    if path == "compiled":
+        torch._dynamo.reset()
+        d.compile_losses()
+    return d
+
+
+@pytest.mark.parametrize("path", ["eager", "compiled"])
+def test_training_losses_with_true_noise(path):
+    d = diffusion_for(path)
     g = torch.Generator().manual_seed(1)
     x0 = torch.randint(0, 256, (4, 3, 4, 4), generator=g).to(F64) / 127.5 - 1  # the 256-level grid
     x0[0, 0, 0, :2] = torch.tensor([-1.0, 1.0])  # make sure both open-ended end bins occur
@@ -175,8 +185,9 @@ def test_training_losses_with_true_noise():
     assert out["vb"][0].item() == pytest.approx(-torch.log(p).mean().item() / math.log(2), rel=2e-3)
 
 
-def test_vlb_trains_only_the_variance():
-    d = create_diffusion()
+@pytest.mark.parametrize("path", ["eager", "compiled"])
+def test_vlb_trains_only_the_variance(path):
+    d = diffusion_for(path)
     g = torch.Generator().manual_seed(2)
     x0 = torch.randn(3, 2, 4, 4, generator=g, dtype=F64)
     noise = torch.randn(3, 2, 4, 4, generator=g, dtype=F64)
@@ -319,3 +330,18 @@ def test_sample_ddpm_reproducible_and_validated():
         sample(model, [0], (4, 2, 2))
     with pytest.raises(ValueError):
         sample(model, [0], (2, 2, 2), method="euler")
+
+
+@pytest.mark.parametrize("learn_sigma", [True, False])
+def test_compiled_loss_parts_are_single_graphs(learn_sigma):
+    """compile_losses only pays if dynamo keeps q_sample and the loss terms whole (a graph break would leave the
+    small kernels it is meant to fuse)."""
+    d = create_diffusion(learn_sigma=learn_sigma)
+    g = torch.Generator().manual_seed(3)
+    x0, noise = torch.randn(3, 2, 4, 4, generator=g), torch.randn(3, 2, 4, 4, generator=g)
+    t = torch.tensor([0, 10, 700])
+    output = torch.randn(3, 4 if learn_sigma else 2, 4, 4, generator=g)
+    for fn, args in ((d.q_sample, (x0, t, noise)), (d.loss_terms, (output, x0, d.q_sample(x0, t, noise), t, noise))):
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(fn)(*args)
+        assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons

@@ -47,6 +47,7 @@ class ModelConfig(_Section):
     scan_in_kernel: bool = False           # DiG: tokens stay in raster order, each block's GLA reads its scan direction in place (no copies between blocks; not U-DiG)
     grad_checkpointing: bool = False       # per-block activation checkpointing (high resolution)
     compile: bool = False                  # regional torch.compile of each block's forward (any ZeRO stage)
+    compile_loss: bool = True              # with compile: also torch.compile the diffusion loss around the model (noising, MSE + VB terms)
     compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "default"  # torch.compile mode on CUDA; reduce-overhead adds CUDA graphs
     pos_embed_base_size: int | None = None  # latent side the sin-cos grid is scaled to (fine-tuning 256 → 1024)
     init_from: str | None = None           # exported folder or run directory whose (EMA) weights start this run

@@ -96,6 +96,8 @@ class Trainer:
                                    load_universal=self.resharding and reshard.uses_universal(cfg))
         self.checkpoints = self._make_checkpoint_writer()
         self.diffusion = create_diffusion(learn_sigma=cfg.model.learn_sigma)
+        if cfg.model.compile and cfg.model.compile_loss:
+            self.diffusion.compile_losses()
 
         self.step = 0
         self.nonfinite_total = 0
