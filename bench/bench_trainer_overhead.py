@@ -166,14 +166,17 @@ def _sync_sites(step_fn, steps: int, device: torch.device) -> dict[str, float]:
 
 
 def bare_step_times(name: str, kwargs: dict, batch: int, steps: int, warmup: int, device: torch.device,
-                    bf16: bool, lr: float, profile: bool, compile_mode: str | None = None, idle_steps: int = 0):
+                    bf16: bool, lr: float, profile: bool, compile_mode: str | None = None, idle_steps: int = 0,
+                    compile_scope: str = "blocks"):
     from dig.diffusion import create_diffusion
     from dig.models import create_model
 
     torch.manual_seed(0)
     model = create_model(name, **kwargs).to(device).train()
-    if compile_mode is not None:
-        model.compile_blocks(**({} if compile_mode == "default" else {"mode": compile_mode}))
+    if compile_mode is not None and compile_scope == "stack":
+        model.compile_block_stack(mode=compile_mode)
+    elif compile_mode is not None:
+        model.compile_blocks(mode=compile_mode)
     cudagraphs = compile_mode == "reduce-overhead"
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, fused=device.type == "cuda")
     diffusion = create_diffusion()
@@ -292,6 +295,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="regional compile in both loops (bare: compile_blocks(), trainer: model.compile=true)")
     p.add_argument("--bare-compile-mode", default=None, metavar="MODE",
                    help="torch.compile mode of the bare loop's blocks (default, reduce-overhead, ...); implies compile")
+    p.add_argument("--bare-compile-scope", choices=("blocks", "stack"), default="blocks",
+                   help="bare loop: compile each block (compile_blocks, as the trainer) or the whole block stack as "
+                        "one region (compile_block_stack: one CUDA graph for all blocks with reduce-overhead)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="settings",
                    help="a training-config override for the trainer loop, e.g. engine.deepspeed_config=PATH")
     p.add_argument("--bare-only", action="store_true", help="time the bare loop only")
@@ -321,19 +327,25 @@ def main(argv: list[str] | None = None) -> None:
     else:
         bare_times, bare_cpu, bare_phases, bare_idle = bare_step_times(
             a.model, kwargs, a.batch, a.steps, a.warmup, device, bf16=device.type == "cuda", lr=1e-4,
-            profile=a.profile, compile_mode=compile_mode, idle_steps=idle_steps)
+            profile=a.profile, compile_mode=compile_mode, idle_steps=idle_steps, compile_scope=a.bare_compile_scope)
     if a.bare_only:
         med = statistics.median(bare_times)
         if a.json:
             with open(a.json, "w") as f:
                 json.dump({"model": a.model, "resolution": a.resolution, "batch": a.batch, "compile": compile_mode,
+                           "compile_scope": a.bare_compile_scope,
                            "median_ms": med * 1e3, "img_per_s": a.batch / med,
                            "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None,
-                           "bare_ms": [t * 1e3 for t in bare_times]}, f, indent=1)
-        print(f"\nbare only: {a.model} {a.resolution}px batch {a.batch} compile={compile_mode}: median "
+                           "bare_ms": [t * 1e3 for t in bare_times], "gpu_idle": bare_idle}, f, indent=1)
+        print(f"\nbare only: {a.model} {a.resolution}px batch {a.batch} compile={compile_mode} "
+              f"({a.bare_compile_scope}): median "
               f"{med * 1e3:.1f} ms, {a.batch / med:.1f} img/s, loop CPU {statistics.median(bare_cpu) * 1e3:.1f} ms")
         if bare_phases:
             print("phases ms: " + " ".join(f"{k}={v:.1f}" for k, v in bare_phases.items()))
+        if bare_idle:
+            from bench.gpu_idle import format_report
+
+            print("\n" + format_report(f"GPU idle, bare loop, {idle_steps} profiled steps", bare_idle))
         return
     torch.cuda.empty_cache() if device.type == "cuda" else None
     with tempfile.TemporaryDirectory() as work:
@@ -351,7 +363,8 @@ def main(argv: list[str] | None = None) -> None:
     overhead = rows[1]["median_ms"] / rows[0]["median_ms"] - 1
     overhead_mean = rows[1]["mean_ms"] / rows[0]["mean_ms"] - 1  # counts the occasional slow step
     overhead_cpu = rows[1]["loop_cpu_ms"] / rows[0]["loop_cpu_ms"] - 1
-    result = {"model": a.model, "overrides": overrides, "compile": compile_mode, "settings": settings, "resolution": a.resolution, "batch": a.batch,
+    result = {"model": a.model, "overrides": overrides, "compile": compile_mode,
+              "bare_compile_scope": a.bare_compile_scope, "settings": settings, "resolution": a.resolution, "batch": a.batch,
               "steps": a.steps, "zero_stage": a.zero_stage,
               "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "rows": rows, "overhead": overhead, "overhead_mean": overhead_mean,

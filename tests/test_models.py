@@ -397,18 +397,20 @@ def test_non_square_latents_supported():
         assert out.shape == (2, 8, 8, 12) and torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("scope", ["blocks", "stack"])
 @pytest.mark.parametrize("name", ["DiG-S/2", "U-DiG-S/2"])
-def test_compiled_blocks_equal_eager_with_reorientation_inside(name):
+def test_compiled_blocks_equal_eager_with_reorientation_inside(name, scope):
     """compile_blocks on the CPU (inductor, float64): a DiG block reorients its input inside its compiled graph
     (reversed, reversed + transposed: three graphs of the block code), U-DiG between blocks. Outputs and every
     gradient equal the eager model's on a non-square grid (whose transposed grids once made dynamo turn the grid
-    into dynamic sizes, which inductor's conv lowering failed on), with one graph per kind of block input."""
+    into dynamic sizes, which inductor's conv lowering failed on), with one graph per kind of block input.
+    scope "stack": compile_block_stack (the whole stack as one region, bench only) computes the same."""
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     eager = randomize(create_model(name, **{**TINY, "depth": 6, "input_size": (4, 6)}, gla_backend="torch"),
                       seed=11).double().train()
     compiled = copy.deepcopy(eager)
-    compiled.compile_blocks()
+    compiled.compile_blocks() if scope == "blocks" else compiled.compile_block_stack()
     x, t, y = torch.randn(2, 4, 4, 6, dtype=torch.float64), torch.tensor([3, 600]), torch.tensor([1, 2])
     results = []
     for model in (eager, compiled):
@@ -422,6 +424,8 @@ def test_compiled_blocks_equal_eager_with_reorientation_inside(name):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-7)
     for n in ref_grads:
         torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-5, atol=1e-7, msg=lambda m, n=n: f"{n}: {m}")
+    if scope == "stack":
+        return
     counters = torch._dynamo.utils.counters
     # at most one graph per kind of block input and part of the block (the torch GLA backend runs between two
     # compiled parts; the part after it only sees whether the grid is transposed, so kinds can share it)
