@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
-# One H200 (device tool, kind nvidia-h200, carrying .whl), one call: `dig train` DiG-XL/2 and DiT-XL/2 at 256 px /
-# 32 images with main's defaults (the issue tables' rows), then where the DiG step leaves the GPU idle, in the bare
-# graphed step and in the trainer's step with the recipe's engine (ZeRO-0, amp, compiled blocks with CUDA graphs,
-# no clipping): bench.bench_trainer_overhead --gpu-idle (torch.profiler trace, gaps charged to phases and ops).
+# One H200 (device tool, kind nvidia-h200, carrying .whl), one call: `dig train` at 256 px / 32 images with main's
+# defaults for $MODELS (default DiG-XL/2 and DiT-XL/2; $EXTRA adds a bench_train --extra run of the first, e.g.
+# EXTRA=eager-loss:model.compile_loss=false), then where the DiG step leaves the GPU idle, in the bare graphed step
+# and in the trainer's step with the recipe's engine (ZeRO-0, amp, compiled blocks with CUDA graphs, no clipping):
+# bench.bench_trainer_overhead --gpu-idle (torch.profiler trace, gaps charged to phases and ops).
 set -u
 REAL_OUT=$OUT; export OUT=/tmp/idle; mkdir -p "$OUT"
 source bench/gpu/env.sh
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
-TAIL=6 run train "${TRAIN_LIMIT:-250}" python3 -m bench.bench_train --models DiG-XL/2,DiT-XL/2 --resolutions 256 \
-  --gpus 1 --steps 24 --warmup 9 --log-every 3 --checkpoint-at 18 --timeout 170 --no-bare --out "$OUT/train"
+TAIL=8 run train "${TRAIN_LIMIT:-250}" python3 -m bench.bench_train --models "${MODELS:-DiG-XL/2,DiT-XL/2}" \
+  --resolutions 256 --gpus 1 --steps 24 --warmup 9 --log-every 3 --checkpoint-at 18 --timeout "${RUN_TIMEOUT:-170}" \
+  --no-bare ${EXTRA:+--extra "$EXTRA"} --out "$OUT/train"
 TAIL=60 run idle "${IDLE_LIMIT:-300}" python3 -m bench.bench_trainer_overhead --model DiG-XL/2 --batch 32 \
   --zero-stage 0 --bare-compile-mode reduce-overhead --set model.compile=true --set model.compile_mode=reduce-overhead \
   --set engine.precision=amp --set optim.grad_clip=0 --steps 10 --warmup 8 --gpu-idle 4 --log-every 100 \
