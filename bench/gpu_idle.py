@@ -4,7 +4,8 @@ The GPU is busy while any kernel, copy or memset runs (the union of their interv
 window is idle. Every idle gap ends with some GPU activity, launched from the host by a runtime call (kernel launch,
 graph launch, copy) that the trace links to it by its correlation id. The gap is charged to what the host was
 doing at that launch: the innermost user annotation (the step's phases, e.g. "forward", "optimizer step") and the
-innermost operator around it. A launch made after the GPU went idle means the GPU waited for the host; a launch
+innermost operator around it; launches from a thread that never entered a phase (on CUDA, the autograd engine's
+backward thread) are charged to OTHER_THREAD. A launch made after the GPU went idle means the GPU waited for the host; a launch
 made earlier means the GPU waited on something else (a stream wait, a copy on another stream) — counted apart.
 
     report = gpu_idle(json.load(open(trace)), steps=5)
@@ -17,6 +18,9 @@ import bisect
 import collections
 
 GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
+# A launch from a thread that never entered a phase: on CUDA the autograd engine runs the backward on a thread of its
+# own, so this is mostly the backward (or a data thread's copies).
+OTHER_THREAD = "(another thread: autograd backward / data)"
 LAUNCH_CATEGORIES = ("cuda_runtime", "cuda_driver")
 
 
@@ -80,7 +84,8 @@ def gpu_idle(trace: dict, steps: int, top: int = 12, window: tuple[float, float]
         if launch is not None:
             thread, t = (launch.get("pid"), launch.get("tid")), launch["ts"]
             host_late = t + launch.get("dur", 0) >= gap_start
-            phase, op = phases.innermost(thread, t) or "(no phase)", ops.innermost(thread, t) or launch["name"]
+            phase = phases.innermost(thread, t) or (OTHER_THREAD if thread not in phases.by_thread else "(no phase)")
+            op = ops.innermost(thread, t) or launch["name"]
         else:
             host_late, phase, op = False, "(no phase)", "(end of window)" if gap_end >= hi else "(unlinked)"
         before = bisect.bisect_right(ends, (gap_start, "\uffff")) - 1  # the activity the GPU finished last

@@ -1,9 +1,9 @@
 """bench.gpu_idle against a hand-built Kineto trace whose busy time, gaps and their owners are worked out below."""
 import pytest
 
-from bench.gpu_idle import format_report, gpu_idle
+from bench.gpu_idle import OTHER_THREAD, format_report, gpu_idle
 
-HOST, STREAM7, STREAM9 = (1, 1), (0, 7), (0, 9)
+HOST, AUTOGRAD, STREAM7, STREAM9 = (1, 1), (1, 2), (0, 7), (0, 9)
 
 
 def span(cat, name, ts, dur, where, correlation=None):
@@ -15,8 +15,9 @@ def span(cat, name, ts, dur, where, correlation=None):
 
 def trace():
     """One step, µs. Host: phase "forward" 0-100 launches A (at 15, inside aten::mm inside aten::linear) and B (at
-    30); phase "optimizer step" 100-200 launches D early (at 120) and C late (at 150). GPU: A 20-50 with E 22-30
-    on another stream (overlap, counted once), B 50-60, C 151-170, D 180-190 (after C on its stream)."""
+    30); phase "optimizer step" 100-200 launches D early (at 120) and C late (at 150); a thread without phases (the
+    autograd engine's) launches F at 196. GPU: A 20-50 with E 22-30 on another stream (overlap, counted once),
+    B 50-60, C 151-170, D 180-190 (after C on its stream), F 200-205."""
     return {"traceEvents": [
         span("user_annotation", "forward", 0, 100, HOST),
         span("user_annotation", "optimizer step", 100, 100, HOST),
@@ -30,30 +31,36 @@ def trace():
         span("cuda_runtime", "cudaLaunchKernel", 120, 1, HOST, correlation=4),
         span("cpu_op", "aten::_fused_adamw_", 140, 20, HOST),
         span("cuda_runtime", "cudaLaunchKernel", 150, 1, HOST, correlation=3),
+        span("cpu_op", "aten::fill_", 195, 4, AUTOGRAD),
+        span("cuda_runtime", "cudaLaunchKernel", 196, 1, AUTOGRAD, correlation=6),
         span("kernel", "A", 20, 30, STREAM7, correlation=1),
         span("kernel", "E", 22, 8, STREAM9, correlation=5),
         span("gpu_user_annotation", "forward", 20, 40, STREAM7),  # not GPU work
         span("kernel", "B", 50, 10, STREAM7, correlation=2),
         span("kernel", "C", 151, 19, STREAM7, correlation=3),
         span("gpu_memcpy", "D", 180, 10, STREAM7, correlation=4),
+        span("kernel", "F", 200, 5, STREAM7, correlation=6),
         {"ph": "i", "name": "marker", "ts": 5},  # not a span
     ]}
 
 
 def test_busy_idle_and_gap_owners_match_the_worked_out_trace():
     report = gpu_idle(trace(), steps=1)
-    # window 0 (first annotation) .. 190 (last GPU end); busy A∪E 20-50, B 50-60, C 151-170, D 180-190 = 69 µs
-    assert report["step_ms"] == pytest.approx(0.190)
-    assert report["gpu_busy_ms"] == pytest.approx(0.069)
-    assert report["gpu_idle_ms"] == pytest.approx(0.121)
-    assert report["gaps_per_step"] == 3
+    # window 0 (first annotation) .. 205 (last GPU end); busy A∪E 20-50, B 50-60, C 151-170, D 180-190, F 200-205
+    # = 74 µs
+    assert report["step_ms"] == pytest.approx(0.205)
+    assert report["gpu_busy_ms"] == pytest.approx(0.074)
+    assert report["gpu_idle_ms"] == pytest.approx(0.131)
+    assert report["gaps_per_step"] == 4
     # 0-20 ends with A, launched at 15 (after the window opened: the GPU waited for the host) in forward/aten::mm;
     # 60-151 ends with C, launched at 150 in the optimizer step; 170-180 ends with D, launched at 120, long
     # before the GPU went idle: the GPU waited on something other than the host
+    # 190-200 ends with F, launched at 196 from the thread without phases, after the GPU went idle
     assert report["idle_ms_by_phase"] == pytest.approx(
-        {"optimizer step": 0.091, "forward": 0.020, "optimizer step (GPU waiting, host ahead)": 0.010})
+        {"optimizer step": 0.091, "forward": 0.020, "optimizer step (GPU waiting, host ahead)": 0.010,
+         OTHER_THREAD: 0.010})
     assert report["idle_ms_by_op"] == pytest.approx(
-        {"aten::_fused_adamw_": 0.091, "aten::mm": 0.020, "aten::copy_": 0.010})
+        {"aten::_fused_adamw_": 0.091, "aten::mm": 0.020, "aten::copy_": 0.010, "aten::fill_": 0.010})
     largest = report["largest_gaps"][0]
     assert (largest["after"], largest["next"], largest["host_late"]) == ("B", "C", True)
     assert report["largest_gaps"][2]["after"] == "C" and not report["largest_gaps"][2]["host_late"]
