@@ -47,6 +47,9 @@ def test_dotted_overrides_are_typed():
     (["data.global_batch_size=10", "data.micro_batch_size=4"], "not a multiple of data.micro_batch_size=4"),
     (["steps=many"], "steps: Input should be a valid integer"),
     (["model.name=U-DiG-S/2", "model.scan_in_kernel=true"], "model.scan_in_kernel applies to DiG models"),
+    (["model.compile=true", "model.compile_scope=stack", "engine.zero_stage=3"],
+     "model.compile_scope=stack compiles all blocks as one region, but ZeRO-3"),
+    (["model.compile_scope=graph"], "model.compile_scope"),
 ])
 def test_clear_errors(override, message):
     with pytest.raises(ConfigError) as exc:

@@ -162,22 +162,26 @@ def test_sigterm_checkpoints_and_stops(tmp_path):
 
 
 def test_compiled_blocks_train_like_eager(tmp_path):
-    """model.compile=true (regional torch.compile, ZeRO-2) follows the eager run's losses step for step."""
+    """model.compile=true (ZeRO-2; a graph per block, and the whole block stack as one region) follows the eager
+    run's losses step for step."""
     write_synthetic_dataset(str(tmp_path / "latents"), num_shards=2, samples_per_shard=8)
     losses = {}
-    for variant in ("eager", "compiled"):
+    settings = {"eager": ["model.compile=false"], "compiled": ["model.compile=true"],
+                "stack": ["model.compile=true", "model.compile_scope=stack"]}
+    for variant, overrides in settings.items():
         run = tmp_path / variant
         run.mkdir()
         done = dig_train(str(run), f"data.path={tmp_path / 'latents'}", "steps=3", "engine.zero_stage=2",
-                         f"model.compile={'true' if variant == 'compiled' else 'false'}", "tracking.step_log=true",
-                         "checkpoint.every=0")
+                         *overrides, "tracking.step_log=true", "checkpoint.every=0")
         assert done.returncode == 0, done.stderr[-4000:]
-        assert ("2 blocks compiled" in done.stderr) == (variant == "compiled")
+        assert ("2 blocks compiled" in done.stderr) == (variant != "eager")
+        assert ("the stack as one region" in done.stderr) == (variant == "stack")
         with open(run / "run" / "steps" / "rank_00000.jsonl") as f:
             losses[variant] = [json.loads(line)["loss"] for line in f]
     assert len(losses["eager"]) == 3
     # Inductor reorders reductions: equal up to float32 rounding, not bit for bit.
     torch.testing.assert_close(losses["compiled"], losses["eager"], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(losses["stack"], losses["eager"], rtol=1e-4, atol=1e-6)
 
 
 def test_step_log_losses_and_zero3_whole_block_gathers(tmp_path):

@@ -95,8 +95,8 @@ class LatentDiffusionTransformer(nn.Module):
         """torch.compile `forward_blocks` as one region: the whole stack of blocks in one graph each way (with mode
         reduce-overhead one CUDA graph for all blocks instead of one per block, so no host work between blocks).
         Nothing may hook a block (ZeRO-3 does: use compile_blocks there), and inductor compiles every block
-        (minutes at XL depth). Measured against compile_blocks by bench.bench_trainer_overhead
-        --bare-compile-scope stack; not used by the trainer."""
+        (minutes at XL depth). The trainer's model.compile_scope=stack; bench.bench_trainer_overhead
+        --bare-compile-scope stack times it against compile_blocks."""
         self.forward_blocks = torch.compile(self.forward_blocks, options=_inductor_options(mode, compile_kwargs),
                                             **compile_kwargs)
 

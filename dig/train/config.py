@@ -48,6 +48,7 @@ class ModelConfig(_Section):
     grad_checkpointing: bool = False       # per-block activation checkpointing (high resolution)
     compile: bool = False                  # regional torch.compile of each block's forward (any ZeRO stage)
     compile_loss: bool = True              # with compile: also torch.compile the diffusion loss around the model (noising, MSE + VB terms)
+    compile_scope: Literal["blocks", "stack"] = "blocks"  # with compile: a graph per block (any ZeRO stage), or the whole block stack as one (one CUDA graph each way; not ZeRO-3)
     compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "default"  # torch.compile mode on CUDA; reduce-overhead adds CUDA graphs
     pos_embed_base_size: int | None = None  # latent side the sin-cos grid is scaled to (fine-tuning 256 → 1024)
     init_from: str | None = None           # exported folder or run directory whose (EMA) weights start this run
@@ -199,6 +200,9 @@ class TrainConfig(_Section):
                              f"allowed: {', '.join(sorted(allowed))}")
         if self.model.scan_in_kernel and not self.model.name.startswith("DiG"):
             raise ValueError(f"model.scan_in_kernel applies to DiG models (not U-DiG or DiT); got {self.model.name}")
+        if self.model.compile and self.model.compile_scope == "stack" and self.engine.zero_stage == 3:
+            raise ValueError("model.compile_scope=stack compiles all blocks as one region, but ZeRO-3 gathers each "
+                             "block's weights in hooks around it; use model.compile_scope=blocks with ZeRO-3")
         return self
 
     @model_validator(mode="after")

@@ -88,10 +88,14 @@ class Trainer:
             and self.rt.device.type == "cuda"
         if cfg.model.compile:
             mode = cfg.model.compile_mode if self.rt.device.type == "cuda" else "default"
-            model.compile_blocks(**({} if mode == "default" else {"mode": mode}))  # in place: names, state dicts
-            if self.rt.is_main:                                                    # and checkpoints unchanged
-                log.info("model.compile: %d blocks compiled with torch.compile (regional, mode %s)",
-                         len(model.blocks), mode)
+            # in place: names, state dicts and checkpoints unchanged
+            if cfg.model.compile_scope == "stack":
+                model.compile_block_stack(mode=mode)
+            else:
+                model.compile_blocks(mode=mode)
+            if self.rt.is_main:
+                log.info("model.compile: %d blocks compiled with torch.compile (%s, mode %s)", len(model.blocks),
+                         "the stack as one region" if cfg.model.compile_scope == "stack" else "regional", mode)
         self.engine = build_engine(model, cfg, self.rt,
                                    load_universal=self.resharding and reshard.uses_universal(cfg))
         self.checkpoints = self._make_checkpoint_writer()
