@@ -364,7 +364,8 @@ def main(argv: list[str] | None = None) -> None:
     overhead_mean = rows[1]["mean_ms"] / rows[0]["mean_ms"] - 1  # counts the occasional slow step
     overhead_cpu = rows[1]["loop_cpu_ms"] / rows[0]["loop_cpu_ms"] - 1
     result = {"model": a.model, "overrides": overrides, "compile": compile_mode,
-              "bare_compile_scope": a.bare_compile_scope, "settings": settings, "resolution": a.resolution, "batch": a.batch,
+              "bare_compile_scope": a.bare_compile_scope, "settings": settings, "resolution": a.resolution,
+              "batch": a.batch,
               "steps": a.steps, "zero_stage": a.zero_stage,
               "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "rows": rows, "overhead": overhead, "overhead_mean": overhead_mean,

@@ -5,8 +5,9 @@ window is idle. Every idle gap ends with some GPU activity, launched from the ho
 graph launch, copy) that the trace links to it by its correlation id. The gap is charged to what the host was
 doing at that launch: the innermost user annotation (the step's phases, e.g. "forward", "optimizer step") and the
 innermost operator around it; launches from a thread that never entered a phase (on CUDA, the autograd engine's
-backward thread) are charged to OTHER_THREAD. A launch made after the GPU went idle means the GPU waited for the host; a launch
-made earlier means the GPU waited on something else (a stream wait, a copy on another stream) — counted apart.
+backward thread) are charged to OTHER_THREAD. A launch made after the GPU went idle means the GPU waited for the
+host; a launch made earlier means the GPU waited on something else (a stream wait, a copy on another stream) —
+counted apart.
 
     report = gpu_idle(json.load(open(trace)), steps=5)
 
