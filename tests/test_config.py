@@ -50,6 +50,8 @@ def test_dotted_overrides_are_typed():
     (["model.compile=true", "model.compile_scope=stack", "engine.zero_stage=3"],
      "model.compile_scope=stack compiles all blocks as one region, but ZeRO-3"),
     (["model.compile_scope=graph"], "model.compile_scope"),
+    (["model.compile=true", "model.compile_scope=stack", "model.grad_checkpointing=true", "engine.zero_stage=2"],
+     "model.compile_scope=stack with model.grad_checkpointing"),
 ])
 def test_clear_errors(override, message):
     with pytest.raises(ConfigError) as exc:

@@ -433,6 +433,13 @@ def test_compiled_blocks_equal_eager_with_reorientation_inside(name, scope):
     assert counters["stats"]["unique_graphs"] <= 2 * compiled.block_input_kinds, counters["stats"]
 
 
+def test_block_stack_compile_refuses_checkpointed_blocks():
+    """Dynamo would leave checkpointed blocks eager inside the one compiled region: a clear error, not a slow model."""
+    model = create_model("DiG-S/2", **TINY, grad_checkpointing=True)
+    with pytest.raises(ValueError, match="compile_block_stack with grad_checkpointing"):
+        model.compile_block_stack()
+
+
 def test_grad_checkpointing_gives_same_gradients():
     x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([3, 600]), torch.tensor([1, 2])
     grads = []

@@ -97,6 +97,9 @@ class LatentDiffusionTransformer(nn.Module):
         Nothing may hook a block (ZeRO-3 does: use compile_blocks there), and inductor compiles every block
         (minutes at XL depth). The trainer's model.compile_scope=stack; bench.bench_trainer_overhead
         --bare-compile-scope stack times it against compile_blocks."""
+        if self.grad_checkpointing:
+            raise ValueError("compile_block_stack with grad_checkpointing: dynamo does not compile checkpointed blocks "
+                             "inside one region (they would run eagerly); use compile_blocks")
         self.forward_blocks = torch.compile(self.forward_blocks, options=_inductor_options(mode, compile_kwargs),
                                             **compile_kwargs)
 

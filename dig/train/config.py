@@ -203,6 +203,10 @@ class TrainConfig(_Section):
         if self.model.compile and self.model.compile_scope == "stack" and self.engine.zero_stage == 3:
             raise ValueError("model.compile_scope=stack compiles all blocks as one region, but ZeRO-3 gathers each "
                              "block's weights in hooks around it; use model.compile_scope=blocks with ZeRO-3")
+        if self.model.compile and self.model.compile_scope == "stack" and self.model.grad_checkpointing:
+            raise ValueError("model.compile_scope=stack with model.grad_checkpointing: dynamo does not compile the "
+                             "checkpointed blocks inside one region (they would run eagerly); use "
+                             "model.compile_scope=blocks, which checkpoints each compiled block")
         return self
 
     @model_validator(mode="after")
