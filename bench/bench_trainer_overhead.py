@@ -27,23 +27,44 @@ Where the time goes (host overhead shows best on the CPU with a small compute, e
                 one stops the CPU from queueing work ahead of the GPU.
   --gpu-idle N  (CUDA) N more steps of each loop under torch.profiler, unsynchronised: GPU busy and idle ms per
                 step, the idle time charged to the phase and operator whose launch ended each gap (bench.gpu_idle).
+Host hiccups (the trainer has threads the bare loop lacks: batch prefetch, checkpoint writer, heartbeat):
+  --switch-interval S  CPython's GIL hand-over interval (default 5 ms) for both loops
+  --gc-every N  automatic garbage collection off, a generation-1 collection every N steps
 """
 from __future__ import annotations
 
 import argparse
 import cProfile
 import collections
+import gc
 import io
 import json
 import os
 import pstats
 import statistics
+import sys
 import tempfile
 import time
 
 import torch
 
 TINY = {"depth": 2, "hidden_size": 64, "num_heads": 2}
+GC_EVERY = 0  # --gc-every: automatic collection off, a generation-1 collection every this many steps (0: Python's own)
+
+
+def _gc_paced(step_fn):
+    """step_fn, plus a generation-1 garbage collection every GC_EVERY calls when automatic collection is off."""
+    if GC_EVERY <= 0:
+        return step_fn
+    calls = 0
+
+    def step():
+        nonlocal calls
+        step_fn()
+        calls += 1
+        if calls % GC_EVERY == 0:
+            gc.collect(1)
+    return step
 
 
 def _sync(device: torch.device) -> None:
@@ -208,6 +229,7 @@ def bare_step_times(name: str, kwargs: dict, batch: int, steps: int, warmup: int
         step_p()
         loss.item()  # the trainer reads its loss back every step too
 
+    step = _gc_paced(step)
     _timed_loop(step, warmup, device)
     times, cpu = _timed_loop(step, steps, device)
     table = _phase_loop(step, steps, device, phases) if profile else None
@@ -264,6 +286,7 @@ def trainer_step_times(name: str, overrides: dict, resolution: int, batch: int, 
             raise RuntimeError("the trainer was asked to stop")
         tr.run_step()
 
+    step = _gc_paced(step)
     _timed_loop(step, warmup, device)
     times, cpu = _timed_loop(step, steps, device)
     table = _phase_loop(step, steps, device, phases) if profile else None
@@ -306,9 +329,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--profile", action="store_true", help="per-phase ms/step of both loops (extra steps)")
     p.add_argument("--cprofile", type=int, default=0, metavar="N", help="top N Python functions by own time")
     p.add_argument("--sync-debug", type=int, default=0, metavar="N", help="(CUDA) host syncs of N trainer steps")
+    p.add_argument("--switch-interval", type=float, default=None, metavar="SECONDS",
+                   help="sys.setswitchinterval for both loops (CPython hands the GIL to a waiting thread after this; "
+                        "default 0.005): whether other threads' Python work delays the launches")
+    p.add_argument("--gc-every", type=int, default=0, metavar="N",
+                   help="automatic garbage collection off, a generation-1 collection every N steps instead")
     p.add_argument("--gpu-idle", type=int, default=0, metavar="N",
                    help="(CUDA) GPU busy/idle over N profiled steps of each loop, idle charged to phases")
     a = p.parse_args(argv)
+    global GC_EVERY
+    if a.switch_interval is not None:
+        sys.setswitchinterval(a.switch_interval)
+    if a.gc_every > 0:
+        GC_EVERY = a.gc_every
+        gc.disable()
     overrides: dict = dict(TINY) if a.tiny else {}
     overrides.update({k: int(v) for k, v in (o.split("=", 1) for o in a.override)})
     if a.quick:
@@ -364,6 +398,7 @@ def main(argv: list[str] | None = None) -> None:
     overhead_mean = rows[1]["mean_ms"] / rows[0]["mean_ms"] - 1  # counts the occasional slow step
     overhead_cpu = rows[1]["loop_cpu_ms"] / rows[0]["loop_cpu_ms"] - 1
     result = {"model": a.model, "overrides": overrides, "compile": compile_mode,
+              "switch_interval": sys.getswitchinterval(), "gc_every": a.gc_every,
               "bare_compile_scope": a.bare_compile_scope, "settings": settings, "resolution": a.resolution,
               "batch": a.batch,
               "steps": a.steps, "zero_stage": a.zero_stage,
@@ -381,7 +416,8 @@ def main(argv: list[str] | None = None) -> None:
             json.dump(result, f, indent=1)
     size = f"{a.model}{' (tiny)' if overrides else ''}"
     print(f"\n{size} {a.resolution}px batch {a.batch}, {a.steps} timed steps after {a.warmup} warm-up, "
-          f"{result['device']}, compile={compile_mode}, settings={settings}")
+          f"{result['device']}, compile={compile_mode}, settings={settings}, GIL switch interval "
+          f"{sys.getswitchinterval() * 1e3:g} ms, {f'GC every {a.gc_every} steps' if a.gc_every else 'automatic GC'}")
     print(f"{'step':<28}{'median ms':>12}{'mean':>9}{'min':>9}{'max':>9}{'img/s':>10}{'loop CPU ms':>13}")
     for r in rows:
         print(f"{r['step']:<28}{r['median_ms']:>12.1f}{r['mean_ms']:>9.1f}{r['min_ms']:>9.1f}{r['max_ms']:>9.1f}"

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# One H200 (device tool, kind nvidia-h200, carrying .whl), one call: do host hiccups make the trainer's step slower
+# than the bare step? The trainer launches some block backward graphs 2-5 ms late (bench_trainer_overhead
+# --gpu-idle, 2026-11-29); it runs threads the bare loop lacks, CPython hands the GIL over every 5 ms, and automatic
+# GC pauses whichever thread allocates. The bare and the trainer step (recipe engine: ZeRO-0, amp, blocks compiled
+# with CUDA graphs), each with its GPU idle report: as they are; GIL hand-over every 0.5 ms; GC every 50 steps only.
+set -u
+REAL_OUT=$OUT; export OUT=/tmp/hiccups; mkdir -p "$OUT"
+source bench/gpu/env.sh
+nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
+STEP=(python3 -m bench.bench_trainer_overhead --model DiG-XL/2 --batch 32 --zero-stage 0
+      --bare-compile-mode reduce-overhead --set model.compile=true --set model.compile_mode=reduce-overhead
+      --set engine.precision=amp --set optim.grad_clip=0 --steps 15 --warmup 8 --gpu-idle 4 --log-every 100)
+TAIL=24 run as_is "${LIMIT:-170}" "${STEP[@]}" --out "$OUT/as_is"
+TAIL=24 run switch "${LIMIT:-170}" "${STEP[@]}" --switch-interval 0.0005 --out "$OUT/switch"
+TAIL=24 run gc "${LIMIT:-170}" "${STEP[@]}" --gc-every 50 --out "$OUT/gc"
+show_failures "$OUT"/*.log
+cp "$OUT"/as_is.log "$OUT"/switch.log "$OUT"/gc.log "$REAL_OUT"/ 2>/dev/null
+tar czf "$REAL_OUT/results.tgz" -C "$OUT" . && ls "$REAL_OUT"
