@@ -154,7 +154,7 @@ def local_ray_head(num_cpus: int | None = None, object_store_mb: int | None = No
     """Start `ray start --head --block` on 127.0.0.1 with free ports; yield a LocalRayHead; stop it by PID."""
     temp_dir = tempfile.mkdtemp(prefix="digray-", dir="/tmp")  # short: Ray's unix socket paths are limited
     log_path = os.path.join(temp_dir, "head.log")
-    gcs_port, dashboard_port = free_port(), free_port()
+    gcs_port, dashboard_port, agent_port = free_port(), free_port(), free_port()
     # Token authentication with a token of our own: loopback is shared with everyone on this machine, and an
     # explicit mode keeps us independent of whatever ~/.ray/auth_token other Ray users left behind.
     token_path = os.path.join(temp_dir, "auth_token")
@@ -165,7 +165,7 @@ def local_ray_head(num_cpus: int | None = None, object_store_mb: int | None = No
            f"--node-ip-address={LOOPBACK}", f"--port={gcs_port}",
            "--include-dashboard=true", f"--dashboard-host={LOOPBACK}", f"--dashboard-port={dashboard_port}",
            f"--ray-client-server-port={free_port()}", f"--node-manager-port={free_port()}",
-           f"--object-manager-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+           f"--object-manager-port={free_port()}", f"--dashboard-agent-listen-port={agent_port}",
            f"--dashboard-agent-grpc-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
            f"--metrics-export-port={free_port()}",
            f"--num-cpus={num_cpus or os.cpu_count() or 1}", "--disable-usage-stats", f"--temp-dir={temp_dir}"]
@@ -188,7 +188,14 @@ def local_ray_head(num_cpus: int | None = None, object_store_mb: int | None = No
         watchdog = watch_tree(proc.pid)   # a SIGKILLed launcher must not leave the head (and its job) running
         try:
             dashboard_url = f"http://{LOOPBACK}:{dashboard_port}"
+            started = time.monotonic()
             _wait_ready(dashboard_url + "/api/version", proc, log_path, startup_timeout)
+            # Jobs are run by the node's dashboard agent, which comes up after the dashboard; a submission waits
+            # only 10 s for it (Ray's WAIT_AVAILABLE_AGENT_TIMEOUT) and is then refused ("No available agent to
+            # submit job"), which a busy machine reached. The agent registers itself right after its HTTP server
+            # answers.
+            _wait_ready(f"http://{LOOPBACK}:{agent_port}/", proc, log_path,
+                        startup_timeout - (time.monotonic() - started))
             yield LocalRayHead(dashboard_url=dashboard_url, gcs_address=f"{LOOPBACK}:{gcs_port}",
                                pid=proc.pid, temp_dir=temp_dir, log_path=log_path, auth_env=auth_env)
             ok = True

@@ -67,6 +67,9 @@ def local_ray_cluster(num_cpus: int = 2, object_store_mb: int = 300, log_path: s
     try:
         dashboard_url = f"http://{LOOPBACK}:{dashboard_port}"
         wait_http(dashboard_url + "/api/version", timeout=120, proc=proc)
+        # job submissions wait only 10 s for the node's dashboard agent, which starts after the dashboard
+        # (launch/local_ray.py says more)
+        wait_http(f"http://{LOOPBACK}:{ports['--dashboard-agent-listen-port']}/", timeout=120, proc=proc)
         yield RayCluster(gcs_address=f"{LOOPBACK}:{port}", dashboard_url=dashboard_url, temp_dir=temp_dir,
                          pid=proc.pid, auth_env=auth_env)
     finally:
