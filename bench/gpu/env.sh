@@ -18,3 +18,8 @@ show_failures() { local f; for f in "$@"; do
   [ -f "$f" ] && grep -q Traceback "$f" && { echo "== failed: $f"; grep -v '^\s*$' "$f" | tail -n 12; }; done; return 0; }
 run() { local name=$1 limit=$2; shift 2; echo "=== $name: $*"; local t0=$SECONDS
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; echo "rc=$? ${name} $((SECONDS - t0))s"; tail -n "${TAIL:-14}" "$OUT/$name.log"; }
+# bench.bench_trainer_overhead's arguments for the ImageNet-256 recipe's engine (ZeRO-0, amp, blocks compiled with
+# CUDA graphs, no clipping) in both loops, DiG-XL/2 at 32 images
+RECIPE_STEP=(python3 -m bench.bench_trainer_overhead --model DiG-XL/2 --batch 32 --zero-stage 0
+             --bare-compile-mode reduce-overhead --set model.compile=true --set model.compile_mode=reduce-overhead
+             --set engine.precision=amp --set optim.grad_clip=0)

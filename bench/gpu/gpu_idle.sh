@@ -11,9 +11,7 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader | tee 
 TAIL=8 run train "${TRAIN_LIMIT:-250}" python3 -m bench.bench_train --models "${MODELS:-DiG-XL/2,DiT-XL/2}" \
   --resolutions 256 --gpus 1 --steps 24 --warmup 9 --log-every 3 --checkpoint-at 18 --timeout "${RUN_TIMEOUT:-170}" \
   --no-bare ${EXTRA:+--extra "$EXTRA"} --out "$OUT/train"
-TAIL=60 run idle "${IDLE_LIMIT:-300}" python3 -m bench.bench_trainer_overhead --model DiG-XL/2 --batch 32 \
-  --zero-stage 0 --bare-compile-mode reduce-overhead --set model.compile=true --set model.compile_mode=reduce-overhead \
-  --set engine.precision=amp --set optim.grad_clip=0 --steps 10 --warmup 8 --gpu-idle 4 --log-every 100 \
+TAIL=60 run idle "${IDLE_LIMIT:-300}" "${RECIPE_STEP[@]}" --steps 10 --warmup 8 --gpu-idle 4 --log-every 100 \
   --out "$OUT/idle"
 show_failures "$OUT"/*.log
 cp "$OUT"/train/bench_train.json "$OUT"/idle.log "$OUT"/train.log "$REAL_OUT"/ 2>/dev/null

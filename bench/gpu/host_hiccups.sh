@@ -8,9 +8,7 @@ set -u
 REAL_OUT=$OUT; export OUT=/tmp/hiccups; mkdir -p "$OUT"
 source bench/gpu/env.sh
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
-STEP=(python3 -m bench.bench_trainer_overhead --model DiG-XL/2 --batch 32 --zero-stage 0
-      --bare-compile-mode reduce-overhead --set model.compile=true --set model.compile_mode=reduce-overhead
-      --set engine.precision=amp --set optim.grad_clip=0 --steps 15 --warmup 8 --gpu-idle 4 --log-every 100)
+STEP=("${RECIPE_STEP[@]}" --steps 15 --warmup 8 --gpu-idle 4 --log-every 100)
 TAIL=24 run as_is "${LIMIT:-170}" "${STEP[@]}" --out "$OUT/as_is"
 TAIL=24 run switch "${LIMIT:-170}" "${STEP[@]}" --switch-interval 0.0005 --out "$OUT/switch"
 TAIL=24 run gc "${LIMIT:-170}" "${STEP[@]}" --gc-every 50 --out "$OUT/gc"
