@@ -27,16 +27,14 @@ Where the time goes (host overhead shows best on the CPU with a small compute, e
                 one stops the CPU from queueing work ahead of the GPU.
   --gpu-idle N  (CUDA) N more steps of each loop under torch.profiler, unsynchronised: GPU busy and idle ms per
                 step, the idle time charged to the phase and operator whose launch ended each gap (bench.gpu_idle).
-Host hiccups (the trainer has threads the bare loop lacks: batch prefetch, checkpoint writer, heartbeat):
-  --switch-interval S  CPython's GIL hand-over interval (default 5 ms) for both loops
-  --gc-every N  automatic garbage collection off, a generation-1 collection every N steps
+Both loops run under the trainer's host settings (`host.*`: garbage collection paced by steps, the GIL's switch
+interval; dig/train/host_pacing.py); `--set host.gc_every=0 --set host.gil_switch_interval_ms=5` gives Python's own.
 """
 from __future__ import annotations
 
 import argparse
 import cProfile
 import collections
-import gc
 import io
 import json
 import os
@@ -49,22 +47,16 @@ import time
 import torch
 
 TINY = {"depth": 2, "hidden_size": 64, "num_heads": 2}
-GC_EVERY = 0  # --gc-every: automatic collection off, a generation-1 collection every this many steps (0: Python's own)
 
 
-def _gc_paced(step_fn):
-    """step_fn, plus a generation-1 garbage collection every GC_EVERY calls when automatic collection is off."""
-    if GC_EVERY <= 0:
-        return step_fn
-    calls = 0
+def host_settings(settings: list[str]):
+    """The `host.*` section of the training config from --set KEY=VALUE overrides (defaults for the rest)."""
+    from omegaconf import OmegaConf
 
-    def step():
-        nonlocal calls
-        step_fn()
-        calls += 1
-        if calls % GC_EVERY == 0:
-            gc.collect(1)
-    return step
+    from dig.train.config import HostConfig
+
+    given = OmegaConf.to_container(OmegaConf.from_dotlist([s for s in settings if s.startswith("host.")]))
+    return HostConfig(**given.get("host", {}))
 
 
 def _sync(device: torch.device) -> None:
@@ -188,7 +180,8 @@ def _sync_sites(step_fn, steps: int, device: torch.device) -> dict[str, float]:
 
 def bare_step_times(name: str, kwargs: dict, batch: int, steps: int, warmup: int, device: torch.device,
                     bf16: bool, lr: float, profile: bool, compile_mode: str | None = None, idle_steps: int = 0,
-                    compile_scope: str = "blocks"):
+                    compile_scope: str = "blocks", host=None):
+    from dig.train.host_pacing import HostPacing
     from dig.diffusion import create_diffusion
     from dig.models import create_model
 
@@ -220,7 +213,12 @@ def bare_step_times(name: str, kwargs: dict, batch: int, steps: int, warmup: int
     forward_p, backward_p = phases.wrap("forward", forward), phases.wrap("backward", lambda l: l.backward())
     step_p = phases.wrap("optimizer step", optimizer_step)
 
+    host = host or host_settings([])
+    pacing = HostPacing(host.gc_every, host.gil_switch_interval_ms)  # as the trainer's fit() runs its steps
+    done = 0
+
     def step():
+        nonlocal done
         if cudagraphs:
             torch.compiler.cudagraph_mark_step_begin()
         loss = forward_p()
@@ -228,12 +226,14 @@ def bare_step_times(name: str, kwargs: dict, batch: int, steps: int, warmup: int
         backward_p(loss)
         step_p()
         loss.item()  # the trainer reads its loss back every step too
+        done += 1
+        pacing.step_done(done)
 
-    step = _gc_paced(step)
-    _timed_loop(step, warmup, device)
-    times, cpu = _timed_loop(step, steps, device)
-    table = _phase_loop(step, steps, device, phases) if profile else None
-    idle = _idle_loop(step, idle_steps, device, phases) if idle_steps else None
+    with pacing:
+        _timed_loop(step, warmup, device)
+        times, cpu = _timed_loop(step, steps, device)
+        table = _phase_loop(step, steps, device, phases) if profile else None
+        idle = _idle_loop(step, idle_steps, device, phases) if idle_steps else None
     del model, opt
     return times, cpu, table, idle
 
@@ -286,13 +286,13 @@ def trainer_step_times(name: str, overrides: dict, resolution: int, batch: int, 
             raise RuntimeError("the trainer was asked to stop")
         tr.run_step()
 
-    step = _gc_paced(step)
-    _timed_loop(step, warmup, device)
-    times, cpu = _timed_loop(step, steps, device)
-    table = _phase_loop(step, steps, device, phases) if profile else None
-    report = _cprofile_loop(step, steps, device, cprofile) if cprofile else None
-    syncs = _sync_sites(step, sync_debug, device) if sync_debug and device.type == "cuda" else None
-    idle = _idle_loop(step, idle_steps, device, phases) if idle_steps else None
+    with tr.host_pacing:  # as fit() runs the steps
+        _timed_loop(step, warmup, device)
+        times, cpu = _timed_loop(step, steps, device)
+        table = _phase_loop(step, steps, device, phases) if profile else None
+        report = _cprofile_loop(step, steps, device, cprofile) if cprofile else None
+        syncs = _sync_sites(step, sync_debug, device) if sync_debug and device.type == "cuda" else None
+        idle = _idle_loop(step, idle_steps, device, phases) if idle_steps else None
     tr.data.close()
     from dig.train.engine import shutdown
 
@@ -322,27 +322,18 @@ def main(argv: list[str] | None = None) -> None:
                    help="bare loop: compile each block (compile_blocks, as the trainer) or the whole block stack as "
                         "one region (compile_block_stack: one CUDA graph for all blocks with reduce-overhead)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="settings",
-                   help="a training-config override for the trainer loop, e.g. engine.deepspeed_config=PATH")
+                   help="a training-config override for the trainer loop, e.g. engine.deepspeed_config=PATH "
+                        "(host.* settings apply to both loops)")
     p.add_argument("--bare-only", action="store_true", help="time the bare loop only")
     p.add_argument("--trainer-only", action="store_true", help="skip the bare loop (no overhead figure)")
     p.add_argument("--json", default=None, metavar="PATH", help="with --bare-only: write its numbers here")
     p.add_argument("--profile", action="store_true", help="per-phase ms/step of both loops (extra steps)")
     p.add_argument("--cprofile", type=int, default=0, metavar="N", help="top N Python functions by own time")
     p.add_argument("--sync-debug", type=int, default=0, metavar="N", help="(CUDA) host syncs of N trainer steps")
-    p.add_argument("--switch-interval", type=float, default=None, metavar="SECONDS",
-                   help="sys.setswitchinterval for both loops (CPython hands the GIL to a waiting thread after this; "
-                        "default 0.005): whether other threads' Python work delays the launches")
-    p.add_argument("--gc-every", type=int, default=0, metavar="N",
-                   help="automatic garbage collection off, a generation-1 collection every N steps instead")
     p.add_argument("--gpu-idle", type=int, default=0, metavar="N",
                    help="(CUDA) GPU busy/idle over N profiled steps of each loop, idle charged to phases")
     a = p.parse_args(argv)
-    global GC_EVERY
-    if a.switch_interval is not None:
-        sys.setswitchinterval(a.switch_interval)
-    if a.gc_every > 0:
-        GC_EVERY = a.gc_every
-        gc.disable()
+    host = host_settings(a.settings)
     overrides: dict = dict(TINY) if a.tiny else {}
     overrides.update({k: int(v) for k, v in (o.split("=", 1) for o in a.override)})
     if a.quick:
@@ -361,7 +352,8 @@ def main(argv: list[str] | None = None) -> None:
     else:
         bare_times, bare_cpu, bare_phases, bare_idle = bare_step_times(
             a.model, kwargs, a.batch, a.steps, a.warmup, device, bf16=device.type == "cuda", lr=1e-4,
-            profile=a.profile, compile_mode=compile_mode, idle_steps=idle_steps, compile_scope=a.bare_compile_scope)
+            profile=a.profile, compile_mode=compile_mode, idle_steps=idle_steps, compile_scope=a.bare_compile_scope,
+            host=host)
     if a.bare_only:
         med = statistics.median(bare_times)
         if a.json:
@@ -398,7 +390,7 @@ def main(argv: list[str] | None = None) -> None:
     overhead_mean = rows[1]["mean_ms"] / rows[0]["mean_ms"] - 1  # counts the occasional slow step
     overhead_cpu = rows[1]["loop_cpu_ms"] / rows[0]["loop_cpu_ms"] - 1
     result = {"model": a.model, "overrides": overrides, "compile": compile_mode,
-              "switch_interval": sys.getswitchinterval(), "gc_every": a.gc_every,
+              "host": host.model_dump(),
               "bare_compile_scope": a.bare_compile_scope, "settings": settings, "resolution": a.resolution,
               "batch": a.batch,
               "steps": a.steps, "zero_stage": a.zero_stage,
@@ -417,7 +409,8 @@ def main(argv: list[str] | None = None) -> None:
     size = f"{a.model}{' (tiny)' if overrides else ''}"
     print(f"\n{size} {a.resolution}px batch {a.batch}, {a.steps} timed steps after {a.warmup} warm-up, "
           f"{result['device']}, compile={compile_mode}, settings={settings}, GIL switch interval "
-          f"{sys.getswitchinterval() * 1e3:g} ms, {f'GC every {a.gc_every} steps' if a.gc_every else 'automatic GC'}")
+          f"{host.gil_switch_interval_ms or sys.getswitchinterval() * 1e3:g} ms, "
+          f"{f'GC every {host.gc_every} steps' if host.gc_every else 'automatic GC'}")
     print(f"{'step':<28}{'median ms':>12}{'mean':>9}{'min':>9}{'max':>9}{'img/s':>10}{'loop CPU ms':>13}")
     for r in rows:
         print(f"{r['step']:<28}{r['median_ms']:>12.1f}{r['mean_ms']:>9.1f}{r['min_ms']:>9.1f}{r['max_ms']:>9.1f}"

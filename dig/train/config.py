@@ -105,6 +105,11 @@ class EngineConfig(_Section):
     grad_allreduce_dtype: Literal["fp32", "bf16"] = "fp32"  # dtype gradients are summed over ranks in (bf16: half the bytes, bf16 rounding)
 
 
+class HostConfig(_Section):
+    gc_every: int = Field(50, ge=0)        # automatic garbage collection off while training: a young-generation collection every this many steps (a full one every 20 of those); 0: Python's automatic GC
+    gil_switch_interval_ms: float | None = Field(0.5, gt=0)  # CPython's GIL hand-over interval while training (Python's default: 5); None leaves it
+
+
 class CheckpointConfig(_Section):
     every: int = Field(5000, ge=0)         # steps between checkpoints (one is also written at exit)
     keep_last: int = Field(3, ge=1)        # complete checkpoints kept; older ones are deleted
@@ -173,6 +178,7 @@ class TrainConfig(_Section):
     data: DataConfig
     optim: OptimConfig = Field(default_factory=OptimConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
+    host: HostConfig = Field(default_factory=HostConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     steps: int = Field(1000, ge=0)         # optimizer steps of the whole run (a resumed run continues to this)

@@ -27,6 +27,7 @@ from .config import ConfigError, TrainConfig
 from .console import TrainingConsole, filter_known_warnings
 from .ema import ShardedEMA
 from .engine import Runtime, build_engine, init_distributed, shutdown
+from .host_pacing import HostPacing
 from .tracking import make_tracker
 
 log = logging.getLogger("dig.train")
@@ -123,6 +124,7 @@ class Trainer:
         self._sample_model = None
         self._vae = None
         self._window = _MetricWindow()
+        self.host_pacing = HostPacing(cfg.host.gc_every, cfg.host.gil_switch_interval_ms)
         self._last_saved_step = self.step if resume_from is not None else -1
         self._checkpoint_block_s: float | None = None
         self.latest_saved: str | None = resume_from  # where `latest` points (local folder or s3://), once known
@@ -238,8 +240,9 @@ class Trainer:
         self._install_signal_handlers()
         status = "FAILED"
         try:
-            while self.step < self.cfg.steps and not self._should_stop():
-                self.run_step()
+            with self.host_pacing:
+                while self.step < self.cfg.steps and not self._should_stop():
+                    self.run_step()
             self.save_checkpoint(wait=True)
             status = "FINISHED" if self.step >= self.cfg.steps else "KILLED"
         except TrainingAborted:
@@ -266,6 +269,7 @@ class Trainer:
         metrics = self.train_step()
         self.step += 1
         self.update_ema()
+        self.host_pacing.step_done(self.step)
         self._window.add(metrics, time.perf_counter() - t0)
         self.console.step_done()
         self.maybe_log_metrics()   # before the checkpoint: a crash right after it loses no metrics
