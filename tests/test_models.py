@@ -433,6 +433,44 @@ def test_compiled_blocks_equal_eager_with_reorientation_inside(name, scope):
     assert counters["stats"]["unique_graphs"] <= 2 * compiled.block_input_kinds, counters["stats"]
 
 
+def test_mlp_recompute_keeps_the_swiglu_product_out_of_the_saved_activations():
+    """mlp_recompute=True: the compiled blocks (inductor on the CPU, float64) no longer save silu(gate) * up
+    ([tokens, intermediate]) for the backward, which the same compile without it does; outputs and every gradient
+    equal the eager model without recompute, and the recompute adds no graph break."""
+    x, t, y = torch.randn(2, 4, 8, 8, dtype=torch.float64), torch.tensor([3, 600]), torch.tensor([1, 2])
+    eager = randomize(create_model("DiG-S/2", **{**TINY, "depth": 4}, gla_backend="torch"), seed=11).double().train()
+    tokens, inter = 2 * 16, eager.blocks[0].mlp.intermediate_size
+    results = {}
+    for variant in ("eager", "compiled", "compiled+recompute"):
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        model = copy.deepcopy(eager)
+        for block in model.blocks:
+            block.mlp.recompute_product = variant.endswith("recompute")
+        if variant != "eager":
+            model.compile_blocks()
+        for _ in range(2):  # the second call runs what the first compiled
+            saved = []
+            torch.manual_seed(12)  # same label dropout draw
+            with torch.autograd.graph.saved_tensors_hooks(lambda z: saved.append(tuple(z.shape)) or z, lambda z: z):
+                out = model(x, t, y)
+            model.zero_grad(set_to_none=True)
+            out.square().mean().backward()
+        products = sum(shape == (tokens, inter) for shape in saved)
+        results[variant] = (out, [p.grad for p in model.parameters()], products,
+                            dict(torch._dynamo.utils.counters["stats"]), dict(torch._dynamo.utils.counters["frames"]))
+    ref_out, ref_grads = results["eager"][:2]
+    for variant in ("compiled", "compiled+recompute"):
+        out, grads = results[variant][:2]
+        torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-7)
+        for g, ref in zip(grads, ref_grads):
+            torch.testing.assert_close(g, ref, rtol=1e-5, atol=1e-7)
+    assert results["compiled"][2] == 4  # one product per block saved: the check looks at something
+    assert results["compiled+recompute"][2] == 0
+    stats, frames = results["compiled+recompute"][3:]
+    assert frames["ok"] == frames["total"] and stats["unique_graphs"] == results["compiled"][3]["unique_graphs"]
+
+
 def test_block_stack_compile_refuses_checkpointed_blocks():
     """Dynamo would leave checkpointed blocks eager inside the one compiled region: a clear error, not a slow model."""
     model = create_model("DiG-S/2", **TINY, grad_checkpointing=True)
@@ -441,14 +479,17 @@ def test_block_stack_compile_refuses_checkpointed_blocks():
 
 
 def test_grad_checkpointing_gives_same_gradients():
+    """Per-block checkpointing, also with the SwiGLU's own recompute nested inside it (mlp_recompute)."""
     x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([3, 600]), torch.tensor([1, 2])
     grads = []
-    for ckpt in (False, True):
-        model = randomize(create_model("DiG-S/2", **TINY, grad_checkpointing=ckpt), seed=9).train()
+    for ckpt, recompute in ((False, False), (True, False), (True, True), (False, True)):
+        model = randomize(create_model("DiG-S/2", **TINY, grad_checkpointing=ckpt, mlp_recompute=recompute),
+                          seed=9).train()
         torch.manual_seed(10)  # same label dropout draw
         model(x, t, y).square().mean().backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
-    assert torch.allclose(grads[0], grads[1], atol=1e-6, rtol=1e-5)
+    for other in grads[1:]:
+        assert torch.allclose(grads[0], other, atol=1e-6, rtol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------ registry

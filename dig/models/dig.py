@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from dig.ops import BACKENDS, gla, resolve_backend
 from dig.ops.norm_gate_torch import rms_norm_swish_gate_torch
@@ -101,32 +102,45 @@ class GatedLinearAttention(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    """silu(gate) * up -> down, hidden width 256 * ceil(int(D * mlp_ratio * 2/3) / 256)."""
+    """silu(gate) * up -> down, hidden width 256 * ceil(int(D * mlp_ratio * 2/3) / 256).
+    recompute_product: autograd keeps only the gate/up projection (which the SwiGLU's own backward needs) and
+    recomputes silu(gate) * up in the backward for down_proj's weight gradient, instead of saving it too
+    (DiG-XL/2: 6 KB less per token and block, 13 % of a compiled block's activations)."""
 
-    def __init__(self, hidden_size: int, mlp_ratio: float = 4.0):
+    def __init__(self, hidden_size: int, mlp_ratio: float = 4.0, recompute_product: bool = False):
         super().__init__()
         inner = int(hidden_size * mlp_ratio * 2 / 3)
         self.intermediate_size = 256 * ((inner + 255) // 256)
         self.gate_proj = nn.Linear(hidden_size, 2 * self.intermediate_size, bias=False)
         self.down_proj = nn.Linear(self.intermediate_size, hidden_size, bias=False)
+        self.recompute_product = recompute_product
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        gate_up = self.gate_proj(x)
+        if self.recompute_product:
+            product = checkpoint(_silu_times_up, gate_up, use_reentrant=False)
+        else:
+            product = _silu_times_up(gate_up)
+        return self.down_proj(product)
+
+
+def _silu_times_up(gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
 
 
 class DiGBlock(nn.Module):
     """[long-skip fuse] -> adaLN-Zero GLA -> adaLN-Zero SwiGLU -> depthwise 3x3 conv over the token grid."""
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, gla_backend: str, long_skip: bool,
-                 norm_gate_kernel: bool = True):
+                 norm_gate_kernel: bool = True, mlp_recompute: bool = False):
         super().__init__()
         self.skip_linear = nn.Linear(2 * hidden_size, hidden_size) if long_skip else None
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.attn = GatedLinearAttention(hidden_size, num_heads, backend=gla_backend,
                                          norm_gate_kernel=norm_gate_kernel)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.mlp = SwiGLU(hidden_size, mlp_ratio)
+        self.mlp = SwiGLU(hidden_size, mlp_ratio, recompute_product=mlp_recompute)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
         self.dw_conv = nn.Conv2d(hidden_size, hidden_size, kernel_size=3, padding=1, groups=hidden_size)
 
@@ -210,14 +224,15 @@ class DiG(LatentDiffusionTransformer):
     scan_in_kernel (DiG without long skips): the sequence stays in raster order and each block's GLA reads its
     scan direction through a token order (no reorienting copy between blocks; the Triton kernels read the order
     in place). norm_gate_kernel=False: the GLA output norm and gate as the torch expression instead of the Triton
-    kernels (model.overrides.norm_gate_kernel=false; for measuring one against the other)."""
+    kernels (model.overrides.norm_gate_kernel=false; for measuring one against the other). mlp_recompute=True:
+    each SwiGLU recomputes silu(gate) * up in the backward instead of saving it (SwiGLU.recompute_product)."""
 
     def __init__(self, *, depth: int, hidden_size: int, num_heads: int, patch_size: int, mlp_ratio: float = 4.0,
                  input_size: int | tuple[int, int] = 32, in_channels: int = 4, num_classes: int = 1000,
                  learn_sigma: bool = True, class_dropout_prob: float = 0.1, gla_backend: str = "auto",
                  grad_checkpointing: bool = False, pos_embed_base_size: int | tuple[int, int] | None = None,
                  long_skip: bool = False, skip_init: str = "zero", scan_in_kernel: bool = False,
-                 norm_gate_kernel: bool = True):
+                 norm_gate_kernel: bool = True, mlp_recompute: bool = False):
         super().__init__(input_size=input_size, patch_size=patch_size, in_channels=in_channels,
                          hidden_size=hidden_size, num_classes=num_classes, learn_sigma=learn_sigma,
                          class_dropout_prob=class_dropout_prob, pos_embed_base_size=pos_embed_base_size,
@@ -237,7 +252,7 @@ class DiG(LatentDiffusionTransformer):
         self.skip_init = skip_init
         self.blocks = nn.ModuleList([
             DiGBlock(hidden_size, num_heads, mlp_ratio, gla_backend, long_skip=long_skip and i > depth // 2,
-                     norm_gate_kernel=norm_gate_kernel)
+                     norm_gate_kernel=norm_gate_kernel, mlp_recompute=mlp_recompute)
             for i in range(depth)
         ])
         self.scan_in_kernel = scan_in_kernel
