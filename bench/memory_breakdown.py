@@ -1,9 +1,20 @@
 """Where activation memory goes: bytes autograd saves for backward in one block, per token, attributed to the
 innermost module running when the tensor was saved (the block itself = the glue between its submodules:
 modulate, gates, residual adds; `attn` itself = the forget-gate activation and the GLA kernel). Storages are
-counted once; parameters and other tensors with fewer than 3 dimensions are left out."""
+counted once; parameters and other tensors with fewer than 3 dimensions are left out.
+
+Compiled (`compiled_activations`, the command line): what the whole model with compile_blocks saves (inductor
+decides), per token and block, by tensor shape. What a graph saves does not depend on the device, so the CPU
+(with DiG's Triton GLA through Triton's interpreter, whose operator saves what it saves on the GPU) gives the
+GPU's numbers, without the allocator's fragmentation and workspaces:
+
+    TRITON_INTERPRET=1 python -m bench.memory_breakdown --run DiT-XL/2 --run DiG-XL/2:gla_backend=triton \
+        --run DiG-XL/2:gla_backend=triton,mlp_recompute=true
+"""
 from __future__ import annotations
 
+import argparse
+import json
 from collections import defaultdict
 
 import torch
@@ -53,3 +64,78 @@ def breakdown(name: str, resolution: int, batch: int, device: torch.device) -> d
     result = saved_bytes_per_token(block, args, tokens, device)
     del model
     return result
+
+
+def compiled_activations(name: str, resolution: int, batch: int, device: torch.device, **overrides) -> dict:
+    """Bytes autograd keeps for the backward of the model with compiled blocks (bf16 autocast, train mode), per
+    token and block, in all and by (shape, dtype). Activations only: tensors shaped like a parameter or its
+    transpose (the weights and their bf16 casts) are left out; storages are counted once."""
+    model = build(name, resolution, device, compile_blocks=True, **overrides)
+    h, w = model.latent_hw
+    x = torch.randn(batch, model.in_channels, h, w, device=device)
+    t, y = torch.randint(0, 1000, (batch,), device=device), torch.randint(0, model.num_classes, (batch,), device=device)
+    weight_shapes = {s for p in model.parameters() for s in (tuple(p.shape), tuple(p.shape)[::-1])}  # and W^T
+    amp = torch.autocast(device.type, dtype=torch.bfloat16)
+    with amp:
+        model(x, t, y).float().square().mean().backward()  # compiles
+    seen: set[int] = set()
+    by_shape: dict[tuple, int] = defaultdict(int)
+
+    def pack(z: torch.Tensor):
+        storage = z.untyped_storage()
+        if tuple(z.shape) not in weight_shapes and storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            by_shape[(tuple(z.shape), str(z.dtype).removeprefix("torch."))] += storage.nbytes()
+        return z
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda z: z), amp:
+        out = model(x, t, y)
+    del out
+    per = batch * model.grid_size[0] * model.grid_size[1] * len(model.blocks)
+    top = sorted(by_shape.items(), key=lambda kv: -kv[1])
+    return {"model": name, "overrides": overrides, "resolution": resolution, "batch": batch,
+            "bytes_per_token_per_block": sum(by_shape.values()) / per,
+            "by_shape": [{"shape": list(k[0]), "dtype": k[1], "bytes_per_token_per_block": v / per} for k, v in top]}
+
+
+def _parse_run(spec: str) -> tuple[str, dict]:
+    name, _, sets = spec.partition(":")
+    overrides = {}
+    for item in filter(None, sets.split(",")):
+        key, _, value = item.partition("=")
+        overrides[key] = {"true": True, "false": False}.get(value.lower(), value)
+    return name, overrides
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", action="append", required=True, metavar="MODEL[:KEY=VALUE,...]",
+                   help="a model and its create_model overrides; ratios are to the first run")
+    p.add_argument("--resolution", type=int, default=128, help="image side (128: 8x8 tokens)")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--top", type=int, default=8, help="largest saved tensor kinds listed per run")
+    p.add_argument("--json", default=None, metavar="PATH")
+    a = p.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    results = []
+    for spec in a.run:
+        name, overrides = _parse_run(spec)
+        torch._dynamo.reset()
+        results.append(compiled_activations(name, a.resolution, a.batch, device, **overrides))
+    first = results[0]["bytes_per_token_per_block"]
+    print(f"saved activations of the compiled model, bytes per token per block ({device.type}, {a.resolution} px, "
+          f"batch {a.batch}, bf16 autocast)")
+    print(f"{'run':<50}{'B/token/block':>15}{'vs first':>10}")
+    for spec, r in zip(a.run, results):
+        print(f"{spec:<50}{r['bytes_per_token_per_block']:>15.0f}{r['bytes_per_token_per_block'] / first:>10.3f}")
+    for spec, r in zip(a.run, results):
+        print(f"\n{spec}: largest saved tensor kinds")
+        for kind in r["by_shape"][:a.top]:
+            print(f"  {kind['bytes_per_token_per_block']:>9.0f}  {kind['dtype']:<9}{tuple(kind['shape'])}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"device": device.type, "runs": dict(zip(a.run, results))}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
