@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import weakref
 from collections import defaultdict
 
 import torch
@@ -78,18 +79,24 @@ def compiled_activations(name: str, resolution: int, batch: int, device: torch.d
     amp = torch.autocast(device.type, dtype=torch.bfloat16)
     with amp:
         model(x, t, y).float().square().mean().backward()  # compiles
-    seen: set[int] = set()
-    by_shape: dict[tuple, int] = defaultdict(int)
+    packed: list[weakref.ref] = []
 
     def pack(z: torch.Tensor):
-        storage = z.untyped_storage()
-        if tuple(z.shape) not in weight_shapes and storage.data_ptr() not in seen:
-            seen.add(storage.data_ptr())
-            by_shape[(tuple(z.shape), str(z.dtype).removeprefix("torch."))] += storage.nbytes()
+        packed.append(weakref.ref(z))
         return z
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda z: z), amp:
         out = model(x, t, y)
+    # what autograd still holds once the forward is done (a branch that does not reach the output frees what it
+    # saved right away, and its memory may be reused by a later saved tensor), each storage once
+    seen: set[int] = set()
+    by_shape: dict[tuple, int] = defaultdict(int)
+    for ref in packed:
+        z = ref()
+        if z is None or tuple(z.shape) in weight_shapes or z.untyped_storage().data_ptr() in seen:
+            continue
+        seen.add(z.untyped_storage().data_ptr())
+        by_shape[(tuple(z.shape), str(z.dtype).removeprefix("torch."))] += z.untyped_storage().nbytes()
     del out
     per = batch * model.grid_size[0] * model.grid_size[1] * len(model.blocks)
     top = sorted(by_shape.items(), key=lambda kv: -kv[1])
@@ -98,12 +105,23 @@ def compiled_activations(name: str, resolution: int, batch: int, device: torch.d
             "by_shape": [{"shape": list(k[0]), "dtype": k[1], "bytes_per_token_per_block": v / per} for k, v in top]}
 
 
+def _literal(value: str):
+    if value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
+
+
 def _parse_run(spec: str) -> tuple[str, dict]:
     name, _, sets = spec.partition(":")
     overrides = {}
     for item in filter(None, sets.split(",")):
         key, _, value = item.partition("=")
-        overrides[key] = {"true": True, "false": False}.get(value.lower(), value)
+        overrides[key] = _literal(value)
     return name, overrides
 
 

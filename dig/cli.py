@@ -277,6 +277,7 @@ BENCH_SUITES = {
     "trainer-overhead": "bench/bench_trainer_overhead.py",  # full `dig train` step vs the bare model step
     "pipeline": "bench/bench_pipeline.py",               # Ray latent pipeline vs the bare VAE encoder
     "memory": "bench/bench_memory.py",                   # GPU memory and the largest batch per GPU, per model/res
+    "saved-activations": "bench/memory_breakdown.py",    # what the compiled model saves for backward, per token
 }
 
 
