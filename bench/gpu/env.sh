@@ -23,3 +23,5 @@ run() { local name=$1 limit=$2; shift 2; echo "=== $name: $*"; local t0=$SECONDS
 RECIPE_STEP=(python3 -m bench.bench_trainer_overhead --model DiG-XL/2 --batch 32 --zero-stage 0
              --bare-compile-mode reduce-overhead --set model.compile=true --set model.compile_mode=reduce-overhead
              --set engine.precision=amp --set optim.grad_clip=0)
+# bench.bench_train's window of the issue tables: 24 steps, 9 of warm-up, a metric window every 3, a checkpoint at 18
+TRAIN_WINDOWS=(--steps 24 --warmup 9 --log-every 3 --checkpoint-at 18)

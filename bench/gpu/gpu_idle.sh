@@ -9,7 +9,7 @@ REAL_OUT=$OUT; export OUT=/tmp/idle; mkdir -p "$OUT"
 source bench/gpu/env.sh
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
 TAIL=8 run train "${TRAIN_LIMIT:-250}" python3 -m bench.bench_train --models "${MODELS:-DiG-XL/2,DiT-XL/2}" \
-  --resolutions 256 --gpus 1 --steps 24 --warmup 9 --log-every 3 --checkpoint-at 18 --timeout "${RUN_TIMEOUT:-170}" \
+  --resolutions 256 --gpus 1 "${TRAIN_WINDOWS[@]}" --timeout "${RUN_TIMEOUT:-170}" \
   --no-bare ${EXTRA:+--extra "$EXTRA"} --out "$OUT/train"
 TAIL=60 run idle "${IDLE_LIMIT:-300}" "${RECIPE_STEP[@]}" --steps 10 --warmup 8 --gpu-idle 4 --log-every 100 \
   --out "$OUT/idle"

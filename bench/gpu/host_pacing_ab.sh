@@ -8,7 +8,7 @@ REAL_OUT=$OUT; export OUT=/tmp/pacing; mkdir -p "$OUT"
 source bench/gpu/env.sh
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
 TAIL=12 run train "${TRAIN_LIMIT:-560}" python3 -m bench.bench_train --models "${MODELS:-DiG-XL/2,DiT-XL/2}" \
-  --resolutions 256 --gpus 1 --steps 24 --warmup 9 --log-every 3 --checkpoint-at 18 --timeout "${RUN_TIMEOUT:-170}" \
+  --resolutions 256 --gpus 1 "${TRAIN_WINDOWS[@]}" --timeout "${RUN_TIMEOUT:-170}" \
   --no-bare --extra "python-host:host.gc_every=0,host.gil_switch_interval_ms=5" \
   --extra "gc-only:host.gil_switch_interval_ms=5" --extra "switch-only:host.gc_every=0" --out "$OUT/train"
 show_failures "$OUT"/*.log "$OUT"/train/*.log

@@ -8,7 +8,7 @@ set -u
 REAL_OUT=$OUT; export OUT=/tmp/mlprc; mkdir -p "$OUT"
 source bench/gpu/env.sh
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
-COMMON=(--gpus 1 --steps 24 --warmup 9 --log-every 3 --checkpoint-at 18 --no-bare)
+COMMON=(--gpus 1 "${TRAIN_WINDOWS[@]}" --no-bare)
 TAIL=10 run r256 "${R256_LIMIT:-250}" python3 -m bench.bench_train --models DiG-XL/2 --resolutions 256 "${COMMON[@]}" \
   --timeout 150 --extra "mlp-recompute:model.overrides.mlp_recompute=true" --out "$OUT/r256"
 TAIL=10 run r512 "${R512_LIMIT:-330}" python3 -m bench.bench_train --models DiG-XL/2,DiT-XL/2 --resolutions 512 \

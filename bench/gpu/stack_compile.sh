@@ -18,7 +18,7 @@ if [[ $PARTS == *bare* ]]; then
 fi
 if [[ $PARTS == *train* ]]; then
   TAIL=8 run train "${TRAIN_LIMIT:-560}" python3 -m bench.bench_train --models "${MODEL:-DiG-XL/2}" \
-    --resolutions 256 --gpus 1 --steps 24 --warmup 9 --log-every 3 --checkpoint-at 18 --timeout 400 --no-bare \
+    --resolutions 256 --gpus 1 "${TRAIN_WINDOWS[@]}" --timeout 400 --no-bare \
     --extra "stack:model.compile_scope=stack" --out "$OUT/train"
 fi
 show_failures "$OUT"/*.log
