@@ -48,7 +48,7 @@ class ModelConfig(_Section):
     grad_checkpointing: bool = False       # per-block activation checkpointing (high resolution)
     compile: bool = False                  # regional torch.compile of each block's forward (any ZeRO stage)
     compile_loss: bool = True              # with compile: also torch.compile the diffusion loss around the model (noising, MSE + VB terms)
-    compile_scope: Literal["blocks", "stack"] = "blocks"  # with compile: a graph per block (any ZeRO stage), or the whole block stack as one (one CUDA graph each way; not ZeRO-3)
+    compile_scope: Literal["blocks", "stack"] = "blocks"  # with compile: a graph per block (any ZeRO stage), or the whole block stack as one (one CUDA graph each way; not ZeRO-3; 2 % slower on one H200, BENCHMARKS.md)
     compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "default"  # torch.compile mode on CUDA; reduce-overhead adds CUDA graphs
     pos_embed_base_size: int | None = None  # latent side the sin-cos grid is scaled to (fine-tuning 256 → 1024)
     init_from: str | None = None           # exported folder or run directory whose (EMA) weights start this run
