@@ -1,4 +1,4 @@
-"""The trainer's host settings (dig/train/host_pacing.py): which collections run when, that cyclic garbage is still
+"""The trainer's host settings (dig/train/host_pacing.py): which gc_runs run when, that cyclic garbage is still
 freed, and that Python's own settings come back afterwards."""
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ class _Node:
 
 
 @pytest.fixture
-def collections():
-    """Generations of the collections that run while the test does, in order (gc.callbacks)."""
+def gc_runs():
+    """Generations of the gc_runs that run while the test does, in order (gc.callbacks)."""
     seen: list[int] = []
 
     def record(phase, info):
@@ -32,27 +32,27 @@ def collections():
         gc.callbacks.remove(record)
 
 
-def test_collections_run_at_step_boundaries_only(collections):
+def test_collections_run_at_step_boundaries_only(gc_runs):
     before = (gc.isenabled(), sys.getswitchinterval())
     pacing = HostPacing(gc_every=3, gil_switch_interval_ms=0.25)
     with pacing:
         assert not gc.isenabled()
         assert sys.getswitchinterval() == pytest.approx(0.25e-3)
-        collections.clear()  # the clean start's own full collection
+        gc_runs.clear()  # the clean start's own full collection
         # far more allocations than the automatic threshold (700 by default): none may trigger a collection
         garbage = weakref.ref(_Node())
         junk = [[] for _ in range(20_000)]
         del junk
-        assert collections == []
+        assert gc_runs == []
         assert garbage() is not None  # a cycle survives until the paced collection...
         for step in range(1, 3 * FULL_EVERY + 1):
             pacing.step_done(step)
             if step == 2:
-                assert collections == [] and garbage() is not None
+                assert gc_runs == [] and garbage() is not None
             if step == 3:
-                assert collections == [1] and garbage() is None  # ...which frees it
+                assert gc_runs == [1] and garbage() is None  # ...which frees it
         expected = [2 if s % (3 * FULL_EVERY) == 0 else 1 for s in range(3, 3 * FULL_EVERY + 1, 3)]
-        assert collections == expected
+        assert gc_runs == expected
     assert (gc.isenabled(), sys.getswitchinterval()) == before
 
 

@@ -2,9 +2,9 @@
 take turns.
 
 At 32 images per GPU the host launches a step's kernels barely ahead of the GPU, so a pause of the launching
-thread becomes GPU idle time. Two such pauses (measured on an H200, DiG-XL/2 at 256 px, `dig train` 401 → 413 img/s with both settings;
-`bash bench/gpu/host_pacing_ab.sh`, BENCHMARKS.md "The trainer's host settings"):
-  * automatic garbage collection, which runs in whichever thread allocates when its counters say so (here: the
+thread becomes GPU idle time. Two such pauses, measured on an H200 (DiG-XL/2 at 256 px: `dig train` 401 → 413
+img/s with both settings, `bash bench/gpu/host_pacing_ab.sh`; BENCHMARKS.md, fifth session of 2026-11-29):
+  * automatic garbage collection, which runs in whichever thread allocates when its counters say so (e.g. the
     autograd thread replaying the blocks' backward graphs). It is turned off while training; a young-generation
     collection runs every `gc_every` steps and a full one every `FULL_EVERY` of those, at step boundaries.
   * CPython hands the GIL to a waiting thread only every 5 ms (`sys.getswitchinterval`), so a block launch that
