@@ -1,4 +1,4 @@
-"""The trainer's host settings (dig/train/host_pacing.py): which gc_runs run when, that cyclic garbage is still
+"""The trainer's host settings (dig/train/host_pacing.py): which collections run when, that cyclic garbage is still
 freed, and that Python's own settings come back afterwards."""
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ class _Node:
 
 @pytest.fixture
 def gc_runs():
-    """Generations of the gc_runs that run while the test does, in order (gc.callbacks)."""
+    """Generations of the collections that run while the test does, in order (gc.callbacks)."""
     seen: list[int] = []
 
     def record(phase, info):
