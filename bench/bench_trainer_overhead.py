@@ -51,12 +51,9 @@ TINY = {"depth": 2, "hidden_size": 64, "num_heads": 2}
 
 def host_settings(settings: list[str]):
     """The `host.*` section of the training config from --set KEY=VALUE overrides (defaults for the rest)."""
-    from omegaconf import OmegaConf
+    from dig.train.config import HostConfig, resolve
 
-    from dig.train.config import HostConfig
-
-    given = OmegaConf.to_container(OmegaConf.from_dotlist([s for s in settings if s.startswith("host.")]))
-    return HostConfig(**given.get("host", {}))
+    return HostConfig(**resolve(overrides=[s for s in settings if s.startswith("host.")]).get("host", {}))
 
 
 def _sync(device: torch.device) -> None:

@@ -11,8 +11,7 @@ REAL_OUT=$OUT; export OUT=/tmp/hiccups; mkdir -p "$OUT"
 source bench/gpu/env.sh
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
 STEP=("${RECIPE_STEP[@]}" --steps 15 --warmup 8 --gpu-idle 4 --log-every 100)
-PY=(--set host.gc_every=0 --set host.gil_switch_interval_ms=5)
-TAIL=24 run as_is "${LIMIT:-170}" "${STEP[@]}" "${PY[@]}" --out "$OUT/as_is"
+TAIL=24 run as_is "${LIMIT:-170}" "${STEP[@]}" --set host.gc_every=0 --set host.gil_switch_interval_ms=5 --out "$OUT/as_is"
 TAIL=24 run switch "${LIMIT:-170}" "${STEP[@]}" --set host.gc_every=0 --set host.gil_switch_interval_ms=0.5 --out "$OUT/switch"
 TAIL=24 run gc "${LIMIT:-170}" "${STEP[@]}" --set host.gc_every=50 --set host.gil_switch_interval_ms=5 --out "$OUT/gc"
 show_failures "$OUT"/*.log
