@@ -9,7 +9,7 @@ decides), per token and block, by tensor shape. What a graph saves does not depe
 GPU's numbers, without the allocator's fragmentation and workspaces:
 
     TRITON_INTERPRET=1 python -m bench.memory_breakdown --run DiT-XL/2 --run DiG-XL/2:gla_backend=triton \
-        --run DiG-XL/2:gla_backend=triton,mlp_recompute=true
+        --run DiG-XL/2:gla_backend=triton,mlp_recompute=false
 """
 from __future__ import annotations
 

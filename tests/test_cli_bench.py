@@ -29,14 +29,14 @@ def test_bench_trainer_overhead_quick_runs_from_any_directory(tmp_path):
 
 
 def test_bench_saved_activations_counts_what_the_compiled_model_keeps(tmp_path):
-    """`dig bench saved-activations` (bench/memory_breakdown.py) on CPU, tiny DiG compiled: with mlp_recompute the
-    count drops by exactly the SwiGLU product, one bf16 [tokens, intermediate] tensor per block."""
+    """`dig bench saved-activations` (bench/memory_breakdown.py) on CPU, tiny DiG compiled: with mlp_recompute (the
+    default) the count is lower by exactly the SwiGLU product, one bf16 [tokens, intermediate] tensor per block."""
     tiny = "DiG-S/2:depth=2,hidden_size=64,num_heads=2,gla_backend=torch"
-    out = dig_bench("saved-activations", "--run", tiny, "--run", tiny + ",mlp_recompute=true", "--resolution", "64",
+    out = dig_bench("saved-activations", "--run", tiny + ",mlp_recompute=false", "--run", tiny, "--resolution", "64",
                     "--batch", "2", "--json", str(tmp_path / "saved.json"), cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     runs = json.loads((tmp_path / "saved.json").read_text())["runs"]
-    plain, recompute = (runs[k]["bytes_per_token_per_block"] for k in (tiny, tiny + ",mlp_recompute=true"))
+    plain, recompute = (runs[k]["bytes_per_token_per_block"] for k in (tiny + ",mlp_recompute=false", tiny))
     intermediate = 256  # SwiGLU width of hidden 64: 256 * ceil(int(64 * 4 * 2/3) / 256)
     assert plain - recompute == intermediate * 2, (plain, recompute)
     assert "vs first" in out.stdout

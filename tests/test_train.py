@@ -136,13 +136,14 @@ def straight_run(tmp_path_factory, s3_server, s3_latents, mlflow_tracking_server
 @pytest.fixture(scope="module")
 def killed_and_resumed_run(tmp_path_factory, s3_server, s3_latents, mlflow_tracking_server):
     """Checkpoint at step 3, SIGKILL of torchrun and both workers (no clean exit), then the same command.
-    This run also recomputes activations per block (model.grad_checkpointing), which must not change a bit."""
+    This run also recomputes activations per block (model.grad_checkpointing), and resumes with the SwiGLU's own
+    recompute switched from off to on (model.overrides.mlp_recompute, a runtime option): neither may change a bit."""
     work = str(tmp_path_factory.mktemp("resumed"))
     run_dir = os.path.join(work, "run")
     overrides = common_overrides(run_dir, s3_latents, mlflow_tracking_server.uri) + [
         "checkpoint.every=3", "model.grad_checkpointing=true"]
     env = env_for(s3_server)
-    first = torchrun(overrides, env, work)
+    first = torchrun(overrides + ["model.overrides.mlp_recompute=false"], env, work)
     marker = os.path.join(run_dir, "checkpoints", "latest")
     deadline = time.monotonic() + 240
     while not (os.path.exists(marker) and open(marker).read().strip() == "step_000000003"):
@@ -157,7 +158,7 @@ def killed_and_resumed_run(tmp_path_factory, s3_server, s3_latents, mlflow_track
     with open(os.path.join(run_dir, "tracking.json")) as f:
         first_mlflow_run = json.load(f)["run_id"]
     logged_before = [len(open(os.path.join(run_dir, "steps", f"rank_{r:05d}.jsonl")).readlines()) for r in (0, 1)]
-    finish(torchrun(overrides, env, work))
+    finish(torchrun(overrides + ["model.overrides.mlp_recompute=true"], env, work))
     redone = []
     for r, n in zip((0, 1), logged_before):
         with open(os.path.join(run_dir, "steps", f"rank_{r:05d}.jsonl")) as f:

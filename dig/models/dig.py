@@ -224,15 +224,16 @@ class DiG(LatentDiffusionTransformer):
     scan_in_kernel (DiG without long skips): the sequence stays in raster order and each block's GLA reads its
     scan direction through a token order (no reorienting copy between blocks; the Triton kernels read the order
     in place). norm_gate_kernel=False: the GLA output norm and gate as the torch expression instead of the Triton
-    kernels (model.overrides.norm_gate_kernel=false; for measuring one against the other). mlp_recompute=True:
-    each SwiGLU recomputes silu(gate) * up in the backward instead of saving it (SwiGLU.recompute_product)."""
+    kernels (model.overrides.norm_gate_kernel=false; for measuring one against the other). mlp_recompute (default):
+    each SwiGLU recomputes silu(gate) * up in the backward instead of saving it (SwiGLU.recompute_product): peak
+    memory at 512 px / 32 images on one H200 47.6 GiB instead of 52.8 (DiT-XL/2: 47.8) for 0-1 % of the speed."""
 
     def __init__(self, *, depth: int, hidden_size: int, num_heads: int, patch_size: int, mlp_ratio: float = 4.0,
                  input_size: int | tuple[int, int] = 32, in_channels: int = 4, num_classes: int = 1000,
                  learn_sigma: bool = True, class_dropout_prob: float = 0.1, gla_backend: str = "auto",
                  grad_checkpointing: bool = False, pos_embed_base_size: int | tuple[int, int] | None = None,
                  long_skip: bool = False, skip_init: str = "zero", scan_in_kernel: bool = False,
-                 norm_gate_kernel: bool = True, mlp_recompute: bool = False):
+                 norm_gate_kernel: bool = True, mlp_recompute: bool = True):
         super().__init__(input_size=input_size, patch_size=patch_size, in_channels=in_channels,
                          hidden_size=hidden_size, num_classes=num_classes, learn_sigma=learn_sigma,
                          class_dropout_prob=class_dropout_prob, pos_embed_base_size=pos_embed_base_size,
