@@ -84,3 +84,55 @@ def test_readme_lists_the_owned_keys():
     readme = open(os.path.join(REPO, "README.md")).read()
     missing = [key for key in OWNED if f"`{key}`" not in readme]
     assert not missing, f"README does not list the DeepSpeed keys the training config owns: {missing}"
+
+
+_COUNT_SYNCS = r"""
+import json, sys
+import torch
+from dig.models import create_model
+from dig.train.config import load_config
+from dig.train.engine import build_engine, init_distributed, shutdown
+
+cfg = load_config(sys.argv[1], sys.argv[2:])
+runtime = init_distributed(cfg)
+from deepspeed.accelerator import get_accelerator
+
+accelerator, syncs = get_accelerator(), []
+real_sync = accelerator.synchronize
+accelerator.synchronize = lambda *a, **k: (syncs.append(1), real_sync(*a, **k))[1]
+torch.manual_seed(0)
+engine = build_engine(create_model(cfg.model.name, input_size=8, num_classes=10, **cfg.model.overrides), cfg, runtime)
+for _ in range(4):
+    out = engine(torch.randn(4, 4, 8, 8), torch.rand(4), torch.randint(0, 10, (4,)))
+    engine.backward(out.float().square().mean())
+    engine.step()
+print(json.dumps({"syncs": len(syncs)}))
+shutdown()
+"""
+
+
+@pytest.mark.parametrize("zero_stage", [0, 3])
+def test_deepspeed_does_not_synchronise_the_device_each_step(tmp_path, zero_stage):
+    """DeepSpeed's throughput timer synchronises the device in every engine.forward and engine.step unless turned
+    off; the trainer turns it off (a user's JSON may turn it back on). The CPU accelerator's synchronize is a
+    no-op, but its calls are counted here the same."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "count_syncs.py"
+    script.write_text(_COUNT_SYNCS)
+    timers_on = tmp_path / "timers.json"
+    timers_on.write_text(json.dumps({"timers": {"throughput": {"enabled": True, "synchronized": True}}}))
+    env = {**os.environ, "PYTHONPATH": REPO, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+           "TORCH_EXTENSIONS_DIR": os.path.join(REPO, ".torch_extensions")}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    counts = {}
+    for name, extra in (("trainer", []), ("user timers", [f"engine.deepspeed_config={timers_on}"])):
+        done = subprocess.run([sys.executable, str(script), TINY, f"engine.zero_stage={zero_stage}",
+                               "data.global_batch_size=4", *extra], env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        counts[name] = json.loads(done.stdout.strip().splitlines()[-1])["syncs"]
+    assert counts["trainer"] == 0
+    assert counts["user timers"] >= 4  # the counter sees DeepSpeed's synchronisations when the timer is on

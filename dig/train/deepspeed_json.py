@@ -32,7 +32,7 @@ OWNED: dict[str, str] = {
     "communication_data_type": "engine.grad_allreduce_dtype (bf16; null = DeepSpeed's default for fp32)",
 }
 # Set by the trainer only when the user's JSON does not say otherwise.
-TRAINER_DEFAULTS = ("steps_per_print", "wall_clock_breakdown")
+TRAINER_DEFAULTS = ("steps_per_print", "wall_clock_breakdown", "timers")
 
 
 def _conflicts(user: Any, ours: Any, path: str) -> list[tuple[str, Any, Any]]:

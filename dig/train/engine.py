@@ -148,6 +148,10 @@ def deepspeed_config(cfg: TrainConfig, runtime: Runtime, load_universal: bool = 
         "communication_data_type": "bf16" if cfg.engine.grad_allreduce_dtype == "bf16" else None,
         "steps_per_print": 10 ** 12,
         "wall_clock_breakdown": False,
+        # DeepSpeed's throughput timer is on by default and synchronises the device at every engine.forward and
+        # engine.step: twice a step the GPU drains its queue and then idles while the host launches the next
+        # kernels. The trainer measures img/s itself.
+        "timers": {"throughput": {"enabled": False}},
     })
     if load_universal:
         merged["checkpoint"] = {**merged.get("checkpoint", {}), "load_universal": True}
