@@ -8,6 +8,7 @@ and dig/train/ema.py for where the EMA lives under ZeRO-3.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -240,6 +241,7 @@ class Trainer:
         self._install_signal_handlers()
         status = "FAILED"
         try:
+            self._window = _MetricWindow()
             with self.host_pacing:
                 while self.step < self.cfg.steps and not self._should_stop():
                     self.run_step()
@@ -265,12 +267,11 @@ class Trainer:
 
     def run_step(self) -> None:
         """One optimizer step and everything due after it (EMA, metrics, sample grid, checkpoint)."""
-        t0 = time.perf_counter()
         metrics = self.train_step()
         self.step += 1
         self.update_ema()
         self.host_pacing.step_done(self.step)
-        self._window.add(metrics, time.perf_counter() - t0)
+        self._window.add(metrics)
         self.console.step_done()
         self.maybe_log_metrics()   # before the checkpoint: a crash right after it loses no metrics
         self.maybe_log_samples()
@@ -417,7 +418,7 @@ class Trainer:
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is not None:
             metrics["grad_norm"] = float(grad_norm)
-        images_per_sec = w.steps * self.cfg.data.global_batch_size / max(w.seconds, 1e-9)
+        images_per_sec = w.steps * self.cfg.data.global_batch_size / max(w.elapsed(self.rt.device), 1e-9)
         metrics["img_per_sec"] = images_per_sec
         metrics["epoch"] = self.data.epoch
         metrics["nonfinite_skipped"] = self.nonfinite_total
@@ -434,12 +435,16 @@ class Trainer:
             torch.cuda.reset_peak_memory_stats()
         self.tracker.log_metrics(metrics, step=self.step)
         self.console.log_metrics(self.step, metrics)
-        self._window = _MetricWindow()
+        self._window = _MetricWindow(start=w.end)  # logging's own time counts in the next window
 
     def maybe_log_samples(self) -> None:
         every = self.cfg.tracking.sample_every
         if every <= 0 or self.step % every:
             return
+        with self._window.paused(self.rt.device):
+            self._log_samples()
+
+    def _log_samples(self) -> None:
         ema = self.ema.full_state_dict()  # collective
         if not self.rt.is_main:
             return
@@ -476,7 +481,8 @@ class Trainer:
                 self.rt.rank, self.rt.world_size)
         if self.step % every:
             return
-        metrics = self._evaluator.evaluate(self.ema.full_state_dict())  # collective
+        with self._window.paused(self.rt.device):
+            metrics = self._evaluator.evaluate(self.ema.full_state_dict())  # collective
         if metrics is not None:
             self.tracker.log_metrics(metrics, step=self.step)
             log.info("step %d eval %s", self.step, " ".join(f"{k[5:]}={v:.4g}" for k, v in metrics.items()))
@@ -522,16 +528,40 @@ class _StepStats(NamedTuple):
 
 
 class _MetricWindow:
-    def __init__(self):
+    """Metric sums over the steps since the last logged window, and the wall time they took."""
+
+    def __init__(self, start: float | None = None):
         self.sums: dict[str, float] = {}
         self.steps = 0
-        self.seconds = 0.0
+        self.start = time.perf_counter() if start is None else start
+        self.end: float | None = None
 
-    def add(self, metrics: dict, seconds: float) -> None:
+    def add(self, metrics: dict) -> None:
         for k, v in metrics.items():
             self.sums[k] = self.sums.get(k, 0.0) + v
         self.steps += 1
-        self.seconds += seconds
+
+    def elapsed(self, device: torch.device) -> float:
+        """Seconds from the window's start until the device finished its last step. The host runs up to a step
+        ahead of the GPU, so only a synchronised clock counts the GPU's time (timing the host's calls once
+        overstated img/s by 15 % when nothing else synchronised); one sync per logged window costs nothing."""
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        self.end = time.perf_counter()
+        return self.end - self.start
+
+    @contextlib.contextmanager
+    def paused(self, device: torch.device):
+        """Work that is not training (sample grids, evaluation) is left out of the window's time."""
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            self.start += time.perf_counter() - t0
 
     def means(self) -> dict:
         return {k: v / max(self.steps, 1) for k, v in self.sums.items()}
