@@ -236,15 +236,43 @@ def test_step_log_losses_and_zero3_whole_block_gathers(tmp_path):
             assert record[k] == pytest.approx(want, rel=1e-5, abs=1e-7), (record["step"], k)
 
 
+def _plain_pytorch_replay(latents: str, seed: int, lr: float, steps: int, clip: float | None):
+    """What the trainer computes, as a plain PyTorch loop: DiG-S/2 (tiny), AdamW, the lr warm-up of
+    tiny-cpu.yaml, 2 micro-batches of 2 per step. Returns each step's loss and gradient norm (before clipping)."""
+    from dig.diffusion import create_diffusion
+    from dig.models import create_model
+    from dig.train.engine import warmup_then_constant
+
+    torch.manual_seed(seed)
+    model = create_model("DiG-S/2", input_size=8, num_classes=10, **MODEL).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_then_constant(2))  # tiny-cpu.yaml: warmup_steps 2
+    diffusion = create_diffusion(learn_sigma=True)
+    reader = LatentShardReader(latents, rank=0, world_size=1, micro_batch_size=2, seed=seed,
+                               window_shards=2, prefetch=False, prefetch_batches=0)
+    torch.manual_seed(seed * 1_000_003 + 7919)
+    losses, norms = [], []
+    for _ in range(steps):
+        loss_sum = 0.0
+        for _ in range(2):
+            batch = reader.next_batch()
+            t = torch.randint(0, diffusion.num_timesteps, (2,))
+            loss = diffusion.training_losses(model, batch.latents, t, model_kwargs=dict(y=batch.labels))["loss"].mean()
+            (loss / 2).backward()
+            loss_sum += loss.item() / 2
+        norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip else float("inf")).item())
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss_sum)
+    return losses, norms
+
+
 def test_without_zero_clipping_and_steps_match_plain_pytorch(tmp_path):
     """engine.zero_stage=0 with fp32 weights: DeepSpeed's step is the torch optimizer's and the trainer clips the
     gradients itself (torch's foreach clipping). With a clip threshold that binds at every step, the losses of 3
     steps of 2 micro-batches equal a plain-PyTorch replay (AdamW, clip_grad_norm_, the lr warm-up, the mean of
     the micro-batch gradients) and a ZeRO-2 run, where DeepSpeed clips."""
-    from dig.diffusion import create_diffusion
-    from dig.models import create_model
-    from dig.train.engine import warmup_then_constant
-
     write_synthetic_dataset(str(tmp_path / "latents"), num_shards=2, samples_per_shard=8)
     seed, clip, lr, records = 5, 0.02, 1e-3, {}
     for stage in (0, 2):
@@ -257,30 +285,29 @@ def test_without_zero_clipping_and_steps_match_plain_pytorch(tmp_path):
             records[stage] = [json.loads(line) for line in f]
     losses = {stage: [r["loss"] for r in records[stage]] for stage in records}
     torch.testing.assert_close(losses[0], losses[2], rtol=1e-5, atol=1e-7)
-
-    torch.manual_seed(seed)
-    model = create_model("DiG-S/2", input_size=8, num_classes=10, **MODEL).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_then_constant(2))  # tiny-cpu.yaml: warmup_steps 2
-    diffusion = create_diffusion(learn_sigma=True)
-    reader = LatentShardReader(str(tmp_path / "latents"), rank=0, world_size=1, micro_batch_size=2, seed=seed,
-                               window_shards=2, prefetch=False, prefetch_batches=0)
-    torch.manual_seed(seed * 1_000_003 + 7919)
-    norms = []
-    for record in records[0]:
-        loss_sum = 0.0
-        for _ in range(2):
-            batch = reader.next_batch()
-            t = torch.randint(0, diffusion.num_timesteps, (2,))
-            loss = diffusion.training_losses(model, batch.latents, t, model_kwargs=dict(y=batch.labels))["loss"].mean()
-            (loss / 2).backward()
-            loss_sum += loss.item() / 2
-        norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item())
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        assert record["loss"] == pytest.approx(loss_sum, rel=1e-5, abs=1e-7), record["step"]
+    want, norms = _plain_pytorch_replay(str(tmp_path / "latents"), seed, lr, len(records[0]), clip)
+    assert losses[0] == pytest.approx(want, rel=1e-5, abs=1e-7)
     assert min(norms) > clip  # the threshold bound at every step, so clipping was exercised
+
+
+def test_without_zero_or_clipping_the_gradient_norm_of_logged_steps(tmp_path):
+    """No clipping: the trainer computes the gradient norm only for steps whose metrics are logged; the logged
+    norm is that step's (plain-PyTorch replay), and the steps match the replay too."""
+    write_synthetic_dataset(str(tmp_path / "latents"), num_shards=2, samples_per_shard=8)
+    seed, lr = 6, 1e-3
+    done = dig_train(str(tmp_path), f"data.path={tmp_path / 'latents'}", "steps=4", f"run.seed={seed}",
+                     "data.micro_batch_size=2", "engine.zero_stage=0", "optim.grad_clip=0", f"optim.lr={lr}",
+                     "tracking.backend=jsonl", "tracking.log_every=3", "tracking.step_log=true",
+                     "checkpoint.every=0")
+    assert done.returncode == 0, done.stderr[-4000:]
+    with open(tmp_path / "run" / "steps" / "rank_00000.jsonl") as f:
+        losses = [json.loads(line)["loss"] for line in f]
+    with open(tmp_path / "run" / "metrics.jsonl") as f:
+        logged = {r["step"]: r for r in map(json.loads, f) if "step" in r}
+    want_losses, norms = _plain_pytorch_replay(str(tmp_path / "latents"), seed, lr, 4, None)
+    assert losses == pytest.approx(want_losses, rel=1e-5, abs=1e-7)
+    assert sorted(logged) == [3]
+    assert logged[3]["grad_norm"] == pytest.approx(norms[2], rel=1e-5)
 
 
 def test_img_per_sec_is_the_wall_time_between_logged_windows(tmp_path):

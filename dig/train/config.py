@@ -103,6 +103,7 @@ class EngineConfig(_Section):
     overlap_grad_allreduce: bool = True    # stage 0 with fp32 weights on >1 rank: all-reduce gradient buckets during the backward
     grad_bucket_mb: float = Field(100.0, gt=0)  # size of those buckets
     grad_allreduce_dtype: Literal["fp32", "bf16"] = "fp32"  # dtype gradients are summed over ranks in (bf16: half the bytes, bf16 rounding)
+    cached_optimizer_step: bool = True     # stage 0 with fp32 weights: torch's fused AdamW kernel called with tensor lists built once, and gradients reset over a cached parameter list (false: torch's and DeepSpeed's own per-step Python)
 
 
 class HostConfig(_Section):

@@ -130,11 +130,11 @@ def deepspeed_config(cfg: TrainConfig, runtime: Runtime, load_universal: bool = 
         "train_batch_size": cfg.data.global_batch_size,
         "train_micro_batch_size_per_gpu": cfg.data.micro_batch_size,
         "gradient_accumulation_steps": cfg.grad_accum_steps(runtime.world_size),
-        # torch's AdamW: DeepSpeed's fused/CPU Adam would be compiled at start-up. On CUDA its fused kernel (one
-        # pass over the fp32 master partition; the default foreach path makes ~10).
+        # torch's AdamW: DeepSpeed's fused/CPU Adam would be compiled at start-up. Its fused kernel: one pass over
+        # the fp32 master partition (the default foreach path makes ~10); the CPU has one too.
         "optimizer": {"type": "AdamW", "params": {"lr": o.lr, "betas": list(o.betas), "eps": o.eps,
                                                   "weight_decay": o.weight_decay, "torch_adam": True,
-                                                  **({"fused": True} if runtime.device.type == "cuda" else {})}},
+                                                  "fused": True}},
         # fp32 weights without ZeRO: we clip ourselves (clip_without_zero); DeepSpeed's clipping there launches a
         # norm per parameter and an all-reduce, ~15 ms of host time per step for DiG-XL/2.
         "gradient_clipping": 0.0 if _own_clipping(cfg, runtime) else o.grad_clip,
@@ -209,6 +209,17 @@ def build_engine(model: torch.nn.Module, cfg: TrainConfig, runtime: Runtime, loa
             engine.enable_backward_allreduce = False  # the reducer's buckets replace DeepSpeed's reduce-after-backward
             engine.dig_grad_reducer = reducer
         clip_without_zero(engine, cfg.optim.grad_clip, reducer)
+        if cfg.engine.cached_optimizer_step:
+            from .optimizer_step import CachedFusedAdamW
+
+            if CachedFusedAdamW.install(engine.optimizer) is not None and runtime.is_main:
+                log.info("engine.cached_optimizer_step: torch's fused AdamW kernel with tensor lists built once")
+            params = list(engine.module.parameters())
+
+            def zero_grad():  # DeepSpeed's walks named_parameters() every step (~1.5 ms of host time)
+                for p in params:
+                    p.grad = None
+            engine.zero_grad = zero_grad
     return engine
 
 
@@ -221,18 +232,23 @@ def _own_clipping(cfg: TrainConfig, runtime: Runtime) -> bool:
 def clip_without_zero(engine, max_norm: float, reducer=None) -> None:
     """Without ZeRO, DeepSpeed's engine.step is the torch optimizer's step: clip the (already all-reduced)
     gradients first with torch's foreach clipping (a few fused kernels, no host sync) and keep the norm for
-    get_global_grad_norm (read only when metrics are logged). With a `reducer` (grad_allreduce.py), its
-    exchange is finished first."""
+    get_global_grad_norm. Without clipping the norm is computed only for the steps whose metrics are logged
+    when the trainer says which (`engine.dig_grad_norm_wanted`, a callable); it reads every gradient.
+    With a `reducer` (grad_allreduce.py), its exchange is finished first."""
     params = [p for p in engine.module.parameters() if p.requires_grad]
     step = engine.step
     engine._dig_grad_norm = None
+    engine.dig_grad_norm_wanted = None
 
     def clip_then_step(*args, **kwargs):
         if engine.is_gradient_accumulation_boundary():
             if reducer is not None:
                 reducer.finish()
-            grads = [p.grad for p in params if p.grad is not None]
-            norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+            wanted = engine.dig_grad_norm_wanted
+            norm = None
+            if max_norm > 0 or wanted is None or wanted():
+                grads = [p.grad for p in params if p.grad is not None]
+                norm = torch.nn.utils.get_total_norm(grads, foreach=True)
             if max_norm > 0:
                 torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
             engine._dig_grad_norm = norm

@@ -100,6 +100,7 @@ class Trainer:
                          "the stack as one region" if cfg.model.compile_scope == "stack" else "regional", mode)
         self.engine = build_engine(model, cfg, self.rt,
                                    load_universal=self.resharding and reshard.uses_universal(cfg))
+        self.engine.dig_grad_norm_wanted = self._logs_metrics_after_this_step
         self.checkpoints = self._make_checkpoint_writer()
         self.diffusion = create_diffusion(learn_sigma=cfg.model.learn_sigma)
         if cfg.model.compile and cfg.model.compile_loss:
@@ -408,6 +409,10 @@ class Trainer:
         if self.rt.is_main and self.checkpoints.background:
             log.info("step %d: checkpoint state copied in %.2fs; writing it in the background", self.step,
                      self.checkpoints.blocked_s[-1])
+
+    def _logs_metrics_after_this_step(self) -> bool:
+        every = self.cfg.tracking.log_every
+        return every > 0 and (self.step + 1) % every == 0
 
     def maybe_log_metrics(self) -> None:
         every = self.cfg.tracking.log_every
