@@ -1,13 +1,14 @@
 """Run by tests/test_grad_allreduce.py under torchrun with 2 CPU processes (gloo):
 
-    python -m torch.distributed.run --nproc_per_node=2 tests/grad_allreduce_probe.py DATA WORKDIR OVERLAP OUT
+    python -m torch.distributed.run --nproc_per_node=2 tests/grad_allreduce_probe.py DATA WORKDIR OVERLAP OUT [KEY=VALUE...]
 
 A Trainer with ZeRO stage 0 and fp32 weights (two micro-batches per rank per step, gradient clipping on) trains 3
 steps with engine.overlap_grad_allreduce=OVERLAP and tiny buckets; rank 0 saves the weights, the logged gradient
 norms, how often DeepSpeed's own gradient all-reduce ran and, with the overlap, how many buckets were already
 sent when the backward had finished and how many gradient elements lived outside the buckets after each
-micro-batch's backward, and how many bucket elements stayed allocated after each optimizer step. With one process
-there is nothing to reduce."""
+micro-batch's backward, and how many bucket elements stayed allocated after each optimizer step, and how many
+micro-batches were skipped as non-finite. With one process there is nothing to reduce. KEY=VALUE arguments override
+the training config (e.g. the batch sizes)."""
 from __future__ import annotations
 
 import os
@@ -16,7 +17,7 @@ import sys
 import torch
 
 
-def main(data: str, workdir: str, overlap: bool, out: str) -> None:
+def main(data: str, workdir: str, overlap: bool, out: str, overrides: list[str]) -> None:
     from dig.train import trainer as trainer_module
     from dig.train.config import resolve, validate
     from dig.train.engine import shutdown
@@ -31,7 +32,7 @@ def main(data: str, workdir: str, overlap: bool, out: str) -> None:
                        "grad_bucket_mb": 0.02},
             "steps": 3, "ema_decay": 0.5, "checkpoint": {"every": 0},
             "tracking": {"log_every": 0, "sample_every": 0}}
-    resolved = resolve(base=base)
+    resolved = resolve(base=base, overrides=overrides)
     trainer_module.make_tracker = lambda *a, **k: NullTracker()
     tr = trainer_module.Trainer(validate(resolved), resolved)
     reducer = getattr(tr.engine, "dig_grad_reducer", None)
@@ -61,7 +62,8 @@ def main(data: str, workdir: str, overlap: bool, out: str) -> None:
     if tr.rt.rank == 0:
         torch.save({"weights": {k: v.detach().clone() for k, v in tr.engine.module.state_dict().items()},
                     "grad_norms": norms, "held_between_steps": held_between_steps, "sent_before_finish": sent_before_finish, "outside_buckets": outside_buckets,
-                    "deepspeed_reduces": len(deepspeed_reduces)}, out)
+                    "deepspeed_reduces": len(deepspeed_reduces), "nonfinite_skipped": tr.nonfinite_total,
+                    "backward_first": tr._backward_first}, out)
     tr.data.close()
     if tr.run_lock is not None:
         tr.run_lock.release()
@@ -69,4 +71,4 @@ def main(data: str, workdir: str, overlap: bool, out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], sys.argv[3] == "true", sys.argv[4])
+    main(sys.argv[1], sys.argv[2], sys.argv[3] == "true", sys.argv[4], sys.argv[5:])

@@ -18,13 +18,14 @@ from dig.train.engine import free_loopback_port
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _train(data: str, tmp_path, overlap: bool, ranks: int = 2, extra_env: dict | None = None) -> dict:
-    work = tmp_path / f"overlap_{overlap}_{ranks}"
+def _train(data: str, tmp_path, overlap: bool, ranks: int = 2, extra_env: dict | None = None,
+           overrides: tuple[str, ...] = (), name: str = "") -> dict:
+    work = tmp_path / f"overlap_{overlap}_{ranks}{name}"
     work.mkdir()
     out = work / "result.pt"
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", "--master_addr=127.0.0.1",
            f"--master_port={free_loopback_port()}", os.path.join(REPO, "tests", "grad_allreduce_probe.py"), data,
-           str(work), str(overlap).lower(), str(out)]
+           str(work), str(overlap).lower(), str(out), *overrides]
     env = dict(os.environ, TORCH_EXTENSIONS_DIR=os.path.join(REPO, ".torch_extensions"), OMP_NUM_THREADS="1",
                **(extra_env or {}))
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -49,6 +50,27 @@ def test_overlapped_allreduce_equals_deepspeeds_reduce_after_backward(tmp_path):
     assert ours["outside_buckets"] == [0] * 6, ours["outside_buckets"]
     # the buckets live from a step's first gradient to its optimizer step, not across steps
     assert ours["held_between_steps"] == [0] * 3, ours["held_between_steps"]
+
+
+def test_skipped_micro_batch_leaves_no_trace_when_its_backward_ran_first(tmp_path):
+    """engine.backward_before_loss_check (one micro-batch per step, no ZeRO, fp32): the backward is queued before
+    the ranks agree on the loss, so a micro-batch that is non-finite on one rank has already sent NaN gradient
+    buckets when both decide to skip it. Its gradients must be dropped without a trace: weights and gradient
+    norms bitwise those of the run that checks the loss before the backward, on the same data."""
+    data = str(tmp_path / "latents")
+    # NaN posterior means at a few samples (each in a different micro-batch of 2 on one rank, some steps apart)
+    write_synthetic_dataset(data, num_shards=4, samples_per_shard=8, nonfinite_indices=frozenset({3, 12, 21}))
+    per_step = ("data.global_batch_size=4", "data.micro_batch_size=2")
+    first = _train(data, tmp_path, True, overrides=per_step, name="first")
+    after = _train(data, tmp_path, True, overrides=(*per_step, "engine.backward_before_loss_check=false"),
+                   name="after")
+    assert first["backward_first"] and not after["backward_first"]
+    assert first["nonfinite_skipped"] == after["nonfinite_skipped"] > 0
+    assert first["grad_norms"] == after["grad_norms"] and all(n > 0 for n in first["grad_norms"])
+    differing = [k for k in first["weights"] if not torch.equal(first["weights"][k], after["weights"][k])]
+    assert not differing, differing
+    assert all(torch.isfinite(w).all() for w in first["weights"].values() if w.is_floating_point())
+    assert first["held_between_steps"] == [0] * 3  # the skipped exchange's buckets were released too
 
 
 def test_one_rank_skips_deepspeeds_identity_all_reduce(tmp_path):

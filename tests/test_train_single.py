@@ -30,12 +30,16 @@ def dig_train(cwd: str, *overrides: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
-def test_nonfinite_losses_are_skipped_and_counted(tmp_path):
+@pytest.mark.parametrize("zero_stage", [3, 0])
+def test_nonfinite_losses_are_skipped_and_counted(tmp_path, zero_stage):
+    """ZeRO-3 checks the loss before the backward; stage 0 with fp32 weights runs the backward first
+    (engine.backward_before_loss_check) and drops the skipped micro-batch's gradients: any left behind would make
+    every later loss NaN too."""
     bad = frozenset({9})  # NaN posterior mean: a micro-batch holding it has a NaN loss
     write_synthetic_dataset(str(tmp_path / "latents"), num_shards=4, samples_per_shard=4, nonfinite_indices=bad)
     done = dig_train(str(tmp_path), f"data.path={tmp_path / 'latents'}", "steps=6", "run.seed=1",
                      "max_nonfinite_in_a_row=10", "tracking.step_log=true", "checkpoint.every=2",
-                     "checkpoint.keep_last=2")
+                     "checkpoint.keep_last=2", f"engine.zero_stage={zero_stage}")
     assert done.returncode == 0, done.stderr[-4000:]
     # Independent of the trainer: replay the reader's batch sequence and count the batches holding a bad key
     # until 6 clean ones have been seen.
@@ -54,6 +58,7 @@ def test_nonfinite_losses_are_skipped_and_counted(tmp_path):
     with open(tmp_path / "run" / "steps" / "rank_00000.jsonl") as f:
         records = [json.loads(line) for line in f]
     assert [r["keys"] for r in records] == clean_keys
+    assert all(r["loss"] == r["loss"] for r in records)  # finite (not NaN) at every logged step
     assert "non-finite loss, batch skipped" in done.stderr
     checkpoints = sorted(os.listdir(tmp_path / "run" / "checkpoints"))
     assert checkpoints == ["latest", "step_000000004", "step_000000006"]  # keep_last=2

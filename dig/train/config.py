@@ -104,6 +104,7 @@ class EngineConfig(_Section):
     grad_bucket_mb: float = Field(100.0, gt=0)  # size of those buckets
     grad_allreduce_dtype: Literal["fp32", "bf16"] = "fp32"  # dtype gradients are summed over ranks in (bf16: half the bytes, bf16 rounding)
     cached_optimizer_step: bool = True     # stage 0 with fp32 weights: torch's fused AdamW kernel called with tensor lists built once, and gradients reset over a cached parameter list (false: torch's and DeepSpeed's own per-step Python)
+    backward_before_loss_check: bool = True  # stage 0 with fp32 weights, one micro-batch per step: queue the backward before reading the loss back, so the GPU does not drain in between (a non-finite micro-batch then drops its gradients)
 
 
 class HostConfig(_Section):

@@ -220,7 +220,20 @@ def build_engine(model: torch.nn.Module, cfg: TrainConfig, runtime: Runtime, loa
                 for p in params:
                     p.grad = None
             engine.zero_grad = zero_grad
+        engine.dig_discard_gradients = lambda: discard_gradients(engine, reducer)
     return engine
+
+
+def discard_gradients(engine, reducer=None) -> None:
+    """Forget the gradients of a backward whose micro-batch the ranks agreed to skip (no ZeRO, fp32 weights, one
+    micro-batch per step: before it every .grad was None). With a `reducer`, its exchange is completed first, as
+    every rank's hooks launched it."""
+    if reducer is not None:
+        reducer.finish()
+    for p in engine.module.parameters():
+        p.grad = None
+    if reducer is not None:
+        reducer.release()
 
 
 def _own_clipping(cfg: TrainConfig, runtime: Runtime) -> bool:

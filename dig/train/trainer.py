@@ -126,6 +126,10 @@ class Trainer:
         self._sample_model = None
         self._vae = None
         self._window = _MetricWindow()
+        # the backward before the loss check needs a way to undo it: no ZeRO, fp32 weights, one micro-batch per step
+        self._backward_first = cfg.engine.backward_before_loss_check and self.accum == 1 \
+            and hasattr(self.engine, "dig_discard_gradients")
+        self._stats_host: torch.Tensor | None = None  # pinned: the per-micro-batch stats read back
         self.host_pacing = HostPacing(cfg.host.gc_every, cfg.host.gil_switch_interval_ms)
         self._last_saved_step = self.step if resume_from is not None else -1
         self._checkpoint_block_s: float | None = None
@@ -299,13 +303,26 @@ class Trainer:
                              detached.new_full((), float(self._stop_requested))])  # a fill, not a host copy
         return loss, stats
 
-    def agree(self, stats: torch.Tensor) -> _StepStats:
-        """Sum `stats` over the ranks and read them back: the trainer's one host sync per micro-batch (DeepSpeed's
-        step has its own). Every rank gets the same numbers, so all take the same decision on skipping a
-        non-finite micro-batch and on stopping."""
+    def share(self, stats: torch.Tensor) -> _SharedStats:
+        """Queue the sum of `stats` over the ranks and its copy to the host behind the forward, without waiting
+        for either (NCCL: the stream waits for the sum, not the host); `agree` reads it."""
         if self.rt.world_size > 1:
             dist.all_reduce(stats)
-        loss, mse, vb, nonfinite, stop = stats.tolist()
+        if self.rt.device.type != "cuda":
+            return _SharedStats(stats, None)
+        if self._stats_host is None:
+            self._stats_host = torch.empty(stats.shape, dtype=stats.dtype, pin_memory=True)
+        self._stats_host.copy_(stats, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return _SharedStats(self._stats_host, ready)
+
+    def agree(self, shared: _SharedStats) -> _StepStats:
+        """Wait for `share`'s copy and read it: the trainer's one host sync per micro-batch. Every rank gets the
+        same numbers, so all take the same decision on skipping a non-finite micro-batch and on stopping."""
+        if shared.ready is not None:
+            shared.ready.synchronize()  # the forward's end: work queued after the copy (the backward) goes on
+        loss, mse, vb, nonfinite, stop = shared.values.tolist()
         n = self.rt.world_size
         if stop > 0:
             self._stop_agreed = True
@@ -317,15 +334,7 @@ class Trainer:
         loss_sum = mse_sum = vb_sum = 0.0
         keys: list[str] = []
         for _ in range(self.accum):
-            while True:
-                batch = self.next_batch()
-                loss, stats = self.forward_loss(batch)
-                agreed = self.agree(stats)
-                if not agreed.nonfinite:
-                    self.nonfinite_in_a_row = 0
-                    break
-                self.skip_nonfinite(batch)
-            self.engine.backward(loss)
+            batch, agreed = self.finite_micro_batch()
             self.engine.step()
             loss_sum, mse_sum, vb_sum = loss_sum + agreed.loss, mse_sum + agreed.mse, vb_sum + agreed.vb
             keys += batch.keys
@@ -333,6 +342,28 @@ class Trainer:
         if self.cfg.tracking.step_log:
             self._write_step_log(metrics, keys)
         return metrics
+
+    def finite_micro_batch(self) -> tuple[Batch, _StepStats]:
+        """The next micro-batch whose loss is finite on every rank, after its backward, and the agreed stats."""
+        while True:
+            batch = self.next_batch()
+            loss, stats = self.forward_loss(batch)
+            shared = self.share(stats)
+            if self._backward_first:
+                # queued right behind the forward and the stats' copy, so the GPU does not drain while the host
+                # reads them; a micro-batch the ranks skip then drops the gradients it made
+                self.engine.backward(loss)
+                agreed = self.agree(shared)
+                if agreed.nonfinite:
+                    self.engine.dig_discard_gradients()
+            else:
+                agreed = self.agree(shared)
+                if not agreed.nonfinite:
+                    self.engine.backward(loss)
+            if not agreed.nonfinite:
+                self.nonfinite_in_a_row = 0
+                return batch, agreed
+            self.skip_nonfinite(batch)
 
     def skip_nonfinite(self, batch: Batch) -> None:
         self.nonfinite_total += 1
@@ -523,6 +554,11 @@ class Trainer:
         if self.rt.world_size == 1:
             return self._stop_requested
         return self._stop_agreed
+
+
+class _SharedStats(NamedTuple):
+    values: torch.Tensor             # on the host once `ready` has passed
+    ready: torch.cuda.Event | None   # None: already there (CPU)
 
 
 class _StepStats(NamedTuple):
