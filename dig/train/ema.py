@@ -12,6 +12,9 @@ How it is gathered: `full_state_dict()` is collective (every rank calls it): par
 padding trimmed, fragments summed into zeros, one parameter at a time, so peak extra memory is one parameter.
 Checkpoints store the gathered EMA as one safetensors file, which makes it independent of the world size:
 `load_full` cuts each rank's part back out of it.
+With a CUDA `stream`, an update runs there, after the work queued so far (the optimizer step), beside the next
+step's forward; whoever next writes the weights (the optimizer: `wait_for_update`) or reads the EMA (gather, load)
+waits for it on the device, not on the host.
 """
 from __future__ import annotations
 
@@ -20,8 +23,11 @@ import torch.distributed as dist
 
 
 class ShardedEMA:
-    def __init__(self, module: torch.nn.Module, decay: float, zero_stage: int):
+    def __init__(self, module: torch.nn.Module, decay: float, zero_stage: int,
+                 stream: torch.cuda.Stream | None = None):
         self.decay = decay
+        self.stream = stream
+        self._updated: torch.cuda.Event | None = None
         self.zero3 = zero_stage == 3
         self.params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         self.fragments = not self.zero3 and any(hasattr(p, "_hp_mapping") for _, p in self.params)
@@ -50,7 +56,22 @@ class ShardedEMA:
         """`ema += (1 - decay) * (w - ema)`: one fused kernel per flat buffer of weights (a few under ZeRO)."""
         d = self.decay if decay is None else decay
         shadows, sources = self._pairs
-        torch._foreach_lerp_(shadows, [s if s.dtype == torch.float32 else s.float() for s in sources], 1.0 - d)
+        if self.stream is None:
+            torch._foreach_lerp_(shadows, [s if s.dtype == torch.float32 else s.float() for s in sources], 1.0 - d)
+            return
+        weights_ready = torch.cuda.Event()
+        weights_ready.record()
+        with torch.cuda.stream(self.stream):
+            self.stream.wait_event(weights_ready)
+            torch._foreach_lerp_(shadows, [s if s.dtype == torch.float32 else s.float() for s in sources], 1.0 - d)
+            self._updated = torch.cuda.Event()
+            self._updated.record(self.stream)
+
+    def wait_for_update(self) -> None:
+        """The current stream waits (on the device) for the last update: before the weights it reads change, or
+        before the EMA itself is read or replaced."""
+        if self._updated is not None:
+            torch.cuda.current_stream().wait_event(self._updated)
 
     # --- gather / scatter ----------------------------------------------------------------------------------
     # ZeRO-3 partitions are equally sized (padded) on every rank, as DeepSpeed's own fp32 all-gather assumes.
@@ -65,6 +86,7 @@ class ShardedEMA:
         """(name, whole fp32 EMA tensor on the device), one parameter at a time (collective under ZeRO: every rank
         iterates to the end). A yielded tensor may be a temporary buffer or the EMA itself: copy it before the
         next one and do not modify it."""
+        self.wait_for_update()
         for (name, p), local in zip(self.params, self.shadow):
             if self.zero3:
                 world = dist.get_world_size()
@@ -86,6 +108,7 @@ class ShardedEMA:
     @torch.no_grad()
     def load_full(self, full: dict[str, torch.Tensor]) -> None:
         """Set the EMA from whole tensors (e.g. a checkpoint's ema.safetensors); each rank keeps its part."""
+        self.wait_for_update()
         missing = [n for n, _ in self.params if n not in full]
         if missing:
             raise KeyError(f"EMA state lacks parameters {missing[:5]}{'…' if len(missing) > 5 else ''}")

@@ -113,7 +113,7 @@ class Trainer:
         if resume_from is not None:
             self._resume(resume_from)
         else:
-            self.ema = ShardedEMA(self.engine.module, cfg.ema_decay, cfg.engine.zero_stage)  # = initial weights
+            self.ema = self._make_ema()  # = initial weights
         self.tracker = make_tracker(self.rt.is_main, self.run_dir, cfg, resolved, self.step,
                                     deepspeed_json=self.engine.config)
         self.console = TrainingConsole(cfg, self.rt, self.accum, self.step, self.engine.module, self.tracker,
@@ -178,6 +178,10 @@ class Trainer:
         saved.update({k: v for k, v in self.model_kwargs.items() if k in runtime_keys})
         return saved
 
+    def _make_ema(self) -> ShardedEMA:
+        stream = torch.cuda.Stream() if self.cfg.ema_side_stream and self.rt.device.type == "cuda" else None
+        return ShardedEMA(self.engine.module, self.cfg.ema_decay, self.cfg.engine.zero_stage, stream=stream)
+
     def _lock_run_dir(self):
         """One trainer per run directory (and per remote checkpoint root): rank 0 takes the lock, every rank
         learns the outcome, a refusal names the holder."""
@@ -230,7 +234,7 @@ class Trainer:
         else:
             state = checkpoint.load_rank_state(ckpt, self.rt.rank, self.rt.world_size)
             checkpoint.load_engine(self.engine, ckpt)
-        self.ema = ShardedEMA(self.engine.module, self.cfg.ema_decay, self.cfg.engine.zero_stage)
+        self.ema = self._make_ema()
         self.ema.load_full(checkpoint.load_ema_full(ckpt))
         self.data.load_state_dict(state["data"])
         self.step = state["step"]
@@ -335,6 +339,7 @@ class Trainer:
         keys: list[str] = []
         for _ in range(self.accum):
             batch, agreed = self.finite_micro_batch()
+            self.ema.wait_for_update()  # the EMA (on its own stream) has read the weights the step changes
             self.engine.step()
             loss_sum, mse_sum, vb_sum = loss_sum + agreed.loss, mse_sum + agreed.mse, vb_sum + agreed.vb
             keys += batch.keys
