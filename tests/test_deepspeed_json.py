@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -116,9 +118,6 @@ def test_deepspeed_does_not_synchronise_the_device_each_step(tmp_path, zero_stag
     """DeepSpeed's throughput timer synchronises the device in every engine.forward and engine.step unless turned
     off; the trainer turns it off (a user's JSON may turn it back on). The CPU accelerator's synchronize is a
     no-op, but its calls are counted here the same."""
-    import subprocess
-    import sys
-
     script = tmp_path / "count_syncs.py"
     script.write_text(_COUNT_SYNCS)
     timers_on = tmp_path / "timers.json"

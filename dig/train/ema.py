@@ -56,14 +56,13 @@ class ShardedEMA:
         """`ema += (1 - decay) * (w - ema)`: one fused kernel per flat buffer of weights (a few under ZeRO)."""
         d = self.decay if decay is None else decay
         shadows, sources = self._pairs
-        if self.stream is None:
-            torch._foreach_lerp_(shadows, [s if s.dtype == torch.float32 else s.float() for s in sources], 1.0 - d)
-            return
-        weights_ready = torch.cuda.Event()
-        weights_ready.record()
-        with torch.cuda.stream(self.stream):
+        if self.stream is not None:
+            weights_ready = torch.cuda.Event()
+            weights_ready.record()
             self.stream.wait_event(weights_ready)
+        with torch.cuda.stream(self.stream):  # None: the current stream
             torch._foreach_lerp_(shadows, [s if s.dtype == torch.float32 else s.float() for s in sources], 1.0 - d)
+        if self.stream is not None:
             self._updated = torch.cuda.Event()
             self._updated.record(self.stream)
 

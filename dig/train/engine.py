@@ -230,8 +230,7 @@ def discard_gradients(engine, reducer=None) -> None:
     every rank's hooks launched it."""
     if reducer is not None:
         reducer.finish()
-    for p in engine.module.parameters():
-        p.grad = None
+    engine.zero_grad()
     if reducer is not None:
         reducer.release()
 

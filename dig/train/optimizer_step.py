@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 
 import torch
+from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
 
 class CachedFusedAdamW:
@@ -60,8 +61,6 @@ class CachedFusedAdamW:
         return None
 
     def _usable(self) -> bool:
-        from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
-
         opt = self.optimizer
         if len(opt.param_groups) != 1 or opt._optimizer_step_pre_hooks or opt._optimizer_step_post_hooks \
                 or _global_optimizer_pre_hooks or _global_optimizer_post_hooks:
