@@ -15,14 +15,23 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs", "train", "tiny-cpu.yaml")
 
 
+def child_env(**extra):
+    """The environment of a child `dig train`: this one's, keeping its PYTHONPATH (the GPU machine's packages live
+    there, not in the interpreter's site-packages) with the repository added, and no tracking server or forced
+    accelerator from outside."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DS_ACCELERATOR")}
+    env.update(TORCH_EXTENSIONS_DIR=os.path.join(REPO, ".torch_extensions"),
+               PYTHONPATH=os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), REPO) if p), **extra)
+    return env
+
+
 @pytest.mark.gpu
 @pytest.mark.slow
 def test_bf16_training_logs_mfu_and_memory(tmp_path):
     from mlflow import MlflowClient
 
     write_synthetic_dataset(str(tmp_path / "latents"), num_shards=2, samples_per_shard=16)
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DS_ACCELERATOR")}
-    env.update(TORCH_EXTENSIONS_DIR=os.path.join(REPO, ".torch_extensions"), PYTHONPATH=REPO)
+    env = child_env()
     cmd = [sys.executable, "-m", "dig.cli", "train", "--config", TINY, "run.dir=run", f"data.path={tmp_path}/latents",
            "engine.precision=auto", "steps=6", "tracking.log_every=3", "tracking.sample_every=6"]
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
@@ -50,10 +59,8 @@ def test_resume_on_another_gpu_count(tmp_path):
     samples, steps = 512, [5, 10, 17]   # epoch 0 = 16 steps of 32; the last run ends in epoch 1
     write_synthetic_dataset(str(tmp_path / "latents"), num_shards=8, samples_per_shard=samples // 8,
                             latent_size=32, channels=4, num_classes=1000)
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DS_ACCELERATOR")}
-    env.update(TORCH_EXTENSIONS_DIR=os.path.join(REPO, ".torch_extensions"), PYTHONPATH=os.pathsep.join(
-        p for p in (os.environ.get("PYTHONPATH"), REPO) if p), PROBE_DIR=str(tmp_path), PROBE_TRACKING="none",
-        NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
+    env = child_env(PROBE_DIR=str(tmp_path), PROBE_TRACKING="none", NCCL_NVLS_ENABLE="0",
+                    TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
     common = ["--config", TINY, f"run.dir={tmp_path}/run", f"data.path={tmp_path}/latents", "data.resolution=256",
               "model.num_classes=1000", "model.overrides.depth=4", "model.overrides.hidden_size=384",
               "model.overrides.num_heads=6", "engine.precision=auto", "engine.zero_stage=3",
@@ -88,8 +95,7 @@ def test_ema_on_its_own_stream_gives_the_same_bits(tmp_path):
 
     write_synthetic_dataset(str(tmp_path / "latents"), num_shards=2, samples_per_shard=32, latent_size=32,
                             channels=4, num_classes=10)
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DS_ACCELERATOR")}
-    env.update(TORCH_EXTENSIONS_DIR=os.path.join(REPO, ".torch_extensions"), PYTHONPATH=REPO)
+    env = child_env()
     ema = {}
     for side in (False, True):
         run = tmp_path / f"side_{side}"
