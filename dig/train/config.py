@@ -185,7 +185,7 @@ class TrainConfig(_Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     steps: int = Field(1000, ge=0)         # optimizer steps of the whole run (a resumed run continues to this)
     ema_decay: float = 0.9999              # EMA of the weights, updated every step
-    ema_side_stream: bool = False          # CUDA: the EMA update on a stream of its own, beside the next step's forward (same bits; speed not measured yet)
+    ema_side_stream: bool = True           # CUDA: the EMA update on a stream of its own, beside the next step's forward (same bits; +1.2–1.4 % img/s for DiG-XL/2 at 32 images, BENCHMARKS.md)
     max_nonfinite_in_a_row: int = Field(10, ge=1)  # abort after this many consecutive non-finite losses
 
     @field_validator("ema_decay")
