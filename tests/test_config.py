@@ -52,6 +52,10 @@ def test_dotted_overrides_are_typed():
     (["model.compile_scope=graph"], "model.compile_scope"),
     (["model.compile=true", "model.compile_scope=stack", "model.grad_checkpointing=true", "engine.zero_stage=2"],
      "model.compile_scope=stack with model.grad_checkpointing"),
+    (["engine.deepcompile=true", "model.compile=true", "engine.zero_stage=3"],
+     "engine.deepcompile compiles the whole model itself under ZeRO stage 1, 2 or 3: set model.compile=false"),
+    (["engine.deepcompile=true", "model.compile=false", "engine.zero_stage=0"],
+     "engine.deepcompile compiles the whole model itself under ZeRO stage 1, 2 or 3"),
 ])
 def test_clear_errors(override, message):
     with pytest.raises(ConfigError) as exc:

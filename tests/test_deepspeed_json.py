@@ -77,6 +77,23 @@ def test_grad_allreduce_dtype_sets_deepspeeds_communication_dtype(tmp_path):
     assert bf16["communication_data_type"] == "bf16"
 
 
+def test_deepcompile_turns_on_deepspeeds_compile_section_keeping_the_users_knobs(tmp_path):
+    assert "compile" not in deepspeed_config(_config(tmp_path, {}), CPU2)
+    on = deepspeed_config(_config(tmp_path, {"compile": {"free_activation": True}}, "engine.deepcompile=true",
+                                  "engine.zero_stage=3"), CPU2)
+    assert on["compile"] == {"free_activation": True, "deepcompile": True}
+
+
+def test_deepcompile_without_cuda_is_a_clear_error_before_deepspeed_starts(tmp_path):
+    from dig.models import create_model
+    from dig.train.engine import build_engine
+
+    cfg = _config(tmp_path, {}, "engine.deepcompile=true", "engine.zero_stage=3")
+    model = create_model(cfg.model.name, **cfg.model_kwargs(8))
+    with pytest.raises(ConfigError, match="engine.deepcompile needs CUDA"):
+        build_engine(model, cfg, CPU2)
+
+
 def test_a_number_written_as_float_is_the_same_value(tmp_path):
     ds = deepspeed_config(_config(tmp_path, {"train_batch_size": 16.0, "gradient_clipping": 0.5}), CPU2)
     assert ds["train_batch_size"] == 16

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
 from .deepspeed_json import merge_deepspeed_json
 
 log = logging.getLogger("dig.train")
@@ -153,6 +153,8 @@ def deepspeed_config(cfg: TrainConfig, runtime: Runtime, load_universal: bool = 
         # kernels. The trainer measures img/s itself.
         "timers": {"throughput": {"enabled": False}},
     })
+    if cfg.engine.deepcompile:
+        merged["compile"] = {**merged.get("compile", {}), "deepcompile": True}
     if load_universal:
         merged["checkpoint"] = {**merged.get("checkpoint", {}), "load_universal": True}
     return merged
@@ -177,7 +179,12 @@ def zero3_leaf_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
 def build_engine(model: torch.nn.Module, cfg: TrainConfig, runtime: Runtime, load_universal: bool = False):
     import deepspeed
 
-    if cfg.engine.zero_stage == 3:
+    if cfg.engine.deepcompile:
+        from deepspeed.compile.util import is_deepcompile_supported
+
+        if not is_deepcompile_supported():
+            raise ConfigError("engine.deepcompile needs CUDA and torch >= 2.6 (DeepSpeed's DeepCompile)")
+    if cfg.engine.zero_stage == 3 and not cfg.engine.deepcompile:
         from deepspeed.utils import set_z3_leaf_module
 
         leaves = zero3_leaf_modules(model)
@@ -221,6 +228,11 @@ def build_engine(model: torch.nn.Module, cfg: TrainConfig, runtime: Runtime, loa
                     p.grad = None
             engine.zero_grad = zero_grad
         engine.dig_discard_gradients = lambda: discard_gradients(engine, reducer)
+    if cfg.engine.deepcompile:
+        engine.compile(backend="inductor")
+        if runtime.is_main:
+            log.info("engine.deepcompile: the whole model compiled by DeepSpeed's DeepCompile (ZeRO-%d)",
+                     cfg.engine.zero_stage)
     return engine
 
 
