@@ -56,6 +56,8 @@ def test_dotted_overrides_are_typed():
      "engine.deepcompile compiles the whole model itself under ZeRO stage 1, 2 or 3: set model.compile=false"),
     (["engine.deepcompile=true", "model.compile=false", "engine.zero_stage=0"],
      "engine.deepcompile compiles the whole model itself under ZeRO stage 1, 2 or 3"),
+    (["engine.deepcompile=true", "engine.zero_stage=2", "engine.deepcompile_prefetch=false"],
+     "engine.deepcompile_prefetch=false applies to engine.deepcompile=true with engine.zero_stage=3"),
 ])
 def test_clear_errors(override, message):
     with pytest.raises(ConfigError) as exc:

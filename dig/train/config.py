@@ -106,6 +106,7 @@ class EngineConfig(_Section):
     cached_optimizer_step: bool = True     # stage 0 with fp32 weights: torch's fused AdamW kernel called with tensor lists built once, and gradients reset over a cached parameter list (false: torch's and DeepSpeed's own per-step Python)
     backward_before_loss_check: bool = True  # stage 0 with fp32 weights, one micro-batch per step: queue the backward before reading the loss back, so the GPU does not drain in between (a non-finite micro-batch then drops its gradients)
     deepcompile: bool = False              # CUDA, ZeRO 1-3, with model.compile=false: DeepSpeed's DeepCompile compiles the whole model with ZeRO's gathers and reductions inside the graph (experimental: DiG-XL/2 took over 5 minutes to its third step, no steady speed measured yet; BENCHMARKS.md)
+    deepcompile_prefetch: bool = True      # with deepcompile and ZeRO-3: DeepCompile's profile-guided prefetch and selective-gather passes, which compile the model a second time after its warm-up steps (false: compile once, gathers where the weights are used)
 
 
 class HostConfig(_Section):
@@ -213,6 +214,9 @@ class TrainConfig(_Section):
         if self.engine.deepcompile and (self.model.compile or self.engine.zero_stage == 0):
             raise ValueError("engine.deepcompile compiles the whole model itself under ZeRO stage 1, 2 or 3: set "
                              "model.compile=false and engine.zero_stage to 1, 2 or 3")
+        if not self.engine.deepcompile_prefetch and not (self.engine.deepcompile and self.engine.zero_stage == 3):
+            raise ValueError("engine.deepcompile_prefetch=false applies to engine.deepcompile=true with "
+                             "engine.zero_stage=3")
         if self.model.compile and self.model.compile_scope == "stack" and self.engine.zero_stage == 3:
             raise ValueError("model.compile_scope=stack compiles all blocks as one region, but ZeRO-3 gathers each "
                              "block's weights in hooks around it; use model.compile_scope=blocks with ZeRO-3")

@@ -229,7 +229,12 @@ def build_engine(model: torch.nn.Module, cfg: TrainConfig, runtime: Runtime, loa
             engine.zero_grad = zero_grad
         engine.dig_discard_gradients = lambda: discard_gradients(engine, reducer)
     if cfg.engine.deepcompile:
-        engine.compile(backend="inductor")
+        schedule = None  # DeepSpeed's: for ZeRO-3 the gather/release pass, then at its warm-up step prefetching too
+        if not cfg.engine.deepcompile_prefetch:
+            from deepspeed.compile.passes.zero3_compile import add_z3_gather_release
+
+            schedule = [(0, [add_z3_gather_release])]
+        engine.compile(backend="inductor", schedule=schedule)
         if runtime.is_main:
             log.info("engine.deepcompile: the whole model compiled by DeepSpeed's DeepCompile (ZeRO-%d)",
                      cfg.engine.zero_stage)
