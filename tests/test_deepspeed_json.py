@@ -84,6 +84,18 @@ def test_deepcompile_turns_on_deepspeeds_compile_section_keeping_the_users_knobs
     assert on["compile"] == {"free_activation": True, "deepcompile": True}
 
 
+@pytest.mark.parametrize("given, parsed", [
+    ("9.0a", "9.0"), ("8.0 8.6 9.0a", "8.0;8.6;9.0"), ("9.0;9.0a;10.0f+PTX", "9.0;10.0+PTX"), ("8.6+PTX", "8.6+PTX"),
+])
+def test_the_arch_list_deepcompile_builds_for_is_one_deepspeeds_builder_parses(given, parsed):
+    from dig.train.engine import deepspeed_arch_list
+
+    assert deepspeed_arch_list(given) == parsed
+    # what DeepSpeed 0.19's builder does with each entry (op_builder/builder.py, compute_capability_args)
+    for cc in parsed.split(";"):
+        tuple(int(part.split("+")[0]) for part in cc.split("."))
+
+
 def test_deepcompile_without_cuda_is_a_clear_error_before_deepspeed_starts(tmp_path):
     from dig.models import create_model
     from dig.train.engine import build_engine

@@ -4,14 +4,14 @@
 # with ZeRO-3's gathers and reductions inside the graph). Today's ZeRO-3 path (blocks compiled one by one with
 # CUDA graphs, DeepSpeed's hooks gathering each block) is bench_train's
 # `--set engine.zero_stage=3 --set engine.precision=bf16` (149 img/s on 2026-11-29, raw
-# bench/results/2026-11-29-h200-s7-zero3.json). DeepCompile JIT-builds its C++/CUDA op with nvcc:
-# TORCH_CUDA_ARCH_LIST=9.0, as DeepSpeed's builder cannot parse torch's '9.0a'.
+# bench/results/2026-11-29-h200-s7-zero3.json). DeepCompile JIT-builds its C++/CUDA op with nvcc at start (the
+# machine's TORCH_CUDA_ARCH_LIST holds '9.0a', which DeepSpeed's builder cannot parse: the engine now passes it
+# '9.0').
 # On 2026-11-29 DeepSpeed's default schedule (a second compile with prefetching after 5 steps) reached only step 3
 # in 8 minutes; PREFETCH=false (the default here) compiles once (engine.deepcompile_prefetch=false).
 set -u
 REAL_OUT=$OUT; export OUT=/tmp/deepcompile; mkdir -p "$OUT"
 source bench/gpu/env.sh
-export TORCH_CUDA_ARCH_LIST=9.0
 TAIL=10 run train "${TRAIN_LIMIT:-540}" python3 -m bench.bench_train --models DiG-XL/2 --resolutions 256 --gpus 1 \
   "${TRAIN_WINDOWS[@]}" --timeout "${RUN_TIMEOUT:-520}" --no-bare --set engine.zero_stage=${STAGE:-3} \
   --set engine.precision=bf16 --set engine.deepcompile=true --set model.compile=false \

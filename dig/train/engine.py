@@ -184,6 +184,13 @@ def build_engine(model: torch.nn.Module, cfg: TrainConfig, runtime: Runtime, loa
 
         if not is_deepcompile_supported():
             raise ConfigError("engine.deepcompile needs CUDA and torch >= 2.6 (DeepSpeed's DeepCompile)")
+        arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST")
+        if arch_list and arch_list != deepspeed_arch_list(arch_list):
+            # DeepCompile builds its op at engine.compile(); DeepSpeed's builder reads every entry as numbers
+            os.environ["TORCH_CUDA_ARCH_LIST"] = deepspeed_arch_list(arch_list)
+            if runtime.is_main:
+                log.info("engine.deepcompile: TORCH_CUDA_ARCH_LIST %r read as %r for DeepSpeed's op builder",
+                         arch_list, os.environ["TORCH_CUDA_ARCH_LIST"])
     if cfg.engine.zero_stage == 3 and not cfg.engine.deepcompile:
         from deepspeed.utils import set_z3_leaf_module
 
@@ -239,6 +246,21 @@ def build_engine(model: torch.nn.Module, cfg: TrainConfig, runtime: Runtime, loa
             log.info("engine.deepcompile: the whole model compiled by DeepSpeed's DeepCompile (ZeRO-%d)",
                      cfg.engine.zero_stage)
     return engine
+
+
+def deepspeed_arch_list(arch_list: str) -> str:
+    """TORCH_CUDA_ARCH_LIST as DeepSpeed 0.19's op builder can parse it: architecture-specific suffixes dropped
+    ('9.0a' -> '9.0', '10.0f' -> '10.0'; the builder fails on them with "invalid literal for int()"), '+PTX' kept,
+    duplicates removed, entries separated by ';'."""
+    entries = []
+    for entry in arch_list.replace(" ", ";").split(";"):
+        cc, plus, ptx = entry.strip().partition("+")
+        if not cc:
+            continue
+        cc = ".".join(part.rstrip("abcdefghijklmnopqrstuvwxyz") for part in cc.split("."))
+        if cc + plus + ptx not in entries:
+            entries.append(cc + plus + ptx)
+    return ";".join(entries)
 
 
 def discard_gradients(engine, reducer=None) -> None:
