@@ -243,8 +243,9 @@ def build_engine(model: torch.nn.Module, cfg: TrainConfig, runtime: Runtime, loa
             schedule = [(0, [add_z3_gather_release])]
         engine.compile(backend="inductor", schedule=schedule)
         if runtime.is_main:
-            log.info("engine.deepcompile: the whole model compiled by DeepSpeed's DeepCompile (ZeRO-%d)",
-                     cfg.engine.zero_stage)
+            log.info("engine.deepcompile: DeepSpeed's DeepCompile compiles the whole model at the first step (ZeRO-%d, "
+                     "%s); expect minutes", cfg.engine.zero_stage,
+                     "prefetching after its warm-up" if cfg.engine.deepcompile_prefetch else "compiled once")
     return engine
 
 
