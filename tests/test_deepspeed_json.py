@@ -35,6 +35,7 @@ def _config(tmp_path, user_json: dict, *overrides):
     ({"optimizer": {"type": "Adam", "params": {"lr": 0.001}}}, "optimizer.type", '"Adam"', '"AdamW"'),
     ({"optimizer": {"type": "AdamW", "params": {"lr": 0.001}}}, "optimizer.params.lr", "0.001", "0.0001"),
     ({"communication_data_type": "fp16"}, "communication_data_type", '"fp16"', "null"),
+    ({"compile": {"deepcompile": True}}, "compile.deepcompile", "true", "false"),
 ])
 def test_a_conflicting_value_is_an_error_naming_both(tmp_path, user, key, theirs, ours):
     cfg = _config(tmp_path, user, "optim.lr=1e-4")
@@ -78,7 +79,7 @@ def test_grad_allreduce_dtype_sets_deepspeeds_communication_dtype(tmp_path):
 
 
 def test_deepcompile_turns_on_deepspeeds_compile_section_keeping_the_users_knobs(tmp_path):
-    assert "compile" not in deepspeed_config(_config(tmp_path, {}), CPU2)
+    assert deepspeed_config(_config(tmp_path, {}), CPU2)["compile"] == {"deepcompile": False}
     on = deepspeed_config(_config(tmp_path, {"compile": {"free_activation": True}}, "engine.deepcompile=true",
                                   "engine.zero_stage=3"), CPU2)
     assert on["compile"] == {"free_activation": True, "deepcompile": True}
@@ -87,19 +88,50 @@ def test_deepcompile_turns_on_deepspeeds_compile_section_keeping_the_users_knobs
 @pytest.mark.parametrize("given, parsed", [
     ("9.0a", "9.0"), ("8.0 8.6 9.0a", "8.0;8.6;9.0"), ("9.0;9.0a;10.0f+PTX", "9.0;10.0+PTX"), ("8.6+PTX", "8.6+PTX"),
 ])
-def test_the_arch_list_deepcompile_builds_for_is_one_deepspeeds_builder_parses(given, parsed):
+def test_the_arch_list_deepcompile_builds_for_is_one_deepspeeds_builder_parses(given, parsed, monkeypatch):
+    from deepspeed.ops.op_builder.builder import CUDAOpBuilder
+
     from dig.train.engine import deepspeed_arch_list
 
+    class JitBuilder(CUDAOpBuilder):  # DeepSpeed's own parsing of TORCH_CUDA_ARCH_LIST, as DeepCompile's op uses it
+        BUILD_VAR, NAME = "DS_BUILD_DIG_TEST", "dig_test"
+
+        def __init__(self):
+            super().__init__(name=self.NAME)
+            self.jit_mode = True
+
+        def absolute_name(self):
+            return self.NAME
+
+        def sources(self):
+            return []
+
     assert deepspeed_arch_list(given) == parsed
-    # what DeepSpeed 0.19's builder does with each entry (op_builder/builder.py, compute_capability_args)
-    for cc in parsed.split(";"):
-        tuple(int(part.split("+")[0]) for part in cc.split("."))
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", parsed)
+    JitBuilder().compute_capability_args()
+    if given != parsed:  # what the builder does with the list as given
+        monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", given)
+        with pytest.raises(ValueError, match="invalid literal for int"):
+            JitBuilder().compute_capability_args()
 
 
-def test_deepcompile_without_cuda_is_a_clear_error_before_deepspeed_starts(tmp_path):
+@pytest.mark.parametrize("user, named", [
+    ({"compile": {"offload_opt_states": True}}, "compile.offload_opt_states"),
+    ({"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}, "zero_optimization.offload_optimizer"),
+])
+def test_deepcompile_refuses_its_offloading_which_moves_the_weights_the_ema_reads(tmp_path, user, named):
+    with pytest.raises(ConfigError, match=f"engine.deepcompile with DeepCompile's offloading \\({named} in"):
+        deepspeed_config(_config(tmp_path, user, "engine.deepcompile=true", "engine.zero_stage=3"), CPU2)
+    deepspeed_config(_config(tmp_path, user, "engine.zero_stage=3"), CPU2)  # without DeepCompile: passed through
+
+
+def test_deepcompile_without_cuda_is_a_clear_error_before_deepspeed_starts(tmp_path, monkeypatch):
+    import deepspeed.compile.util
+
     from dig.models import create_model
     from dig.train.engine import build_engine
 
+    monkeypatch.setattr(deepspeed.compile.util, "is_deepcompile_supported", lambda: False)  # also on a GPU machine
     cfg = _config(tmp_path, {}, "engine.deepcompile=true", "engine.zero_stage=3")
     model = create_model(cfg.model.name, **cfg.model_kwargs(8))
     with pytest.raises(ConfigError, match="engine.deepcompile needs CUDA"):

@@ -83,13 +83,32 @@ def test_resume_on_another_gpu_count(tmp_path):
     assert all(math.isfinite(x) and x < 1.5 * losses[0] for x in losses), losses
 
 
+# `dig train` with every EMA update on the side stream held back ~25 ms behind a sleep kernel: long enough that the
+# next step's optimizer would overwrite the weights before the update reads them unless it waits for it
+DELAYED_SIDE_STREAM = """
+import runpy, sys, torch
+import dig.train.ema as ema
+update = ema.ShardedEMA.update
+def delayed(self, *args, **kwargs):
+    if self.stream is not None:
+        with torch.cuda.stream(self.stream):
+            torch.cuda._sleep(50_000_000)
+    update(self, *args, **kwargs)
+ema.ShardedEMA.update = delayed
+sys.argv = ["dig.cli", *sys.argv[1:]]
+runpy.run_module("dig.cli", run_name="__main__")
+"""
+
+
 @pytest.mark.gpu
 @pytest.mark.slow
-def test_ema_on_its_own_stream_gives_the_same_bits(tmp_path):
+@pytest.mark.parametrize("engine", [["engine.zero_stage=0", "engine.precision=amp"],
+                                    ["engine.zero_stage=3", "engine.precision=bf16"]], ids=["zero0-amp", "zero3-bf16"])
+def test_ema_on_its_own_stream_gives_the_same_bits(tmp_path, engine):
     """ema_side_stream: the EMA update runs on a stream of its own beside the next forward; the optimizer waits for
-    it before changing the weights, checkpoints before reading it. The recipe's engine (ZeRO-0, amp, compiled
-    blocks with CUDA graphs), a DiG-S/2 big enough that an update takes a while: the EMA and the weights written at
-    the end equal a run with the update on the main stream, bit for bit."""
+    it before changing the weights, checkpoints before reading it. Compiled blocks with CUDA graphs, a DiG-S/2 big
+    enough that an update takes a while, and every side-stream update held back behind a sleep: the EMA and the
+    weights written at the end equal a run with the update on the main stream, bit for bit."""
     import torch
     from safetensors.torch import load_file
 
@@ -99,10 +118,10 @@ def test_ema_on_its_own_stream_gives_the_same_bits(tmp_path):
     ema = {}
     for side in (False, True):
         run = tmp_path / f"side_{side}"
-        cmd = [sys.executable, "-m", "dig.cli", "train", "--config", TINY, f"run.dir={run}",
+        cmd = [sys.executable, "-c", DELAYED_SIDE_STREAM, "train", "--config", TINY, f"run.dir={run}",
                f"data.path={tmp_path}/latents", "data.resolution=256", "model.overrides.depth=6",
-               "model.overrides.hidden_size=384", "model.overrides.num_heads=6", "engine.zero_stage=0",
-               "engine.precision=amp", "model.compile=true", "model.compile_mode=reduce-overhead",
+               "model.overrides.hidden_size=384", "model.overrides.num_heads=6", *engine,
+               "model.compile=true", "model.compile_mode=reduce-overhead",
                "data.global_batch_size=8", "data.micro_batch_size=8", "steps=8", "ema_decay=0.5",
                "checkpoint.every=4", "tracking.backend=none", "tracking.sample_every=0", f"ema_side_stream={side}"]
         done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)

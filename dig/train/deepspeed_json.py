@@ -30,6 +30,7 @@ OWNED: dict[str, str] = {
     "torch_autocast": "engine.precision",
     "zero_optimization.stage": "engine.zero_stage",
     "communication_data_type": "engine.grad_allreduce_dtype (bf16; null = DeepSpeed's default for fp32)",
+    "compile.deepcompile": "engine.deepcompile",
 }
 # Set by the trainer only when the user's JSON does not say otherwise.
 TRAINER_DEFAULTS = ("steps_per_print", "wall_clock_breakdown", "timers")

@@ -152,9 +152,16 @@ def deepspeed_config(cfg: TrainConfig, runtime: Runtime, load_universal: bool = 
         # engine.step: twice a step the GPU drains its queue and then idles while the host launches the next
         # kernels. The trainer measures img/s itself.
         "timers": {"throughput": {"enabled": False}},
+        "compile": {**base.get("compile", {}), "deepcompile": cfg.engine.deepcompile},  # as zero_optimization
     })
     if cfg.engine.deepcompile:
-        merged["compile"] = {**merged.get("compile", {}), "deepcompile": True}
+        offloads = [f"compile.{k}" for k, v in merged.get("compile", {}).items() if k.startswith("offload") and v]
+        offloads += [f"zero_optimization.{k}" for k, v in merged["zero_optimization"].items()
+                     if k.startswith("offload") and isinstance(v, dict) and v.get("device", "none") != "none"]
+        if offloads:
+            raise ConfigError(f"engine.deepcompile with DeepCompile's offloading ({', '.join(offloads)} in "
+                              f"{cfg.engine.deepspeed_config}) is not supported: it moves the fp32 master weights "
+                              "the EMA reads in place; remove those keys or set engine.deepcompile=false")
     if load_universal:
         merged["checkpoint"] = {**merged.get("checkpoint", {}), "load_universal": True}
     return merged
@@ -184,13 +191,6 @@ def build_engine(model: torch.nn.Module, cfg: TrainConfig, runtime: Runtime, loa
 
         if not is_deepcompile_supported():
             raise ConfigError("engine.deepcompile needs CUDA and torch >= 2.6 (DeepSpeed's DeepCompile)")
-        arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST")
-        if arch_list and arch_list != deepspeed_arch_list(arch_list):
-            # DeepCompile builds its op at engine.compile(); DeepSpeed's builder reads every entry as numbers
-            os.environ["TORCH_CUDA_ARCH_LIST"] = deepspeed_arch_list(arch_list)
-            if runtime.is_main:
-                log.info("engine.deepcompile: TORCH_CUDA_ARCH_LIST %r read as %r for DeepSpeed's op builder",
-                         arch_list, os.environ["TORCH_CUDA_ARCH_LIST"])
     if cfg.engine.zero_stage == 3 and not cfg.engine.deepcompile:
         from deepspeed.utils import set_z3_leaf_module
 
@@ -235,18 +235,50 @@ def build_engine(model: torch.nn.Module, cfg: TrainConfig, runtime: Runtime, loa
                     p.grad = None
             engine.zero_grad = zero_grad
         engine.dig_discard_gradients = lambda: discard_gradients(engine, reducer)
-    if cfg.engine.deepcompile:
-        schedule = None  # DeepSpeed's: for ZeRO-3 the gather/release pass, then at its warm-up step prefetching too
-        if not cfg.engine.deepcompile_prefetch:
-            from deepspeed.compile.passes.zero3_compile import add_z3_gather_release
-
-            schedule = [(0, [add_z3_gather_release])]
-        engine.compile(backend="inductor", schedule=schedule)
-        if runtime.is_main:
-            log.info("engine.deepcompile: DeepSpeed's DeepCompile compiles the whole model at the first step (ZeRO-%d, "
-                     "%s); expect minutes", cfg.engine.zero_stage,
-                     "prefetching after its warm-up" if cfg.engine.deepcompile_prefetch else "compiled once")
     return engine
+
+
+def deepcompile_schedule(zero_stage: int, prefetch: bool, start_step: int) -> list:
+    """DeepCompile's pass schedule as DeepSpeed 0.19 builds it by default, but from `start_step`: DeepSpeed starts
+    a schedule only when the engine's step equals its first entry, so a resumed run (whose engine step is the
+    checkpoint's) needs its own. ZeRO-1/2: the gradient-reduction pass. ZeRO-3: the gather/release pass, and with
+    `prefetch` the profile-guided prefetch and selective-gather passes from the warm-up step on (a second compile)."""
+    if zero_stage in (1, 2):
+        from deepspeed.compile.passes import zero_1_and_2_compile as z12
+
+        return [(start_step, [z12.add_z2_reduce if zero_stage == 2 else z12.add_z1_reduce])]
+    from deepspeed.compile.init_z3 import WARMUP  # the steps DeepSpeed profiles before it plans prefetching
+    from deepspeed.compile.passes import prefetch as prefetch_pass, selective_gather, zero3_compile
+
+    schedule = [(start_step, [zero3_compile.add_z3_gather_release])]
+    if prefetch:
+        schedule.append((start_step + WARMUP, [
+            zero3_compile.add_z3_gather_release, prefetch_pass.schedule_prefetch, selective_gather.selective_gather]))
+    return schedule
+
+
+def compile_with_deepcompile(engine, cfg: TrainConfig, runtime: Runtime) -> None:
+    """engine.deepcompile: hand the model to DeepSpeed's DeepCompile, once the engine holds its state (after a
+    resume, its step is the checkpoint's). The compile itself happens at the next forward."""
+    arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if arch_list and arch_list != deepspeed_arch_list(arch_list):
+        # DeepCompile builds its C++/CUDA op inside engine.compile(); DeepSpeed's builder reads every entry as numbers
+        os.environ["TORCH_CUDA_ARCH_LIST"] = deepspeed_arch_list(arch_list)
+        if runtime.is_main:
+            log.info("engine.deepcompile: TORCH_CUDA_ARCH_LIST %r read as %r for DeepSpeed's op builder",
+                     arch_list, os.environ["TORCH_CUDA_ARCH_LIST"])
+    try:
+        engine.compile(backend="inductor", schedule=deepcompile_schedule(
+            cfg.engine.zero_stage, cfg.engine.deepcompile_prefetch, engine.global_steps))
+    finally:
+        if arch_list is not None:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
+    if runtime.is_main:
+        plan = "the gradient-reduction pass" if cfg.engine.zero_stage < 3 else (
+            "gathers, then prefetching planned after its warm-up steps (a second compile)"
+            if cfg.engine.deepcompile_prefetch else "gathers, compiled once")
+        log.info("engine.deepcompile: DeepSpeed's DeepCompile compiles the whole model at the next step (ZeRO-%d, "
+                 "%s); expect minutes", cfg.engine.zero_stage, plan)
 
 
 def deepspeed_arch_list(arch_list: str) -> str:

@@ -114,6 +114,10 @@ class Trainer:
             self._resume(resume_from)
         else:
             self.ema = self._make_ema()  # = initial weights
+        if cfg.engine.deepcompile:
+            from .engine import compile_with_deepcompile
+
+            compile_with_deepcompile(self.engine, cfg, self.rt)
         self.tracker = make_tracker(self.rt.is_main, self.run_dir, cfg, resolved, self.step,
                                     deepspeed_json=self.engine.config)
         self.console = TrainingConsole(cfg, self.rt, self.accum, self.step, self.engine.module, self.tracker,
