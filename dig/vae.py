@@ -135,6 +135,53 @@ class PosteriorEncoder(torch.nn.Module):
         return mean, torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
 
 
+class GroupNormSiLU(torch.nn.GroupNorm):
+    """A GroupNorm (same parameters, same state-dict names) that also applies the SiLU following it when `silu`,
+    through `dig.ops.group_norm_triton` (Triton kernels for channels-last activations on CUDA, else torch)."""
+
+    def __init__(self, norm: torch.nn.GroupNorm, silu: bool):
+        super().__init__(norm.num_groups, norm.num_channels, norm.eps, norm.affine, device="meta")
+        self.weight, self.bias = norm.weight, norm.bias
+        self.silu = silu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from dig.ops.group_norm_triton import group_norm_silu
+
+        return group_norm_silu(x, self.num_groups, self.weight, self.bias, self.eps, self.silu)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", silu={self.silu}"
+
+
+def fuse_group_norms(module: torch.nn.Module) -> int:
+    """Swap every torch GroupNorm under `module` for a GroupNormSiLU, in place, folding in the SiLU that follows it
+    where the diffusers block runs one right after: a ResnetBlock2D without a time embedding (norm1 -> SiLU,
+    norm2 -> SiLU; its `nonlinearity` becomes Identity) and the encoder's conv_norm_out -> conv_act. Other
+    GroupNorms (the attention's) keep no activation. Returns how many norms took their SiLU in."""
+    from diffusers.models.resnet import ResnetBlock2D
+
+    def silu_module(m) -> bool:
+        return type(m) is torch.nn.SiLU
+
+    fused = 0
+    for block in list(module.modules()):
+        if (isinstance(block, ResnetBlock2D) and block.time_emb_proj is None
+                and block.time_embedding_norm == "default" and silu_module(block.nonlinearity)
+                and type(block.norm1) is torch.nn.GroupNorm and type(block.norm2) is torch.nn.GroupNorm):
+            block.norm1, block.norm2 = GroupNormSiLU(block.norm1, True), GroupNormSiLU(block.norm2, True)
+            block.nonlinearity = torch.nn.Identity()
+            fused += 2
+        elif (type(getattr(block, "conv_norm_out", None)) is torch.nn.GroupNorm
+              and silu_module(getattr(block, "conv_act", None))):
+            block.conv_norm_out, block.conv_act = GroupNormSiLU(block.conv_norm_out, True), torch.nn.Identity()
+            fused += 1
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is torch.nn.GroupNorm:
+                setattr(parent, name, GroupNormSiLU(child, False))
+    return fused
+
+
 @torch.no_grad()
 def decode(vae, latents: torch.Tensor) -> torch.Tensor:
     """Unscaled latents [N, C, h, w] -> images in [-1, 1], [N, 3, h*f, w*f]."""
