@@ -28,14 +28,17 @@ class PipelineConfig(BaseModel):
     device: Literal["auto", "cuda", "cpu"] = "auto"  # encoder device; auto: GPU actors when the cluster has GPUs
     encode_batch_size: int = Field(64, ge=1, description="images per VAE forward (each also flipped: 2x rows)")
     memory_format: Literal["auto", "channels_last", "contiguous"] = Field(
-        "auto", description="encoder tensor layout; auto: channels_last for the compiled encoder on a GPU, "
-        "contiguous (NCHW) otherwise (the faster of the two on an H200 in each case, BENCHMARKS.md)")
+        "auto", description="encoder tensor layout; auto: channels_last on a GPU for the compiled encoder or with "
+        "fused_group_norm, contiguous (NCHW) otherwise (the faster of the two on an H200 in each case, BENCHMARKS.md)")
     compile_encoder: bool = Field(
         False, description="torch.compile the encoder for one fixed batch shape (a shard's last chunk is padded "
         "to it); each actor compiles when it starts (needs Triton and a C compiler on GPU nodes)")
     compile_mode: Literal["default", "max-autotune-no-cudagraphs"] = Field(
         "default", description="torch.compile mode with compile_encoder; max-autotune-no-cudagraphs also times "
         "Triton convolution templates against cuDNN (a much longer compile)")
+    fused_group_norm: bool = Field(
+        True, description="the encoder's GroupNorm (+ the SiLU after it) through the Triton kernels for "
+        "channels-last activations on GPUs (dig/ops/group_norm_triton.py); torch's GroupNorm otherwise")
     num_encoders: Optional[int] = Field(None, ge=1, description="encoder actors, one GPU each on GPU; default: "
                                         "one per GPU of the cluster, or 1 without GPUs")
     encoder_cpus: float = Field(1.0, gt=0, description="CPUs reserved per encoder actor")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from dig.vae import PosteriorEncoder
+from dig.vae import PosteriorEncoder, fuse_group_norms
 
 MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
 
@@ -19,8 +19,10 @@ class EncodeStep(torch.nn.Module):
     of the same pixels would see them, up to that one rounding)."""
 
     def __init__(self, posterior: PosteriorEncoder, device: str, dtype: torch.dtype, memory_format: str,
-                 storage_dtype: torch.dtype):
+                 storage_dtype: torch.dtype, fused_group_norm: bool = False):
         super().__init__()
+        if fused_group_norm:  # GroupNorm + SiLU as one Triton op on channels-last CUDA tensors (dig.vae)
+            fuse_group_norms(posterior)
         self.memory_format = MEMORY_FORMATS[memory_format]
         # The weights get the activations' layout too: a conv whose input and weight disagree converts one of
         # them on every call.

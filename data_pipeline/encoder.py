@@ -19,14 +19,16 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def resolve_memory_format(memory_format: str, device: str, compiled: bool = False) -> str:
-    """auto: channels-last for the compiled encoder on a GPU, contiguous NCHW otherwise. Measured on an H200
-    (BENCHMARKS.md, encoder settings, bf16, batch 64): eager, channels-last ran at 282 images/s against 374
-    contiguous; compiled, channels-last reached 677."""
+def resolve_memory_format(memory_format: str, device: str, compiled: bool = False,
+                          fused_group_norm: bool = False) -> str:
+    """auto: channels-last on a GPU for the compiled encoder or with the fused GroupNorm kernels (which read
+    channels-last rows), contiguous NCHW otherwise. Measured on an H200 (BENCHMARKS.md, encoder settings, bf16,
+    batch 64): eager with torch's GroupNorm, channels-last ran at 282 images/s against 374 contiguous; eager with
+    the fused kernels, channels-last 569; compiled, channels-last 657 (torch's GroupNorm) and 759 (fused)."""
     if memory_format not in MEMORY_FORMATS:
         raise ValueError(f"unknown memory format {memory_format!r}; choose one of {list(MEMORY_FORMATS)}")
     if memory_format == "auto":
-        return "channels_last" if device == "cuda" and compiled else "contiguous"
+        return "channels_last" if device == "cuda" and (compiled or fused_group_norm) else "contiguous"
     return memory_format
 
 
@@ -37,11 +39,12 @@ class LatentEncoder:
     the encode step; the results stay on the device until the shard is done, then come back in one copy, so the
     host never waits for the GPU between chunks. With `compile`, the step is compiled for one fixed batch shape
     and a shard's last, smaller chunk is padded to it (the padded rows are dropped): no recompiles, whatever
-    the shard sizes. `pad_final_batch` forces the padding on or off (default: on exactly when compiling)."""
+    the shard sizes. `pad_final_batch` forces the padding on or off (default: on exactly when compiling).
+    `fused_group_norm`: the VAE's GroupNorms (and the SiLUs after them) through dig.ops.group_norm_triton."""
 
     def __init__(self, vae: str, precision: str = "fp32", device: str = "auto", batch_size: int = 64,
                  storage_dtype: str = "float16", memory_format: str = "auto", compile: bool = False,
-                 compile_mode: str = "default", pad_final_batch: bool | None = None):
+                 compile_mode: str = "default", pad_final_batch: bool | None = None, fused_group_norm: bool = True):
         import torch
 
         from dig.vae import PosteriorEncoder, load_vae
@@ -55,7 +58,7 @@ class LatentEncoder:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.device = resolve_device(device)
-        self.memory_format = resolve_memory_format(memory_format, self.device, bool(compile))
+        self.memory_format = resolve_memory_format(memory_format, self.device, bool(compile), fused_group_norm)
         self.precision = precision
         self.batch_size = batch_size
         self.storage_dtype = storage_dtype
@@ -68,7 +71,7 @@ class LatentEncoder:
         # Loaded on the host in fp32; only the encoder half (no decoder) goes to the device.
         self.step = EncodeStep(PosteriorEncoder(load_vae(vae)), device=self.device,
                                dtype=getattr(torch, PRECISIONS[precision]), memory_format=self.memory_format,
-                               storage_dtype=getattr(torch, storage_dtype)).eval()
+                               storage_dtype=getattr(torch, storage_dtype), fused_group_norm=fused_group_norm).eval()
         # dynamic=False: one graph for the one (padded) batch shape, never a dynamic-shape recompile.
         self.run_step = torch.compile(self.step, mode=compile_mode, dynamic=False) if self.compile else self.step
 

@@ -120,7 +120,7 @@ def build_dataset(cfg: PipelineConfig, rows: list[dict], use_gpu: bool, num_enco
         fn_constructor_kwargs=dict(vae=cfg.vae, precision=cfg.precision, device="cuda" if use_gpu else "cpu",
                                    batch_size=cfg.encode_batch_size, storage_dtype=cfg.storage_dtype,
                                    memory_format=cfg.memory_format, compile=cfg.compile_encoder,
-                                   compile_mode=cfg.compile_mode),
+                                   compile_mode=cfg.compile_mode, fused_group_norm=cfg.fused_group_norm),
         compute=ActorPoolStrategy(size=num_encoders), num_gpus=1 if use_gpu else 0, num_cpus=cfg.encoder_cpus)
     return ds.map(write_shard, fn_kwargs=dict(output=cfg.output, name=cfg.name, storage_dtype=cfg.storage_dtype),
                   num_cpus=0.5, runtime_env=runtime_env)
@@ -212,7 +212,8 @@ def run(cfg: PipelineConfig) -> dict:
           f"{len(shards)} shards of {cfg.shard_size} ({dealt}); {len(done)} already done, {len(todo)} to do; "
           f"encoder on {'GPU' if use_gpu else 'CPU'} x{num_encoders} ({cfg.precision}, batch "
           f"{cfg.encode_batch_size}, memory format {cfg.memory_format}"
-          f"{f', compiled ({cfg.compile_mode})' if cfg.compile_encoder else ''})", flush=True)
+          f"{f', compiled ({cfg.compile_mode})' if cfg.compile_encoder else ''}"
+          f"{', fused GroupNorm' if cfg.fused_group_norm else ''})", flush=True)
 
     records = _read_done(cfg, done)
     encode_start = time.monotonic()

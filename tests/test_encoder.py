@@ -100,12 +100,13 @@ def test_encode_step_is_one_graph_for_the_compiler():
     torch._dynamo.reset()
 
 
-def test_memory_format_auto_is_channels_last_only_when_compiled_on_gpu():
+def test_memory_format_auto_is_channels_last_only_when_compiled_or_fused_on_gpu():
     from data_pipeline.encoder import resolve_memory_format
 
     assert resolve_memory_format("auto", "cuda", compiled=True) == "channels_last"
+    assert resolve_memory_format("auto", "cuda", fused_group_norm=True) == "channels_last"
     assert resolve_memory_format("auto", "cuda") == "contiguous"
-    assert resolve_memory_format("auto", "cpu", compiled=True) == "contiguous"
+    assert resolve_memory_format("auto", "cpu", compiled=True, fused_group_norm=True) == "contiguous"
     assert resolve_memory_format("auto", "cpu") == "contiguous"
     assert resolve_memory_format("channels_last", "cpu") == "channels_last"
     with pytest.raises(ValueError, match="unknown memory format 'nhwc'"):
