@@ -10,11 +10,18 @@ Both count source images per second (each image is encoded twice: as is and mirr
   .venv/bin/python bench/bench_pipeline.py --vae config:sd --resolution 256 --images 64 --batch 16
 
 Encoder settings (`--only encoder`): one setting from the flags, or several in one process with `--settings`
-(comma-separated) or `--sweep` (the issue-12 table). A setting is PRECISION[+cl][+compile|+autotune][@BATCH]:
+(comma-separated) or `--sweep` (the issue-12 table). A setting is
+PRECISION[+cl][+compile|+autotune][+freeze][+allalgos][+torchgn][@BATCH]:
   fp32 | fp16 | bf16   encoder arithmetic;      +cl        channels-last memory format (else contiguous NCHW)
   +compile             torch.compile'd step;    +autotune  the same in mode max-autotune-no-cudagraphs (slow compile)
+  +freeze              inductor's freezing (weights folded in as constants; with +compile or +autotune)
+  +allalgos            cuDNN's benchmark tries every convolution algorithm (torch.backends.cudnn.benchmark_limit=0;
+                       torch's default tries 10)
+  +torchgn             torch's GroupNorm and SiLU (inductor's kernels when compiled) instead of the pipeline's
+                       default, dig.ops.group_norm_triton (fused_group_norm: false)
   @BATCH               images per forward (default --batch)
   legacy-bf16@64       the encoder stage as it was before issue 12 (kept here for before/after in one run)
+`--profile` adds, per setting, where one timed call's GPU time goes (kernels by kind, the busiest kernels).
 Every row reports source images/s, encodes/s, its warm-up (first call: cuDNN autotune, compile) and the max abs
 difference of its stored mean/std against a strict fp32 encode (TF32 off) of the same images through diffusers'
 own AutoencoderKL.encode; `--no-reference` skips that encode.
@@ -44,9 +51,11 @@ from bench.common import fmt_table, versions  # noqa: E402
 from data_pipeline.config import PipelineConfig  # noqa: E402
 from data_pipeline.encoder import LatentEncoder  # noqa: E402
 
-SWEEP = ["legacy-bf16", "fp32", "bf16", "bf16+cl", "fp16+cl", "bf16+cl+compile", "bf16+cl@32", "bf16+cl@128",
-         "bf16+cl+compile@32", "bf16+cl+compile@128"]
-SETTING = re.compile(r"^(?P<legacy>legacy-)?(?P<precision>fp32|fp16|bf16)(?P<flags>(\+(cl|compile|autotune))*)"
+SWEEP = ["legacy-bf16", "fp32", "bf16", "bf16+cl", "bf16+cl+torchgn", "fp16+cl", "bf16+cl+compile",
+         "bf16+cl+compile+torchgn", "fp16+cl+compile", "bf16+cl@32", "bf16+cl@128", "bf16+cl+compile@32",
+         "bf16+cl+compile@128"]
+SETTING = re.compile(r"^(?P<legacy>legacy-)?(?P<precision>fp32|fp16|bf16)"
+                     r"(?P<flags>(\+(cl|compile|autotune|freeze|allalgos|torchgn))*)"
                      r"(@(?P<batch>[1-9][0-9]*))?$")
 
 
@@ -59,24 +68,32 @@ class EncoderSetting:
     batch: int
     legacy: bool = False
     compile_mode: str = "default"
+    freeze: bool = False  # inductor's freezing
+    all_algorithms: bool = False  # cuDNN benchmark over every algorithm
+    fused_group_norm: bool = True  # the pipeline's GroupNorm kernels (+torchgn: False)
 
 
 def parse_setting(spec: str, default_batch: int) -> EncoderSetting:
     match = SETTING.match(spec.strip())
     if not match:
-        raise ValueError(f"bad encoder setting {spec!r}: expected PRECISION[+cl][+compile|+autotune][@BATCH], e.g. "
-                         "bf16+cl+compile@64, or legacy-bf16")
+        raise ValueError(f"bad encoder setting {spec!r}: expected "
+                         "PRECISION[+cl][+compile|+autotune][+freeze][+allalgos][+torchgn][@BATCH], e.g. bf16+cl+compile@64, "
+                         "or legacy-bf16")
     flags = set(filter(None, match["flags"].split("+")))
     if match["legacy"] and flags:
-        raise ValueError(f"bad encoder setting {spec!r}: the legacy path takes no +cl/+compile/+autotune")
+        raise ValueError(f"bad encoder setting {spec!r}: the legacy path takes no +flags")
     if {"compile", "autotune"} <= flags:
         raise ValueError(f"bad encoder setting {spec!r}: +autotune is a compile mode; give +compile or +autotune")
+    if "freeze" in flags and not flags & {"compile", "autotune"}:
+        raise ValueError(f"bad encoder setting {spec!r}: +freeze is an option of the compiled step; add +compile")
     batch = int(match["batch"]) if match["batch"] else default_batch
     name = spec.strip() if match["batch"] else f"{spec.strip()}@{batch}"
     return EncoderSetting(name=name, precision=match["precision"],
                           memory_format="channels_last" if "cl" in flags else "contiguous",
                           compile=bool(flags & {"compile", "autotune"}), batch=batch, legacy=bool(match["legacy"]),
-                          compile_mode="max-autotune-no-cudagraphs" if "autotune" in flags else "default")
+                          compile_mode="max-autotune-no-cudagraphs" if "autotune" in flags else "default",
+                          freeze="freeze" in flags, all_algorithms="allalgos" in flags,
+                          fused_group_norm="torchgn" not in flags)
 
 
 def make_jpeg_folder(root: str, count: int, classes: int = 4, seed: int = 0) -> None:
@@ -154,11 +171,73 @@ def reference_encode(vae_spec: str, images: np.ndarray, batch: int, device: str)
     return np.concatenate(means), np.concatenate(stds)
 
 
+ENCODER_KERNEL_KINDS = [  # (kind, regex over the kernel name), first match wins
+    ("group norm (ours)", r"^_(stats|normalize)_kernel$"),
+    # inductor names a kernel after every op it fused, so its GroupNorm kernels mention "convolution" too
+    ("group norm (inductor)", r"^triton_.*group_norm"),
+    ("other elementwise (inductor)", r"^triton_"),
+    ("layout transforms", r"nchwToNhwc|nhwcToNchw"),
+    ("conv (cuDNN)", r"fprop|implicit_gemm|conv|xmma|cudnn"),
+    ("attention", r"flash|fmha|attention"),
+    ("matmul", r"gemm|cutlass|nvjet|wgmma|matmul"),
+    ("copies", r"memcpy|copy"),
+]
+
+
+def encoder_kernel_kind(name: str) -> str:
+    for kind, pattern in ENCODER_KERNEL_KINDS:
+        if re.search(pattern, name, re.IGNORECASE):
+            return kind
+    return "other"
+
+
+def profile_encoder(encoder, images: np.ndarray, top: int = 12) -> dict:
+    """GPU kernel time of one encode_images call, by kind and for the busiest kernels, beside its wall time."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        encoder.encode_images(images)
+        torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - start) * 1e3
+    kinds: dict[str, float] = {}
+    kernels: dict[str, float] = {}
+    for evt in prof.key_averages():
+        if evt.device_type != torch.autograd.DeviceType.CUDA or evt.device_time_total <= 0:
+            continue  # operator events carry their kernels' time too: count kernels only
+        ms = evt.device_time_total / 1e3
+        kinds[encoder_kernel_kind(evt.key)] = kinds.get(encoder_kernel_kind(evt.key), 0.0) + ms
+        kernels[evt.key] = kernels.get(evt.key, 0.0) + ms
+    busiest = sorted(kernels.items(), key=lambda kv: -kv[1])[:top]
+    return {"wall_ms": round(wall_ms, 1), "kernel_ms": round(sum(kinds.values()), 1),
+            "by_kind_ms": {k: round(v, 2) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+            "busiest_kernels_ms": {k[:160]: round(v, 2) for k, v in busiest}}
+
+
 def measure_encoder(setting: EncoderSetting, args, images: np.ndarray, reference) -> dict:
+    import contextlib
+
     import torch
 
     if setting.compile:
         torch._dynamo.reset()  # each compiled row starts from a clean cache (and its own compile time)
+    with contextlib.ExitStack() as scope:
+        if setting.freeze:  # held through the warm-up call, where the step compiles
+            import torch._inductor.config as inductor_config
+
+            scope.enter_context(inductor_config.patch(freezing=True))
+        if setting.all_algorithms:
+            saved_limit = torch.backends.cudnn.benchmark_limit
+            torch.backends.cudnn.benchmark_limit = 0
+            scope.callback(setattr, torch.backends.cudnn, "benchmark_limit", saved_limit)
+        return _measure_encoder(setting, args, images, reference)
+
+
+def _measure_encoder(setting: EncoderSetting, args, images: np.ndarray, reference) -> dict:
+    import torch
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if setting.legacy:
@@ -167,7 +246,7 @@ def measure_encoder(setting: EncoderSetting, args, images: np.ndarray, reference
             encoder = LatentEncoder(args.vae, precision=setting.precision, device=args.device,
                                     batch_size=setting.batch, storage_dtype=args.storage_dtype,
                                     memory_format=setting.memory_format, compile=setting.compile,
-                                    compile_mode=setting.compile_mode)
+                                    compile_mode=setting.compile_mode, fused_group_norm=setting.fused_group_norm)
     device = torch.device(encoder.device)
     start = time.perf_counter()
     encoder.encode_images(images)  # warm-up: allocator, cuDNN autotune of every shape, compile
@@ -186,6 +265,12 @@ def measure_encoder(setting: EncoderSetting, args, images: np.ndarray, reference
            "batch": setting.batch, "images": len(images), "seconds": round(seconds, 4),
            "source_img_per_s": round(len(images) / seconds, 2), "encodes_per_s": round(2 * len(images) / seconds, 2),
            "warmup_s": round(warmup, 2)}
+    if args.profile and device.type == "cuda":
+        row["profile"] = profile_encoder(encoder, images)
+        print(f"[bench_pipeline] {setting.name}: one call {row['profile']['wall_ms']} ms wall, "
+              f"{row['profile']['kernel_ms']} ms of kernels: " + json.dumps(row["profile"]["by_kind_ms"]), flush=True)
+        for name, ms in row["profile"]["busiest_kernels_ms"].items():
+            print(f"    {ms:9.2f} ms  {name}", flush=True)
     if reference is not None:
         row["mean_max_abs_diff"] = float(np.abs(mean.astype(np.float64) - reference[0]).max())
         row["std_max_abs_diff"] = float(np.abs(std.astype(np.float64) - reference[1]).max())
@@ -201,7 +286,8 @@ def encoder_settings(args) -> list[EncoderSetting]:
         return [parse_setting(spec, args.batch) for spec in specs]
     from data_pipeline.encoder import resolve_device, resolve_memory_format
 
-    memory_format = resolve_memory_format(args.memory_format, resolve_device(args.device))
+    memory_format = resolve_memory_format(args.memory_format, resolve_device(args.device), args.compile,
+                                          fused_group_norm=True)
     name = args.precision + ("+cl" if memory_format == "channels_last" else "")
     name += ("+autotune" if args.compile_mode != "default" else "+compile") if args.compile else ""
     return [EncoderSetting(name=f"{name}@{args.batch}", precision=args.precision, memory_format=memory_format,
@@ -292,7 +378,12 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="encoder: the issue-12 table: " + ", ".join(SWEEP))
     parser.add_argument("--repeat", type=int, default=3, help="encoder: timed calls per setting (median)")
     parser.add_argument("--no-reference", action="store_true", help="encoder: skip the fp32 reference encode")
+    parser.add_argument("--profile", action="store_true",
+                        help="encoder, on a GPU: where one call's kernel time goes, per setting (kinds, busiest kernels)")
     parser.add_argument("--out", default=None, help="encoder: write encoder_bench.json (updated after each row)")
+    parser.add_argument("--gn-options", default="default",
+                        help="encoder: launch options of the fused GroupNorm kernels for every row, "
+                             "NAME=VALUE[;NAME=VALUE] over TILE, STATS_PROGRAMS, NUM_WARPS (bench.bench_group_norm)")
     args = parser.parse_args()
     if args.images < 1 or args.repeat < 1 or args.batch < 1:
         parser.error("--images, --repeat and --batch must be at least 1")
@@ -301,8 +392,16 @@ def main() -> None:
     if args.only != "pipeline":
         try:
             encoder_settings(args)  # a bad setting fails here, before any work
+            from bench.bench_group_norm import parse_options
+
+            gn_options = parse_options(args.gn_options)
         except ValueError as exc:
             parser.error(str(exc))
+        if gn_options:
+            import dig.ops.group_norm_triton as group_norm_module
+
+            for name, value in gn_options.items():
+                setattr(group_norm_module, name, value)
 
     import torch
 

@@ -117,9 +117,14 @@ def test_bench_pipeline_setting_names():
     assert (s.name, s.memory_format, s.compile, s.compile_mode) == (
         "fp16+autotune@64", "contiguous", True, "max-autotune-no-cudagraphs")
     assert parse_setting("legacy-bf16", 32).legacy and not parse_setting("bf16", 32).legacy
+    s = parse_setting("bf16+cl+compile+freeze+allalgos", 64)
+    assert (s.freeze, s.all_algorithms, s.compile) == (True, True, True)
+    s = parse_setting("bf16+allalgos", 64)
+    assert (s.freeze, s.all_algorithms, s.compile) == (False, True, False)
     names = [parse_setting(spec, 64).name for spec in SWEEP]
     assert len(set(names)) == len(names) and "legacy-bf16@64" in names and "bf16+cl+compile@64" in names
-    for bad in ("bf16+cl+compile+autotune", "legacy-bf16+cl", "bf16@0", "int8", "bf16+cl@"):
+    for bad in ("bf16+cl+compile+autotune", "legacy-bf16+cl", "bf16@0", "int8", "bf16+cl@", "bf16+cl+freeze",
+                "legacy-bf16+allalgos"):
         with pytest.raises(ValueError, match="bad encoder setting"):
             parse_setting(bad, 64)
 
