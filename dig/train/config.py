@@ -105,7 +105,7 @@ class EngineConfig(_Section):
     grad_allreduce_dtype: Literal["fp32", "bf16"] = "fp32"  # dtype gradients are summed over ranks in (bf16: half the bytes, bf16 rounding)
     cached_optimizer_step: bool = True     # stage 0 with fp32 weights: torch's fused AdamW kernel called with tensor lists built once, and gradients reset over a cached parameter list (false: torch's and DeepSpeed's own per-step Python)
     backward_before_loss_check: bool = True  # stage 0 with fp32 weights, one micro-batch per step: queue the backward before reading the loss back, so the GPU does not drain in between (a non-finite micro-batch then drops its gradients)
-    deepcompile: bool = False              # CUDA, ZeRO 1-3, with model.compile=false: DeepSpeed's DeepCompile compiles the whole model with ZeRO's gathers and reductions inside the graph (experimental: DiG-XL/2 took over 5 minutes to its third step, no steady speed measured yet; BENCHMARKS.md)
+    deepcompile: bool = False              # CUDA, ZeRO 1-3, with model.compile=false: DeepSpeed's DeepCompile compiles the whole model with ZeRO's gathers and reductions inside the graph (experimental: DiG-XL/2 took almost 6 minutes to its third step, then 98.5 img/s against 149 for ZeRO-3 with CUDA-graphed blocks on one H200; BENCHMARKS.md)
     deepcompile_prefetch: bool = True      # with deepcompile and ZeRO-3: DeepCompile's profile-guided prefetch and selective-gather passes, which compile the model a second time after its warm-up steps (false: compile once, gathers where the weights are used)
 
 
