@@ -19,7 +19,8 @@ import torch.nn.functional as F
 
 from .common import copy_bandwidth_gbs, fmt_table, median, time_ms, versions
 
-SHAPES = [(128, 128, 256, 256), (128, 256, 128, 128), (128, 512, 64, 64), (128, 512, 32, 32)]
+SHAPES = [(128, 128, 256, 256), (128, 128, 128, 128), (128, 256, 128, 128), (128, 256, 64, 64), (128, 512, 64, 64),
+          (128, 512, 32, 32)]  # the SD encoder's six norm shapes (22 norms: 4, 1, 3, 1, 3 and 10 of them)
 TUNABLE = ("TILE", "STATS_PROGRAMS", "NUM_WARPS")
 
 

@@ -173,8 +173,9 @@ def reference_encode(vae_spec: str, images: np.ndarray, batch: int, device: str)
 
 ENCODER_KERNEL_KINDS = [  # (kind, regex over the kernel name), first match wins
     ("group norm (ours)", r"^_(stats|normalize)_kernel$"),
-    # inductor names a kernel after every op it fused, so its GroupNorm kernels mention "convolution" too
-    ("group norm (inductor)", r"^triton_.*group_norm"),
+    # inductor names a kernel after the ops it fused and the ops it feeds: its own GroupNorm kernels mention
+    # "convolution" too (so this comes before conv), and a conv's bias add feeding our op mentions "group_norm"
+    ("group norm (inductor)", r"^triton_.*native_group_norm"),
     ("other elementwise (inductor)", r"^triton_"),
     ("layout transforms", r"nchwToNhwc|nhwcToNchw"),
     ("conv (cuDNN)", r"fprop|implicit_gemm|conv|xmma|cudnn"),

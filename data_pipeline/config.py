@@ -37,8 +37,9 @@ class PipelineConfig(BaseModel):
         "default", description="torch.compile mode with compile_encoder; max-autotune-no-cudagraphs also times "
         "Triton convolution templates against cuDNN (a much longer compile)")
     fused_group_norm: bool = Field(
-        True, description="the encoder's GroupNorm (+ the SiLU after it) through the Triton kernels for "
-        "channels-last activations on GPUs (dig/ops/group_norm_triton.py); torch's GroupNorm otherwise")
+        True, description="on GPUs, the encoder's GroupNorm (+ the SiLU after it) through Triton kernels that read "
+        "channels-last activations (dig/ops/group_norm_triton.py; Triton builds its launcher with the node's C "
+        "compiler); if they cannot launch, a warning and torch's GroupNorm; on CPUs torch's GroupNorm")
     num_encoders: Optional[int] = Field(None, ge=1, description="encoder actors, one GPU each on GPU; default: "
                                         "one per GPU of the cluster, or 1 without GPUs")
     encoder_cpus: float = Field(1.0, gt=0, description="CPUs reserved per encoder actor")

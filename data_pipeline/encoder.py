@@ -32,6 +32,20 @@ def resolve_memory_format(memory_format: str, device: str, compiled: bool = Fals
     return memory_format
 
 
+def _group_norm_kernels_run() -> bool:
+    import warnings
+
+    import torch
+
+    from dig.ops.group_norm_triton import kernels_launch
+
+    why = kernels_launch(torch.device("cuda"))
+    if why:
+        warnings.warn(f"fused_group_norm: the Triton GroupNorm kernels do not run on this node ({why}); the encoder "
+                      "uses torch's GroupNorm instead (slower; fused_group_norm: false silences this)", stacklevel=3)
+    return why is None
+
+
 class LatentEncoder:
     """Callable class for `Dataset.map_batches(..., batch_size=1)`: one row is one shard.
 
@@ -40,7 +54,9 @@ class LatentEncoder:
     host never waits for the GPU between chunks. With `compile`, the step is compiled for one fixed batch shape
     and a shard's last, smaller chunk is padded to it (the padded rows are dropped): no recompiles, whatever
     the shard sizes. `pad_final_batch` forces the padding on or off (default: on exactly when compiling).
-    `fused_group_norm`: the VAE's GroupNorms (and the SiLUs after them) through dig.ops.group_norm_triton."""
+    `fused_group_norm`: on a GPU, the VAE's GroupNorms (and the SiLUs after them) through
+    dig.ops.group_norm_triton's kernels, which read channels-last rows (with memory_format auto, channels-last
+    is chosen for them); if the kernels cannot launch on this node, a warning and torch's GroupNorm."""
 
     def __init__(self, vae: str, precision: str = "fp32", device: str = "auto", batch_size: int = 64,
                  storage_dtype: str = "float16", memory_format: str = "auto", compile: bool = False,
@@ -58,7 +74,8 @@ class LatentEncoder:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.device = resolve_device(device)
-        self.memory_format = resolve_memory_format(memory_format, self.device, bool(compile), fused_group_norm)
+        self.fused_group_norm = bool(fused_group_norm) and self.device == "cuda" and _group_norm_kernels_run()
+        self.memory_format = resolve_memory_format(memory_format, self.device, bool(compile), self.fused_group_norm)
         self.precision = precision
         self.batch_size = batch_size
         self.storage_dtype = storage_dtype
@@ -71,7 +88,8 @@ class LatentEncoder:
         # Loaded on the host in fp32; only the encoder half (no decoder) goes to the device.
         self.step = EncodeStep(PosteriorEncoder(load_vae(vae)), device=self.device,
                                dtype=getattr(torch, PRECISIONS[precision]), memory_format=self.memory_format,
-                               storage_dtype=getattr(torch, storage_dtype), fused_group_norm=fused_group_norm).eval()
+                               storage_dtype=getattr(torch, storage_dtype),
+                               fused_group_norm=self.fused_group_norm).eval()
         # dynamic=False: one graph for the one (padded) batch shape, never a dynamic-shape recompile.
         self.run_step = torch.compile(self.step, mode=compile_mode, dynamic=False) if self.compile else self.step
 

@@ -213,7 +213,7 @@ def run(cfg: PipelineConfig) -> dict:
           f"encoder on {'GPU' if use_gpu else 'CPU'} x{num_encoders} ({cfg.precision}, batch "
           f"{cfg.encode_batch_size}, memory format {cfg.memory_format}"
           f"{f', compiled ({cfg.compile_mode})' if cfg.compile_encoder else ''}"
-          f"{', fused GroupNorm' if cfg.fused_group_norm else ''})", flush=True)
+          f"{', fused GroupNorm' if cfg.fused_group_norm and use_gpu else ''})", flush=True)
 
     records = _read_done(cfg, done)
     encode_start = time.monotonic()

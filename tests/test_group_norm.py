@@ -6,12 +6,14 @@ On the CPU the kernels run through Triton's interpreter in a subprocess (tests/g
 and many tiles per program, several statistics splits with a short last split and a partial last tile, float32 /
 bfloat16 / float16 with weights in another dtype, one channel per group, the [N, C, L] layout diffusers' attention
 hands its norm, values far from zero (mean 1000, std 1: a one-pass E[x^2] - E[x]^2 loses the variance there),
-torch.compile(fullgraph=True) around the op and torch.library.opcheck. GPU tests (`pytest -m gpu
-tests/test_group_norm.py`) run the same comparisons at the SD VAE encoder's shapes.
+a variance as small as eps (so eps counts), torch.compile(fullgraph=True) around the op, and
+torch.library.opcheck with channels-last and NCHW inputs. GPU tests (`pytest -m gpu tests/test_group_norm.py`)
+compare the kernels with float64 at the SD VAE encoder's six norm shapes (16 images + mirrors) and check that
+the pipeline's compiled GPU encoder runs them.
 
 Tolerance, elementwise: |got - ref| <= rtol * |ref| + atol * max|ref|, rtol the output dtype's rounding (bfloat16
-one ulp, 2^-7: the interpreter truncates where a GPU rounds), atol 1e-5 (float32 sums), 2e-4 for the far-from-zero
-case (its float32 inputs carry 6e-5 of rounding at 1000).
+one ulp, 2^-7: the interpreter truncates where a GPU rounds), atol 1e-5 (float32 sums); 2e-4 for the
+far-from-zero case, where float32 arithmetic on values near 1000 rounds at 6e-5 (the mean, and x - mean).
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ CASES = {  # id: (shape, groups, x dtype, weight dtype, silu, layout, values, mo
     "one-channel-per-group": ((2, 16, 4, 4), 16, f32, f32, False, "cl", "normal", {"TILE": 32}),
     "attention-layout": ((2, 64, 50), 32, bf16, bf16, False, "rows", "normal", {"TILE": 256}),
     "far-from-zero": ((2, 32, 16, 16), 8, f32, f32, False, "cl", "offset", {"TILE": 256, "STATS_PROGRAMS": 4}),
+    "variance-near-eps": ((2, 32, 4, 4), 8, f32, f32, True, "cl", "small", {}),
 }
 RTOL = {f32: 1e-5, bf16: 2 ** -7, f16: 2 ** -10}
 
@@ -45,7 +48,12 @@ def make_case(shape, groups, dtype, weight_dtype, layout, values, seed, device="
     gen = torch.Generator(device=device).manual_seed(seed)
     N, C = shape[:2]
     rows = torch.randn(N, *shape[2:], C, generator=gen, device=device, dtype=torch.float64)  # [N, *spatial, C]
-    rows = rows + 1000 if values == "offset" else 3 * rows + torch.linspace(-2, 2, C, device=device)
+    if values == "offset":
+        rows = rows + 1000
+    elif values == "small":  # std 1e-3: variance 1e-6 = EPS
+        rows = 1e-3 * rows
+    else:
+        rows = 3 * rows + torch.linspace(-2, 2, C, device=device)
     x = rows.movedim(-1, 1).to(dtype)  # channels-last memory ([N, *spatial, C] rows)
     if layout == "cl":
         assert x.is_contiguous(memory_format=CL)
@@ -126,14 +134,21 @@ def test_fused_encoder_matches_diffusers_encode(interpreted):
     torch.testing.assert_close(enc["std"], enc["ref_std"], rtol=1e-4, atol=1e-4)
 
 
-def test_fallbacks_take_the_reference():
-    """NCHW memory, a gradient to take, channel or group counts that are not powers of two, and CPU tensors
-    outside the interpreter: the torch reference, same values."""
+def test_fallbacks_take_the_reference(monkeypatch):
+    """NCHW memory, a gradient to take, a channel count that is not a power of two, weights of another size, and
+    CPU tensors outside the interpreter: the torch reference, same values."""
+    import dig.ops.group_norm_triton as module
+
     x, weight, bias = make_case((2, 32, 4, 4), 8, f32, f32, "cl", "normal", seed=9)
+    x24, weight24, bias24 = make_case((2, 24, 4, 4), 8, f32, f32, "cl", "normal", seed=10)
+    assert not module._INTERPRETED and not kernels_apply(x, 8, weight, bias)  # CPU, no interpreter
+    monkeypatch.setattr(module, "_INTERPRETED", True)  # as under the interpreter: only the named reason is left
+    assert kernels_apply(x, 8, weight, bias)
     assert not kernels_apply(x.contiguous(), 8, weight, bias)
     assert not kernels_apply(x.detach().requires_grad_(), 8, weight, bias)
-    with torch.no_grad():
-        assert not kernels_apply(x[:, :24], 8, weight[:24], bias[:24])  # C = 24
+    assert not kernels_apply(x24, 8, weight24, bias24)  # C = 24, dense channels-last
+    assert not kernels_apply(x, 8, weight[:16], bias)
+    monkeypatch.setattr(module, "_INTERPRETED", False)
     y = group_norm_silu(x, 8, weight, bias, EPS, True)
     check("cpu", y, float64_reference(x, 8, weight, bias, True), f32)
     with pytest.raises(ValueError, match="divisible by num_groups"):
@@ -154,8 +169,30 @@ def test_fuse_group_norms_leaves_other_activations_alone():
                                                         groups=8).state_dict())
 
 
-# The SD VAE encoder's norm shapes at 256 px, 16 images + mirrors: [N, C, H, W]
-SD_SHAPES = [(32, 128, 256, 256), (32, 256, 128, 128), (32, 512, 64, 64), (32, 512, 32, 32)]
+def test_kernels_launch_reports_why_not():
+    """On CPU tensors outside the interpreter Triton cannot launch: the probe the pipeline's GPU encoder runs
+    before using the kernels returns the reason instead of raising."""
+    from dig.ops.group_norm_triton import kernels_launch
+
+    why = kernels_launch(torch.device("cpu"))
+    assert isinstance(why, str) and why, why
+
+
+def test_cpu_pipeline_encoder_keeps_torch_group_norm():
+    """On CPUs the pipeline's encoder is what it was (fused_group_norm applies to GPUs)."""
+    from data_pipeline.encoder import LatentEncoder
+    from dig.vae import GroupNormSiLU
+
+    with pytest.warns(UserWarning, match="RANDOM"):
+        encoder = LatentEncoder("config:tiny", device="cpu", memory_format="channels_last")
+    assert not encoder.fused_group_norm
+    assert not any(isinstance(m, GroupNormSiLU) for m in encoder.step.modules())
+    assert any(type(m) is torch.nn.GroupNorm for m in encoder.step.modules())
+
+
+# The SD VAE encoder's six norm shapes at 256 px, 16 images + mirrors: [N, C, H, W]
+SD_SHAPES = [(32, 128, 256, 256), (32, 128, 128, 128), (32, 256, 128, 128), (32, 256, 64, 64), (32, 512, 64, 64),
+             (32, 512, 32, 32)]
 
 
 @pytest.mark.gpu
@@ -167,3 +204,34 @@ def test_gpu_kernels_match_float64_sd_shapes(shape, dtype):
         assert kernels_apply(x, 32, weight, bias)
         y = group_norm_silu(x, 32, weight, bias, EPS, True)
     check("gpu", y, float64_reference(x, 32, weight, bias, True), dtype)
+
+
+@pytest.mark.gpu
+def test_gpu_pipeline_encoder_runs_the_kernels(monkeypatch):
+    """The pipeline's compiled bf16 GPU encoder (memory_format auto) goes through the kernels: every norm of the
+    tiny VAE launches them once per encode step."""
+    import numpy as np
+
+    import dig.ops.group_norm_triton as module
+    from data_pipeline.encoder import LatentEncoder
+
+    assert module.kernels_launch(torch.device("cuda")) is None
+    launches = [0]
+    inner = module._launch
+
+    def counted(*args):
+        launches[0] += 1
+        return inner(*args)
+
+    monkeypatch.setattr(module, "_launch", counted)
+    torch._dynamo.reset()
+    with pytest.warns(UserWarning, match="RANDOM"):
+        encoder = LatentEncoder("config:tiny", precision="bf16", device="cuda", batch_size=4, compile=True)
+    assert encoder.fused_group_norm and encoder.memory_format == "channels_last"
+    norms = sum(isinstance(m, torch.nn.GroupNorm) for m in encoder.step.modules())
+    crops = np.random.default_rng(0).integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)
+    encoder.encode_images(crops)
+    launches[0] = 0
+    mean, _ = encoder.encode_images(crops)
+    assert launches[0] == norms and np.isfinite(mean).all(), (launches[0], norms)
+    torch._dynamo.reset()

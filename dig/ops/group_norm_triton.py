@@ -23,6 +23,7 @@ The reference is `group_norm_torch.py`; tests run these kernels through Triton's
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 
@@ -32,8 +33,8 @@ from .group_norm_torch import group_norm_silu_torch
 
 # A tile is TILE values: BLOCK_L = TILE / C pixel rows (C = 128 ... 512 in the SD VAE: 32 ... 8 rows), 16 fp32
 # values per thread with 8 warps. Statistics run in about STATS_PROGRAMS programs (a few per SM on an H200) whatever
-# the batch, each looping over its split's tiles. 8 warps against 4: 4.3 against 5.3 ms over the SD encoder's four
-# norm shapes at 128 rows, 1.26-4.4x the byte floor (`python3 -m bench.bench_group_norm`, BENCHMARKS.md).
+# the batch, each looping over its split's tiles. 8 warps against 4: 4.3 against 5.3 ms over four of the SD
+# encoder's six norm shapes at 128 rows, 1.26-4.4x the byte floor (`python3 -m bench.bench_group_norm`, BENCHMARKS.md).
 TILE = 4096
 NUM_WARPS = 8
 STATS_PROGRAMS = 1024
@@ -55,12 +56,13 @@ def channels_last_rows(x: torch.Tensor) -> bool:
 
 def kernels_apply(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None) -> bool:
     """Whether the kernels take this call: CUDA (or the interpreter), Triton installed, float32/bf16/fp16,
-    channels-last rows, C and G powers of two, an affine norm, and no gradient to take."""
+    channels-last rows, C a power of two (so is every G dividing it), an affine norm with [C] weight and bias on
+    x's device, and no gradient to take."""
     C = x.shape[1] if x.dim() >= 2 else 0
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+    affine = all(t is not None and t.shape == (C,) and t.device == x.device for t in (weight, bias))
     return (TRITON_INSTALLED and (x.is_cuda or _INTERPRETED) and x.dtype in KERNEL_DTYPES and not needs_grad
-            and weight is not None and bias is not None and channels_last_rows(x) and _power_of_two(C)
-            and _power_of_two(num_groups) and C % num_groups == 0 and x.numel() > 0)
+            and affine and channels_last_rows(x) and _power_of_two(C) and C % num_groups == 0 and x.numel() > 0)
 
 
 if TRITON_INSTALLED:
@@ -141,8 +143,19 @@ def _layout(N: int, L: int, C: int) -> tuple[int, int, int, int]:
 
 def _group_norm_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_groups: int, eps: float,
                      silu: bool) -> torch.Tensor:
-    if not channels_last_rows(x):  # the dispatcher checked; a compiler that re-laid x out gets a copy, not garbage
-        x = x.movedim(1, -1).contiguous().movedim(-1, 1)
+    if x.numel() == 0:
+        return torch.empty_like(x)
+    if not channels_last_rows(x):
+        # The dispatcher checked the layout; a compiler that hands the op another one gets a channels-last copy
+        # computed, and the result in x's own layout (the one the fake implementation promised).
+        y = _group_norm_silu(x.movedim(1, -1).contiguous().movedim(-1, 1), weight, bias, num_groups, eps, silu)
+        return torch.empty_like(x).copy_(y)
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():  # Triton launches on the current device
+        return _launch(x, weight, bias, num_groups, eps, silu)
+
+
+def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_groups: int, eps: float,
+            silu: bool) -> torch.Tensor:
     N, C = x.shape[:2]
     L = x[0, 0].numel()
     block_l, tiles, splits, per_split = _layout(N, L, C)
@@ -173,6 +186,24 @@ def group_norm_silu_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 @group_norm_silu_op.register_fake
 def _(x, weight, bias, num_groups, eps, silu):
     return torch.empty_like(x)
+
+
+def kernels_launch(device: torch.device) -> str | None:
+    """None when the kernels run on `device` and agree with the reference on a small input; otherwise why not
+    (Triton missing, or unable to build its launcher: it needs a C compiler and the CUDA driver library)."""
+    if not TRITON_INSTALLED:
+        return "Triton is not installed"
+    try:
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(2, 32, 3, 3, generator=gen).to(device).contiguous(memory_format=torch.channels_last)
+        weight, bias = torch.ones(32, device=device), torch.zeros(32, device=device)
+        with torch.no_grad():
+            got = torch.ops.dig.group_norm_silu(x, weight, bias, 8, 1e-5, True)
+        if not torch.allclose(got, group_norm_silu_torch(x, 8, weight, bias, 1e-5, True), rtol=1e-4, atol=1e-4):
+            return "their output differs from torch's GroupNorm"
+    except Exception as exc:  # noqa: BLE001 - reported to the caller, who falls back to torch
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    return None
 
 
 def group_norm_silu(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
