@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from interpreter import run_interpreted
 from test_gla import check, make_inputs, recurrent_gla_float64, run_with_grads
 
 PREFETCH = {"fwd": {"PREFETCH": True}}
@@ -78,13 +79,7 @@ def interpreted(tmp_path_factory):
         order = torch.randperm(T, generator=torch.Generator().manual_seed(i)) if settings.pop("order", False) else None
         cases.append({"id": name, "inputs": inputs, "cotangents": cotangents, "splits": settings.pop("splits", None),
                       "order": order, "settings": settings, "stateless": name.startswith("op-")})
-    torch.save(cases, folder / "in.pt")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    worker = Path(__file__).with_name("gla_triton_interpret.py")
-    proc = subprocess.run([sys.executable, str(worker), str(folder / "in.pt"), str(folder / "out.pt")], env=env,
-                          capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[1])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = torch.load(folder / "out.pt")
+    results = run_interpreted("gla_triton_interpret.py", cases, folder)
     return {c["id"]: (c["inputs"], c["cotangents"], c["order"], r) for c, r in zip(cases, results)}
 
 

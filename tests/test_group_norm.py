@@ -17,14 +17,10 @@ far-from-zero case, where float32 arithmetic on values near 1000 rounds at 6e-5 
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
+from interpreter import run_interpreted
 
 from dig.ops.group_norm_triton import group_norm_silu, kernels_apply
 
@@ -83,15 +79,7 @@ def interpreted(tmp_path_factory):
         x, weight, bias = make_case(shape, groups, dtype, wdtype, layout, values, seed=i)
         cases.append({"id": name, "x": x, "groups": groups, "weight": weight, "bias": bias, "eps": EPS,
                       "silu": silu, "settings": settings})
-    torch.save(cases, folder / "in.pt")
-    worker = Path(__file__).with_name("group_norm_interpret.py")
-    root = str(Path(__file__).parents[1])
-    env = {**os.environ, "TRITON_INTERPRET": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run([sys.executable, str(worker), str(folder / "in.pt"), str(folder / "out.pt")], env=env,
-                          capture_output=True, text=True, timeout=600, cwd=root)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = torch.load(folder / "out.pt")
+    out = run_interpreted("group_norm_interpret.py", cases, folder)
     out["cases"] = {c["id"]: (c, r) for c, r in zip(cases, out["cases"])}
     return out
 

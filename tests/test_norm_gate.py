@@ -17,13 +17,9 @@ the reference sees exactly what the kernels see.
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from interpreter import run_interpreted
 
 from dig.ops.norm_gate_torch import rms_norm_swish_gate_torch
 from dig.ops.norm_gate_triton import rms_norm_swish_gate
@@ -96,15 +92,7 @@ def interpreted(tmp_path_factory):
     for i, (name, (*case, settings)) in enumerate(CASES.items()):
         inputs, cotangent = make_case(*case, seed=i)
         cases.append({"id": name, "inputs": inputs, "eps": EPS, "cotangent": cotangent, "settings": settings})
-    torch.save(cases, folder / "in.pt")
-    worker = Path(__file__).with_name("norm_gate_interpret.py")
-    root = str(Path(__file__).parents[1])  # this checkout's dig first (an editable install may point elsewhere)
-    env = {**os.environ, "TRITON_INTERPRET": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run([sys.executable, str(worker), str(folder / "in.pt"), str(folder / "out.pt")], env=env,
-                          capture_output=True, text=True, timeout=600, cwd=root)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = torch.load(folder / "out.pt")
+    out = run_interpreted("norm_gate_interpret.py", cases, folder)
     out["cases"] = {c["id"]: (c["inputs"], c["cotangent"], r) for c, r in zip(cases, out["cases"])}
     return out
 
