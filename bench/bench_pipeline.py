@@ -47,7 +47,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import fmt_table, versions  # noqa: E402
+from bench.common import fmt_table, kernel_kind, versions  # noqa: E402
 from data_pipeline.config import PipelineConfig  # noqa: E402
 from data_pipeline.encoder import LatentEncoder  # noqa: E402
 
@@ -185,13 +185,6 @@ ENCODER_KERNEL_KINDS = [  # (kind, regex over the kernel name), first match wins
 ]
 
 
-def encoder_kernel_kind(name: str) -> str:
-    for kind, pattern in ENCODER_KERNEL_KINDS:
-        if re.search(pattern, name, re.IGNORECASE):
-            return kind
-    return "other"
-
-
 def profile_encoder(encoder, images: np.ndarray, top: int = 12) -> dict:
     """GPU kernel time of one encode_images call, by kind and for the busiest kernels, beside its wall time."""
     import torch
@@ -209,7 +202,8 @@ def profile_encoder(encoder, images: np.ndarray, top: int = 12) -> dict:
         if evt.device_type != torch.autograd.DeviceType.CUDA or evt.device_time_total <= 0:
             continue  # operator events carry their kernels' time too: count kernels only
         ms = evt.device_time_total / 1e3
-        kinds[encoder_kernel_kind(evt.key)] = kinds.get(encoder_kernel_kind(evt.key), 0.0) + ms
+        kind = kernel_kind(evt.key, ENCODER_KERNEL_KINDS)
+        kinds[kind] = kinds.get(kind, 0.0) + ms
         kernels[evt.key] = kernels.get(evt.key, 0.0) + ms
     busiest = sorted(kernels.items(), key=lambda kv: -kv[1])[:top]
     return {"wall_ms": round(wall_ms, 1), "kernel_ms": round(sum(kinds.values()), 1),

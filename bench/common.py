@@ -74,6 +74,16 @@ def copy_bandwidth_gbs(device: torch.device, nbytes: int = 4 << 30, repeat: int 
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
+def kernel_kind(name: str, kinds: list[tuple[str, str]]) -> str:
+    """The first kind of `kinds` ((kind, regex over the kernel name) pairs) whose regex finds `name`, else "other"."""
+    import re
+
+    for kind, pattern in kinds:
+        if re.search(pattern, name, re.IGNORECASE):
+            return kind
+    return "other"
+
+
 def fmt_table(rows: list[dict], columns: list[str]) -> str:
     """Markdown table of `rows` restricted to `columns` (missing cells blank)."""
     def cell(v):

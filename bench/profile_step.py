@@ -11,14 +11,13 @@ launch gaps that the trainer's CUDA graphs remove).
 from __future__ import annotations
 
 import argparse
-import re
 from collections import defaultdict
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from .bench_model import build, free, train_step_fn
-from .common import fmt_table, median, time_ms
+from .common import fmt_table, kernel_kind, median, time_ms
 
 KINDS = [  # (kind, regex over the kernel name), first match wins
     ("gla (ours)", r"^(fwd_kernel|bwd_dq_kernel|bwd_dkv_kernel)$"),
@@ -36,10 +35,7 @@ WALL = "STEP (wall ms, median of 5)"
 
 
 def kind_of(name: str) -> str:
-    for kind, pattern in KINDS:
-        if re.search(pattern, name, re.IGNORECASE):
-            return kind
-    return "other"
+    return kernel_kind(name, KINDS)
 
 
 def profile_model(name: str, res: int, batch: int, device: torch.device, steps: int, compile_blocks: bool,

@@ -19,10 +19,10 @@ class EncodeStep(torch.nn.Module):
     of the same pixels would see them, up to that one rounding)."""
 
     def __init__(self, posterior: PosteriorEncoder, device: str, dtype: torch.dtype, memory_format: str,
-                 storage_dtype: torch.dtype, fused_group_norm: bool = True):
+                 storage_dtype: torch.dtype, fused_group_norm: bool = False):
         super().__init__()
-        if fused_group_norm and torch.device(device).type == "cuda" and memory_format == "channels_last":
-            fuse_group_norms(posterior)  # GroupNorm + SiLU as one Triton op (the kernels read channels-last rows)
+        if fused_group_norm:  # GroupNorm + SiLU as one Triton op; LatentEncoder decides where that applies
+            fuse_group_norms(posterior)
         self.memory_format = MEMORY_FORMATS[memory_format]
         # The weights get the activations' layout too: a conv whose input and weight disagree converts one of
         # them on every call.

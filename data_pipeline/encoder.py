@@ -74,7 +74,10 @@ class LatentEncoder:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.device = resolve_device(device)
-        self.fused_group_norm = bool(fused_group_norm) and self.device == "cuda" and _group_norm_kernels_run()
+        # The kernels read channels-last rows: only on a GPU, with a layout that is or becomes channels-last, and once
+        # they have launched here (the probe runs only then).
+        self.fused_group_norm = (bool(fused_group_norm) and self.device == "cuda"
+                                 and memory_format in ("auto", "channels_last") and _group_norm_kernels_run())
         self.memory_format = resolve_memory_format(memory_format, self.device, bool(compile), self.fused_group_norm)
         self.precision = precision
         self.batch_size = batch_size

@@ -7,6 +7,7 @@ function around the op; "opcheck", the failures torch.library.opcheck finds in t
 "encoder", the tiny VAE's posterior through the fused norms against diffusers' own encode. A separate process:
 Triton decides between interpreted and compiled kernels when the module is imported.
 """
+import contextlib
 import os
 import sys
 
@@ -30,9 +31,9 @@ def run_case(case):
     return {"y": y, "kernels": took_kernels, "splits": layout[2], "tiles": layout[1]}
 
 
-def compile_report():
-    """torch.compile(fullgraph=True) of elementwise ops around the op: one graph, no break, the kernels launched
-    once, and the same values as eager."""
+@contextlib.contextmanager
+def counting_launches():
+    """Counts the op's kernel launches (calls of module._launch) while held: yields a one-element list."""
     launches = [0]
     inner = module._launch
 
@@ -40,6 +41,16 @@ def compile_report():
         launches[0] += 1
         return inner(*args)
 
+    module._launch = counted
+    try:
+        yield launches
+    finally:
+        module._launch = inner
+
+
+def compile_report():
+    """torch.compile(fullgraph=True) of elementwise ops around the op: one graph, no break, the kernels launched
+    once, and the same values as eager."""
     def block(x, weight, bias):
         return module.group_norm_silu(x * 2, 8, weight, bias, 1e-6, True) + 1
 
@@ -49,14 +60,10 @@ def compile_report():
     explained = torch._dynamo.explain(block)(x, weight, bias)
     ops_in_graph = [str(n.target) for g in explained.graphs for n in g.graph.nodes if "dig" in str(n.target)]
     results = {}
-    module._launch = counted
-    try:
-        for name, fn in (("eager", block), ("compiled", torch.compile(block, fullgraph=True))):
-            launches[0] = 0
+    for name, fn in (("eager", block), ("compiled", torch.compile(block, fullgraph=True))):
+        with counting_launches() as launches:
             results[name] = fn(x, weight, bias)
-            results[f"{name}_launches"] = launches[0]
-    finally:
-        module._launch = inner
+        results[f"{name}_launches"] = launches[0]
     diff = ((results["compiled"] - results["eager"]).norm() / results["eager"].norm()).item()
     return {"graphs": explained.graph_count, "graph_breaks": explained.graph_break_count,
             "ops_in_graph": ops_in_graph, "eager_launches": results["eager_launches"],
@@ -92,21 +99,8 @@ def encoder_report():
     posterior = PosteriorEncoder(load_vae("config:tiny")).to(memory_format=torch.channels_last)
     fused_with_silu = fuse_group_norms(posterior)
     kinds = sorted({type(m).__name__ for m in posterior.modules() if isinstance(m, torch.nn.GroupNorm)})
-    with torch.no_grad():
+    with torch.no_grad(), counting_launches() as launched:
         mean, std = posterior(images.contiguous(memory_format=torch.channels_last))
-    launched = [0]
-    inner = module._launch
-
-    def counted(*args):
-        launched[0] += 1
-        return inner(*args)
-
-    module._launch = counted
-    try:
-        with torch.no_grad():
-            posterior(images.contiguous(memory_format=torch.channels_last))
-    finally:
-        module._launch = inner
     norms = sum(isinstance(m, torch.nn.GroupNorm) for m in posterior.modules())
     return {"mean": mean, "std": std, "ref_mean": ref_mean, "ref_std": ref_std, "fused_with_silu": fused_with_silu,
             "norm_kinds": kinds, "norms": norms, "kernel_calls": launched[0]}
