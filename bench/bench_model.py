@@ -54,22 +54,30 @@ def make_inputs(model: nn.Module, batch: int, device: torch.device, seed: int = 
     return x, t, (y if model.num_classes > 0 else None), target
 
 
+# Step variants: eager; compile = regional compile (each block's forward compiled); graphs = regional compile with
+# CUDA graphs (mode reduce-overhead, as the trainer's recipes run: at 32 images per GPU the ungraphed step is
+# bound by the host's launches, not by the GPU)
+VARIANTS = ("eager", "compile", "graphs")
+
+
 def build(name: str, resolution: int, device: torch.device, *, checkpointing: bool = False,
-          compile_blocks: bool = False, **overrides) -> nn.Module:
+          compile_blocks: bool = False, compile_mode: str | None = None, **overrides) -> nn.Module:
     latent = resolution // 8
     with torch.device(device):  # initialise on the device: a CPU init of an XL model takes seconds
         model = create_model(name, input_size=latent, grad_checkpointing=checkpointing, **overrides)
     if compile_blocks:
-        model.compile_blocks()
+        model.compile_blocks(mode=compile_mode)
     return model.train()
 
 
-def train_step_fn(model: nn.Module, batch: int, device: torch.device):
+def train_step_fn(model: nn.Module, batch: int, device: torch.device, cudagraphs: bool = False):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, fused=device.type == "cuda")
     x, t, y, target = make_inputs(model, batch, device)
     amp = torch.autocast(device.type, dtype=torch.bfloat16)
 
     def step():
+        if cudagraphs:  # the previous step's graph outputs may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
         with amp:
             out = model(x, t, y)
         loss = F.mse_loss(out.float(), target)
@@ -85,13 +93,16 @@ def bench_train_step(name: str, resolution: int, batch: int, device: torch.devic
                      checkpointing: bool = False, warmup: int = 2, repeat: int = 5, peak_tflops: float | None = None,
                      **overrides) -> dict:
     row = {"model": name, "res": resolution, "batch": batch, "variant": variant + ("+ckpt" if checkpointing else "")}
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}: expected one of {', '.join(VARIANTS)}")
+    graphs = variant == "graphs" and device.type == "cuda"
     free(device)
     t0 = time.perf_counter()
     model = opt = step = None
     try:
-        model = build(name, resolution, device, checkpointing=checkpointing,
-                      compile_blocks=variant.startswith("compile"), **overrides)
-        step, opt = train_step_fn(model, batch, device)
+        model = build(name, resolution, device, checkpointing=checkpointing, compile_blocks=variant != "eager",
+                      compile_mode="reduce-overhead" if graphs else None, **overrides)
+        step, opt = train_step_fn(model, batch, device, cudagraphs=graphs)
         for _ in range(warmup):
             loss = step()
         if not torch.isfinite(loss):

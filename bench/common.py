@@ -74,6 +74,26 @@ def copy_bandwidth_gbs(device: torch.device, nbytes: int = 4 << 30, repeat: int 
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
+def model_options(text: str, first: str | None = None) -> dict:
+    """Model overrides from OPTION+OPTION+... where an option is `scan` (scan_in_kernel) or KEY=VALUE (VALUE true,
+    false, an int, or text); with `first`, the first option is that key's value (e.g. the GLA backend)."""
+    options = text.split("+")
+    overrides: dict = {}
+    if first is not None:
+        overrides[first] = options.pop(0)
+    for option in options:
+        if option == "scan":
+            overrides["scan_in_kernel"] = True
+            continue
+        key, sep, value = option.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"{option!r} in {text!r} is neither 'scan' nor KEY=VALUE")
+        lowered = value.lower()
+        overrides[key] = (lowered == "true") if lowered in ("true", "false") else \
+            int(value) if value.lstrip("-").isdigit() else value
+    return overrides
+
+
 def kernel_kind(name: str, kinds: list[tuple[str, str]]) -> str:
     """The first kind of `kinds` ((kind, regex over the kernel name) pairs) whose regex finds `name`, else "other"."""
     import re

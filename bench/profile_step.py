@@ -4,9 +4,10 @@ side by side in one run.
 
     python3 -m bench.profile_step --models DiG-XL/2,DiT-XL/2 --res 512 --batch 32
     python3 -m bench.profile_step --models DiG-XL/2,DiG-XL/2+scan --res 512 --batch 32   # model.scan_in_kernel
+    python3 -m bench.profile_step --models DiG-XL/2,DiG-XL/2+dw_conv_stencil=true --res 256 --batch 32 --graphs
 
-Beside the kernel time, the step's wall time (median of 5; regional compile, no CUDA graphs: it includes the
-launch gaps that the trainer's CUDA graphs remove).
+Beside the kernel time, the step's wall time (median of 5). Without --graphs it includes the launch gaps that
+the trainer's CUDA graphs remove; --graphs compiles the blocks with them, as the recipes train.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from .bench_model import build, free, train_step_fn
-from .common import fmt_table, kernel_kind, median, time_ms
+from .common import fmt_table, kernel_kind, median, model_options, time_ms
 
 KINDS = [  # (kind, regex over the kernel name), first match wins
     ("gla (ours)", r"^(fwd_kernel|bwd_dq_kernel|bwd_dkv_kernel)$"),
@@ -39,9 +40,11 @@ def kind_of(name: str) -> str:
 
 
 def profile_model(name: str, res: int, batch: int, device: torch.device, steps: int, compile_blocks: bool,
-                  **overrides) -> tuple[dict, list]:
-    model = build(name, res, device, compile_blocks=compile_blocks, **overrides)
-    step, opt = train_step_fn(model, batch, device)
+                  graphs: bool = False, **overrides) -> tuple[dict, list]:
+    graphs = graphs and compile_blocks and device.type == "cuda"
+    model = build(name, res, device, compile_blocks=compile_blocks,
+                  compile_mode="reduce-overhead" if graphs else None, **overrides)
+    step, opt = train_step_fn(model, batch, device, cudagraphs=graphs)
     for _ in range(3):
         step()
     wall_ms = median(time_ms(step, device, warmup=0, repeat=5))
@@ -70,29 +73,29 @@ def profile_model(name: str, res: int, batch: int, device: torch.device, steps: 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="DiG-XL/2,DiT-XL/2", help="comma list; NAME+scan: a DiG with "
-                    "model.scan_in_kernel (the scan directions read by the GLA kernels)")
+                    "model.scan_in_kernel (the scan directions read by the GLA kernels); NAME+KEY=VALUE: a model "
+                    "override, e.g. DiG-XL/2+dw_conv_stencil=true")
     ap.add_argument("--res", type=int, default=512)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--eager", action="store_true", help="no regional compile")
+    ap.add_argument("--graphs", action="store_true", help="the compiled blocks with CUDA graphs (reduce-overhead)")
     ap.add_argument("--top", type=int, default=12)
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     kinds, tops = {}, {}
     for name in args.models.split(","):
-        model, *options = name.split("+")
-        if set(options) - {"scan"}:
-            raise SystemExit(f"unknown model option in {name!r}: expected NAME or NAME+scan")
+        model, _, options = name.partition("+")
         kinds[name], tops[name] = profile_model(model, args.res, args.batch, device, args.steps, not args.eager,
-                                                **({"scan_in_kernel": True} if "scan" in options else {}))
+                                                graphs=args.graphs, **(model_options(options) if options else {}))
     walls = {n: kinds[n].pop(WALL) for n in kinds}
     names = list(kinds)
     rows = [{"kind": k, **{f"{n} ms/step": kinds[n].get(k, 0.0) for n in names}}
             for k in sorted({k for d in kinds.values() for k in d}, key=lambda k: -max(d.get(k, 0) for d in kinds.values()))]
     rows.append({"kind": "TOTAL (kernel time)", **{f"{n} ms/step": sum(kinds[n].values()) for n in names}})
     rows.append({"kind": WALL, **{f"{n} ms/step": walls[n] for n in names}})
-    print(f"\nGPU kernel time per step, {args.res} px, batch {args.batch}, "
-          f"{'eager' if args.eager else 'regional compile'}\n" + fmt_table(rows, list(rows[0])))
+    variant = "eager" if args.eager else "regional compile" + (" + CUDA graphs" if args.graphs else "")
+    print(f"\nGPU kernel time per step, {args.res} px, batch {args.batch}, {variant}\n" + fmt_table(rows, list(rows[0])))
     for n in names:
         print(f"\nTop kernels, {n}\n" + fmt_table([{"kernel": k[:90], "ms/step": v} for k, v in tops[n][:args.top]],
                                                   ["kernel", "ms/step"]))

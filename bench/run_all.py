@@ -18,7 +18,7 @@ import torch
 
 from .bench_gla import bench_gla_vs_sdpa
 from .bench_model import bench_train_step
-from .common import copy_bandwidth_gbs, fmt_table, matmul_peak_tflops, versions
+from .common import copy_bandwidth_gbs, fmt_table, matmul_peak_tflops, model_options, versions
 from .memory_breakdown import breakdown
 
 # (image resolution, batch, activation checkpointing): about 32k tokens per step up to 2048 px.
@@ -28,19 +28,35 @@ QUICK_CASES = [(64, 2, False), (128, 1, True)]
 QUICK_MODELS = ("DiG-S/2", "DiT-S/2")
 
 
+def parse_case(text: str) -> tuple[int, int, bool]:
+    """RESxBATCH[+ckpt] -> (resolution, batch, activation checkpointing)."""
+    body, _, flag = text.partition("+")
+    try:
+        res, batch = (int(v) for v in body.split("x"))
+    except ValueError:
+        raise SystemExit(f"--cases: {text!r} is not RESxBATCH[+ckpt], e.g. 256x32") from None
+    if flag not in ("", "ckpt"):
+        raise SystemExit(f"--cases: unknown flag {flag!r} in {text!r} (only +ckpt)")
+    return res, batch, flag == "ckpt"
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny CPU dry run")
     ap.add_argument("--sections", default="ceilings,gla,model,memory")
-    ap.add_argument("--variants", default="eager,compile", help="comma list of eager, compile")
+    ap.add_argument("--variants", default="eager,compile",
+                    help="comma list of eager, compile (regional), graphs (regional + CUDA graphs, as the recipes train)")
     ap.add_argument("--resolutions", default="", help="comma list to restrict the model cases, e.g. 256,2048")
+    ap.add_argument("--cases", default="", help="comma list of RESxBATCH[+ckpt] replacing the model cases, e.g. "
+                    "256x32,256x128,512x32,1024x8 (the paper's 32 images per GPU beside the default ~32k tokens)")
     ap.add_argument("--budget-s", type=float, default=float("inf"),
                     help="start no new model case after this many seconds (the rest are listed as skipped)")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--gla-backends", default="fla,triton",
                     help="GLA backends: compared side by side in the gla section; each one is a DiG row in the "
                          "model section (DiT runs once). BACKEND+scan: a DiG row with model.scan_in_kernel "
-                         "(no reorienting copies between blocks; the gla section skips it)")
+                         "(no reorienting copies between blocks; the gla section skips it); BACKEND+KEY=VALUE: a "
+                         "DiG row with that model override, e.g. triton+mlp_recompute=false")
     ap.add_argument("--out", default=os.environ.get("OUT", ""))
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
@@ -54,6 +70,8 @@ def main(argv=None) -> None:
         gla_backends = tuple(b for b in gla_backends if b.startswith("torch")) or ("torch",)
     kernel_backends = tuple(dict.fromkeys(b.split("+")[0] for b in gla_backends))
     cases = QUICK_CASES if args.quick else GPU_CASES
+    if args.cases:
+        cases = [parse_case(c) for c in args.cases.split(",")]
     if args.resolutions:
         keep = {int(r) for r in args.resolutions.split(",")}
         cases = [c for c in cases if c[0] in keep]
@@ -103,13 +121,9 @@ def main(argv=None) -> None:
                         rows.append({"model": name, "gla": backend, "res": res, "batch": batch, "variant": variant,
                                      "error": "skipped (time budget)"})
                         continue
-                    overrides = {}
-                    if backend:
-                        overrides["gla_backend"] = backend.split("+")[0]
-                        if backend.endswith("+scan"):
-                            overrides["scan_in_kernel"] = True
+                    overrides = model_options(backend, first="gla_backend") if backend else {}
                     row = bench_train_step(name, res, batch, device, variant=variant, checkpointing=ckpt,
-                                           warmup=1 if args.quick or res >= 4096 else 2,
+                                           warmup=1 if args.quick or res >= 4096 else (3 if variant == "graphs" else 2),
                                            repeat=2 if args.quick else (3 if res >= 4096 else args.repeat),
                                            peak_tflops=peak, **overrides)
                     row["gla"] = backend

@@ -471,6 +471,101 @@ def test_mlp_recompute_keeps_the_swiglu_product_out_of_the_saved_activations():
     assert frames["ok"] == frames["total"] and stats["unique_graphs"] == results["compiled"][3]["unique_graphs"]
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 5, 6), (1, 1, 4, 3), (2, 4, 1, 2)], ids=["3x5", "1x4", "4x1"])
+def test_depthwise_stencil_equals_conv2d_in_float64(shape):
+    """depthwise_conv3x3_stencil against F.conv2d(groups=C, padding=1) on the NCHW view, float64: outputs and the
+    gradients of x, the weight (every tap) and the bias, on grids with one row or column (every tap at the border)."""
+    import torch.nn.functional as F
+
+    from dig.models.dig import depthwise_conv3x3_stencil
+
+    gen = torch.Generator().manual_seed(3)
+    n, h, w, c = shape
+    x = torch.randn(shape, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(c, 1, 3, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(c, generator=gen, dtype=torch.float64, requires_grad=True)
+    probe = torch.randn(shape, generator=gen, dtype=torch.float64)
+    results = []
+    for conv in (lambda: F.conv2d(x.permute(0, 3, 1, 2), weight, bias, padding=1, groups=c).permute(0, 2, 3, 1),
+                 lambda: depthwise_conv3x3_stencil(x, weight, bias)):
+        out = conv()
+        grads = torch.autograd.grad((out * probe).sum(), (x, weight, bias))
+        results.append((out, *grads))
+    assert results[1][0].dtype == torch.float64
+    for a, b in zip(results[0], results[1]):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+    if h > 1 and w > 1:  # every tap's gradient is checked against a nonzero value (one row/column: only the middle)
+        assert results[0][2].abs().min() > 0
+
+
+def test_depthwise_stencil_under_autocast_gives_the_convs_dtype():
+    """Under bf16 autocast the stencil takes bf16-rounded operands and returns bf16, as the conv does; its
+    float32 sum is at least as close to the float64 conv of those operands as the bf16 conv is."""
+    import torch.nn.functional as F
+
+    from dig.models.dig import depthwise_conv3x3_stencil
+
+    gen = torch.Generator().manual_seed(4)
+    x, weight, bias = torch.randn(2, 6, 6, 16, generator=gen), torch.randn(16, 1, 3, 3, generator=gen), torch.randn(16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        conv = F.conv2d(x.permute(0, 3, 1, 2), weight, bias, padding=1, groups=16).permute(0, 2, 3, 1)
+        stencil = depthwise_conv3x3_stencil(x, weight, bias)
+    assert stencil.dtype == conv.dtype == torch.bfloat16
+    exact = F.conv2d(*(v.bfloat16().double() for v in (x.permute(0, 3, 1, 2), weight, bias)), padding=1,
+                     groups=16).permute(0, 2, 3, 1)
+    assert (stencil.double() - exact).abs().max() <= (conv.double() - exact).abs().max() + 1e-12
+    assert (stencil.double() - exact).abs().max() <= 2 ** -7 * exact.abs().max()
+
+
+@pytest.mark.parametrize("scan_in_kernel", [False, True], ids=["reorienting", "scan-in-kernel"])
+def test_dig_with_the_stencil_equals_the_conv(scan_in_kernel):
+    """dw_conv_stencil=True computes what cuDNN's conv path computes (float64, 5 blocks: all four scan directions,
+    the conv taps rearranged with scan_in_kernel), outputs and every gradient, with the same state dict; and
+    compiled (inductor, the CPU) the stencil keeps one graph per kind of block input."""
+    kw = dict(depth=5, hidden_size=32, num_heads=2, input_size=(4, 6), num_classes=10, gla_backend="torch",
+              scan_in_kernel=scan_in_kernel)
+    conv = randomize(create_model("DiG-S/2", **kw), seed=5, std=0.2).double().train()
+    stencil = create_model("DiG-S/2", **kw, dw_conv_stencil=True).double().train()
+    stencil.load_state_dict(conv.state_dict())
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 4, 4, 6, generator=gen, dtype=torch.float64)
+    t, y = torch.tensor([3, 600]), torch.tensor([1, 2])
+    results = []
+    for model in (conv, stencil):
+        torch.manual_seed(12)  # same label dropout draw
+        out = model(x, t, y)
+        out.square().mean().backward()
+        results.append((out, {n: p.grad for n, p in model.named_parameters()}))
+    (ref, ref_grads), (out, grads) = results
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    for n in ref_grads:
+        tol = 1e-6 if n.endswith("g_norm_swish_gate.weight") else 1e-10  # float32 inside the output norm
+        torch.testing.assert_close(grads[n], ref_grads[n], rtol=tol, atol=tol, msg=lambda m, n=n: f"{n}: {m}")
+    assert ref_grads["blocks.4.dw_conv.weight"].abs().min() > 0
+
+
+def test_compiled_stencil_keeps_one_graph_per_block_kind():
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    eager = randomize(create_model("DiG-S/2", **{**TINY, "depth": 4}, gla_backend="torch", dw_conv_stencil=True),
+                      seed=7).double().train()
+    compiled = copy.deepcopy(eager)
+    compiled.compile_blocks()
+    x, t, y = torch.randn(2, 4, 8, 8, dtype=torch.float64), torch.tensor([3, 600]), torch.tensor([1, 2])
+    results = []
+    for model in (eager, compiled):
+        torch.manual_seed(12)
+        out = model(x, t, y)
+        out.square().mean().backward()
+        results.append((out, [p.grad for p in model.parameters()]))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-7)
+    for g, ref in zip(results[1][1], results[0][1]):
+        torch.testing.assert_close(g, ref, rtol=1e-5, atol=1e-7)
+    counters = torch._dynamo.utils.counters
+    assert counters["frames"]["ok"] == counters["frames"]["total"], counters["frames"]
+    assert counters["stats"]["unique_graphs"] <= 2 * compiled.block_input_kinds, counters["stats"]
+
+
 def test_block_stack_compile_refuses_checkpointed_blocks():
     """Dynamo would leave checkpointed blocks eager inside the one compiled region: a clear error, not a slow model."""
     model = create_model("DiG-S/2", **TINY, grad_checkpointing=True)
