@@ -103,11 +103,13 @@ def bench_train_step(name: str, resolution: int, batch: int, device: torch.devic
         model = build(name, resolution, device, checkpointing=checkpointing, compile_blocks=variant != "eager",
                       compile_mode="reduce-overhead" if graphs else None, **overrides)
         step, opt = train_step_fn(model, batch, device, cudagraphs=graphs)
+        if graphs:  # the graphs' memory is allocated while they are recorded (warm-up), not when they replay
+            torch.cuda.reset_peak_memory_stats(device)
         for _ in range(warmup):
             loss = step()
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss {loss.item()}")
-        if device.type == "cuda":
+        if device.type == "cuda" and not graphs:
             torch.cuda.reset_peak_memory_stats(device)
         times = time_ms(step, device, warmup=0, repeat=repeat)
         ms = median(times)

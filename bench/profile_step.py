@@ -4,7 +4,7 @@ side by side in one run.
 
     python3 -m bench.profile_step --models DiG-XL/2,DiT-XL/2 --res 512 --batch 32
     python3 -m bench.profile_step --models DiG-XL/2,DiG-XL/2+scan --res 512 --batch 32   # model.scan_in_kernel
-    python3 -m bench.profile_step --models DiG-XL/2,DiG-XL/2+dw_conv_stencil=true --res 256 --batch 32 --graphs
+    python3 -m bench.profile_step --models DiG-XL/2,DiG-XL/2+mlp_recompute=false --res 256 --batch 32 --graphs
 
 Beside the kernel time, the step's wall time (median of 5). Without --graphs it includes the launch gaps that
 the trainer's CUDA graphs remove; --graphs compiles the blocks with them, as the recipes train.
@@ -74,7 +74,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="DiG-XL/2,DiT-XL/2", help="comma list; NAME+scan: a DiG with "
                     "model.scan_in_kernel (the scan directions read by the GLA kernels); NAME+KEY=VALUE: a model "
-                    "override, e.g. DiG-XL/2+dw_conv_stencil=true")
+                    "override, e.g. DiG-XL/2+mlp_recompute=false")
     ap.add_argument("--res", type=int, default=512)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--steps", type=int, default=3)

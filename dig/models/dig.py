@@ -133,9 +133,8 @@ class DiGBlock(nn.Module):
     """[long-skip fuse] -> adaLN-Zero GLA -> adaLN-Zero SwiGLU -> depthwise 3x3 conv over the token grid."""
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, gla_backend: str, long_skip: bool,
-                 norm_gate_kernel: bool = True, mlp_recompute: bool = False, dw_conv_stencil: bool = False):
+                 norm_gate_kernel: bool = True, mlp_recompute: bool = False):
         super().__init__()
-        self.dw_conv_stencil = dw_conv_stencil
         self.skip_linear = nn.Linear(2 * hidden_size, hidden_size) if long_skip else None
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.attn = GatedLinearAttention(hidden_size, num_heads, backend=gla_backend,
@@ -183,30 +182,9 @@ class DiGBlock(nn.Module):
         weight = self.dw_conv.weight
         if conv_taps is not None:
             weight = weight.flatten(2)[:, :, conv_taps].view_as(weight)
-        x = x.reshape(n, *_transposed_if(grid, transposed), d)
-        if self.dw_conv_stencil:
-            x = depthwise_conv3x3_stencil(x, weight, self.dw_conv.bias)
-        else:
-            x = F.conv2d(x.permute(0, 3, 1, 2), weight, self.dw_conv.bias, padding=1, groups=d).permute(0, 2, 3, 1)
-        return x.reshape(n, t, d)
-
-
-def depthwise_conv3x3_stencil(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """F.conv2d(x, weight, bias, padding=1, groups=C) on an (N, H, W, C) image as nine shifted multiply-adds,
-    summed in float32 (or x's wider dtype) and returned in the dtype the conv gives (autocast's, else x's).
-    Inside a compiled block inductor can fuse it into the kernels around it (the residual add that makes x) and
-    its weight gradient into one reduction, where cuDNN's depthwise conv is three launches of its own per step."""
-    out_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-    acc = torch.promote_types(out_dtype, torch.float32)
-    n, h, w, c = x.shape
-    with torch.autocast(x.device.type, enabled=False):  # the operands rounded to out_dtype, as the conv takes them
-        padded = F.pad(x.to(out_dtype).to(acc), (0, 0, 1, 1, 1, 1))
-        taps = weight.to(out_dtype).to(acc).view(c, 9)
-        out = bias.to(out_dtype).to(acc)
-        for i in range(3):
-            for j in range(3):
-                out = out + padded[:, i:i + h, j:j + w, :] * taps[:, 3 * i + j]
-        return out.to(out_dtype)
+        x = x.reshape(n, *_transposed_if(grid, transposed), d).permute(0, 3, 1, 2)
+        x = F.conv2d(x, weight, self.dw_conv.bias, padding=1, groups=d)
+        return x.permute(0, 2, 3, 1).reshape(n, t, d)
 
 
 def _transposed_if(grid: tuple[int, int], transpose: bool) -> tuple[int, int]:
@@ -248,16 +226,14 @@ class DiG(LatentDiffusionTransformer):
     in place). norm_gate_kernel=False: the GLA output norm and gate as the torch expression instead of the Triton
     kernels (model.overrides.norm_gate_kernel=false; for measuring one against the other). mlp_recompute (default):
     each SwiGLU recomputes silu(gate) * up in the backward instead of saving it (SwiGLU.recompute_product): peak
-    memory at 512 px / 32 images on one H200 47.6 GiB instead of 52.8 (DiT-XL/2: 47.8) for 0-1 % of the speed.
-    dw_conv_stencil: the depthwise conv as nine shifted multiply-adds that inductor fuses
-    (depthwise_conv3x3_stencil) instead of cuDNN's conv; the same parameters and checkpoints."""
+    memory at 512 px / 32 images on one H200 47.6 GiB instead of 52.8 (DiT-XL/2: 47.8) for 0-1 % of the speed."""
 
     def __init__(self, *, depth: int, hidden_size: int, num_heads: int, patch_size: int, mlp_ratio: float = 4.0,
                  input_size: int | tuple[int, int] = 32, in_channels: int = 4, num_classes: int = 1000,
                  learn_sigma: bool = True, class_dropout_prob: float = 0.1, gla_backend: str = "auto",
                  grad_checkpointing: bool = False, pos_embed_base_size: int | tuple[int, int] | None = None,
                  long_skip: bool = False, skip_init: str = "zero", scan_in_kernel: bool = False,
-                 norm_gate_kernel: bool = True, mlp_recompute: bool = True, dw_conv_stencil: bool = False):
+                 norm_gate_kernel: bool = True, mlp_recompute: bool = True):
         super().__init__(input_size=input_size, patch_size=patch_size, in_channels=in_channels,
                          hidden_size=hidden_size, num_classes=num_classes, learn_sigma=learn_sigma,
                          class_dropout_prob=class_dropout_prob, pos_embed_base_size=pos_embed_base_size,
@@ -277,7 +253,7 @@ class DiG(LatentDiffusionTransformer):
         self.skip_init = skip_init
         self.blocks = nn.ModuleList([
             DiGBlock(hidden_size, num_heads, mlp_ratio, gla_backend, long_skip=long_skip and i > depth // 2,
-                     norm_gate_kernel=norm_gate_kernel, mlp_recompute=mlp_recompute, dw_conv_stencil=dw_conv_stencil)
+                     norm_gate_kernel=norm_gate_kernel, mlp_recompute=mlp_recompute)
             for i in range(depth)
         ])
         self.scan_in_kernel = scan_in_kernel
