@@ -14,10 +14,8 @@ backward is timed alone: one forward keeps its graph and the backward runs repea
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import sys
 
 import torch
 import torch.nn.functional as F
@@ -32,27 +30,11 @@ DIT_HEADS, DIT_D = DIT_XL["heads"], DIT_XL["d"]
 # (resolution, images per GPU): the paper's 32 at 256 px, then about 32k tokens per GPU, as bench.run_all
 GPU_CASES = [(256, 32), (256, 128), (512, 32), (1024, 8), (2048, 2), (4096, 1)]
 QUICK_CASES = [(64, 2), (128, 1)]
-PARTS_PREFIX = "triton_parts"
-
-
-@contextlib.contextmanager
-def forced_parts(name: str):
-    """gla_triton.FORCE_PARTS for a `triton_parts<n>` variant while it runs (forward and backward)."""
-    module = sys.modules["dig.ops.gla_triton"]
-    before = module.FORCE_PARTS
-    if name.startswith(PARTS_PREFIX):
-        module.FORCE_PARTS = int(name[len(PARTS_PREFIX):])
-    try:
-        yield
-    finally:
-        module.FORCE_PARTS = before
 
 
 def _variants(device: torch.device, quick: bool, split_counts: tuple[int, ...] = (),
-              orders: torch.Tensor | None = None, part_counts: tuple[int, ...] = ()) -> dict:
-    """name -> fn(q, k, v, g) -> o, for the GLA implementations measured here. `orders`: [4, T] scan orders.
-    `part_counts`: our kernel with gla_triton.FORCE_PARTS at each count (PARTS_PREFIX + count; bench_case sets
-    it around the forward and the backward)."""
+              orders: torch.Tensor | None = None) -> dict:
+    """name -> fn(q, k, v, g) -> o, for the GLA implementations measured here. `orders`: [4, T] scan orders."""
     if quick or device.type != "cuda":
         out = {"torch": lambda q, k, v, g: gla(q, k, v, g, backend="torch")[0]}
         if orders is not None:
@@ -62,8 +44,6 @@ def _variants(device: torch.device, quick: bool, split_counts: tuple[int, ...] =
            "triton_1split": lambda q, k, v, g: gla_triton(q, k, v, g, splits=1)[0]}
     for n in split_counts:  # forced split counts, to tune the automatic choice (gla_triton.automatic_splits)
         out[f"triton_{n}split"] = lambda q, k, v, g, n=n: gla_triton(q, k, v, g, splits=n)[0]
-    for n in part_counts:  # a head's columns across n programs (gla_triton.head_parts)
-        out[f"{PARTS_PREFIX}{n}"] = lambda q, k, v, g: gla_triton(q, k, v, g)[0]
     if orders is not None:  # DiG's scan directions read in place (model.scan_in_kernel)
         for i in (1, 2, 3):
             out[f"triton_order{i}"] = lambda q, k, v, g, i=i: gla_triton(q, k, v, g, token_order=orders[i])[0]
@@ -87,8 +67,7 @@ def time_fwd_bwd(fn, inputs, cotangent, device, repeat: int) -> tuple[float, flo
 
 
 def bench_case(res: int, batch: int, device: torch.device, copy_gbs: float | None, repeat: int,
-               quick: bool, split_counts: tuple[int, ...] = (), with_orders: bool = False,
-               part_counts: tuple[int, ...] = ()) -> dict:
+               quick: bool, split_counts: tuple[int, ...] = (), with_orders: bool = False) -> dict:
     tokens = (res // 16) ** 2
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     gen = torch.Generator(device=device).manual_seed(0)
@@ -111,10 +90,9 @@ def bench_case(res: int, batch: int, device: torch.device, copy_gbs: float | Non
         from dig.models.dig import scan_directions
         side = res // 16
         orders = scan_directions((side, side))[0].to(device)
-    for name, fn in _variants(device, quick, split_counts, orders, part_counts).items():
+    for name, fn in _variants(device, quick, split_counts, orders).items():
         try:
-            with forced_parts(name):
-                fwd, bwd = time_fwd_bwd(fn, inputs, do, device, repeat)
+            fwd, bwd = time_fwd_bwd(fn, inputs, do, device, repeat)
         except Exception as e:  # noqa: BLE001  reported in the table, the other columns still run
             row[f"{name}_error"] = f"{type(e).__name__}: {e}"[:120]
             continue
@@ -141,8 +119,6 @@ def main(argv=None) -> None:
     ap.add_argument("--repeat", type=int, default=10)
     ap.add_argument("--splits", default="", help="also time our kernel at these forced split counts, e.g. 2,4,8 "
                     "(columns triton_<n>split), to tune the automatic split rule")
-    ap.add_argument("--parts", default="", help="also time our kernel with a head's columns across these many "
-                    "programs, e.g. 1,2 (columns triton_parts<n>; gla_triton.FORCE_PARTS), to tune the automatic rule")
     ap.add_argument("--orders", action="store_true", help="also time our kernel reading DiG's scan orders in place "
                     "(model.scan_in_kernel)")
     ap.add_argument("--out", default=os.environ.get("OUT", ""))
@@ -153,16 +129,14 @@ def main(argv=None) -> None:
         keep = {int(r) for r in args.resolutions.split(",")}
         cases = [c for c in cases if c[0] in keep]
     split_counts = tuple(int(n) for n in args.splits.split(",") if n)
-    part_counts = tuple(int(n) for n in args.parts.split(",") if n)
     copy_gbs = copy_bandwidth_gbs(device, 1 << 24 if args.quick else 4 << 30, 2 if args.quick else 10)
     rows = []
     for res, batch in cases:
         row = bench_case(res, batch, device, copy_gbs, 2 if args.quick else args.repeat, args.quick, split_counts,
-                         args.orders, part_counts)
+                         args.orders)
         rows.append(row)
         print(json.dumps(row), flush=True)
-    names = list(_variants(device, args.quick, split_counts, torch.zeros(4, 1) if args.orders else None,
-                           part_counts))
+    names = list(_variants(device, args.quick, split_counts, torch.zeros(4, 1) if args.orders else None))
     tables = []
     for d in ("fwd", "bwd"):
         columns = ["res", "batch", "tokens", "splits", f"floor_{d}_ms"]

@@ -326,19 +326,6 @@ def test_triton_busy_launch_options_match_float64(dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("with_state", [True, False], ids=["h0", "no-h0"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_triton_head_parts_match_float64(dtype, with_state):
-    """DiG-XL/2 at 1024 px with 8 images per GPU: 144 sequences x heads for the SMs, no sequence split, so the
-    forward and the dq sweep split each head's value / key columns across gla_triton.HEAD_PARTS programs."""
-    module = importlib.import_module("dig.ops.gla_triton")
-    q = torch.empty(8, 1024, 18, 32, device="cuda")
-    assert module.FORCE_PARTS == 0, "DIG_GLA_FORCE_PARTS is set"
-    assert module._splits_for(q, 0) == 1 and module._parts(q, 64, 1) == module.HEAD_PARTS == 2
-    _kernel_vs_float64((8, 1024, 18, 32, 64), dtype, gates="dig", with_state=with_state, backend="triton")
-
-
-@pytest.mark.gpu
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_kernel_noncontiguous_inputs_and_no_initial_state(backend):
     _kernel_vs_float64((2, 200, 4, 32, 64), torch.float32, gates="dig", with_state=False, noncontiguous=True,

@@ -7,7 +7,7 @@ decays, and forced), sequences shorter than and not a multiple of a chunk, head 
 uses, also checked to compile inside one graph), the sequence split across programs at several split counts
 (split lengths that leave a partial last split, one chunk per split, more splits asked than there are chunks),
 a token order read in place (with and without states and splits), the forward's loads issued a chunk
-ahead (PREFETCH), a head's columns across two programs (FORCE_PARTS), float32 and bf16 inputs. The interpreter runs
+ahead (PREFETCH), float32 and bf16 inputs. The interpreter runs
 dots in float32, so bf16 inputs are exact here up to their rounding; tests/test_gla.py runs the same kernels on
 a GPU (tensor cores, TF32) against the float64 oracle.
 """
@@ -53,18 +53,8 @@ CASES = {  # id: (B, T, H, K, V, gates, with_state, dtype, module settings); "op
     "prefetch-with-state-mixed": (2, 50, 2, 32, 64, "mixed", True, torch.float32, {"LAUNCH_OVERRIDE": PREFETCH}),
     "op-prefetch-order-split3-strong": (1, 130, 2, 20, 24, "strong", False, torch.float32,
                                         {"order": True, "splits": 3, "LAUNCH_OVERRIDE": PREFETCH}),
-    # a head's value (forward) / key (dq) columns across 2 programs (few sequences x heads for the SMs); with
-    # masked lanes in the second part (K 20, V 24), states, strong decays (the exact loop sees its part's gates),
-    # the split and a token order; K = V = 16 leaves one part (a dot needs 16 columns)
-    "parts2-with-state-mixed": (2, 50, 2, 32, 64, "mixed", True, torch.float32, {"FORCE_PARTS": 2}),
-    "parts2-masked-strong": (1, 45, 2, 20, 24, "strong", True, torch.float32, {"FORCE_PARTS": 2}),
-    "op-parts2-order-split3-bf16": (1, 130, 2, 32, 64, "dig", False, torch.bfloat16,
-                                    {"FORCE_PARTS": 2, "order": True, "splits": 3}),
-    "op-parts2-prefetch-mixed": (2, 70, 1, 32, 64, "mixed", False, torch.float32,
-                                 {"FORCE_PARTS": 2, "LAUNCH_OVERRIDE": PREFETCH}),
-    "parts2-too-narrow": (1, 20, 2, 16, 16, "dig", True, torch.float32, {"FORCE_PARTS": 2}),
 }
-DEFAULTS = {"CHUNK": 16, "FACTORISED_MAX_DECAY": 40.0, "LAUNCH_OVERRIDE": {}, "FORCE_PARTS": 0}
+DEFAULTS = {"CHUNK": 16, "FACTORISED_MAX_DECAY": 40.0, "LAUNCH_OVERRIDE": {}}
 TOL = {torch.float32: 2e-5, torch.bfloat16: 1.5e-2}  # bf16: the output and gradients are rounded to bf16
 
 
@@ -123,26 +113,6 @@ def test_interpreted_kernels_match_float64_recurrence(interpreted, case):
             continue
         assert grad.dtype == x.dtype, name
         check(name, grad, grad_ref, TOL[dtype])
-
-
-@pytest.mark.parametrize("case", [c for c in CASES if "parts2" in c])
-def test_forced_parts_launch_two_programs_per_head_where_the_tiles_allow(interpreted, case):
-    """The parts cases above ran what they claim: the forward and the dq sweep with 2 programs per (sequence,
-    head, split) along the grid's third axis, the dk/dv/dg sweep with one; a 16-wide head keeps one part."""
-    launches = interpreted[case][3]["launches"]
-    parts = {name: grid[2] if len(grid) > 2 else 1 for name, grid in launches}
-    assert set(parts) == {"fwd", "bwd_dq", "bwd_dkv"}
-    want = 1 if case.endswith("too-narrow") else 2
-    assert parts == {"fwd": want, "bwd_dq": want, "bwd_dkv": 1}
-
-
-def test_automatic_parts_only_below_the_busy_programs_per_sm():
-    module = importlib.import_module("dig.ops.gla_triton")
-    sms = 132
-    assert module.head_parts(pairs=144, sm_count=sms, block=64, splits=1) == module.HEAD_PARTS  # 1024 px, 8 images
-    assert module.head_parts(pairs=576, sm_count=sms, block=64, splits=1) == 1  # 256/512 px, 32 images
-    assert module.head_parts(pairs=36, sm_count=sms, block=64, splits=8) == 1  # the sequence split instead
-    assert module.head_parts(pairs=144, sm_count=sms, block=16, splits=1) == 1  # a dot needs 16 columns
 
 
 @pytest.mark.parametrize("tokens,splits", [(100, 2), (40, 50), (16 * 8 * 7 + 3, 3), (1, 4)])

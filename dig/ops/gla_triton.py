@@ -4,9 +4,6 @@ One program per (batch, head) walks the sequence in chunks of CHUNK tokens and k
 registers, so the forward is one kernel that reads q, k, v, g once and writes o once, and the backward is two
 (a forward sweep for dq, a reverse sweep for dk, dv, dg). Nothing but the inputs is saved for backward.
 
-Few (sequence, head) pairs for the SMs (DiG-XL/2 at 1024 px, 8 images): the forward splits each head's value
-columns, the dq sweep its key columns, across HEAD_PARTS programs (each recomputes the chunk's scores).
-
 Long sequences, few of them (high resolution, 1-2 images per GPU: batch x heads below the GPU's SM count): the
 sequence is split across programs. Each split's own end state (zero state at its start) and total gate come from
 one pass over k, v, g; a scan over the splits gives every split its start state; then the kernels above run per
@@ -54,12 +51,6 @@ LAUNCH_OVERRIDE: dict[str, dict] = {}  # kernel -> its whole option set, replaci
 FACTORISED_MAX_DECAY = 40.0
 MAX_K = 64
 MAX_V = 128
-# Few (sequence, head) pairs for the SMs without a sequence split (DiG-XL/2 at 1024 px, 8 images: 144 pairs for 132
-# SMs): the forward and the dq sweep also split a head's value (forward) or key (dq) columns across HEAD_PARTS
-# programs, each with its share of the state, recomputing the chunk's scores; no extra pass. FORCE_PARTS (tests,
-# benchmarks) asks for that many parts at any shape (as far as the tiles allow: tensor-core dots need 16 columns).
-HEAD_PARTS = 2
-FORCE_PARTS = int(os.environ.get("DIG_GLA_FORCE_PARTS", "0"))  # e.g. 1: never split a head (A/B benchmarks)
 PROGRAMS_PER_SM = 2  # automatic splits aim at this many programs per SM
 MIN_SPLIT_CHUNKS = 8  # and leave every split at least this many chunks (shorter: the extra passes dominate)
 
@@ -132,22 +123,6 @@ def _splits_for(q: torch.Tensor, splits: int) -> int:
     return automatic_splits(B * H, T, sm_count_of(q.device))
 
 
-def head_parts(pairs: int, sm_count: int, block: int, splits: int) -> int:
-    """Programs per (sequence, head) for a kernel that can split the `block` lanes of a head's value or key
-    columns: HEAD_PARTS when the pairs alone give fewer than BUSY_PROGRAMS_PER_SM programs per SM and the
-    sequence is not split, as far as a part keeps the 16 columns a tensor-core dot needs."""
-    parts = FORCE_PARTS or (HEAD_PARTS if splits == 1 and pairs < BUSY_PROGRAMS_PER_SM * sm_count else 1)
-    while parts > 1 and block // parts < 16:
-        parts //= 2
-    return parts
-
-
-def _parts(q: torch.Tensor, block: int, splits: int) -> int:
-    if not q.is_cuda and not FORCE_PARTS:  # Triton's interpreter: one part unless told otherwise
-        return 1
-    return head_parts(q.shape[0] * q.shape[2], sm_count_of(q.device) if q.is_cuda else 1, block, splits)
-
-
 def _launch_args(q: torch.Tensor, v: torch.Tensor, splits: int = 1, order: torch.Tensor | None = None) -> dict:
     B, T, H, K = q.shape
     NS, CPS = _split_layout(T, splits)
@@ -176,10 +151,9 @@ def _forward(q, k, v, g, scale, h0, output_final_state, splits=1, order=None):
     ht = q.new_empty(B, H, K, v.shape[-1], dtype=torch.float32) if output_final_state else None
     if args["NS"] > 1:
         h0 = _split_start_states(k, v, g, order, args)[0]
-    parts = _parts(q, args["BV"], args["NS"])
-    fwd[(B * H, args["NS"], parts)](q, k, v, g, o, h0, ht, order, scale, FACTORISED_MAX_DECAY,
-                                    USE_H0=h0 is not None, STORE_HT=output_final_state, **args,
-                                    BVP=args["BV"] // parts, **_options("fwd", q, B * H * args["NS"] * parts))
+    fwd[(B * H, args["NS"])](q, k, v, g, o, h0, ht, order, scale, FACTORISED_MAX_DECAY, USE_H0=h0 is not None,
+                             STORE_HT=output_final_state, **args,
+                             **_options("fwd", q, B * H * args["NS"]))
     return o, ht
 
 
@@ -224,10 +198,9 @@ def _backward(q, k, v, g, h0, scale, do, dht, need_dh0, splits=1, order=None):
         h0, gsum = _split_start_states(k, v, g, order, args)
         dht = _split_end_state_grads(q, g, do, gsum, order, scale, args)
         dgsum = q.new_empty(B * H, NS, K, dtype=torch.float32)
-    parts = _parts(q, args["BK"], NS)
-    bwd_dq[(B * H, NS, parts)](q, k, v, g, do, dq, dht, final_dg, h0, order, scale, FACTORISED_MAX_DECAY,
-                               USE_H0=h0 is not None, USE_DHT=dht is not None and NS == 1, **args,
-                               BKP=args["BK"] // parts, **_options("bwd_dq", q, B * H * NS * parts))
+    bwd_dq[(B * H, NS)](q, k, v, g, do, dq, dht, final_dg, h0, order, scale, FACTORISED_MAX_DECAY,
+                        USE_H0=h0 is not None, USE_DHT=dht is not None and NS == 1, **args,
+                        **_options("bwd_dq", q, B * H * NS))
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     dg = torch.empty_like(g, dtype=torch.float32) if NS > 1 else torch.empty_like(g)
     dh0 = torch.empty_like(h0, dtype=torch.float32) if h0 is not None and need_dh0 and NS == 1 else None

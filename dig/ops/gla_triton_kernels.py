@@ -15,15 +15,15 @@ def _mm(a, b, PRECISION: tl.constexpr):
 
 @triton.jit
 def _head(T: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-          BK: tl.constexpr, BV: tl.constexpr, NS: tl.constexpr, k0, v0):
+          BK: tl.constexpr, BV: tl.constexpr, NS: tl.constexpr):
     """This program's (sequence, head) and split of the sequence: where its q/k/g and v/o rows start, and its
-    slot of the [K, V] state (states are [B * H, NS, K, V]): BK rows from k0, BV columns from v0."""
+    [K, V] state slot (states are [B * H, NS, K, V])."""
     i_bh = tl.program_id(0)
     i_b = (i_bh // H).to(tl.int64)
     base_qk = i_b * T * H * K + (i_bh % H) * K
     base_v = i_b * T * H * V + (i_bh % H) * V
-    o_k = k0 + tl.arange(0, BK)
-    o_v = v0 + tl.arange(0, BV)
+    o_k = tl.arange(0, BK)
+    o_v = tl.arange(0, BV)
     p_s = (i_bh.to(tl.int64) * NS + tl.program_id(1)) * K * V + o_k[:, None] * V + o_v[None, :]
     m_s = (o_k[:, None] < K) & (o_v[None, :] < V)
     return base_qk, base_v, p_s, m_s
@@ -45,10 +45,9 @@ def _split_vector(i_s, K: tl.constexpr, BK: tl.constexpr, NS: tl.constexpr):
 
 @triton.jit
 def _load_chunk(q, k, g, v, i_t, base_qk, base_v, order, T: tl.constexpr, H: tl.constexpr, K: tl.constexpr,
-                V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ORDERED: tl.constexpr,
-                k0, v0):
-    """Chunk i_t's q, k, g and v rows as stored (BK columns of q/k/g from k0, BV of v from v0)."""
-    p_qk, p_v, m_qk, m_v = _chunk_offsets(i_t, base_qk, base_v, order, T, H, K, V, BT, BK, BV, ORDERED, k0, v0)
+                V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ORDERED: tl.constexpr):
+    """Chunk i_t's q, k, g and v rows as stored."""
+    p_qk, p_v, m_qk, m_v = _chunk_offsets(i_t, base_qk, base_v, order, T, H, K, V, BT, BK, BV, ORDERED)
     return _load_at(q, k, g, v, p_qk, p_v, m_qk, m_v)
 
 
@@ -69,18 +68,16 @@ def _chunk_values(r_q, r_k, r_g, r_v, scale):
 
 @triton.jit
 def _chunk_offsets(i_t, base_qk, base_v, order, T: tl.constexpr, H: tl.constexpr, K: tl.constexpr,
-                   V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ORDERED: tl.constexpr,
-                   k0, v0):
-    """Scan steps i_t * BT ... of the sequence, BK columns of q/k/g from k0 and BV of v/o from v0; with ORDERED,
-    step s is the token order[s] (DiG's scan directions read in place, no reordered copy of the sequence), else
-    token s."""
+                   V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ORDERED: tl.constexpr):
+    """Scan steps i_t * BT ... of the sequence; with ORDERED, step s is the token order[s] (DiG's scan directions
+    read in place, no reordered copy of the sequence), else token s."""
     o_t = i_t * BT + tl.arange(0, BT)
     if ORDERED:
         rows = tl.load(order + o_t, mask=o_t < T, other=0).to(tl.int64)
     else:
         rows = o_t.to(tl.int64)
-    o_k = k0 + tl.arange(0, BK)
-    o_v = v0 + tl.arange(0, BV)
+    o_k = tl.arange(0, BK)
+    o_v = tl.arange(0, BV)
     m_qk = (o_t[:, None] < T) & (o_k[None, :] < K)
     m_v = (o_t[:, None] < T) & (o_v[None, :] < V)
     p_qk = base_qk + rows[:, None] * (H * K) + o_k[None, :]
@@ -167,26 +164,22 @@ def fwd_kernel(q, k, v, g, o, h0, ht, order, scale, max_decay,
                T: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
                USE_H0: tl.constexpr, STORE_HT: tl.constexpr, NS: tl.constexpr, CPS: tl.constexpr,
-               ORDERED: tl.constexpr, BVP: tl.constexpr, PREFETCH: tl.constexpr = False):
-    """Outputs of one split of the sequence (the whole sequence when NS = 1), from its state at the start: the
-    BVP value columns from program_id(2) * BVP (BVP = BV: all of them; each part recomputes the chunk's scores,
-    so that few sequences x heads still give the GPU several programs per SM)."""
-    v0 = tl.program_id(2) * BVP
-    base_qk, base_v, p_s, m_s = _head(T, H, K, V, BK, BVP, NS, 0, v0)
+               ORDERED: tl.constexpr, PREFETCH: tl.constexpr = False):
+    """Outputs of one split of the sequence (the whole sequence when NS = 1), from its state at the start."""
+    base_qk, base_v, p_s, m_s = _head(T, H, K, V, BK, BV, NS)
     if USE_H0:
         S = tl.load(h0 + p_s, mask=m_s, other=0.).to(tl.float32)
     else:
-        S = tl.zeros([BK, BVP], dtype=tl.float32)
+        S = tl.zeros([BK, BV], dtype=tl.float32)
     first, end = _split_chunks(T, BT, CPS)
     if PREFETCH:
-        n_q, n_k, n_g, n_v = _load_chunk(q, k, g, v, first, base_qk, base_v, order, T, H, K, V, BT, BK, BVP,
-                                         ORDERED, 0, v0)
+        n_q, n_k, n_g, n_v = _load_chunk(q, k, g, v, first, base_qk, base_v, order, T, H, K, V, BT, BK, BV, ORDERED)
     for i_t in range(first, end):
-        p_qk, p_v, m_qk, m_v = _chunk_offsets(i_t, base_qk, base_v, order, T, H, K, V, BT, BK, BVP, ORDERED, 0, v0)
+        p_qk, p_v, m_qk, m_v = _chunk_offsets(i_t, base_qk, base_v, order, T, H, K, V, BT, BK, BV, ORDERED)
         if PREFETCH:  # the next chunk's loads are in flight while this one computes
             r_q, r_k, r_g, r_v = n_q, n_k, n_g, n_v
             n_q, n_k, n_g, n_v = _load_chunk(q, k, g, v, tl.minimum(i_t + 1, end - 1), base_qk, base_v, order,
-                                             T, H, K, V, BT, BK, BVP, ORDERED, 0, v0)
+                                             T, H, K, V, BT, BK, BV, ORDERED)
         else:
             r_q, r_k, r_g, r_v = _load_at(q, k, g, v, p_qk, p_v, m_qk, m_v)
         b_q, b_k, b_v, gc, gl = _chunk_values(r_q, r_k, r_g, r_v, scale)
@@ -203,19 +196,17 @@ def bwd_dq_kernel(q, k, v, g, do, dq, dht, final_dg, h0, order, scale, max_decay
                   T: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                   BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
                   USE_H0: tl.constexpr, USE_DHT: tl.constexpr, NS: tl.constexpr, CPS: tl.constexpr,
-                  ORDERED: tl.constexpr, BKP: tl.constexpr):
+                  ORDERED: tl.constexpr):
     """Forward sweep over one split: dq in float32 and, with a final-state gradient (NS = 1 only), the
-    gate-gradient term sum_v S_T * dS_T that every position's dg receives. Each program takes the BKP key
-    columns from program_id(2) * BKP (their rows of the state; BKP = BK: all of them)."""
-    k0 = tl.program_id(2) * BKP
-    base_qk, base_v, p_s, m_s = _head(T, H, K, V, BKP, BV, NS, k0, 0)
+    gate-gradient term sum_v S_T * dS_T that every position's dg receives."""
+    base_qk, base_v, p_s, m_s = _head(T, H, K, V, BK, BV, NS)
     if USE_H0:
         S = tl.load(h0 + p_s, mask=m_s, other=0.).to(tl.float32)
     else:
-        S = tl.zeros([BKP, BV], dtype=tl.float32)
+        S = tl.zeros([BK, BV], dtype=tl.float32)
     first, end = _split_chunks(T, BT, CPS)
     for i_t in range(first, end):
-        p_qk, p_v, m_qk, m_v = _chunk_offsets(i_t, base_qk, base_v, order, T, H, K, V, BT, BKP, BV, ORDERED, k0, 0)
+        p_qk, p_v, m_qk, m_v = _chunk_offsets(i_t, base_qk, base_v, order, T, H, K, V, BT, BK, BV, ORDERED)
         r_q, r_k, r_g, r_v = _load_at(q, k, g, v, p_qk, p_v, m_qk, m_v)
         b_q, b_k, b_v, gc, gl = _chunk_values(r_q, r_k, r_g, r_v, scale)
         b_do = tl.load(do + p_v, mask=m_v, other=0.).to(tl.float32)
@@ -225,7 +216,7 @@ def bwd_dq_kernel(q, k, v, g, do, dq, dht, final_dg, h0, order, scale, max_decay
         tl.store(dq + p_qk, b_dq * scale, mask=m_qk)
         S = _next_state(S, b_k, b_v, gc, gl, PRECISION)
     if USE_DHT:
-        o_k = k0 + tl.arange(0, BKP)
+        o_k = tl.arange(0, BK)
         b_dht = tl.load(dht + p_s, mask=m_s, other=0.).to(tl.float32)
         tl.store(final_dg + tl.program_id(0).to(tl.int64) * K + o_k, tl.sum(S * b_dht, axis=1), mask=o_k < K)
 
@@ -239,7 +230,7 @@ def bwd_dkv_kernel(q, k, v, g, do, dq, dk, dv, dg, dht, final_dg, dh0, dgsum, or
     """Reverse sweep over one split: dk, dv, and dg as the reverse cumulative sum of q*dq - k*dk. The state
     gradient at the split's end comes from dht ([B * H, NS, K, V]); with NS > 1 the split's dg lacks the sum of
     q*dq - k*dk over the splits after it, and that split total is stored in dgsum for the caller to add."""
-    base_qk, base_v, p_s, m_s = _head(T, H, K, V, BK, BV, NS, 0, 0)
+    base_qk, base_v, p_s, m_s = _head(T, H, K, V, BK, BV, NS)
     o_k = tl.arange(0, BK)
     if USE_DHT:
         dS = tl.load(dht + p_s, mask=m_s, other=0.).to(tl.float32)
@@ -252,7 +243,7 @@ def bwd_dkv_kernel(q, k, v, g, do, dq, dk, dv, dg, dht, final_dg, dh0, dgsum, or
     first, end = _split_chunks(T, BT, CPS)
     for i_r in range(0, end - first):
         i_t = end - 1 - i_r
-        p_qk, p_v, m_qk, m_v = _chunk_offsets(i_t, base_qk, base_v, order, T, H, K, V, BT, BK, BV, ORDERED, 0, 0)
+        p_qk, p_v, m_qk, m_v = _chunk_offsets(i_t, base_qk, base_v, order, T, H, K, V, BT, BK, BV, ORDERED)
         r_q, r_k, r_g, r_v = _load_at(q, k, g, v, p_qk, p_v, m_qk, m_v)
         b_q, b_k, b_v, gc, gl = _chunk_values(r_q, r_k, r_g, r_v, scale)
         b_do = tl.load(do + p_v, mask=m_v, other=0.).to(tl.float32)
@@ -287,12 +278,12 @@ def split_states_kernel(k, v, g, states, gsum, order,
                         BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
                         NS: tl.constexpr, CPS: tl.constexpr, ORDERED: tl.constexpr):
     """The state at a split's end from a zero state at its start, and the split's total gate per channel."""
-    base_qk, base_v, p_s, m_s = _head(T, H, K, V, BK, BV, NS, 0, 0)
+    base_qk, base_v, p_s, m_s = _head(T, H, K, V, BK, BV, NS)
     S = tl.zeros([BK, BV], dtype=tl.float32)
     g_total = tl.zeros([BK], dtype=tl.float32)
     first, end = _split_chunks(T, BT, CPS)
     for i_t in range(first, end):
-        p_qk, p_v, m_qk, m_v = _chunk_offsets(i_t, base_qk, base_v, order, T, H, K, V, BT, BK, BV, ORDERED, 0, 0)
+        p_qk, p_v, m_qk, m_v = _chunk_offsets(i_t, base_qk, base_v, order, T, H, K, V, BT, BK, BV, ORDERED)
         b_k = tl.load(k + p_qk, mask=m_qk, other=0.).to(tl.float32)
         b_g = tl.load(g + p_qk, mask=m_qk, other=0.).to(tl.float32)
         b_v = tl.load(v + p_v, mask=m_v, other=0.).to(tl.float32)
@@ -310,12 +301,12 @@ def split_state_grads_kernel(q, g, do, dstates, order, scale,
                              BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
                              NS: tl.constexpr, CPS: tl.constexpr, ORDERED: tl.constexpr):
     """The gradient of the state at a split's start from the split's own outputs."""
-    base_qk, base_v, p_s, m_s = _head(T, H, K, V, BK, BV, NS, 0, 0)
+    base_qk, base_v, p_s, m_s = _head(T, H, K, V, BK, BV, NS)
     dS = tl.zeros([BK, BV], dtype=tl.float32)
     first, end = _split_chunks(T, BT, CPS)
     for i_r in range(0, end - first):
         p_qk, p_v, m_qk, m_v = _chunk_offsets(end - 1 - i_r, base_qk, base_v, order, T, H, K, V, BT, BK, BV,
-                                               ORDERED, 0, 0)
+                                               ORDERED)
         b_q = tl.load(q + p_qk, mask=m_qk, other=0.).to(tl.float32) * scale
         b_g = tl.load(g + p_qk, mask=m_qk, other=0.).to(tl.float32)
         b_do = tl.load(do + p_v, mask=m_v, other=0.).to(tl.float32)
