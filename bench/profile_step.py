@@ -95,7 +95,8 @@ def main(argv=None) -> None:
     rows.append({"kind": "TOTAL (kernel time)", **{f"{n} ms/step": sum(kinds[n].values()) for n in names}})
     rows.append({"kind": WALL, **{f"{n} ms/step": walls[n] for n in names}})
     variant = "eager" if args.eager else "regional compile" + (" + CUDA graphs" if args.graphs else "")
-    print(f"\nGPU kernel time per step, {args.res} px, batch {args.batch}, {variant}\n" + fmt_table(rows, list(rows[0])))
+    print(f"\nGPU kernel time per step, {args.res} px, batch {args.batch}, {variant}\n"
+          + fmt_table(rows, list(rows[0])))
     for n in names:
         print(f"\nTop kernels, {n}\n" + fmt_table([{"kernel": k[:90], "ms/step": v} for k, v in tops[n][:args.top]],
                                                   ["kernel", "ms/step"]))

@@ -45,7 +45,7 @@ def main(argv=None) -> None:
     ap.add_argument("--quick", action="store_true", help="tiny CPU dry run")
     ap.add_argument("--sections", default="ceilings,gla,model,memory")
     ap.add_argument("--variants", default="eager,compile",
-                    help="comma list of eager, compile (regional), graphs (regional + CUDA graphs, as the recipes train)")
+                    help="comma list of eager, compile (regional), graphs (regional + CUDA graphs, as recipes train)")
     ap.add_argument("--resolutions", default="", help="comma list to restrict the model cases, e.g. 256,2048")
     ap.add_argument("--cases", default="", help="comma list of RESxBATCH[+ckpt] replacing the model cases, e.g. "
                     "256x32,256x128,512x32,1024x8 (the paper's 32 images per GPU beside the default ~32k tokens)")
@@ -134,20 +134,20 @@ def main(argv=None) -> None:
             rows, ["model", "gla", "res", "batch", "variant", "ms", "img_s", "peak_gib", "tflops", "mfu", "spread",
                    "wall_s", "error"]))
         ratios = []
-        by_key = {(r["model"], r["gla"], r["res"], r["variant"]): r for r in rows}
-        for (name, backend, res, variant), r in by_key.items():
+        by_key = {(r["model"], r["gla"], r["res"], r["batch"], r["variant"]): r for r in rows}
+        for (name, backend, res, batch, variant), r in by_key.items():
             if not name.startswith("DiG"):
                 continue
-            other = by_key.get((models[1], "", res, variant))
+            other = by_key.get((models[1], "", res, batch, variant))
             if other and "img_s" in r and "img_s" in other:
-                ratio = {"res": res, "variant": variant, "gla": backend,
+                ratio = {"res": res, "batch": batch, "variant": variant, "gla": backend,
                          "DiG/DiT img/s": r["img_s"] / other["img_s"]}
                 if "peak_gib" in r and "peak_gib" in other:
                     ratio["DiG/DiT peak mem"] = r["peak_gib"] / other["peak_gib"]
                 ratios.append(ratio)
         results["ratios"] = ratios
-        tables.append(f"{models[0]} vs {models[1]}\n" + fmt_table(ratios, ["res", "variant", "gla", "DiG/DiT img/s",
-                                                                   "DiG/DiT peak mem"]))
+        tables.append(f"{models[0]} vs {models[1]}\n" + fmt_table(
+            ratios, ["res", "batch", "variant", "gla", "DiG/DiT img/s", "DiG/DiT peak mem"]))
 
     if "memory" in sections:
         res, batch = (64, 2) if args.quick else (512, 8)

@@ -218,3 +218,35 @@ def test_bench_memory_usage_errors_are_one_line():
                           (["--models", "DiG-XXL/2"], "unknown model(s) ['DiG-XXL/2']")):
         out = dig_bench("memory", *args, timeout=120)
         assert out.returncode == 2 and message in out.stderr, (args, out.stderr[-2000:])
+
+
+def test_model_options_and_cases_parse_or_fail_clearly():
+    sys.path.insert(0, REPO)
+    from bench.common import model_options
+    from bench.run_all import parse_case
+
+    assert model_options("triton+scan+mlp_recompute=false+depth=4+norm=rms", first="gla_backend") == {
+        "gla_backend": "triton", "scan_in_kernel": True, "mlp_recompute": False, "depth": 4, "norm": "rms"}
+    assert model_options("mlp_recompute=TRUE") == {"mlp_recompute": True}
+    with pytest.raises(SystemExit, match="neither 'scan' nor KEY=VALUE"):
+        model_options("triton+recompute", first="gla_backend")
+    assert parse_case("256x32") == (256, 32, False) and parse_case("4096x1+ckpt") == (4096, 1, True)
+    for bad in ("256", "256x", "256x32+fast"):
+        with pytest.raises(SystemExit, match="--cases"):
+            parse_case(bad)
+
+
+def test_run_all_ratios_pair_each_batch_with_its_own_dit_row(tmp_path):
+    """`dig bench gpu --quick` (bench.run_all) on CPU with two batches at one resolution and a DiG override row:
+    every DiG/DiT ratio is the DiG row's img/s over the DiT row of the same resolution, batch and variant."""
+    out = dig_bench("gpu", "--quick", "--sections", "model", "--variants", "eager", "--cases", "64x1,64x2",
+                    "--gla-backends", "torch,torch+mlp_recompute=false", "--repeat", "1", "--out", str(tmp_path))
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    rows = {(r["model"], r["gla"], r["batch"]): r for r in results["model"]}
+    assert len(rows) == 6 and not any("error" in r for r in rows.values()), results["model"]
+    ratios = {(r["gla"], r["batch"]): r["DiG/DiT img/s"] for r in results["ratios"]}
+    assert set(ratios) == {(g, b) for g in ("torch", "torch+mlp_recompute=false") for b in (1, 2)}
+    for (gla, batch), ratio in ratios.items():
+        want = rows[("DiG-S/2", gla, batch)]["img_s"] / rows[("DiT-S/2", "", batch)]["img_s"]
+        assert ratio == pytest.approx(want, rel=1e-12)
