@@ -326,6 +326,17 @@ def test_triton_busy_launch_options_match_float64(dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("gates,with_state", [("dig", False), ("mixed", True), ("strong", True)])
+def test_triton_bf16_dots_match_float64(gates, with_state, monkeypatch):
+    """The kernels' dots on bf16-rounded operands (PRECISION "bf16" through LAUNCH_OVERRIDE, a benchmark option of
+    bench.tune_gla_launch) stay within the bf16 tolerance of the float64 oracle, at a DiG-XL/2 shape."""
+    module = importlib.import_module("dig.ops.gla_triton")
+    monkeypatch.setattr(module, "LAUNCH_OVERRIDE", {name: {"num_warps": module.NUM_WARPS, "PRECISION": "bf16"}
+                                                    for name in ("fwd", "bwd_dq", "bwd_dkv")})
+    _kernel_vs_float64((4, 1024, 18, 32, 64), torch.bfloat16, gates=gates, with_state=with_state, backend="triton")
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_kernel_noncontiguous_inputs_and_no_initial_state(backend):
     _kernel_vs_float64((2, 200, 4, 32, 64), torch.float32, gates="dig", with_state=False, noncontiguous=True,

@@ -7,7 +7,8 @@ decays, and forced), sequences shorter than and not a multiple of a chunk, head 
 uses, also checked to compile inside one graph), the sequence split across programs at several split counts
 (split lengths that leave a partial last split, one chunk per split, more splits asked than there are chunks),
 a token order read in place (with and without states and splits), the forward's loads issued a chunk
-ahead (PREFETCH), float32 and bf16 inputs. The interpreter runs
+ahead (PREFETCH), float32 and bf16 inputs. (The dots on bf16 operands, PRECISION "bf16", only run on a GPU: the
+interpreter's dot takes bf16 tiles as raw bits. tests/test_gla.py checks them there.) The interpreter runs
 dots in float32, so bf16 inputs are exact here up to their rounding; tests/test_gla.py runs the same kernels on
 a GPU (tensor cores, TF32) against the float64 oracle.
 """

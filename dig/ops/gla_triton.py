@@ -47,7 +47,9 @@ NUM_WARPS = 4
 # (BENCHMARKS.md); with fewer programs per SM (high resolution, sequence splits) these lose and NUM_WARPS alone runs.
 BUSY_PROGRAMS_PER_SM = 4
 LAUNCH_BUSY: dict[str, dict] = {"fwd": {"maxnreg": 96, "PREFETCH": True}, "bwd_dq": {}, "bwd_dkv": {"num_warps": 2}}
-LAUNCH_OVERRIDE: dict[str, dict] = {}  # kernel -> its whole option set, replacing the above (benchmarks)
+# kernel -> its whole option set, replacing the above (benchmarks, tests); it may also set the dots' PRECISION
+# ("bf16": operands rounded to bf16, measured by bench.tune_gla_launch's `b` option sets; not a default)
+LAUNCH_OVERRIDE: dict[str, dict] = {}
 FACTORISED_MAX_DECAY = 40.0
 MAX_K = 64
 MAX_V = 128
@@ -152,8 +154,7 @@ def _forward(q, k, v, g, scale, h0, output_final_state, splits=1, order=None):
     if args["NS"] > 1:
         h0 = _split_start_states(k, v, g, order, args)[0]
     fwd[(B * H, args["NS"])](q, k, v, g, o, h0, ht, order, scale, FACTORISED_MAX_DECAY, USE_H0=h0 is not None,
-                             STORE_HT=output_final_state, **args,
-                             **_options("fwd", q, B * H * args["NS"]))
+                             STORE_HT=output_final_state, **{**args, **_options("fwd", q, B * H * args["NS"])})
     return o, ht
 
 
@@ -199,15 +200,15 @@ def _backward(q, k, v, g, h0, scale, do, dht, need_dh0, splits=1, order=None):
         dht = _split_end_state_grads(q, g, do, gsum, order, scale, args)
         dgsum = q.new_empty(B * H, NS, K, dtype=torch.float32)
     bwd_dq[(B * H, NS)](q, k, v, g, do, dq, dht, final_dg, h0, order, scale, FACTORISED_MAX_DECAY,
-                        USE_H0=h0 is not None, USE_DHT=dht is not None and NS == 1, **args,
-                        **_options("bwd_dq", q, B * H * NS))
+                        USE_H0=h0 is not None, USE_DHT=dht is not None and NS == 1,
+                        **{**args, **_options("bwd_dq", q, B * H * NS)})
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     dg = torch.empty_like(g, dtype=torch.float32) if NS > 1 else torch.empty_like(g)
     dh0 = torch.empty_like(h0, dtype=torch.float32) if h0 is not None and need_dh0 and NS == 1 else None
     bwd_dkv[(B * H, NS)](q, k, v, g, do, dq, dk, dv, dg, dht, final_dg, dh0, dgsum, order, scale,
                          FACTORISED_MAX_DECAY,
-                         USE_DHT=dht is not None, STORE_DH0=dh0 is not None, **args,
-                         **_options("bwd_dkv", q, B * H * NS))
+                         USE_DHT=dht is not None, STORE_DH0=dh0 is not None,
+                         **{**args, **_options("bwd_dkv", q, B * H * NS)})
     if NS > 1:  # each split's dg still lacks the sum of q*dq - k*dk over the splits after it
         after = dgsum.flip(1).cumsum(1).flip(1) - dgsum
         per_step = after.view(B, H, NS, K).transpose(1, 2).repeat_interleave(args["CPS"] * CHUNK, dim=1)[:, :T]

@@ -10,6 +10,10 @@ import triton.language as tl
 
 @triton.jit
 def _mm(a, b, PRECISION: tl.constexpr):
+    """a @ b in float32: PRECISION "ieee" or "tf32" (tl.dot's input precision), or "bf16": both operands rounded
+    to bf16 first (as fla's chunk kernels feed their dots), for tensor cores at twice TF32's rate."""
+    if PRECISION == "bf16":
+        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
     return tl.dot(a, b, input_precision=PRECISION)
 
 
