@@ -50,6 +50,11 @@ LAUNCH_BUSY: dict[str, dict] = {"fwd": {"maxnreg": 96, "PREFETCH": True}, "bwd_d
 # kernel -> its whole option set, replacing the above (benchmarks, tests); it may also set the dots' PRECISION
 # ("bf16": operands rounded to bf16, measured by bench.tune_gla_launch's `b` option sets; not a default)
 LAUNCH_OVERRIDE: dict[str, dict] = {}
+# The dots' precision for bf16/fp16 inputs: "tf32" (default), or "bf16" for every kernel (DIG_GLA_DOTS_16BIT=bf16,
+# to measure the model step with it: BENCHMARKS.md, ninth session)
+DOTS_16BIT = os.environ.get("DIG_GLA_DOTS_16BIT", "tf32")
+if DOTS_16BIT not in ("tf32", "bf16"):
+    raise ValueError(f"DIG_GLA_DOTS_16BIT must be tf32 or bf16, got {DOTS_16BIT!r}")
 FACTORISED_MAX_DECAY = 40.0
 MAX_K = 64
 MAX_V = 128
@@ -129,7 +134,8 @@ def _launch_args(q: torch.Tensor, v: torch.Tensor, splits: int = 1, order: torch
     B, T, H, K = q.shape
     NS, CPS = _split_layout(T, splits)
     return dict(T=T, H=H, K=K, V=v.shape[-1], BT=CHUNK, BK=_block(K), BV=_block(v.shape[-1]),
-                PRECISION="ieee" if q.dtype == torch.float32 else "tf32", NS=NS, CPS=CPS, ORDERED=order is not None)
+                PRECISION="ieee" if q.dtype == torch.float32 else DOTS_16BIT, NS=NS, CPS=CPS,
+                ORDERED=order is not None)
 
 
 def _options(kernel: str, q: torch.Tensor, programs: int) -> dict:

@@ -12,9 +12,11 @@ import triton.language as tl
 def _mm(a, b, PRECISION: tl.constexpr):
     """a @ b in float32: PRECISION "ieee" or "tf32" (tl.dot's input precision), or "bf16": both operands rounded
     to bf16 first (as fla's chunk kernels feed their dots), for tensor cores at twice TF32's rate."""
-    if PRECISION == "bf16":
-        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
-    return tl.dot(a, b, input_precision=PRECISION)
+    if PRECISION == "bf16":  # (one return: Triton compiles the statements after a return inside an if)
+        out = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+    else:
+        out = tl.dot(a, b, input_precision=PRECISION)
+    return out
 
 
 @triton.jit
