@@ -7,8 +7,9 @@ decays, and forced), sequences shorter than and not a multiple of a chunk, head 
 uses, also checked to compile inside one graph), the sequence split across programs at several split counts
 (split lengths that leave a partial last split, one chunk per split, more splits asked than there are chunks),
 a token order read in place (with and without states and splits), the forward's loads issued a chunk
-ahead (PREFETCH), float32 and bf16 inputs. (The dots on bf16 operands, PRECISION "bf16", only run on a GPU: the
-interpreter's dot takes bf16 tiles as raw bits. tests/test_gla.py checks them there.) The interpreter runs
+ahead (PREFETCH), the dots on bf16-rounded operands (DIG_GLA_DOTS_16BIT; the interpreter's dot takes bf16 tiles
+as raw bits, so there the kernels round float32 tiles: the same products; tests/test_gla.py runs the bf16 dots on a
+GPU), float32 and bf16 inputs. The interpreter runs
 dots in float32, so bf16 inputs are exact here up to their rounding; tests/test_gla.py runs the same kernels on
 a GPU (tensor cores, TF32) against the float64 oracle.
 """
@@ -54,8 +55,13 @@ CASES = {  # id: (B, T, H, K, V, gates, with_state, dtype, module settings); "op
     "prefetch-with-state-mixed": (2, 50, 2, 32, 64, "mixed", True, torch.float32, {"LAUNCH_OVERRIDE": PREFETCH}),
     "op-prefetch-order-split3-strong": (1, 130, 2, 20, 24, "strong", False, torch.float32,
                                         {"order": True, "splits": 3, "LAUNCH_OVERRIDE": PREFETCH}),
+    # every kernel's dots on bf16-rounded operands (DIG_GLA_DOTS_16BIT=bf16; the interpreter rounds float32 tiles)
+    "op-bf16-dots-mixed": (2, 70, 2, 32, 64, "mixed", False, torch.bfloat16,
+                           {"DOTS_16BIT": {"fwd": "bf16", "bwd_dq": "bf16", "bwd_dkv": "bf16"}}),
 }
-DEFAULTS = {"CHUNK": 16, "FACTORISED_MAX_DECAY": 40.0, "LAUNCH_OVERRIDE": {}}
+CASE_TOL = {"op-bf16-dots-mixed": 3e-2}  # bf16 operands: about twice the error of bf16 inputs and outputs alone
+DEFAULTS = {"CHUNK": 16, "FACTORISED_MAX_DECAY": 40.0, "LAUNCH_OVERRIDE": {},
+            "DOTS_16BIT": {"fwd": "tf32", "bwd_dq": "tf32", "bwd_dkv": "tf32"}}
 TOL = {torch.float32: 2e-5, torch.bfloat16: 1.5e-2}  # bf16: the output and gradients are rounded to bf16
 
 
@@ -97,23 +103,46 @@ def recurrence_in_token_order(q, k, v, g, scale, h0, order):
 def test_interpreted_kernels_match_float64_recurrence(interpreted, case):
     inputs, cotangents, order, got = interpreted[case]
     dtype = CASES[case][7]
+    tol = CASE_TOL.get(case, TOL[dtype])
     scale = inputs[0].shape[-1] ** -0.5
     if case.startswith("op-"):  # no final state: its cotangent is zero
         cotangents = (cotangents[0], torch.zeros_like(cotangents[1]))
     o_ref, state_ref, grads_ref = run_with_grads(lambda *x: recurrence_in_token_order(*x[:4], scale, x[4], order),
                                                  inputs, cotangents)
     assert got["o"].dtype == dtype
-    check("o", got["o"], o_ref, TOL[dtype])
+    check("o", got["o"], o_ref, tol)
     if case.startswith("op-"):
         assert got["state"] is None
     else:
         assert got["state"].dtype == torch.float32
-        check("final_state", got["state"], state_ref, TOL[dtype])
+        check("final_state", got["state"], state_ref, tol)
     for name, grad, grad_ref, x in zip(["dq", "dk", "dv", "dg", "dh0"], got["grads"], grads_ref, inputs):
         if x is None:
             continue
         assert grad.dtype == x.dtype, name
-        check(name, grad, grad_ref, TOL[dtype])
+        check(name, grad, grad_ref, tol)
+
+
+def test_bf16_dots_case_ran_every_kernel_on_rounded_operands(interpreted):
+    """The bf16-dots case above launched each kernel with the interpreter's stand-in for bf16 dots, the others
+    with their input dtype's precision."""
+    for case, (*_, got) in interpreted.items():
+        precisions = {p for _, p in got["launches"]}
+        assert {name for name, _ in got["launches"]} == {"fwd", "bwd_dq", "bwd_dkv"}, case
+        if case == "op-bf16-dots-mixed":
+            assert precisions == {"bf16_rounded"}, case
+        else:
+            assert precisions == {"ieee" if CASES[case][7] == torch.float32 else "tf32"}, (case, precisions)
+
+
+def test_dots_precision_spec_per_kernel_or_a_clear_error():
+    module = importlib.import_module("dig.ops.gla_triton")
+    assert module.dots_16bit("tf32") == {"fwd": "tf32", "bwd_dq": "tf32", "bwd_dkv": "tf32"}
+    assert module.dots_16bit("bf16") == {"fwd": "bf16", "bwd_dq": "bf16", "bwd_dkv": "bf16"}
+    assert module.dots_16bit("fwd=bf16,bwd_dkv=bf16") == {"fwd": "bf16", "bwd_dq": "tf32", "bwd_dkv": "bf16"}
+    for bad in ("fp8", "fwd=fp16", "bwd=bf16", "fwd"):
+        with pytest.raises(ValueError, match="DIG_GLA_DOTS_16BIT"):
+            module.dots_16bit(bad)
 
 
 @pytest.mark.parametrize("tokens,splits", [(100, 2), (40, 50), (16 * 8 * 7 + 3, 3), (1, 4)])

@@ -50,11 +50,29 @@ LAUNCH_BUSY: dict[str, dict] = {"fwd": {"maxnreg": 96, "PREFETCH": True}, "bwd_d
 # kernel -> its whole option set, replacing the above (benchmarks, tests); it may also set the dots' PRECISION
 # ("bf16": operands rounded to bf16, measured by bench.tune_gla_launch's `b` option sets; not a default)
 LAUNCH_OVERRIDE: dict[str, dict] = {}
-# The dots' precision for bf16/fp16 inputs: "tf32" (default), or "bf16" for every kernel (DIG_GLA_DOTS_16BIT=bf16,
-# to measure the model step with it: BENCHMARKS.md, ninth session)
-DOTS_16BIT = os.environ.get("DIG_GLA_DOTS_16BIT", "tf32")
-if DOTS_16BIT not in ("tf32", "bf16"):
-    raise ValueError(f"DIG_GLA_DOTS_16BIT must be tf32 or bf16, got {DOTS_16BIT!r}")
+KERNELS = ("fwd", "bwd_dq", "bwd_dkv")
+
+
+def dots_16bit(spec: str) -> dict[str, str]:
+    """Each kernel's dot precision for bf16/fp16 inputs from "tf32", "bf16" (every kernel) or
+    "KERNEL=PRECISION,..." (the others tf32), e.g. "fwd=bf16"."""
+    choices = ("tf32", "bf16")
+    if spec in choices:
+        return dict.fromkeys(KERNELS, spec)
+    out = dict.fromkeys(KERNELS, "tf32")
+    for part in spec.split(","):
+        kernel, _, precision = part.partition("=")
+        if kernel not in KERNELS or precision not in choices:
+            raise ValueError(f"DIG_GLA_DOTS_16BIT: {part!r} in {spec!r} is not KERNEL=PRECISION with KERNEL one of "
+                             f"{', '.join(KERNELS)} and PRECISION tf32 or bf16")
+        out[kernel] = precision
+    return out
+
+
+# The dots' precision for bf16/fp16 inputs, per kernel: TF32 (default) or bf16 operands (twice TF32's tensor-core
+# rate; what fla's chunk kernels do). DIG_GLA_DOTS_16BIT=bf16 or e.g. fwd=bf16 measures them (BENCHMARKS.md, ninth
+# session: bf16 everywhere leaves dg 6 % off the float64 oracle under strong decays).
+DOTS_16BIT = dots_16bit(os.environ.get("DIG_GLA_DOTS_16BIT", "tf32"))
 FACTORISED_MAX_DECAY = 40.0
 MAX_K = 64
 MAX_V = 128
@@ -134,16 +152,20 @@ def _launch_args(q: torch.Tensor, v: torch.Tensor, splits: int = 1, order: torch
     B, T, H, K = q.shape
     NS, CPS = _split_layout(T, splits)
     return dict(T=T, H=H, K=K, V=v.shape[-1], BT=CHUNK, BK=_block(K), BV=_block(v.shape[-1]),
-                PRECISION="ieee" if q.dtype == torch.float32 else DOTS_16BIT, NS=NS, CPS=CPS,
-                ORDERED=order is not None)
+                PRECISION="ieee" if q.dtype == torch.float32 else "tf32", NS=NS, CPS=CPS, ORDERED=order is not None)
 
 
 def _options(kernel: str, q: torch.Tensor, programs: int) -> dict:
     if kernel in LAUNCH_OVERRIDE:
-        return dict(LAUNCH_OVERRIDE[kernel])
-    options = {"num_warps": NUM_WARPS}
-    if q.is_cuda and programs >= BUSY_PROGRAMS_PER_SM * sm_count_of(q.device):
-        options.update(LAUNCH_BUSY[kernel])
+        options = dict(LAUNCH_OVERRIDE[kernel])
+    else:
+        options = {"num_warps": NUM_WARPS}
+        if q.is_cuda and programs >= BUSY_PROGRAMS_PER_SM * sm_count_of(q.device):
+            options.update(LAUNCH_BUSY[kernel])
+        if q.dtype != torch.float32 and DOTS_16BIT[kernel] != "tf32":
+            options["PRECISION"] = DOTS_16BIT[kernel]
+    if _INTERPRETED and options.get("PRECISION") == "bf16":  # the interpreter's dot reads bf16 tiles as raw bits
+        options["PRECISION"] = "bf16_rounded"
     return options
 
 

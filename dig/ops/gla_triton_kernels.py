@@ -11,9 +11,13 @@ import triton.language as tl
 @triton.jit
 def _mm(a, b, PRECISION: tl.constexpr):
     """a @ b in float32: PRECISION "ieee" or "tf32" (tl.dot's input precision), or "bf16": both operands rounded
-    to bf16 first (as fla's chunk kernels feed their dots), for tensor cores at twice TF32's rate."""
+    to bf16 first (as fla's chunk kernels feed their dots), for tensor cores at twice TF32's rate;
+    "bf16_rounded": the same products from bf16-rounded float32 operands (Triton's interpreter, whose dot cannot
+    take bf16 tiles)."""
     if PRECISION == "bf16":  # (one return: Triton compiles the statements after a return inside an if)
         out = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+    elif PRECISION == "bf16_rounded":
+        out = tl.dot(a.to(tl.bfloat16).to(tl.float32), b.to(tl.bfloat16).to(tl.float32), input_precision="ieee")
     else:
         out = tl.dot(a, b, input_precision=PRECISION)
     return out
