@@ -76,7 +76,7 @@ def copy_bandwidth_gbs(device: torch.device, nbytes: int = 4 << 30, repeat: int 
 
 def model_options(text: str, first: str | None = None) -> dict:
     """Model overrides from OPTION+OPTION+... where an option is `scan` (scan_in_kernel) or KEY=VALUE (VALUE true,
-    false, an int, or text); with `first`, the first option is that key's value (e.g. the GLA backend)."""
+    false, a number, or text); with `first`, the first option is that key's value (e.g. the GLA backend)."""
     options = text.split("+")
     overrides: dict = {}
     if first is not None:
@@ -88,10 +88,20 @@ def model_options(text: str, first: str | None = None) -> dict:
         key, sep, value = option.partition("=")
         if not sep or not key:
             raise SystemExit(f"{option!r} in {text!r} is neither 'scan' nor KEY=VALUE")
-        lowered = value.lower()
-        overrides[key] = (lowered == "true") if lowered in ("true", "false") else \
-            int(value) if value.lstrip("-").isdigit() else value
+        overrides[key] = literal(value)
     return overrides
+
+
+def literal(value: str):
+    """A command-line value as true/false, an int, a float, or the text itself."""
+    if value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
 
 
 def kernel_kind(name: str, kinds: list[tuple[str, str]]) -> str:

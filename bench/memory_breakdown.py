@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from .bench_model import build
+from .common import literal
 
 
 def saved_bytes_per_token(block: nn.Module, args: tuple, tokens: int, device: torch.device) -> dict[str, float]:
@@ -105,23 +106,12 @@ def compiled_activations(name: str, resolution: int, batch: int, device: torch.d
             "by_shape": [{"shape": list(k[0]), "dtype": k[1], "bytes_per_token_per_block": v / per} for k, v in top]}
 
 
-def _literal(value: str):
-    if value.lower() in ("true", "false"):
-        return value.lower() == "true"
-    for kind in (int, float):
-        try:
-            return kind(value)
-        except ValueError:
-            pass
-    return value
-
-
 def _parse_run(spec: str) -> tuple[str, dict]:
     name, _, sets = spec.partition(":")
     overrides = {}
     for item in filter(None, sets.split(",")):
         key, _, value = item.partition("=")
-        overrides[key] = _literal(value)
+        overrides[key] = literal(value)
     return name, overrides
 
 

@@ -7,7 +7,8 @@ side by side in one run.
     python3 -m bench.profile_step --models DiG-XL/2,DiG-XL/2+mlp_recompute=false --res 256 --batch 32 --graphs
 
 Beside the kernel time, the step's wall time (median of 5). Without --graphs it includes the launch gaps that
-the trainer's CUDA graphs remove; --graphs compiles the blocks with them, as the recipes train.
+the trainer's CUDA graphs remove; --graphs compiles the blocks with them, as the recipes train, for the wall time:
+the profiler may miss kernels replayed from graphs recorded before it started, so count kernels without it.
 """
 from __future__ import annotations
 

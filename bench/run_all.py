@@ -4,8 +4,8 @@
     python3 -m bench.run_all --quick              # CPU dry run at tiny sizes (checks the plumbing only)
 
 Sections: device ceilings (bf16 matmul, copy bandwidth), GLA vs SDPA op, training step per model, resolution
-and variant (eager / regional compile), DiG/DiT ratios, saved-activation breakdown of one block. Prints markdown
-tables (last) and writes results.json + tables.md under --out."""
+and variant (eager / regional compile / regional compile with CUDA graphs), DiG/DiT ratios, saved-activation
+breakdown of one block. Prints markdown tables (last) and writes results.json + tables.md under --out."""
 from __future__ import annotations
 
 import argparse
@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .bench_gla import bench_gla_vs_sdpa
-from .bench_model import bench_train_step
+from .bench_model import VARIANTS, bench_train_step
 from .common import copy_bandwidth_gbs, fmt_table, matmul_peak_tflops, model_options, versions
 from .memory_breakdown import breakdown
 
@@ -26,6 +26,13 @@ GPU_CASES = [(256, 128, False), (512, 32, False), (1024, 8, False), (2048, 2, Fa
 GPU_MODELS = ("DiG-XL/2", "DiT-XL/2")
 QUICK_CASES = [(64, 2, False), (128, 1, True)]
 QUICK_MODELS = ("DiG-S/2", "DiT-S/2")
+
+
+def warmup_steps(variant: str, res: int, quick: bool) -> int:
+    """Untimed steps before timing: CUDA graphs record on the second call and replay from the third."""
+    if variant == "graphs" and not quick:
+        return 3
+    return 1 if quick or res >= 4096 else 2
 
 
 def parse_case(text: str) -> tuple[int, int, bool]:
@@ -60,6 +67,9 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default=os.environ.get("OUT", ""))
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
+    unknown = sorted(set(args.variants.split(",")) - set(VARIANTS))
+    if unknown:
+        raise SystemExit(f"--variants: unknown {', '.join(unknown)} (expected some of {', '.join(VARIANTS)})")
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
     torch._dynamo.config.cache_size_limit = 64
@@ -123,7 +133,7 @@ def main(argv=None) -> None:
                         continue
                     overrides = model_options(backend, first="gla_backend") if backend else {}
                     row = bench_train_step(name, res, batch, device, variant=variant, checkpointing=ckpt,
-                                           warmup=1 if args.quick or res >= 4096 else (3 if variant == "graphs" else 2),
+                                           warmup=warmup_steps(variant, res, args.quick),
                                            repeat=2 if args.quick else (3 if res >= 4096 else args.repeat),
                                            peak_tflops=peak, **overrides)
                     row["gla"] = backend

@@ -14,7 +14,8 @@ rows time the whole backward (both kernels), so their differences are that one k
 Option sets: w<num_warps>[r<maxnreg>][s<num_stages>][p][b], e.g. w4r128s2; p: the forward kernel's PREFETCH, each
 chunk's loads issued one chunk ahead (Triton's pipeliner leaves the q/k/v loads synchronous; the backward sweeps
 had it too, measured slower on an H200, and dropped it); b: the kernel's dots on bf16-rounded operands instead of
-TF32 (PRECISION "bf16"); `auto`: what the module chooses for the shape.
+TF32 (PRECISION "bf16"); `auto`: what the module chooses for the shape (DIG_GLA_DOTS_16BIT, if set, applies to
+the `auto` rows only: an option set decides its kernel's whole launch).
 """
 from __future__ import annotations
 

@@ -1,8 +1,9 @@
 """Runs dig.ops.gla_triton under Triton's CPU interpreter: `TRITON_INTERPRET=1 python gla_triton_interpret.py IN OUT`.
 
 IN holds a list of cases (inputs, cotangents, module settings); OUT receives each case's output, final state,
-input gradients and each GLA kernel launch's dot precision. A separate process because Triton chooses interpreted or compiled kernels when they are
-defined, and the GPU tests of the same session need the compiled ones.
+input gradients and each GLA kernel launch's dot precision. A separate process because Triton chooses
+interpreted or compiled kernels when they are defined, and the GPU tests of the same session need the compiled
+ones.
 """
 import importlib
 import os

@@ -140,6 +140,11 @@ def test_dots_precision_spec_per_kernel_or_a_clear_error():
     assert module.dots_16bit("tf32") == {"fwd": "tf32", "bwd_dq": "tf32", "bwd_dkv": "tf32"}
     assert module.dots_16bit("bf16") == {"fwd": "bf16", "bwd_dq": "bf16", "bwd_dkv": "bf16"}
     assert module.dots_16bit("fwd=bf16,bwd_dkv=bf16") == {"fwd": "bf16", "bwd_dq": "tf32", "bwd_dkv": "bf16"}
+    repo = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, DIG_GLA_DOTS_16BIT="", PYTHONPATH=repo)  # set but empty: the default
+    code = "import importlib; print(set(importlib.import_module('dig.ops.gla_triton').DOTS_16BIT.values()))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "{'tf32'}", out.stderr[-2000:]
     for bad in ("fp8", "fwd=fp16", "bwd=bf16", "fwd"):
         with pytest.raises(ValueError, match="DIG_GLA_DOTS_16BIT"):
             module.dots_16bit(bad)

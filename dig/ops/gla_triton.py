@@ -48,7 +48,8 @@ NUM_WARPS = 4
 BUSY_PROGRAMS_PER_SM = 4
 LAUNCH_BUSY: dict[str, dict] = {"fwd": {"maxnreg": 96, "PREFETCH": True}, "bwd_dq": {}, "bwd_dkv": {"num_warps": 2}}
 # kernel -> its whole option set, replacing the above (benchmarks, tests); it may also set the dots' PRECISION
-# ("bf16": operands rounded to bf16, measured by bench.tune_gla_launch's `b` option sets; not a default)
+# ("bf16": operands rounded to bf16, measured by bench.tune_gla_launch's `b` option sets; not a default). An
+# overridden kernel ignores DOTS_16BIT below: its option set alone decides.
 LAUNCH_OVERRIDE: dict[str, dict] = {}
 KERNELS = ("fwd", "bwd_dq", "bwd_dkv")
 
@@ -72,7 +73,7 @@ def dots_16bit(spec: str) -> dict[str, str]:
 # The dots' precision for bf16/fp16 inputs, per kernel: TF32 (default) or bf16 operands (twice TF32's tensor-core
 # rate; what fla's chunk kernels do). DIG_GLA_DOTS_16BIT=bf16 or e.g. fwd=bf16 measures them (BENCHMARKS.md, ninth
 # session: bf16 everywhere leaves dg 6 % off the float64 oracle under strong decays).
-DOTS_16BIT = dots_16bit(os.environ.get("DIG_GLA_DOTS_16BIT", "tf32"))
+DOTS_16BIT = dots_16bit(os.environ.get("DIG_GLA_DOTS_16BIT") or "tf32")
 FACTORISED_MAX_DECAY = 40.0
 MAX_K = 64
 MAX_V = 128
