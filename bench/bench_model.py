@@ -60,14 +60,30 @@ def make_inputs(model: nn.Module, batch: int, device: torch.device, seed: int = 
 VARIANTS = ("eager", "compile", "graphs")
 
 
+def check_variant(variant: str) -> None:
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}: expected one of {', '.join(VARIANTS)}")
+
+
 def build(name: str, resolution: int, device: torch.device, *, checkpointing: bool = False,
-          compile_blocks: bool = False, compile_mode: str | None = None, **overrides) -> nn.Module:
+          compile_blocks: bool = False, cudagraphs: bool = False, **overrides) -> nn.Module:
     latent = resolution // 8
     with torch.device(device):  # initialise on the device: a CPU init of an XL model takes seconds
         model = create_model(name, input_size=latent, grad_checkpointing=checkpointing, **overrides)
     if compile_blocks:
-        model.compile_blocks(mode=compile_mode)
+        model.compile_blocks(mode="reduce-overhead" if cudagraphs else None)
     return model.train()
+
+
+def build_step(name: str, resolution: int, batch: int, device: torch.device, *, compile_blocks: bool,
+               cudagraphs: bool = False, checkpointing: bool = False, **overrides):
+    """(model, step, optimizer) of bench's training step; cudagraphs (CUDA only, with compile_blocks): the blocks
+    compiled with CUDA graphs and each step marked as a new one."""
+    cudagraphs = cudagraphs and compile_blocks and device.type == "cuda"
+    model = build(name, resolution, device, checkpointing=checkpointing, compile_blocks=compile_blocks,
+                  cudagraphs=cudagraphs, **overrides)
+    step, opt = train_step_fn(model, batch, device, cudagraphs=cudagraphs)
+    return model, step, opt
 
 
 def train_step_fn(model: nn.Module, batch: int, device: torch.device, cudagraphs: bool = False):
@@ -93,16 +109,14 @@ def bench_train_step(name: str, resolution: int, batch: int, device: torch.devic
                      checkpointing: bool = False, warmup: int = 2, repeat: int = 5, peak_tflops: float | None = None,
                      **overrides) -> dict:
     row = {"model": name, "res": resolution, "batch": batch, "variant": variant + ("+ckpt" if checkpointing else "")}
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}: expected one of {', '.join(VARIANTS)}")
+    check_variant(variant)
     graphs = variant == "graphs" and device.type == "cuda"
     free(device)
     t0 = time.perf_counter()
     model = opt = step = None
     try:
-        model = build(name, resolution, device, checkpointing=checkpointing, compile_blocks=variant != "eager",
-                      compile_mode="reduce-overhead" if graphs else None, **overrides)
-        step, opt = train_step_fn(model, batch, device, cudagraphs=graphs)
+        model, step, opt = build_step(name, resolution, batch, device, compile_blocks=variant != "eager",
+                                      cudagraphs=graphs, checkpointing=checkpointing, **overrides)
         if graphs:  # the graphs' memory is allocated while they are recorded (warm-up), not when they replay
             torch.cuda.reset_peak_memory_stats(device)
         for _ in range(warmup):

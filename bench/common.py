@@ -6,6 +6,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import re
 import statistics
 from typing import Callable
 
@@ -106,8 +107,6 @@ def literal(value: str):
 
 def kernel_kind(name: str, kinds: list[tuple[str, str]]) -> str:
     """The first kind of `kinds` ((kind, regex over the kernel name) pairs) whose regex finds `name`, else "other"."""
-    import re
-
     for kind, pattern in kinds:
         if re.search(pattern, name, re.IGNORECASE):
             return kind

@@ -18,7 +18,7 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from .bench_model import build, free, train_step_fn
+from .bench_model import build_step, free
 from .common import fmt_table, kernel_kind, median, model_options, time_ms
 
 KINDS = [  # (kind, regex over the kernel name), first match wins
@@ -42,10 +42,8 @@ def kind_of(name: str) -> str:
 
 def profile_model(name: str, res: int, batch: int, device: torch.device, steps: int, compile_blocks: bool,
                   graphs: bool = False, **overrides) -> tuple[dict, list]:
-    graphs = graphs and compile_blocks and device.type == "cuda"
-    model = build(name, res, device, compile_blocks=compile_blocks,
-                  compile_mode="reduce-overhead" if graphs else None, **overrides)
-    step, opt = train_step_fn(model, batch, device, cudagraphs=graphs)
+    model, step, opt = build_step(name, res, batch, device, compile_blocks=compile_blocks, cudagraphs=graphs,
+                                  **overrides)
     for _ in range(3):
         step()
     wall_ms = median(time_ms(step, device, warmup=0, repeat=5))

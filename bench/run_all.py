@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .bench_gla import bench_gla_vs_sdpa
-from .bench_model import VARIANTS, bench_train_step
+from .bench_model import bench_train_step, check_variant
 from .common import copy_bandwidth_gbs, fmt_table, matmul_peak_tflops, model_options, versions
 from .memory_breakdown import breakdown
 
@@ -67,9 +67,11 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default=os.environ.get("OUT", ""))
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
-    unknown = sorted(set(args.variants.split(",")) - set(VARIANTS))
-    if unknown:
-        raise SystemExit(f"--variants: unknown {', '.join(unknown)} (expected some of {', '.join(VARIANTS)})")
+    for variant in args.variants.split(","):
+        try:
+            check_variant(variant)
+        except ValueError as e:
+            raise SystemExit(f"--variants: {e}") from None
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
     torch._dynamo.config.cache_size_limit = 64
