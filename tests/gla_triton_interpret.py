@@ -1,7 +1,7 @@
 """Runs dig.ops.gla_triton under Triton's CPU interpreter: `TRITON_INTERPRET=1 python gla_triton_interpret.py IN OUT`.
 
 IN holds a list of cases (inputs, cotangents, module settings); OUT receives each case's output, final state,
-input gradients and each GLA kernel launch's dot precision. A separate process because Triton chooses
+input gradients and each GLA kernel launch's two dot precisions. A separate process because Triton chooses
 interpreted or compiled kernels when they are defined, and the GPU tests of the same session need the compiled
 ones.
 """
@@ -16,14 +16,14 @@ module = importlib.import_module("dig.ops.gla_triton")
 
 
 class RecordedLaunches:
-    """A kernel whose launches are written down as (name, dot precision) before they run."""
+    """A kernel whose launches are written down as (name, PRECISION, FAST_PRECISION) before they run."""
 
     def __init__(self, name, kernel, log):
         self.name, self.kernel, self.log = name, kernel, log
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            self.log.append((self.name, kwargs.get("PRECISION")))
+            self.log.append((self.name, kwargs.get("PRECISION"), kwargs.get("FAST_PRECISION")))
             return self.kernel[grid](*args, **kwargs)
         return launch
 

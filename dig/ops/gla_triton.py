@@ -17,7 +17,8 @@ gate, is factorised as exp(G_i) * exp(-G_j) so that all intra-chunk terms are te
 exact in float32 while the chunk's total decay stays below FACTORISED_MAX_DECAY nats in every channel (DiG's
 gates, logsigmoid(x)/16, decay a few nats per chunk). A chunk with stronger decay takes an exact per-key loop
 whose exponents are all <= 0 (slower, only for extreme gates). Dots run in IEEE float32 for float32 inputs and
-in TF32 for bf16/fp16 inputs (bf16 values are exact in TF32; the state and every gate stay in float32).
+in TF32 for bf16/fp16 inputs (bf16 values are exact in TF32; the state and every gate stay in float32); with bf16
+inputs, DOTS_16BIT takes the dots that cannot reach the gate gradient on bf16 operands (see there).
 
 Backward. With G_t the cumulative gate over the whole sequence, o_t = sum_{s<=t} (q_t e^{G_t - G_s} . k_s) v_s
 (+ q_t e^{G_t} S_0), so dL/dG_t = q_t * dq_t - k_t * dk_t (+ S_T * dS_T summed over V at t = T), and
@@ -47,33 +48,38 @@ NUM_WARPS = 4
 # (BENCHMARKS.md); with fewer programs per SM (high resolution, sequence splits) these lose and NUM_WARPS alone runs.
 BUSY_PROGRAMS_PER_SM = 4
 LAUNCH_BUSY: dict[str, dict] = {"fwd": {"maxnreg": 96, "PREFETCH": True}, "bwd_dq": {}, "bwd_dkv": {"num_warps": 2}}
-# kernel -> its whole option set, replacing the above (benchmarks, tests); it may also set the dots' PRECISION
-# ("bf16": operands rounded to bf16, measured by bench.tune_gla_launch's `b` option sets; not a default). An
+# kernel -> its whole option set, replacing the above (benchmarks, tests); it may also set the dots' PRECISION and
+# FAST_PRECISION (bench.tune_gla_launch's `b` and `m` option sets; FAST_PRECISION follows PRECISION when unset). An
 # overridden kernel ignores DOTS_16BIT below: its option set alone decides.
 LAUNCH_OVERRIDE: dict[str, dict] = {}
 KERNELS = ("fwd", "bwd_dq", "bwd_dkv")
+# A dots mode -> (PRECISION, FAST_PRECISION) of a kernel with bf16 inputs (gla_triton_kernels.py says which dots
+# take which): all TF32; "mixed": bf16 operands where that loses nothing that matters (dots on bf16 inputs, dots
+# feeding only o or dv), TF32 for those feeding dq, dk and the state gradients; all bf16 (as fla's chunk kernels).
+DOT_MODES = {"tf32": ("tf32", "tf32"), "mixed": ("tf32", "bf16"), "bf16": ("bf16", "bf16")}
 
 
 def dots_16bit(spec: str) -> dict[str, str]:
-    """Each kernel's dot precision for bf16/fp16 inputs from "tf32", "bf16" (every kernel) or
-    "KERNEL=PRECISION,..." (the others tf32), e.g. "fwd=bf16"."""
-    choices = ("tf32", "bf16")
-    if spec in choices:
+    """Each kernel's dots mode for bf16 inputs from one of DOT_MODES (every kernel) or "KERNEL=MODE,..." (the
+    others tf32), e.g. "fwd=bf16,bwd_dkv=mixed"."""
+    if spec in DOT_MODES:
         return dict.fromkeys(KERNELS, spec)
     out = dict.fromkeys(KERNELS, "tf32")
     for part in spec.split(","):
-        kernel, _, precision = part.partition("=")
-        if kernel not in KERNELS or precision not in choices:
-            raise ValueError(f"DIG_GLA_DOTS_16BIT: {part!r} in {spec!r} is not KERNEL=PRECISION with KERNEL one of "
-                             f"{', '.join(KERNELS)} and PRECISION tf32 or bf16")
-        out[kernel] = precision
+        kernel, _, mode = part.partition("=")
+        if kernel not in KERNELS or mode not in DOT_MODES:
+            raise ValueError(f"DIG_GLA_DOTS_16BIT: {part!r} in {spec!r} is not KERNEL=MODE with KERNEL one of "
+                             f"{', '.join(KERNELS)} and MODE one of {', '.join(DOT_MODES)}")
+        out[kernel] = mode
     return out
 
 
-# The dots' precision for bf16/fp16 inputs, per kernel: TF32 (default) or bf16 operands (twice TF32's tensor-core
-# rate; what fla's chunk kernels do). DIG_GLA_DOTS_16BIT=bf16 or e.g. fwd=bf16 measures them (BENCHMARKS.md, ninth
-# session: bf16 everywhere leaves dg 6 % off the float64 oracle under strong decays).
-DOTS_16BIT = dots_16bit(os.environ.get("DIG_GLA_DOTS_16BIT") or "tf32")
+# The dots' mode for bf16 inputs, per kernel (fp16 inputs always take TF32: fp16 values are not exact in bf16).
+# bf16 operands run at twice TF32's tensor-core rate. "mixed" (default) took DiG-XL/2's GLA kernels from 50.5 to
+# 45.9 ms per step at 1024 px and 8.1 to 7.1 at 256 px / 32 with dg as accurate as TF32's; bf16 everywhere (42.4,
+# 6.7) leaves dg 6-11 % off the float64 oracle under strong decays (BENCHMARKS.md, tenth session).
+# DIG_GLA_DOTS_16BIT=tf32, bf16 or e.g. fwd=bf16,bwd_dkv=mixed measures the others.
+DOTS_16BIT = dots_16bit(os.environ.get("DIG_GLA_DOTS_16BIT") or "mixed")
 FACTORISED_MAX_DECAY = 40.0
 MAX_K = 64
 MAX_V = 128
@@ -153,7 +159,7 @@ def _launch_args(q: torch.Tensor, v: torch.Tensor, splits: int = 1, order: torch
     B, T, H, K = q.shape
     NS, CPS = _split_layout(T, splits)
     return dict(T=T, H=H, K=K, V=v.shape[-1], BT=CHUNK, BK=_block(K), BV=_block(v.shape[-1]),
-                PRECISION="ieee" if q.dtype == torch.float32 else "tf32", NS=NS, CPS=CPS, ORDERED=order is not None)
+                PRECISION=_precision(q), NS=NS, CPS=CPS, ORDERED=order is not None)
 
 
 def _options(kernel: str, q: torch.Tensor, programs: int) -> dict:
@@ -163,11 +169,20 @@ def _options(kernel: str, q: torch.Tensor, programs: int) -> dict:
         options = {"num_warps": NUM_WARPS}
         if q.is_cuda and programs >= BUSY_PROGRAMS_PER_SM * sm_count_of(q.device):
             options.update(LAUNCH_BUSY[kernel])
-        if q.dtype != torch.float32 and DOTS_16BIT[kernel] != "tf32":
-            options["PRECISION"] = DOTS_16BIT[kernel]
-    if _INTERPRETED and options.get("PRECISION") == "bf16":  # the interpreter's dot reads bf16 tiles as raw bits
-        options["PRECISION"] = "bf16_rounded"
+        if q.dtype == torch.bfloat16:
+            options["PRECISION"], options["FAST_PRECISION"] = DOT_MODES[DOTS_16BIT[kernel]]
+    options.setdefault("FAST_PRECISION", options.get("PRECISION", _precision(q)))
+    if _INTERPRETED:  # the interpreter's dot reads bf16 tiles as raw bits
+        for key in ("PRECISION", "FAST_PRECISION"):
+            if options.get(key) == "bf16":
+                options[key] = "bf16_rounded"
     return options
+
+
+def _precision(q: torch.Tensor) -> str:
+    """The dots' precision for q's dtype unless told otherwise: IEEE float32 for float32, else TF32 (bf16 and fp16
+    values are exact in TF32)."""
+    return "ieee" if q.dtype == torch.float32 else "tf32"
 
 
 def _block(n: int) -> int:

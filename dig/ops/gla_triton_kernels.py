@@ -3,6 +3,12 @@
 Imported only when backend="triton" is used: importing it needs Triton. Notation per chunk of BT tokens:
 gc = in-chunk inclusive cumulative gate sum (<= 0, decreasing), gl = the chunk's total gate (its last gc),
 q is already multiplied by the attention scale.
+
+Dot precision (gla_triton.DOTS_16BIT): every kernel takes two. FAST_PRECISION is for the dots that lose nothing that
+matters in bf16: those whose operands are bf16 inputs already (dA = do v^T) and those that feed only o or dv (the
+whole forward; in the dk/dv/dg sweep the scores A and dv's two products). PRECISION is for the dots that feed dq,
+dk or a state gradient: dg is the reverse sum of q*dq - k*dk, which cancels under strong decays and magnifies
+their errors (bf16 there measured dg 6-11 % off float64, BENCHMARKS.md).
 """
 import triton
 import triton.language as tl
@@ -173,8 +179,8 @@ def _scores_grad_k(dA, b_q, gc, gl, max_decay, PRECISION: tl.constexpr, BT: tl.c
 def fwd_kernel(q, k, v, g, o, h0, ht, order, scale, max_decay,
                T: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
-               USE_H0: tl.constexpr, STORE_HT: tl.constexpr, NS: tl.constexpr, CPS: tl.constexpr,
-               ORDERED: tl.constexpr, PREFETCH: tl.constexpr = False):
+               FAST_PRECISION: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr, NS: tl.constexpr,
+               CPS: tl.constexpr, ORDERED: tl.constexpr, PREFETCH: tl.constexpr = False):
     """Outputs of one split of the sequence (the whole sequence when NS = 1), from its state at the start."""
     base_qk, base_v, p_s, m_s = _head(T, H, K, V, BK, BV, NS)
     if USE_H0:
@@ -193,10 +199,10 @@ def fwd_kernel(q, k, v, g, o, h0, ht, order, scale, max_decay,
         else:
             r_q, r_k, r_g, r_v = _load_at(q, k, g, v, p_qk, p_v, m_qk, m_v)
         b_q, b_k, b_v, gc, gl = _chunk_values(r_q, r_k, r_g, r_v, scale)
-        A = _scores(b_q, b_k, gc, gl, max_decay, PRECISION, BT)
-        b_o = _mm(A, b_v, PRECISION) + _mm(b_q * tl.exp(gc), S, PRECISION)
+        A = _scores(b_q, b_k, gc, gl, max_decay, FAST_PRECISION, BT)
+        b_o = _mm(A, b_v, FAST_PRECISION) + _mm(b_q * tl.exp(gc), S, FAST_PRECISION)
         tl.store(o + p_v, b_o.to(o.dtype.element_ty), mask=m_v)
-        S = _next_state(S, b_k, b_v, gc, gl, PRECISION)
+        S = _next_state(S, b_k, b_v, gc, gl, FAST_PRECISION)
     if STORE_HT:
         tl.store(ht + p_s, S, mask=m_s)
 
@@ -205,8 +211,8 @@ def fwd_kernel(q, k, v, g, o, h0, ht, order, scale, max_decay,
 def bwd_dq_kernel(q, k, v, g, do, dq, dht, final_dg, h0, order, scale, max_decay,
                   T: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                   BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
-                  USE_H0: tl.constexpr, USE_DHT: tl.constexpr, NS: tl.constexpr, CPS: tl.constexpr,
-                  ORDERED: tl.constexpr):
+                  FAST_PRECISION: tl.constexpr, USE_H0: tl.constexpr, USE_DHT: tl.constexpr, NS: tl.constexpr,
+                  CPS: tl.constexpr, ORDERED: tl.constexpr):
     """Forward sweep over one split: dq in float32 and, with a final-state gradient (NS = 1 only), the
     gate-gradient term sum_v S_T * dS_T that every position's dg receives."""
     base_qk, base_v, p_s, m_s = _head(T, H, K, V, BK, BV, NS)
@@ -220,7 +226,7 @@ def bwd_dq_kernel(q, k, v, g, do, dq, dht, final_dg, h0, order, scale, max_decay
         r_q, r_k, r_g, r_v = _load_at(q, k, g, v, p_qk, p_v, m_qk, m_v)
         b_q, b_k, b_v, gc, gl = _chunk_values(r_q, r_k, r_g, r_v, scale)
         b_do = tl.load(do + p_v, mask=m_v, other=0.).to(tl.float32)
-        dA = _output_grad_scores(b_do, b_v, PRECISION, BT)
+        dA = _output_grad_scores(b_do, b_v, FAST_PRECISION, BT)
         b_dq = _scores_grad_q(dA, b_k, gc, gl, max_decay, PRECISION, BT)
         b_dq += _mm(b_do, tl.trans(S), PRECISION) * tl.exp(gc)
         tl.store(dq + p_qk, b_dq * scale, mask=m_qk)
@@ -235,8 +241,8 @@ def bwd_dq_kernel(q, k, v, g, do, dq, dht, final_dg, h0, order, scale, max_decay
 def bwd_dkv_kernel(q, k, v, g, do, dq, dk, dv, dg, dht, final_dg, dh0, dgsum, order, scale, max_decay,
                    T: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
-                   USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, NS: tl.constexpr, CPS: tl.constexpr,
-                   ORDERED: tl.constexpr):
+                   FAST_PRECISION: tl.constexpr, USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, NS: tl.constexpr,
+                   CPS: tl.constexpr, ORDERED: tl.constexpr):
     """Reverse sweep over one split: dk, dv, and dg as the reverse cumulative sum of q*dq - k*dk. The state
     gradient at the split's end comes from dht ([B * H, NS, K, V]); with NS > 1 the split's dg lacks the sum of
     q*dq - k*dk over the splits after it, and that split total is stored in dgsum for the caller to add."""
@@ -258,11 +264,11 @@ def bwd_dkv_kernel(q, k, v, g, do, dq, dk, dv, dg, dht, final_dg, dh0, dgsum, or
         b_q, b_k, b_v, gc, gl = _chunk_values(r_q, r_k, r_g, r_v, scale)
         b_do = tl.load(do + p_v, mask=m_v, other=0.).to(tl.float32)
         to_end = tl.exp(gl[None, :] - gc)
-        A = _scores(b_q, b_k, gc, gl, max_decay, PRECISION, BT)
-        dA = _output_grad_scores(b_do, b_v, PRECISION, BT)
+        A = _scores(b_q, b_k, gc, gl, max_decay, FAST_PRECISION, BT)
+        dA = _output_grad_scores(b_do, b_v, FAST_PRECISION, BT)
         b_dk = _scores_grad_k(dA, b_q, gc, gl, max_decay, PRECISION, BT)
         b_dk += _mm(b_v, tl.trans(dS), PRECISION) * to_end
-        b_dv = _mm(tl.trans(A), b_do, PRECISION) + _mm(b_k * to_end, dS, PRECISION)
+        b_dv = _mm(tl.trans(A), b_do, FAST_PRECISION) + _mm(b_k * to_end, dS, FAST_PRECISION)
         tl.store(dk + p_qk, b_dk.to(dk.dtype.element_ty), mask=m_qk)
         tl.store(dv + p_v, b_dv.to(dv.dtype.element_ty), mask=m_v)
         b_dq = tl.load(dq + p_qk, mask=m_qk, other=0.)  # gradient of the unscaled q
