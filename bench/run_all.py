@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -88,7 +89,7 @@ def main(argv=None) -> None:
         keep = {int(r) for r in args.resolutions.split(",")}
         cases = [c for c in cases if c[0] in keep]
     models = QUICK_MODELS if args.quick else GPU_MODELS
-    results: dict = {"versions": versions(), "command": "python3 -m bench.run_all " + " ".join(argv or [])}
+    results: dict = {"versions": versions(), "command": "python3 -m bench.run_all " + " ".join(sys.argv[1:] if argv is None else argv)}
     tables: list[str] = []
 
     def log(msg):

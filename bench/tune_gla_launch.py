@@ -25,6 +25,7 @@ import importlib
 import json
 import os
 import re
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -173,7 +174,7 @@ def main(argv=None) -> None:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "gla_launch.json"), "w") as f:
             json.dump({"versions": versions(), "rows": rows,
-                       "command": "python3 -m bench.tune_gla_launch " + " ".join(argv or [])}, f, indent=1)
+                       "command": "python3 -m bench.tune_gla_launch " + " ".join(sys.argv[1:] if argv is None else argv)}, f, indent=1)
         with open(os.path.join(args.out, "gla_launch.md"), "w") as f:
             f.write(text + "\n\nFastest per case and kernel\n" + summary + "\n")
 

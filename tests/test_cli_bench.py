@@ -243,6 +243,7 @@ def test_run_all_ratios_pair_each_batch_with_its_own_dit_row(tmp_path):
                     "--gla-backends", "torch,torch+mlp_recompute=false", "--repeat", "1", "--out", str(tmp_path))
     assert out.returncode == 0, out.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
+    assert "--cases 64x1,64x2 --gla-backends torch,torch+mlp_recompute=false" in results["command"]
     rows = {(r["model"], r["gla"], r["batch"]): r for r in results["model"]}
     assert len(rows) == 6 and not any("error" in r for r in rows.values()), results["model"]
     ratios = {(r["gla"], r["batch"]): r["DiG/DiT img/s"] for r in results["ratios"]}
