@@ -11,12 +11,11 @@ rows time the whole backward (both kernels), so their differences are that one k
     python3 -m bench.tune_gla_launch --out DIR            # on a GPU machine
     python3 -m bench.tune_gla_launch --configs w4,w4r128,w8 --cases 256x32
 
-Option sets: w<num_warps>[r<maxnreg>][s<num_stages>][p][b|m], e.g. w4r128s2; p: the forward kernel's PREFETCH, each
+Option sets: w<num_warps>[r<maxnreg>][s<num_stages>][p][t|m|b], e.g. w4r128s2; p: the forward kernel's PREFETCH, each
 chunk's loads issued one chunk ahead (Triton's pipeliner leaves the q/k/v loads synchronous; the backward sweeps
-had it too, measured slower on an H200, and dropped it); b: the kernel's dots on bf16-rounded operands instead of
-TF32 (PRECISION and FAST_PRECISION "bf16"); m: its FAST_PRECISION dots only (DIG_GLA_DOTS_16BIT's "mixed");
-`auto`: what the module chooses for the shape (DIG_GLA_DOTS_16BIT, if set, applies to the `auto` rows only: an
-option set decides its kernel's whole launch).
+had it too, measured slower on an H200, and dropped it); t, m, b: the kernel's dots in DIG_GLA_DOTS_16BIT's modes
+tf32, mixed (its FAST_PRECISION dots on bf16 operands) or bf16 (every dot); without one, the mode the module runs
+(DIG_GLA_DOTS_16BIT, default mixed), as in `auto`: what the module chooses for the shape.
 """
 from __future__ import annotations
 
@@ -40,13 +39,14 @@ DEFAULT_CONFIGS = "w4,auto,w4p,w4r128,w4r128p,w4r96,w4r96p,w2,w2p,w8p"
 def parse_config(text: str) -> dict | None:
     if text == "auto":
         return None
-    m = re.fullmatch(r"w(\d+)(?:r(\d+))?(?:s(\d+))?(p)?([bm])?", text)
+    m = re.fullmatch(r"w(\d+)(?:r(\d+))?(?:s(\d+))?(p)?([tmb])?", text)
     if not m:
-        raise SystemExit(f"bad option set {text!r}: expected w<num_warps>[r<maxnreg>][s<num_stages>][p][b|m], "
+        raise SystemExit(f"bad option set {text!r}: expected w<num_warps>[r<maxnreg>][s<num_stages>][p][t|m|b], "
                          "e.g. w4r128p")
     options = {"num_warps": int(m.group(1))}
     if m.group(5):
-        options["PRECISION"], options["FAST_PRECISION"] = {"b": ("bf16", "bf16"), "m": ("tf32", "bf16")}[m.group(5)]
+        mode = {"t": "tf32", "m": "mixed", "b": "bf16"}[m.group(5)]
+        options["PRECISION"], options["FAST_PRECISION"] = importlib.import_module("dig.ops.gla_triton").DOT_MODES[mode]
     if m.group(4):
         options["PREFETCH"] = True
     if m.group(2):

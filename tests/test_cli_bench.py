@@ -236,6 +236,23 @@ def test_model_options_and_cases_parse_or_fail_clearly():
             parse_case(bad)
 
 
+def test_gla_launch_option_sets_parse_or_fail_clearly():
+    """bench.tune_gla_launch's option sets: warps, register cap, stages, prefetch, and a dots mode (t/m/b as
+    DIG_GLA_DOTS_16BIT's tf32/mixed/bf16); without a mode the module's own applies (no precision set)."""
+    sys.path.insert(0, REPO)
+    from bench.tune_gla_launch import parse_config
+
+    assert parse_config("auto") is None
+    assert parse_config("w4") == {"num_warps": 4}
+    assert parse_config("w4r96s2pm") == {"num_warps": 4, "maxnreg": 96, "num_stages": 2, "PREFETCH": True,
+                                         "PRECISION": "tf32", "FAST_PRECISION": "bf16"}
+    assert parse_config("w2t") == {"num_warps": 2, "PRECISION": "tf32", "FAST_PRECISION": "tf32"}
+    assert parse_config("w2b") == {"num_warps": 2, "PRECISION": "bf16", "FAST_PRECISION": "bf16"}
+    for bad in ("w4x", "4", "w4bm", "w4mp"):
+        with pytest.raises(SystemExit, match="bad option set"):
+            parse_config(bad)
+
+
 def test_run_all_ratios_pair_each_batch_with_its_own_dit_row(tmp_path):
     """`dig bench gpu --quick` (bench.run_all) on CPU with two batches at one resolution and a DiG override row:
     every DiG/DiT ratio is the DiG row's img/s over the DiT row of the same resolution, batch and variant."""

@@ -222,6 +222,16 @@ def test_triton_backend_on_cpu_tensors_raises(monkeypatch):
         gla(q, k, v, g, backend="triton")
 
 
+def test_triton_op_refuses_mixed_dtypes():
+    """gla_triton called directly (gla() checks this itself): q, k, v of one dtype, as its dots' precision is
+    chosen for q's."""
+    from dig.ops.gla_triton import gla_triton
+
+    q, k, v, g, _ = make_inputs(1, 8, 1, 4, 4)
+    with pytest.raises(ValueError, match="q, k, v of one dtype"):
+        gla_triton(q.bfloat16(), k.bfloat16(), v, g)
+
+
 def test_auto_on_cpu_is_torch():
     assert resolve_backend("auto", torch.device("cpu")) == "torch"
     assert set(BACKENDS) == {"auto", "torch", "fla", "triton"}

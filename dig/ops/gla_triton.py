@@ -48,14 +48,15 @@ NUM_WARPS = 4
 # (BENCHMARKS.md); with fewer programs per SM (high resolution, sequence splits) these lose and NUM_WARPS alone runs.
 BUSY_PROGRAMS_PER_SM = 4
 LAUNCH_BUSY: dict[str, dict] = {"fwd": {"maxnreg": 96, "PREFETCH": True}, "bwd_dq": {}, "bwd_dkv": {"num_warps": 2}}
-# kernel -> its whole option set, replacing the above (benchmarks, tests); it may also set the dots' PRECISION and
-# FAST_PRECISION (bench.tune_gla_launch's `b` and `m` option sets; FAST_PRECISION follows PRECISION when unset). An
-# overridden kernel ignores DOTS_16BIT below: its option set alone decides.
+# kernel -> its whole launch option set, replacing the above (benchmarks, tests). Its dots follow DOTS_16BIT below
+# unless it sets PRECISION (bench.tune_gla_launch's `t`, `m`, `b` option sets), FAST_PRECISION following PRECISION
+# when unset.
 LAUNCH_OVERRIDE: dict[str, dict] = {}
 KERNELS = ("fwd", "bwd_dq", "bwd_dkv")
 # A dots mode -> (PRECISION, FAST_PRECISION) of a kernel with bf16 inputs (gla_triton_kernels.py says which dots
-# take which): all TF32; "mixed": bf16 operands where that loses nothing that matters (dots on bf16 inputs, dots
-# feeding only o or dv), TF32 for those feeding dq, dk and the state gradients; all bf16 (as fla's chunk kernels).
+# take which): all TF32; "mixed": bf16 operands where that loses nothing that matters (dots on bf16 values, dots
+# feeding only o or dv), TF32 for those feeding dq, dk, a stored final state and the state gradients; all bf16 (as
+# fla's chunk kernels; the sequence-split kernels keep TF32 in every mode).
 DOT_MODES = {"tf32": ("tf32", "tf32"), "mixed": ("tf32", "bf16"), "bf16": ("bf16", "bf16")}
 
 
@@ -169,8 +170,8 @@ def _options(kernel: str, q: torch.Tensor, programs: int) -> dict:
         options = {"num_warps": NUM_WARPS}
         if q.is_cuda and programs >= BUSY_PROGRAMS_PER_SM * sm_count_of(q.device):
             options.update(LAUNCH_BUSY[kernel])
-        if q.dtype == torch.bfloat16:
-            options["PRECISION"], options["FAST_PRECISION"] = DOT_MODES[DOTS_16BIT[kernel]]
+    if q.dtype == torch.bfloat16 and "PRECISION" not in options:
+        options["PRECISION"], options["FAST_PRECISION"] = DOT_MODES[DOTS_16BIT[kernel]]
     options.setdefault("FAST_PRECISION", options.get("PRECISION", _precision(q)))
     if _INTERPRETED:  # the interpreter's dot reads bf16 tiles as raw bits
         for key in ("PRECISION", "FAST_PRECISION"):
@@ -328,6 +329,8 @@ def gla_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tenso
     `splits`: split each sequence across this many programs (stateless calls only); None chooses.
     `token_order`: the recurrence visits token token_order[s] at step s (a permutation of range(T), int32 or
     int64), read and written in place; None is the tokens' own order."""
+    if not q.dtype == k.dtype == v.dtype:  # the dots' precision is chosen for q's dtype
+        raise ValueError(f"backend='triton' needs q, k, v of one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not all(x.is_cuda for x in (q, k, v, g)) and not _INTERPRETED:
         raise ValueError("backend='triton' runs Triton kernels and needs CUDA tensors; got "
                          f"{q.device}. Use backend='torch' (or 'auto') for tensors on {q.device}.")

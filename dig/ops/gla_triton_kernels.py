@@ -5,9 +5,10 @@ gc = in-chunk inclusive cumulative gate sum (<= 0, decreasing), gl = the chunk's
 q is already multiplied by the attention scale.
 
 Dot precision (gla_triton.DOTS_16BIT): every kernel takes two. FAST_PRECISION is for the dots that lose nothing that
-matters in bf16: those whose operands are bf16 inputs already (dA = do v^T) and those that feed only o or dv (the
-whole forward; in the dk/dv/dg sweep the scores A and dv's two products). PRECISION is for the dots that feed dq,
-dk or a state gradient: dg is the reverse sum of q*dq - k*dk, which cancels under strong decays and magnifies
+matters in bf16: those whose operands are bf16 values already (dA = do v^T: v is a bf16 input, do the gradient of
+the bf16 output o) and those that feed only o or dv (the forward's, except the state update when the final state
+is stored; in the dk/dv/dg sweep the scores A and dv's two products). PRECISION is for the dots that feed dq, dk,
+a state or a state gradient: dg is the reverse sum of q*dq - k*dk, which cancels under strong decays and magnifies
 their errors (bf16 there measured dg 6-11 % off float64, BENCHMARKS.md).
 """
 import triton
@@ -202,7 +203,10 @@ def fwd_kernel(q, k, v, g, o, h0, ht, order, scale, max_decay,
         A = _scores(b_q, b_k, gc, gl, max_decay, FAST_PRECISION, BT)
         b_o = _mm(A, b_v, FAST_PRECISION) + _mm(b_q * tl.exp(gc), S, FAST_PRECISION)
         tl.store(o + p_v, b_o.to(o.dtype.element_ty), mask=m_v)
-        S = _next_state(S, b_k, b_v, gc, gl, FAST_PRECISION)
+        if STORE_HT:  # the final state is an output (a later call's initial state): built as the backward's
+            S = _next_state(S, b_k, b_v, gc, gl, PRECISION)
+        else:
+            S = _next_state(S, b_k, b_v, gc, gl, FAST_PRECISION)
     if STORE_HT:
         tl.store(ht + p_s, S, mask=m_s)
 
