@@ -1,4 +1,5 @@
-"""MLflow tracking: the store a run started in is found again when it is resumed from another directory."""
+"""MLflow tracking: the store a run started in is found again when it is resumed from another directory, with the
+run's tags (changes on resume recorded)."""
 from __future__ import annotations
 
 import json
@@ -27,13 +28,15 @@ def test_resume_from_another_directory_reopens_the_same_run(tmp_path, monkeypatc
     run_dir = str(tmp_path / "run")
     os.makedirs(run_dir)
     monkeypatch.chdir(first)
-    tracker = MlflowTracker(run_dir, None, "exp", "name", {"optim": {"lr": 1e-4}}, step=0)
+    tracker = MlflowTracker(run_dir, None, "exp", "name", {"optim": {"lr": 1e-4}}, step=0,
+                            tags={"dig.gla_dots_16bit": "mixed", "unchanged": "1"})
     tracker.log_metrics({"loss": 1.0}, step=1)
     tracker.close("KILLED")
     stored = json.load(open(os.path.join(run_dir, TRACKING_FILE)))
     assert stored["uri"] == f"sqlite:///{first}/mlflow.db"
     monkeypatch.chdir(second)   # the same command (default URI) from another directory
-    resumed = MlflowTracker(run_dir, None, "exp", "name", {"optim": {"lr": 1e-4}}, step=1)
+    resumed = MlflowTracker(run_dir, None, "exp", "name", {"optim": {"lr": 1e-4}}, step=1,
+                            tags={"dig.gla_dots_16bit": "tf32", "unchanged": "1"})
     resumed.log_metrics({"loss": 0.5}, step=2)
     resumed.close()
     assert resumed.run_id == tracker.run_id
@@ -42,3 +45,7 @@ def test_resume_from_another_directory_reopens_the_same_run(tmp_path, monkeypatc
 
     history = MlflowClient(tracking_uri=stored["uri"]).get_metric_history(tracker.run_id, "loss")
     assert [(m.step, m.value) for m in history] == [(1, 1.0), (2, 0.5)]
+    # a tag set outside the config (an environment variable) that the resumed run changed: now, and what it was
+    tags = MlflowClient(tracking_uri=stored["uri"]).get_run(tracker.run_id).data.tags
+    assert tags["dig.gla_dots_16bit"] == "tf32" and tags["unchanged"] == "1"
+    assert json.loads(tags["resumed_at_step_1.changed_tags"]) == {"dig.gla_dots_16bit": ["mixed", "tf32"]}

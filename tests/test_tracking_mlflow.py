@@ -27,7 +27,8 @@ TINY = os.path.join(REPO, "configs", "train", "tiny-cpu.yaml")
 def dig_train(cwd, uri: str, *overrides: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": os.path.join(REPO, ".torch_extensions"), "DS_ACCELERATOR": "cpu",
            "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO, "DIG_PROGRESS": "lines"}
-    for k in ("MLFLOW_TRACKING_URI", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+    for k in ("MLFLOW_TRACKING_URI", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
+              "DIG_GLA_DOTS_16BIT"):
         env.pop(k, None)
     cmd = [sys.executable, "-m", "dig.cli", "train", "--config", TINY, f"tracking.uri={uri}",
            "tracking.experiment=ux", "data.global_batch_size=4", "data.micro_batch_size=4", *overrides]
@@ -76,6 +77,7 @@ def test_a_training_run_as_the_mlflow_ui_shows_it(tmp_path, mlflow_tracking_serv
     assert len(runs) == 2 and len(set(names)) == 2 and all(re.fullmatch(r"tiny-cpu-\d{8}-\d{6}-[0-9a-f]{4}", n)
                                                            for n in names)
     assert run.info.status == "FINISHED" and run.data.tags["dig.run.name"] == "tiny-cpu"
+    assert run.data.tags["dig.gla_dots_16bit"] == "mixed"  # the GLA kernels' dots mode (DIG_GLA_DOTS_16BIT unset)
     assert run.info.run_name == link.group(1)
 
     # Params: every key of the schema, with its default where the user wrote none (the YAML has no optim.betas,

@@ -80,7 +80,8 @@ def dots_16bit(spec: str) -> dict[str, str]:
 # 45.9 ms per step at 1024 px and 8.1 to 7.1 at 256 px / 32 with dg as accurate as TF32's; bf16 everywhere (42.4,
 # 6.7) leaves dg 6-11 % off the float64 oracle under strong decays (BENCHMARKS.md, tenth session).
 # DIG_GLA_DOTS_16BIT=tf32, bf16 or e.g. fwd=bf16,bwd_dkv=mixed measures the others.
-DOTS_16BIT = dots_16bit(os.environ.get("DIG_GLA_DOTS_16BIT") or "mixed")
+DOTS_16BIT_SPEC = os.environ.get("DIG_GLA_DOTS_16BIT") or "mixed"  # as given (training runs tag it in MLflow)
+DOTS_16BIT = dots_16bit(DOTS_16BIT_SPEC)
 FACTORISED_MAX_DECAY = 40.0
 MAX_K = 64
 MAX_V = 128

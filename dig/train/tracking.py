@@ -85,7 +85,9 @@ class NullTracker:
 class MlflowTracker(NullTracker):
     def __init__(self, run_dir: str, uri: str | None, experiment: str, run_name: str, config: dict, step: int,
                  user_config: dict | None = None, deepspeed_json: dict | None = None, system_metrics: bool = True,
-                 system_metrics_interval: float = 10.0, log_model: bool = True):
+                 system_metrics_interval: float = 10.0, log_model: bool = True, tags: dict[str, str] | None = None):
+        """`tags`: settings outside the config that change the run's numerics (e.g. environment variables); a
+        resumed run that changes one records the change as a tag, as it does for params."""
         import mlflow
 
         self.mlflow = mlflow
@@ -118,6 +120,12 @@ class MlflowTracker(NullTracker):
                 mlflow.log_params(new)
             if changed:  # MLflow params are immutable; record what the resumed run changed as a tag
                 mlflow.set_tag(f"resumed_at_step_{step}.changed_params", json.dumps(changed)[:5000])
+            changed_tags = {k: [run.data.tags[k], v] for k, v in (tags or {}).items()
+                            if k in run.data.tags and run.data.tags[k] != v}
+            if changed_tags:  # tags are overwritten below: keep [before, after]
+                mlflow.set_tag(f"resumed_at_step_{step}.changed_tags", json.dumps(changed_tags)[:5000])
+            if tags:
+                mlflow.set_tags(tags)
             mlflow.set_tag("last_resume_step", str(step))
         else:
             experiment_id = ensure_training_experiment(mlflow, experiment)
@@ -126,7 +134,7 @@ class MlflowTracker(NullTracker):
             items = list(params.items())
             for i in range(0, len(items), 100):
                 mlflow.log_params(dict(items[i:i + 100]))
-            mlflow.set_tags({"run_dir": os.path.abspath(run_dir), "dig.run.name": run_name})
+            mlflow.set_tags({"run_dir": os.path.abspath(run_dir), "dig.run.name": run_name, **(tags or {})})
             with open(state_path + ".tmp", "w") as f:
                 json.dump({"uri": self.uri, "setting": setting, "run_id": run.info.run_id,
                            "experiment_id": run.info.experiment_id}, f)
@@ -250,7 +258,7 @@ def unique_run_name(name: str) -> str:
 
 
 def make_tracker(is_main: bool, run_dir: str, cfg, resolved_config: dict, step: int,
-                 deepspeed_json: dict | None = None) -> NullTracker:
+                 deepspeed_json: dict | None = None, tags: dict[str, str] | None = None) -> NullTracker:
     """`resolved_config`: what the user wrote (YAML + overrides); the params are the effective config of `cfg`
     (every key, defaults included)."""
     if not is_main:
@@ -263,4 +271,4 @@ def make_tracker(is_main: bool, run_dir: str, cfg, resolved_config: dict, step: 
     return MlflowTracker(run_dir, t.uri, t.experiment, cfg.run.name, cfg.model_dump(mode="json"), step,
                          user_config=resolved_config, deepspeed_json=deepspeed_json,
                          system_metrics=t.system_metrics, system_metrics_interval=t.system_metrics_interval,
-                         log_model=t.log_model)
+                         log_model=t.log_model, tags=tags)

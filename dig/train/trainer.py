@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from dig.data.reader import Batch, LatentShardReader, load_manifest
+from dig.ops.gla_triton import DOTS_16BIT_SPEC as GLA_DOTS_16BIT
 from dig.eval.during_training import TrainingEvaluator
 
 from . import checkpoint, reshard
@@ -119,7 +120,8 @@ class Trainer:
 
             compile_with_deepcompile(self.engine, cfg, self.rt)
         self.tracker = make_tracker(self.rt.is_main, self.run_dir, cfg, resolved, self.step,
-                                    deepspeed_json=self.engine.config)
+                                    deepspeed_json=self.engine.config,
+                                    tags={"dig.gla_dots_16bit": GLA_DOTS_16BIT})
         self.console = TrainingConsole(cfg, self.rt, self.accum, self.step, self.engine.module, self.tracker,
                                        precision="bf16" if self.rt.bf16 else "fp32")
         if self.rt.is_main:
