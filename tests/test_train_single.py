@@ -20,9 +20,9 @@ TINY = os.path.join(REPO, "configs", "train", "tiny-cpu.yaml")
 MODEL = dict(depth=2, hidden_size=64, num_heads=2)
 
 
-def dig_train(cwd: str, *overrides: str) -> subprocess.CompletedProcess:
+def dig_train(cwd: str, *overrides: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": os.path.join(REPO, ".torch_extensions"), "DS_ACCELERATOR": "cpu",
-           "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
+           "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO, **(env or {})}
     for k in ("MLFLOW_TRACKING_URI", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     cmd = [sys.executable, "-m", "dig.cli", "train", "--config", TINY, "run.dir=run", "tracking.sample_every=0",
@@ -303,12 +303,15 @@ def test_without_zero_or_clipping_the_gradient_norm_of_logged_steps(tmp_path):
     done = dig_train(str(tmp_path), f"data.path={tmp_path / 'latents'}", "steps=4", f"run.seed={seed}",
                      "data.micro_batch_size=2", "engine.zero_stage=0", "optim.grad_clip=0", f"optim.lr={lr}",
                      "tracking.backend=jsonl", "tracking.log_every=3", "tracking.step_log=true",
-                     "checkpoint.every=0")
+                     "checkpoint.every=0", env={"DIG_GLA_DOTS_16BIT": "fwd=bf16"})
     assert done.returncode == 0, done.stderr[-4000:]
     with open(tmp_path / "run" / "steps" / "rank_00000.jsonl") as f:
         losses = [json.loads(line)["loss"] for line in f]
     with open(tmp_path / "run" / "metrics.jsonl") as f:
-        logged = {r["step"]: r for r in map(json.loads, f) if "step" in r}
+        records = list(map(json.loads, f))
+    logged = {r["step"]: r for r in records if "step" in r}
+    # the GLA dots mode is recorded beside the metrics, from the environment the run saw
+    assert [r["tags"] for r in records if "tags" in r] == [{"dig.gla_dots_16bit": "fwd=bf16"}]
     want_losses, norms = _plain_pytorch_replay(str(tmp_path / "latents"), seed, lr, 4, None)
     assert losses == pytest.approx(want_losses, rel=1e-5, abs=1e-7)
     assert sorted(logged) == [3]

@@ -265,7 +265,10 @@ def make_tracker(is_main: bool, run_dir: str, cfg, resolved_config: dict, step: 
         return NullTracker()
     t = cfg.tracking
     if t.backend == "jsonl":
-        return JsonlTracker(run_dir)
+        tracker = JsonlTracker(run_dir)
+        if tags:  # one record per start and resume: the history of these settings
+            tracker.set_tags(tags)
+        return tracker
     if t.backend == "none":
         return NullTracker()
     return MlflowTracker(run_dir, t.uri, t.experiment, cfg.run.name, cfg.model_dump(mode="json"), step,
