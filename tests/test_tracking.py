@@ -36,7 +36,7 @@ def test_resume_from_another_directory_reopens_the_same_run(tmp_path, monkeypatc
     assert stored["uri"] == f"sqlite:///{first}/mlflow.db"
     monkeypatch.chdir(second)   # the same command (default URI) from another directory
     resumed = MlflowTracker(run_dir, None, "exp", "name", {"optim": {"lr": 1e-4}}, step=1,
-                            tags={"dig.gla_dots_16bit": "tf32", "unchanged": "1"})
+                            tags={"dig.gla_dots_16bit": "tf32", "unchanged": "1", "new": "x"})
     resumed.log_metrics({"loss": 0.5}, step=2)
     resumed.close()
     assert resumed.run_id == tracker.run_id
@@ -47,5 +47,6 @@ def test_resume_from_another_directory_reopens_the_same_run(tmp_path, monkeypatc
     assert [(m.step, m.value) for m in history] == [(1, 1.0), (2, 0.5)]
     # a tag set outside the config (an environment variable) that the resumed run changed: now, and what it was
     tags = MlflowClient(tracking_uri=stored["uri"]).get_run(tracker.run_id).data.tags
-    assert tags["dig.gla_dots_16bit"] == "tf32" and tags["unchanged"] == "1"
-    assert json.loads(tags["resumed_at_step_1.changed_tags"]) == {"dig.gla_dots_16bit": ["mixed", "tf32"]}
+    assert tags["dig.gla_dots_16bit"] == "tf32" and tags["unchanged"] == "1" and tags["new"] == "x"
+    assert json.loads(tags["resumed_at_step_1.changed_tags"]) == {"dig.gla_dots_16bit": ["mixed", "tf32"],
+                                                                  "new": [None, "x"]}  # unknown before

@@ -120,8 +120,8 @@ class MlflowTracker(NullTracker):
                 mlflow.log_params(new)
             if changed:  # MLflow params are immutable; record what the resumed run changed as a tag
                 mlflow.set_tag(f"resumed_at_step_{step}.changed_params", json.dumps(changed)[:5000])
-            changed_tags = {k: [run.data.tags[k], v] for k, v in (tags or {}).items()
-                            if k in run.data.tags and run.data.tags[k] != v}
+            # (a run started before a tag existed records [null, now]: its setting then is unknown)
+            changed_tags = {k: [run.data.tags.get(k), v] for k, v in (tags or {}).items() if run.data.tags.get(k) != v}
             if changed_tags:  # tags are overwritten below: keep [before, after]
                 mlflow.set_tag(f"resumed_at_step_{step}.changed_tags", json.dumps(changed_tags)[:5000])
             if tags:
