@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from dig.ops import gla, gla_triton
 
 from .bench_gla import DIG_XL, DIT_XL, gla_floor_bytes
-from .common import copy_bandwidth_gbs, finish_report, fmt_table, median, time_ms, versions
+from .common import command_line, copy_bandwidth_gbs, finish_report, fmt_table, median, time_ms, versions
 
 HEADS, K, V = DIG_XL["heads"], DIG_XL["k"], DIG_XL["v"]
 DIT_HEADS, DIT_D = DIT_XL["heads"], DIT_XL["d"]
@@ -144,7 +144,7 @@ def main(argv=None) -> None:
             columns += [f"{n}_{d}_ms", f"{n}_{d}_floor_x"]
         tables.append(f"GLA {d} ({'bf16' if device.type == 'cuda' else 'fp32'}, {HEADS} heads, K {K}, V {V}) vs SDPA {d} ({DIT_HEADS} heads, d {DIT_D}); "
                       f"copy {copy_gbs:.0f} GB/s\n" + fmt_table(rows, columns + [f"sdpa_{d}_ms"]))
-    command = "python3 -m bench.bench_gla_kernels " + " ".join(argv or [])
+    command = command_line("bench.bench_gla_kernels", argv)
     finish_report(tables, rows, args.out, "gla_kernels", {"versions": versions(), "copy_gbs": copy_gbs,
                                                           "command": command})
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
 import torch
 
@@ -25,7 +24,7 @@ from dig.ops.norm_gate_torch import rms_norm_swish_gate_torch
 from dig.ops.norm_gate_triton import rms_norm_swish_gate
 
 from .bench_gla import DIG_XL
-from .common import finish_report, fmt_table, median, time_ms, versions
+from .common import command_line, finish_report, fmt_table, median, time_ms, versions
 
 HEADS, D = DIG_XL["heads"], DIG_XL["v"]
 EPS = 1e-6
@@ -123,7 +122,7 @@ def main(argv=None) -> None:
                       f"fp32 weight, {HEADS} heads, D {D}); floor at {args.bandwidth / 1e12:.2f} TB/s\n"
                       + fmt_table(rows, columns))
     tables.append("Max |y - eager| (forward)\n" + fmt_table(rows, ["res", "batch"] + [f"{n}_max_err" for n in names]))
-    command = "python3 -m bench.bench_norm_gate " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = command_line("bench.bench_norm_gate", argv)
     finish_report(tables, rows, args.out, "norm_gate",
                   {"versions": versions(), "bandwidth": args.bandwidth, "command": command})
 

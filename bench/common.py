@@ -8,9 +8,15 @@ import os
 import platform
 import re
 import statistics
+import sys
 from typing import Callable
 
 import torch
+
+
+def command_line(module: str, argv: list[str] | None) -> str:
+    """The command that ran `module`'s main(argv) for a results file: argv as given, else the process's own."""
+    return f"python3 -m {module} " + " ".join(sys.argv[1:] if argv is None else argv)
 
 
 def versions() -> dict[str, str]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import torch
 
 from .bench_gla import bench_gla_vs_sdpa
 from .bench_model import bench_train_step, check_variant
-from .common import copy_bandwidth_gbs, fmt_table, matmul_peak_tflops, model_options, versions
+from .common import command_line, copy_bandwidth_gbs, fmt_table, matmul_peak_tflops, model_options, versions
 from .memory_breakdown import breakdown
 
 # (image resolution, batch, activation checkpointing): about 32k tokens per step up to 2048 px.
@@ -89,7 +88,7 @@ def main(argv=None) -> None:
         keep = {int(r) for r in args.resolutions.split(",")}
         cases = [c for c in cases if c[0] in keep]
     models = QUICK_MODELS if args.quick else GPU_MODELS
-    results: dict = {"versions": versions(), "command": "python3 -m bench.run_all " + " ".join(sys.argv[1:] if argv is None else argv)}
+    results: dict = {"versions": versions(), "command": command_line("bench.run_all", argv)}
     tables: list[str] = []
 
     def log(msg):

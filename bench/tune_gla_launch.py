@@ -24,12 +24,11 @@ import importlib
 import json
 import os
 import re
-import sys
 
 import torch
 import torch.nn.functional as F
 
-from .common import fmt_table, median, time_ms, versions
+from .common import command_line, fmt_table, median, time_ms, versions
 
 HEADS, K, V = 18, 32, 64
 DEFAULT_CASES = "256x32,256x128,512x32,1024x8"
@@ -174,7 +173,7 @@ def main(argv=None) -> None:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "gla_launch.json"), "w") as f:
             json.dump({"versions": versions(), "rows": rows,
-                       "command": "python3 -m bench.tune_gla_launch " + " ".join(sys.argv[1:] if argv is None else argv)}, f, indent=1)
+                       "command": command_line("bench.tune_gla_launch", argv)}, f, indent=1)
         with open(os.path.join(args.out, "gla_launch.md"), "w") as f:
             f.write(text + "\n\nFastest per case and kernel\n" + summary + "\n")
 

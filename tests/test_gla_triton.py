@@ -28,7 +28,7 @@ from interpreter import run_interpreted
 from test_gla import FLA_TOL, _norm_err, check, make_inputs, recurrent_gla_float64, run_with_grads
 
 PREFETCH = {"fwd": {"PREFETCH": True}}
-KERNELS = ("fwd", "bwd_dq", "bwd_dkv")
+KERNELS = importlib.import_module("dig.ops.gla_triton").KERNELS  # (imports torch only, not Triton)
 CASES = {  # id: (B, T, H, K, V, gates, with_state, dtype, module settings); "op" cases: no final state either
     "dig-fp32": (1, 40, 2, 32, 64, "dig", True, torch.float32, {}),
     "masked-lanes-no-state": (2, 33, 1, 20, 24, "dig", False, torch.float32, {}),
