@@ -27,6 +27,7 @@ Where the time goes (host overhead shows best on the CPU with a small compute, e
                 one stops the CPU from queueing work ahead of the GPU.
   --gpu-idle N  (CUDA) N more steps of each loop under torch.profiler, unsynchronised: GPU busy and idle ms per
                 step, the idle time charged to the phase and operator whose launch ended each gap (bench.gpu_idle).
+                --trace PREFIX keeps the traces (chrome://tracing, Perfetto; `python3 -m bench.gpu_idle FILE`).
 Both loops run under the trainer's host settings (`host.*`: garbage collection paced by steps, the GIL's switch
 interval; dig/train/host_pacing.py); `--set host.gc_every=0 --set host.gil_switch_interval_ms=5` gives Python's own.
 """
@@ -35,10 +36,12 @@ from __future__ import annotations
 import argparse
 import cProfile
 import collections
+import gzip
 import io
 import json
 import os
 import pstats
+import shutil
 import statistics
 import sys
 import tempfile
@@ -118,9 +121,9 @@ def _phase_loop(step_fn, steps: int, device: torch.device, phases: Phases) -> di
     return phases.table(steps, time.perf_counter() - t0)
 
 
-def _idle_loop(step_fn, steps: int, device: torch.device, phases: Phases) -> dict:
+def _idle_loop(step_fn, steps: int, device: torch.device, phases: Phases, trace: str | None = None) -> dict:
     """GPU busy / idle per step over `steps` unsynchronised steps, gaps charged to the phase that launched the work
-    ending them (bench.gpu_idle)."""
+    ending them (bench.gpu_idle). `trace`: also keep the profiler's chrome trace there, gzipped."""
     from torch.profiler import ProfilerActivity, profile
 
     from bench.gpu_idle import gpu_idle
@@ -136,6 +139,9 @@ def _idle_loop(step_fn, steps: int, device: torch.device, phases: Phases) -> dic
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "trace.json")
         prof.export_chrome_trace(path)
+        if trace:
+            with open(path, "rb") as f, gzip.open(trace, "wb") as out:
+                shutil.copyfileobj(f, out)
         with open(path) as f:
             return gpu_idle(json.load(f), steps)
 
@@ -177,7 +183,7 @@ def _sync_sites(step_fn, steps: int, device: torch.device) -> dict[str, float]:
 
 def bare_step_times(name: str, kwargs: dict, batch: int, steps: int, warmup: int, device: torch.device,
                     bf16: bool, lr: float, profile: bool, compile_mode: str | None = None, idle_steps: int = 0,
-                    compile_scope: str = "blocks", host=None):
+                    compile_scope: str = "blocks", host=None, trace: str | None = None):
     from dig.train.host_pacing import HostPacing
     from dig.diffusion import create_diffusion
     from dig.models import create_model
@@ -230,14 +236,14 @@ def bare_step_times(name: str, kwargs: dict, batch: int, steps: int, warmup: int
         _timed_loop(step, warmup, device)
         times, cpu = _timed_loop(step, steps, device)
         table = _phase_loop(step, steps, device, phases) if profile else None
-        idle = _idle_loop(step, idle_steps, device, phases) if idle_steps else None
+        idle = _idle_loop(step, idle_steps, device, phases, trace) if idle_steps else None
     del model, opt
     return times, cpu, table, idle
 
 
 def trainer_step_times(name: str, overrides: dict, resolution: int, batch: int, steps: int, warmup: int,
                        zero_stage: int, workdir: str, log_every: int, profile: bool, cprofile: int,
-                       sync_debug: int, settings: list[str] = (), idle_steps: int = 0):
+                       sync_debug: int, settings: list[str] = (), idle_steps: int = 0, trace: str | None = None):
     from dig.data.synthetic import write_synthetic_dataset
     from dig.train import trainer as trainer_module
     from dig.train.config import resolve, validate
@@ -289,7 +295,7 @@ def trainer_step_times(name: str, overrides: dict, resolution: int, batch: int, 
         table = _phase_loop(step, steps, device, phases) if profile else None
         report = _cprofile_loop(step, steps, device, cprofile) if cprofile else None
         syncs = _sync_sites(step, sync_debug, device) if sync_debug and device.type == "cuda" else None
-        idle = _idle_loop(step, idle_steps, device, phases) if idle_steps else None
+        idle = _idle_loop(step, idle_steps, device, phases, trace) if idle_steps else None
     tr.data.close()
     from dig.train.engine import shutdown
 
@@ -329,6 +335,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sync-debug", type=int, default=0, metavar="N", help="(CUDA) host syncs of N trainer steps")
     p.add_argument("--gpu-idle", type=int, default=0, metavar="N",
                    help="(CUDA) GPU busy/idle over N profiled steps of each loop, idle charged to phases")
+    p.add_argument("--trace", default=None, metavar="PREFIX",
+                   help="with --gpu-idle: keep each loop's profiler trace as PREFIX_{bare,trainer}.json.gz")
     a = p.parse_args(argv)
     host = host_settings(a.settings)
     overrides: dict = dict(TINY) if a.tiny else {}
@@ -350,7 +358,7 @@ def main(argv: list[str] | None = None) -> None:
         bare_times, bare_cpu, bare_phases, bare_idle = bare_step_times(
             a.model, kwargs, a.batch, a.steps, a.warmup, device, bf16=device.type == "cuda", lr=1e-4,
             profile=a.profile, compile_mode=compile_mode, idle_steps=idle_steps, compile_scope=a.bare_compile_scope,
-            host=host)
+            host=host, trace=a.trace and f"{a.trace}_bare.json.gz")
     if a.bare_only:
         med = statistics.median(bare_times)
         if a.json:
@@ -374,7 +382,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as work:
         trainer_times, trainer_cpu, device, trainer_phases, report, syncs, trainer_idle = trainer_step_times(
             a.model, overrides, a.resolution, a.batch, a.steps, a.warmup, a.zero_stage, work, a.log_every,
-            a.profile, a.cprofile, a.sync_debug, settings, idle_steps)
+            a.profile, a.cprofile, a.sync_debug, settings, idle_steps, a.trace and f"{a.trace}_trainer.json.gz")
 
     rows = []
     for label, times, cpu in (("bare model step", bare_times, bare_cpu),

@@ -10,13 +10,17 @@ host; a launch made earlier means the GPU waited on something else (a stream wai
 counted apart.
 
     report = gpu_idle(json.load(open(trace)), steps=5)
+    python3 -m bench.gpu_idle TRACE.json[.gz] --steps 3      # a kept trace (bench_trainer_overhead --trace)
 
 Used by `bench.bench_trainer_overhead --gpu-idle N` for the bare and the trainer loop.
 """
 from __future__ import annotations
 
+import argparse
 import bisect
 import collections
+import gzip
+import json
 
 GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
 # A launch from a thread that never entered a phase: on CUDA the autograd engine runs the backward on a thread of its
@@ -98,16 +102,21 @@ def gpu_idle(trace: dict, steps: int, top: int = 12, window: tuple[float, float]
     busy_ms = sum(b - a for a, b in busy) / 1e3
     by_phase: dict[str, float] = collections.defaultdict(float)
     by_op: dict[str, float] = collections.defaultdict(float)
+    by_next: dict[str, float] = collections.defaultdict(float)
     for gap in gaps:
         key = gap["phase"] if gap["host_late"] else f"{gap['phase']} (GPU waiting, host ahead)"
         by_phase[key] += gap["ms"] / steps
         by_op[gap["op"]] += gap["ms"] / steps
+        by_next[gap["next"] or "(end of window)"] += gap["ms"] / steps
     return {
         "steps": steps, "step_ms": span_ms / steps, "gpu_busy_ms": busy_ms / steps,
         "gpu_idle_ms": (span_ms - busy_ms) / steps, "busy_fraction": busy_ms / span_ms if span_ms else 0.0,
         "gaps_per_step": len(gaps) / steps,
+        "gpu_activities_per_step": sum(1 for e in gpu if lo <= e["ts"] < hi) / steps,
         "idle_ms_by_phase": dict(sorted(by_phase.items(), key=lambda kv: -kv[1])),
         "idle_ms_by_op": dict(sorted(by_op.items(), key=lambda kv: -kv[1])[:top]),
+        # on a GPU-bound step (host ahead) the gaps are the GPU moving between kernels: which kernels wait most
+        "idle_ms_by_next_activity": dict(sorted(by_next.items(), key=lambda kv: -kv[1])[:top]),
         "largest_gaps": sorted(gaps, key=lambda g: -g["ms"])[:top],
     }
 
@@ -115,12 +124,30 @@ def gpu_idle(trace: dict, steps: int, top: int = 12, window: tuple[float, float]
 def format_report(label: str, report: dict) -> str:
     lines = [f"{label}: step {report['step_ms']:.1f} ms, GPU busy {report['gpu_busy_ms']:.1f} ms "
              f"({report['busy_fraction'] * 100:.1f} %), idle {report['gpu_idle_ms']:.1f} ms in "
-             f"{report['gaps_per_step']:.0f} gaps per step",
+             f"{report['gaps_per_step']:.0f} gaps per step, {report['gpu_activities_per_step']:.0f} kernels/copies "
+             f"per step",
              "  idle ms/step by host phase at the launch that ended the gap:"]
     lines += [f"    {ms:8.2f}  {name}" for name, ms in report["idle_ms_by_phase"].items()]
     lines.append("  idle ms/step by host operator at that launch:")
     lines += [f"    {ms:8.2f}  {name}" for name, ms in report["idle_ms_by_op"].items()]
+    lines.append("  idle ms/step by the GPU activity that ended the gap:")
+    lines += [f"    {ms:8.2f}  {name[:100]}" for name, ms in report["idle_ms_by_next_activity"].items()]
     lines.append("  largest gaps (ms, phase, host op, host late?, after → next):")
     lines += [f"    {g['ms']:8.3f}  {g['phase']} | {g['op']} | {'host' if g['host_late'] else 'gpu'} | "
               f"{g['after']} → {g['next']}" for g in report["largest_gaps"]]
     return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="GPU idle report of a kept profiler trace (bench.gpu_idle)")
+    ap.add_argument("trace", help="chrome trace, .json or .json.gz")
+    ap.add_argument("--steps", type=int, required=True, help="how many steps the trace holds")
+    ap.add_argument("--top", type=int, default=12)
+    a = ap.parse_args(argv)
+    with (gzip.open if a.trace.endswith(".gz") else open)(a.trace, "rt") as f:
+        report = gpu_idle(json.load(f), a.steps, top=a.top)
+    print(format_report(a.trace, report))
+
+
+if __name__ == "__main__":
+    main()

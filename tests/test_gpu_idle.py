@@ -76,3 +76,24 @@ def test_per_step_figures_divide_by_the_step_count():
 def test_a_trace_without_gpu_work_is_a_clear_error():
     with pytest.raises(ValueError, match="no GPU activity"):
         gpu_idle({"traceEvents": [span("cpu_op", "aten::mm", 0, 5, HOST)]}, steps=1)
+
+
+def test_idle_is_also_charged_to_the_activity_that_ended_each_gap():
+    report = gpu_idle(trace(), steps=1)
+    assert report["gpu_activities_per_step"] == 6  # A, E, B, C, D, F
+    assert report["idle_ms_by_next_activity"] == pytest.approx({"C": 0.091, "A": 0.020, "D": 0.010, "F": 0.010})
+
+
+def test_command_line_reads_a_gzipped_trace(tmp_path, capsys):
+    import gzip
+    import json
+
+    from bench.gpu_idle import main
+
+    path = tmp_path / "trace.json.gz"
+    with gzip.open(path, "wt") as f:
+        json.dump(trace(), f)
+    main([str(path), "--steps", "1"])
+    out = capsys.readouterr().out
+    assert "idle 0.1 ms in 4 gaps per step, 6 kernels/copies per step" in out
+    assert "aten::_fused_adamw_" in out
