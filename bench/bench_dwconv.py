@@ -1,0 +1,111 @@
+"""DiG's depthwise 3x3 convolution over the token grid at DiG-XL/2's shapes (C = 1152), ours against cuDNN:
+
+    python3 -m bench.bench_dwconv --out DIR      # on a GPU: 256 px / 32 images ... 4096 px / 1 image
+    python3 -m bench.bench_dwconv --quick        # CPU, a tiny shape, the cuDNN column only (checks the plumbing)
+
+x: [N, H, W, C] channels-last tokens in bf16 (fp32 with --quick), weight [C, 1, 3, 3] and bias in x's dtype (what
+autocast hands a convolution). Forward and forward+backward time per call of our Triton kernels (`triton`,
+dig.ops.dwconv_triton) and F.conv2d on the channels-last view (`cudnn`, dig.ops.dwconv_torch: what DiG ran
+before), measured in one run, against the byte floor over --bandwidth: the forward reads x and writes y, the
+backward reads x and dy and writes dx (weights and partial sums are negligible). `*_floor_x` is a time over its
+floor, `triton_*_vs_cudnn` cuDNN's time over ours. Times are per call (DiG-XL/2 makes one per block, 28 per
+step), each the median of --repeat timings of --inner back-to-back calls."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+
+from dig.ops.dwconv_torch import depthwise_conv3x3_torch
+from dig.ops.dwconv_triton import depthwise_conv3x3
+
+from .common import command_line, finish_report, fmt_table, median, time_ms, versions
+
+C = 1152  # DiG-XL/2's width
+GPU_CASES = [(256, 32), (512, 32), (1024, 8), (2048, 2), (4096, 1)]  # (resolution, images per GPU)
+QUICK_CASES = [(64, 2)]
+
+
+def _variants(device: torch.device) -> dict:
+    out = {"triton": lambda x, w, b: depthwise_conv3x3(x, w, b)} if device.type == "cuda" else {}
+    out["cudnn"] = depthwise_conv3x3_torch
+    return out
+
+
+def time_per_call(fn, device: torch.device, inner: int, repeat: int) -> float:
+    """ms per call: the median over `repeat` timings of `inner` calls back to back."""
+    return median(time_ms(lambda: [fn() for _ in range(inner)], device, warmup=3, repeat=repeat)) / inner
+
+
+def bench_case(res: int, batch: int, device: torch.device, bandwidth: float, inner: int, repeat: int) -> dict:
+    side = res // 16  # 8x latents, patch 2
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    gen = torch.Generator(device=device).manual_seed(0)
+    shape = (batch, side, side, C)
+    x = torch.randn(shape, device=device, dtype=dtype, generator=gen).requires_grad_()
+    weight = (0.3 * torch.randn(C, 1, 3, 3, device=device, generator=gen)).to(dtype).requires_grad_()
+    bias = (0.1 * torch.randn(C, device=device, generator=gen)).to(dtype).requires_grad_()
+    dy = torch.randn(shape, device=device, dtype=dtype, generator=gen)
+    floor = {"fwd": 2 * x.nbytes / bandwidth * 1e3, "fwd_bwd": 5 * x.nbytes / bandwidth * 1e3}
+    row: dict = {"res": res, "batch": batch, "shape": "x".join(map(str, shape)),
+                 **{f"floor_{k}_ms": ms for k, ms in floor.items()}}
+    with torch.no_grad():
+        expected = depthwise_conv3x3_torch(x.double(), weight.double(), bias.double())
+    for name, fn in _variants(device).items():
+        try:
+            with torch.no_grad():
+                row[f"{name}_max_err"] = (fn(x, weight, bias).double() - expected).abs().max().item()
+                fwd = time_per_call(lambda: fn(x, weight, bias), device, inner, repeat)
+            fwd_bwd = time_per_call(lambda: torch.autograd.grad(fn(x, weight, bias), (x, weight, bias), dy),
+                                    device, inner, repeat)
+        except Exception as e:  # noqa: BLE001  reported in the table, the other columns still run
+            row[f"{name}_error"] = f"{type(e).__name__}: {e}"[:120]
+            continue
+        row.update({f"{name}_fwd_ms": fwd, f"{name}_fwd_bwd_ms": fwd_bwd,
+                    f"{name}_fwd_floor_x": fwd / floor["fwd"], f"{name}_fwd_bwd_floor_x": fwd_bwd / floor["fwd_bwd"]})
+    for d in ("fwd", "fwd_bwd"):
+        if f"triton_{d}_ms" in row and f"cudnn_{d}_ms" in row:
+            row[f"triton_{d}_vs_cudnn"] = row[f"cudnn_{d}_ms"] / row[f"triton_{d}_ms"]
+    return row
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="CPU, a tiny shape, the cuDNN column only")
+    ap.add_argument("--resolutions", default="", help="comma list to restrict the cases, e.g. 256,1024")
+    ap.add_argument("--bandwidth", type=float, default=3.3e12, help="bytes/s for the byte floor (default 3.3e12)")
+    ap.add_argument("--inner", type=int, default=20, help="calls per timing")
+    ap.add_argument("--repeat", type=int, default=10, help="timings per measurement (the median is reported)")
+    ap.add_argument("--out", default=os.environ.get("OUT", ""))
+    args = ap.parse_args(argv)
+    if not args.quick and not torch.cuda.is_available():
+        ap.error("needs a CUDA GPU (the Triton kernels); --quick runs the cuDNN column's plumbing on the CPU")
+    device = torch.device("cpu" if args.quick else "cuda")
+    cases = QUICK_CASES if args.quick else GPU_CASES
+    if args.resolutions:
+        keep = {int(r) for r in args.resolutions.split(",")}
+        cases = [c for c in cases if c[0] in keep]
+    inner, repeat = (2, 2) if args.quick else (args.inner, args.repeat)
+    rows = []
+    for res, batch in cases:
+        row = bench_case(res, batch, device, args.bandwidth, inner, repeat)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    names = list(_variants(device))
+    tables = []
+    for d, title in (("fwd", "forward"), ("fwd_bwd", "forward + backward")):
+        columns = ["res", "batch", "shape", f"floor_{d}_ms"]
+        for n in names:
+            columns += [f"{n}_{d}_ms", f"{n}_{d}_floor_x"] + ([f"triton_{d}_vs_cudnn"] if n == "triton" else [])
+        tables.append(f"depthwise conv 3x3 {title} ({'bf16' if device.type == 'cuda' else 'fp32'}, C {C}); floor at "
+                      f"{args.bandwidth / 1e12:.2f} TB/s\n" + fmt_table(rows, columns))
+    tables.append("Max |y - float64| (forward)\n" + fmt_table(rows, ["res", "batch"] + [f"{n}_max_err" for n in names]))
+    finish_report(tables, rows, args.out, "dwconv",
+                  {"versions": versions(), "bandwidth": args.bandwidth, "command": command_line("bench.bench_dwconv",
+                                                                                                argv)})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,252 @@
+"""DiG's depthwise 3x3 convolution over the token grid as two Triton kernels, on the channels-last tokens in place.
+
+Why. Each DiG block ends with a depthwise 3x3 convolution of its [N, T, C] tokens viewed as an [N, H, W, C]
+image. cuDNN runs it in four kernels (forward; input gradient; weight gradient; the bias gradient, a separate
+reduction) at 2.4 ms per DiG-XL/2 training step at 256 px / 32 images on an H200 and 8.8 ms at 512 px / 32
+(profiled 2026-11-30), about 3.5x the bytes they must move (read x, write y; read x and dy, write dx).
+Here the forward is one kernel that reads x once (the shifted reads of the neighbouring rows and columns hit
+the cache) and writes y; the backward one kernel that reads x and dy and writes dx plus each program's partial
+weight and bias gradients ([programs, 10, C] float32, summed by torch).
+
+What. x: [N, H, W, C], contiguous (the block's tokens, row by row); weight: [C, 1, 3, 3]; bias: [C] or None.
+y[n, h, w, c] = bias[c] + sum over a, b in 0..2 of weight[c, 0, a, b] * x[n, h + a - 1, w + b - 1, c], zero
+padding; the sums in float32, y in x's dtype. The backward, with dy the gradient of y:
+    dx[n, h, w, c]     = sum over a, b of weight[c, 0, a, b] * dy[n, h + 1 - a, w + 1 - b, c]
+    dweight[c, 0, a, b] = sum over n, h, w of dy[n, h, w, c] * x[n, h + a - 1, w + b - 1, c]
+    dbias[c]            = sum over n, h, w of dy[n, h, w, c]
+`depthwise_conv3x3` under autocast casts x, weight and bias to the autocast dtype first, as autocast does for
+every convolution, so that the kernels compute what F.conv2d computed there (`dwconv_torch.py`, the reference
+and the fallback without Triton, for float64, and with kernel=False).
+
+How it runs. Registered torch operators (`dig::depthwise_conv3x3` and its backward) with fake implementations
+and an autograd formula, so a compiled block keeps them inside its graph. Forward programs: one per (image row,
+block of channels), each sweeping its row in tiles of BLOCK_W tokens. Backward programs: one per (group of rows
+of an image, block of channels), sized so that the GPU holds about PROGRAMS_PER_SM of them per SM, which keeps
+the partial gradients small. Tests run the kernels through Triton's interpreter on the CPU (TRITON_INTERPRET=1,
+read when this module is imported).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+from .dwconv_torch import depthwise_conv3x3_torch
+
+# A program's tile: BLOCK_W tokens x BLOCK_C channels, at most TILE elements (DiG-XL/2, C = 1152: 128 channels,
+# 16 tokens at 256 px (the whole row), 32 at 512 px and above).
+BLOCK_C = 128
+TILE = 4096
+FWD_WARPS = 4
+BWD_WARPS = 4
+PROGRAMS_PER_SM = 4  # backward: rows per program chosen for about this many programs per SM
+BWD_ROWS = 0  # > 0: rows per backward program, instead of the automatic choice (tests)
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# Module constants, not calls, so that torch.compile traces depthwise_conv3x3 without a graph break.
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (tests)
+
+
+if TRITON_INSTALLED:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _load_shifted(ptr, row_start, h, w, c, c_ok, DH: tl.constexpr, DW: tl.constexpr, H, W, C):
+        """The [BLOCK_W, BLOCK_C] tile at row h + DH, columns w + DW of the image whose row h starts at row_start,
+        as float32; zero outside the grid."""
+        ww = w + DW
+        hh = ww * 0 + (h + DH)  # the row as a vector: Triton's interpreter mis-types a bool scalar & vector
+        inside = (ww >= 0) & (ww < W) & (hh >= 0) & (hh < H)
+        mask = inside[:, None] & c_ok[None, :]
+        offsets = row_start + DH * W * C + ww[:, None] * C + c[None, :]
+        return tl.load(ptr + offsets, mask=mask, other=0.).to(tl.float32)
+
+    @triton.jit
+    def _tap(w_ptr, c, c_ok, A: tl.constexpr, B: tl.constexpr):
+        return tl.load(w_ptr + c * 9 + (A * 3 + B), mask=c_ok, other=0.).to(tl.float32)
+
+    @triton.jit
+    def _forward_kernel(x_ptr, w_ptr, b_ptr, y_ptr, H, W, C, HAS_BIAS: tl.constexpr, BLOCK_W: tl.constexpr,
+                        BLOCK_C: tl.constexpr):
+        row = tl.program_id(0)  # n * H + h
+        h = row % H
+        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        c_ok = c < C
+        row_start = row.to(tl.int64) * W * C
+        if HAS_BIAS:
+            bias = tl.load(b_ptr + c, mask=c_ok, other=0.).to(tl.float32)
+        else:
+            bias = tl.zeros([BLOCK_C], dtype=tl.float32)
+        for w0 in range(0, W, BLOCK_W):
+            w = w0 + tl.arange(0, BLOCK_W)
+            y = tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32) + bias[None, :]
+            for a in tl.static_range(3):
+                for b in tl.static_range(3):
+                    y += _tap(w_ptr, c, c_ok, a, b)[None, :] * _load_shifted(x_ptr, row_start, h, w, c, c_ok,
+                                                                             a - 1, b - 1, H, W, C)
+            mask = (w < W)[:, None] & c_ok[None, :]
+            tl.store(y_ptr + row_start + w[:, None] * C + c[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _tap_grad(dy, x_ptr, row_start, h, w, c, c_ok, DH: tl.constexpr, DW: tl.constexpr, H, W, C):
+        """This tile's share of the weight gradient of the tap that reads x at (h + DH, w + DW)."""
+        return tl.sum(dy * _load_shifted(x_ptr, row_start, h, w, c, c_ok, DH, DW, H, W, C), axis=0)
+
+    @triton.jit
+    def _backward_kernel(x_ptr, w_ptr, dy_ptr, dx_ptr, dw_part_ptr, H, W, C, ROWS, GROUPS, BLOCK_W: tl.constexpr,
+                         BLOCK_C: tl.constexpr):
+        part = tl.program_id(0)  # n * GROUPS + group; the group's rows: group * ROWS .. + ROWS - 1 (below H)
+        n = part // GROUPS
+        first_row = (part % GROUPS) * ROWS
+        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        c_ok = c < C
+        zero = tl.zeros([BLOCK_C], dtype=tl.float32)
+        d00, d01, d02, d10, d11, d12, d20, d21, d22, dbias = zero, zero, zero, zero, zero, zero, zero, zero, zero, zero
+        for r in range(0, ROWS):
+            h = first_row + r
+            row_start = (n * H + h).to(tl.int64) * W * C
+            for w0 in range(0, W, BLOCK_W):
+                w = w0 + tl.arange(0, BLOCK_W)
+                mask = ((w < W) & (w * 0 + h < H))[:, None] & c_ok[None, :]  # this row may lie past the last
+                offsets = row_start + w[:, None] * C + c[None, :]
+                dy = tl.load(dy_ptr + offsets, mask=mask, other=0.).to(tl.float32)
+                dbias += tl.sum(dy, axis=0)
+                d00 += _tap_grad(dy, x_ptr, row_start, h, w, c, c_ok, -1, -1, H, W, C)
+                d01 += _tap_grad(dy, x_ptr, row_start, h, w, c, c_ok, -1, 0, H, W, C)
+                d02 += _tap_grad(dy, x_ptr, row_start, h, w, c, c_ok, -1, 1, H, W, C)
+                d10 += _tap_grad(dy, x_ptr, row_start, h, w, c, c_ok, 0, -1, H, W, C)
+                d11 += _tap_grad(dy, x_ptr, row_start, h, w, c, c_ok, 0, 0, H, W, C)
+                d12 += _tap_grad(dy, x_ptr, row_start, h, w, c, c_ok, 0, 1, H, W, C)
+                d20 += _tap_grad(dy, x_ptr, row_start, h, w, c, c_ok, 1, -1, H, W, C)
+                d21 += _tap_grad(dy, x_ptr, row_start, h, w, c, c_ok, 1, 0, H, W, C)
+                d22 += _tap_grad(dy, x_ptr, row_start, h, w, c, c_ok, 1, 1, H, W, C)
+                dx = tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32)
+                for a in tl.static_range(3):
+                    for b in tl.static_range(3):
+                        dx += _tap(w_ptr, c, c_ok, a, b)[None, :] * _load_shifted(dy_ptr, row_start, h, w, c, c_ok,
+                                                                                  1 - a, 1 - b, H, W, C)
+                tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        out = dw_part_ptr + part.to(tl.int64) * 10 * C + c  # this program's [10, C] row: the 9 taps, then bias
+        tl.store(out + 0 * C, d00, mask=c_ok)
+        tl.store(out + 1 * C, d01, mask=c_ok)
+        tl.store(out + 2 * C, d02, mask=c_ok)
+        tl.store(out + 3 * C, d10, mask=c_ok)
+        tl.store(out + 4 * C, d11, mask=c_ok)
+        tl.store(out + 5 * C, d12, mask=c_ok)
+        tl.store(out + 6 * C, d20, mask=c_ok)
+        tl.store(out + 7 * C, d21, mask=c_ok)
+        tl.store(out + 8 * C, d22, mask=c_ok)
+        tl.store(out + 9 * C, dbias, mask=c_ok)
+
+
+def _blocks(W: int, C: int) -> tuple[int, int]:
+    """(BLOCK_W, BLOCK_C): the channel block, and as many tokens of a row as fit in TILE (powers of two)."""
+    block_c = min(BLOCK_C, 1 << (C - 1).bit_length())
+    return min(1 << (W - 1).bit_length(), max(1, TILE // block_c)), block_c
+
+
+def _rows_per_program(N: int, H: int, channel_blocks: int, device: torch.device) -> int:
+    if BWD_ROWS > 0:
+        return min(BWD_ROWS, H)
+    if not device.type == "cuda":  # Triton's interpreter: one row per program
+        return 1
+    from .gla_triton import sm_count_of
+
+    target = PROGRAMS_PER_SM * sm_count_of(device)
+    return max(1, min(H, N * H * channel_blocks // target))
+
+
+def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    x, weight = x.contiguous(), weight.contiguous()
+    N, H, W, C = x.shape
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    if y.numel():
+        block_w, block_c = _blocks(W, C)
+        _forward_kernel[(N * H, triton.cdiv(C, block_c))](
+            x, weight, bias if bias is not None else weight, y, H, W, C, HAS_BIAS=bias is not None,
+            BLOCK_W=block_w, BLOCK_C=block_c, num_warps=FWD_WARPS)
+    return y
+
+
+def _backward(x: torch.Tensor, weight: torch.Tensor, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
+                                                                             torch.Tensor]:
+    """dx (x's dtype), dweight (weight's), dbias (weight's dtype; the caller casts it to the bias's)."""
+    x, weight, dy = x.contiguous(), weight.contiguous(), dy.contiguous()
+    N, H, W, C = x.shape
+    dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+    if not x.numel():
+        return dx.zero_(), torch.zeros_like(weight), weight.new_zeros(C)
+    block_w, block_c = _blocks(W, C)
+    channel_blocks = triton.cdiv(C, block_c)
+    rows = _rows_per_program(N, H, channel_blocks, x.device)
+    groups = triton.cdiv(H, rows)
+    parts = torch.empty(N * groups, 10, C, dtype=torch.float32, device=x.device)
+    _backward_kernel[(N * groups, channel_blocks)](x, weight, dy, dx, parts, H, W, C, rows, groups,
+                                                   BLOCK_W=block_w, BLOCK_C=block_c, num_warps=BWD_WARPS)
+    total = parts.sum(0)  # [10, C]
+    # (copies: a registered operator's outputs may not alias one another)
+    dweight = total[:9].t().contiguous().view(weight.shape).to(weight.dtype)
+    return dx, dweight, total[9].to(weight.dtype, copy=True)
+
+
+@torch.library.custom_op("dig::depthwise_conv3x3", mutates_args=())
+def depthwise_conv3x3_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return _forward(x, weight, bias)
+
+
+@depthwise_conv3x3_op.register_fake
+def _(x, weight, bias):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("dig::depthwise_conv3x3_backward", mutates_args=())
+def depthwise_conv3x3_backward(x: torch.Tensor, weight: torch.Tensor,
+                               dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward(x, weight, dy)
+
+
+@depthwise_conv3x3_backward.register_fake
+def _(x, weight, dy):
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            torch.empty_like(weight, memory_format=torch.contiguous_format), weight.new_empty(x.shape[-1]))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _depthwise_conv3x3_grad(ctx, dy):
+    x, weight = ctx.saved_tensors
+    dx, dweight, dbias = torch.ops.dig.depthwise_conv3x3_backward(x, weight, dy)
+    return dx, dweight, None if ctx.bias_dtype is None else dbias.to(ctx.bias_dtype)
+
+
+depthwise_conv3x3_op.register_autograd(_depthwise_conv3x3_grad, setup_context=_setup_context)
+
+
+def depthwise_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                      kernel: bool = True) -> torch.Tensor:
+    """Depthwise 3x3 convolution, padding 1, of x: [N, H, W, C] (channels-last tokens) by weight [C, 1, 3, 3] and
+    bias [C] (or None); returns [N, H, W, C], contiguous.
+
+    The Triton kernels (kernel=True) for CUDA tensors (or under Triton's interpreter) in float32 / bfloat16 /
+    float16 when Triton is installed, after autocast's cast to its dtype when autocast is on; otherwise the
+    PyTorch reference (`depthwise_conv3x3_torch`: F.conv2d, which autocast casts itself)."""
+    if x.dim() != 4 or weight.shape != (x.shape[-1], 1, 3, 3) or (bias is not None and bias.shape != x.shape[-1:]):
+        raise ValueError("depthwise_conv3x3: x must be [N, H, W, C], weight [C, 1, 3, 3] and bias [C] or None; got "
+                         f"x {tuple(x.shape)}, weight {tuple(weight.shape)}, "
+                         f"bias {None if bias is None else tuple(bias.shape)}")
+    tensors = (x, weight) + (() if bias is None else (bias,))
+    if kernel and TRITON_INSTALLED and (x.is_cuda or _INTERPRETED) and all(t.dtype in KERNEL_DTYPES for t in tensors):
+        device_type = x.device.type
+        if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
+            dtype = torch.get_autocast_dtype(device_type)
+            x, weight = x.to(dtype), weight.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
+        return torch.ops.dig.depthwise_conv3x3(x, weight, bias)
+    return depthwise_conv3x3_torch(x, weight, bias)
