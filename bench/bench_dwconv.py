@@ -8,7 +8,8 @@ autocast hands a convolution). Forward and forward+backward time per call of our
 dig.ops.dwconv_triton) and F.conv2d on the channels-last view (`cudnn`, dig.ops.dwconv_torch: what DiG ran
 before), measured in one run, against the byte floor over --bandwidth: the forward reads x and writes y, the
 backward reads x and dy and writes dx (weights and partial sums are negligible). `*_floor_x` is a time over its
-floor, `triton_*_vs_cudnn` cuDNN's time over ours. Times are per call (DiG-XL/2 makes one per block, 28 per
+floor, `triton_*_vs_cudnn` cuDNN's time over ours. --settings adds columns with the kernels' module settings
+(tile sizes, warps, rows per program) replaced, for tuning them side by side. Times are per call (DiG-XL/2 makes one per block, 28 per
 step), each the median of --repeat timings of --inner back-to-back calls."""
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import os
 import torch
 
 from dig.ops.dwconv_torch import depthwise_conv3x3_torch
+from dig.ops import dwconv_triton
 from dig.ops.dwconv_triton import depthwise_conv3x3
 
 from .common import command_line, finish_report, fmt_table, median, time_ms, versions
@@ -28,8 +30,38 @@ GPU_CASES = [(256, 32), (512, 32), (1024, 8), (2048, 2), (4096, 1)]  # (resoluti
 QUICK_CASES = [(64, 2)]
 
 
-def _variants(device: torch.device) -> dict:
+def _with_settings(settings: dict):
+    """depthwise_conv3x3 with dig.ops.dwconv_triton's module settings (TILE, BWD_TILE, FWD_WARPS, ...) replaced."""
+    def run(x, w, b):
+        saved = {k: getattr(dwconv_triton, k) for k in settings}
+        for k, v in settings.items():
+            setattr(dwconv_triton, k, v)
+        try:
+            return depthwise_conv3x3(x, w, b)
+        finally:
+            for k, v in saved.items():
+                setattr(dwconv_triton, k, v)
+    return run
+
+
+def parse_settings(text: str) -> dict[str, dict]:
+    """"BWD_TILE=2048,BWD_WARPS=8;FWD_ROWS=1" -> {"triton[BWD_TILE=2048,BWD_WARPS=8]": {...}, ...}."""
+    out = {}
+    for group in filter(None, text.split(";")):
+        settings = {}
+        for item in group.split(","):
+            name, _, value = item.partition("=")
+            if not hasattr(dwconv_triton, name) or not name.isupper():
+                raise SystemExit(f"--settings: dig.ops.dwconv_triton has no setting {name!r}")
+            settings[name] = int(value)
+        out[f"triton[{group}]"] = settings
+    return out
+
+
+def _variants(device: torch.device, extra: dict[str, dict] | None = None) -> dict:
     out = {"triton": lambda x, w, b: depthwise_conv3x3(x, w, b)} if device.type == "cuda" else {}
+    if device.type == "cuda":
+        out.update({name: _with_settings(settings) for name, settings in (extra or {}).items()})
     out["cudnn"] = depthwise_conv3x3_torch
     return out
 
@@ -39,7 +71,8 @@ def time_per_call(fn, device: torch.device, inner: int, repeat: int) -> float:
     return median(time_ms(lambda: [fn() for _ in range(inner)], device, warmup=3, repeat=repeat)) / inner
 
 
-def bench_case(res: int, batch: int, device: torch.device, bandwidth: float, inner: int, repeat: int) -> dict:
+def bench_case(res: int, batch: int, device: torch.device, bandwidth: float, inner: int, repeat: int,
+               extra: dict[str, dict] | None = None) -> dict:
     side = res // 16  # 8x latents, patch 2
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     gen = torch.Generator(device=device).manual_seed(0)
@@ -53,7 +86,7 @@ def bench_case(res: int, batch: int, device: torch.device, bandwidth: float, inn
                  **{f"floor_{k}_ms": ms for k, ms in floor.items()}}
     with torch.no_grad():
         expected = depthwise_conv3x3_torch(x.double(), weight.double(), bias.double())
-    for name, fn in _variants(device).items():
+    for name, fn in _variants(device, extra).items():
         try:
             with torch.no_grad():
                 row[f"{name}_max_err"] = (fn(x, weight, bias).double() - expected).abs().max().item()
@@ -66,8 +99,9 @@ def bench_case(res: int, batch: int, device: torch.device, bandwidth: float, inn
         row.update({f"{name}_fwd_ms": fwd, f"{name}_fwd_bwd_ms": fwd_bwd,
                     f"{name}_fwd_floor_x": fwd / floor["fwd"], f"{name}_fwd_bwd_floor_x": fwd_bwd / floor["fwd_bwd"]})
     for d in ("fwd", "fwd_bwd"):
-        if f"triton_{d}_ms" in row and f"cudnn_{d}_ms" in row:
-            row[f"triton_{d}_vs_cudnn"] = row[f"cudnn_{d}_ms"] / row[f"triton_{d}_ms"]
+        for name in _variants(device, extra):
+            if name.startswith("triton") and f"{name}_{d}_ms" in row and f"cudnn_{d}_ms" in row:
+                row[f"{name}_{d}_vs_cudnn"] = row[f"cudnn_{d}_ms"] / row[f"{name}_{d}_ms"]
     return row
 
 
@@ -78,8 +112,11 @@ def main(argv=None) -> None:
     ap.add_argument("--bandwidth", type=float, default=3.3e12, help="bytes/s for the byte floor (default 3.3e12)")
     ap.add_argument("--inner", type=int, default=20, help="calls per timing")
     ap.add_argument("--repeat", type=int, default=10, help="timings per measurement (the median is reported)")
+    ap.add_argument("--settings", default="", help="more triton columns with dig.ops.dwconv_triton's settings "
+                    "replaced, ';'-separated sets, e.g. 'BWD_TILE=2048,BWD_WARPS=8;PROGRAMS_PER_SM=8'")
     ap.add_argument("--out", default=os.environ.get("OUT", ""))
     args = ap.parse_args(argv)
+    extra = parse_settings(args.settings)
     if not args.quick and not torch.cuda.is_available():
         ap.error("needs a CUDA GPU (the Triton kernels); --quick runs the cuDNN column's plumbing on the CPU")
     device = torch.device("cpu" if args.quick else "cuda")
@@ -90,15 +127,15 @@ def main(argv=None) -> None:
     inner, repeat = (2, 2) if args.quick else (args.inner, args.repeat)
     rows = []
     for res, batch in cases:
-        row = bench_case(res, batch, device, args.bandwidth, inner, repeat)
+        row = bench_case(res, batch, device, args.bandwidth, inner, repeat, extra)
         rows.append(row)
         print(json.dumps(row), flush=True)
-    names = list(_variants(device))
+    names = list(_variants(device, extra))
     tables = []
     for d, title in (("fwd", "forward"), ("fwd_bwd", "forward + backward")):
         columns = ["res", "batch", "shape", f"floor_{d}_ms"]
         for n in names:
-            columns += [f"{n}_{d}_ms", f"{n}_{d}_floor_x"] + ([f"triton_{d}_vs_cudnn"] if n == "triton" else [])
+            columns += [f"{n}_{d}_ms", f"{n}_{d}_floor_x"] + ([f"{n}_{d}_vs_cudnn"] if n.startswith("triton") else [])
         tables.append(f"depthwise conv 3x3 {title} ({'bf16' if device.type == 'cuda' else 'fp32'}, C {C}); floor at "
                       f"{args.bandwidth / 1e12:.2f} TB/s\n" + fmt_table(rows, columns))
     tables.append("Max |y - float64| (forward)\n" + fmt_table(rows, ["res", "batch"] + [f"{n}_max_err" for n in names]))

@@ -5,7 +5,7 @@ plain torch ops; gradients by float64 autograd.
 On the CPU the kernels run through Triton's interpreter, in a subprocess (tests/dwconv_interpret.py) since Triton
 picks interpreted or compiled kernels at import: grids that are not square and one row high, channel counts that
 leave a block partly masked, rows swept in several tiles, backward programs of several rows with the last group
-running past the grid, no bias, float32 / bfloat16 / float16, autocast (the op casts as autocast casts a
+running past the grid (forward and backward), no bias, float32 / bfloat16 / float16, autocast (the op casts as autocast casts a
 convolution), torch.compile(fullgraph=True) around the op, and torch.library.opcheck on both operators. GPU tests
 (`pytest -m gpu tests/test_dwconv.py`) run the comparison at DiG-XL/2's shapes and DiG's blocks with the kernels
 against F.conv2d.
@@ -28,9 +28,11 @@ from dig.ops.dwconv_triton import depthwise_conv3x3
 f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
 CASES = {  # id: ([N, H, W, C], dtype, bias?, autocast dtype or None, module settings)
     "fp32": ((2, 5, 7, 24), f32, True, None, {}),
-    "fp32-rows-split-last-group-short": ((3, 7, 5, 40), f32, True, None, {"BWD_ROWS": 3}),  # 7 rows: 3, 3, 1
-    "bf16-row-tiles-masked-channels": ((2, 4, 20, 136), bf16, True, None, {"TILE": 256}),  # 2 tokens a tile, 8 of 128
-    "fp16-square": ((1, 6, 6, 32), f16, True, None, {"BWD_ROWS": 6}),
+    "fp32-rows-split-last-group-short": ((3, 7, 5, 40), f32, True, None, {"FWD_ROWS": 3, "BWD_ROWS": 3}),  # 3, 3, 1
+    "fp32-forward-rows-split": ((2, 5, 3, 24), f32, True, None, {"FWD_ROWS": 2}),
+    # rows of several tiles (2 tokens in the forward, 4 in the backward); channels 128 + 8 of 128
+    "bf16-row-tiles-masked-channels": ((2, 4, 20, 136), bf16, True, None, {"TILE": 256, "BWD_TILE": 512}),
+    "fp16-square": ((1, 6, 6, 32), f16, True, None, {"FWD_ROWS": 6, "BWD_ROWS": 6}),
     "no-bias": ((2, 3, 4, 16), f32, False, None, {}),
     "one-row": ((2, 1, 9, 8), f32, True, None, {}),
     "one-column": ((1, 9, 1, 8), f32, True, None, {"BWD_ROWS": 4}),
@@ -194,7 +196,9 @@ def test_gpu_dig_blocks_with_kernels_match_conv2d():
         for block in model.blocks:  # random taps and bias: the identity initialisation would hide tap mix-ups
             torch.nn.init.normal_(block.dw_conv.weight, std=0.3)
             torch.nn.init.normal_(block.dw_conv.bias, std=0.1)
-            torch.nn.init.normal_(block.adaLN_modulation[-1].weight, std=0.02)
+        for name, p in model.named_parameters():  # and no zero-initialised layer that would stop the gradients
+            if "adaLN_modulation" in name or name.startswith("final_layer"):
+                torch.nn.init.normal_(p, std=0.02)
         gen = torch.Generator(device="cuda").manual_seed(1)
         x = torch.randn(3, 4, 16, 24, device="cuda", generator=gen)
         t, y = torch.tensor([1, 500, 999], device="cuda"), torch.tensor([0, 3, 10], device="cuda")

@@ -19,11 +19,11 @@ every convolution, so that the kernels compute what F.conv2d computed there (`dw
 and the fallback without Triton, for float64, and with kernel=False).
 
 How it runs. Registered torch operators (`dig::depthwise_conv3x3` and its backward) with fake implementations
-and an autograd formula, so a compiled block keeps them inside its graph. Forward programs: one per (image row,
-block of channels), each sweeping its row in tiles of BLOCK_W tokens. Backward programs: one per (group of rows
-of an image, block of channels), sized so that the GPU holds about PROGRAMS_PER_SM of them per SM, which keeps
-the partial gradients small. Tests run the kernels through Triton's interpreter on the CPU (TRITON_INTERPRET=1,
-read when this module is imported).
+and an autograd formula, so a compiled block keeps them inside its graph. A program of either kernel takes a group
+of rows of one image and a block of channels, sweeping each row in tiles of BLOCK_W tokens; the groups are sized
+so that the GPU holds about PROGRAMS_PER_SM programs per SM (the taps are loaded once per program, and the
+backward's partial gradients stay small). Tests run the kernels through Triton's interpreter on the CPU
+(TRITON_INTERPRET=1, read when this module is imported).
 """
 from __future__ import annotations
 
@@ -34,14 +34,18 @@ import torch
 
 from .dwconv_torch import depthwise_conv3x3_torch
 
-# A program's tile: BLOCK_W tokens x BLOCK_C channels, at most TILE elements (DiG-XL/2, C = 1152: 128 channels,
-# 16 tokens at 256 px (the whole row), 32 at 512 px and above).
+# A program's tile: BLOCK_W tokens x BLOCK_C channels, at most TILE elements in the forward (DiG-XL/2, C = 1152:
+# 128 channels, 16 tokens at 256 px (the whole row), 32 at 512 px and above) and BWD_TILE in the backward, which
+# keeps ten float32 accumulators of a tile's size (the weight and bias gradients, summed over the tokens once at
+# the end: a sum across the tile's tokens at every tile made the first version 2x slower than cuDNN).
 BLOCK_C = 128
 TILE = 4096
+BWD_TILE = 1024
 FWD_WARPS = 4
 BWD_WARPS = 4
-PROGRAMS_PER_SM = 4  # backward: rows per program chosen for about this many programs per SM
-BWD_ROWS = 0  # > 0: rows per backward program, instead of the automatic choice (tests)
+PROGRAMS_PER_SM = 4  # rows per program chosen for about this many programs per SM
+FWD_ROWS = 0  # > 0: rows per forward program, instead of the automatic choice (tests)
+BWD_ROWS = 0  # likewise for the backward
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # Module constants, not calls, so that torch.compile traces depthwise_conv3x3 without a graph break.
@@ -65,92 +69,107 @@ if TRITON_INSTALLED:
         return tl.load(ptr + offsets, mask=mask, other=0.).to(tl.float32)
 
     @triton.jit
-    def _tap(w_ptr, c, c_ok, A: tl.constexpr, B: tl.constexpr):
-        return tl.load(w_ptr + c * 9 + (A * 3 + B), mask=c_ok, other=0.).to(tl.float32)
+    def _taps(w_ptr, c, c_ok):
+        """The nine taps of the channels c, row-major ([C, 1, 3, 3] weights), as float32 vectors."""
+        t = w_ptr + c * 9
+        return (tl.load(t + 0, mask=c_ok, other=0.).to(tl.float32), tl.load(t + 1, mask=c_ok, other=0.).to(tl.float32),
+                tl.load(t + 2, mask=c_ok, other=0.).to(tl.float32), tl.load(t + 3, mask=c_ok, other=0.).to(tl.float32),
+                tl.load(t + 4, mask=c_ok, other=0.).to(tl.float32), tl.load(t + 5, mask=c_ok, other=0.).to(tl.float32),
+                tl.load(t + 6, mask=c_ok, other=0.).to(tl.float32), tl.load(t + 7, mask=c_ok, other=0.).to(tl.float32),
+                tl.load(t + 8, mask=c_ok, other=0.).to(tl.float32))
 
     @triton.jit
-    def _forward_kernel(x_ptr, w_ptr, b_ptr, y_ptr, H, W, C, HAS_BIAS: tl.constexpr, BLOCK_W: tl.constexpr,
-                        BLOCK_C: tl.constexpr):
-        row = tl.program_id(0)  # n * H + h
-        h = row % H
-        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        c_ok = c < C
-        row_start = row.to(tl.int64) * W * C
-        if HAS_BIAS:
-            bias = tl.load(b_ptr + c, mask=c_ok, other=0.).to(tl.float32)
-        else:
-            bias = tl.zeros([BLOCK_C], dtype=tl.float32)
-        for w0 in range(0, W, BLOCK_W):
-            w = w0 + tl.arange(0, BLOCK_W)
-            y = tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32) + bias[None, :]
-            for a in tl.static_range(3):
-                for b in tl.static_range(3):
-                    y += _tap(w_ptr, c, c_ok, a, b)[None, :] * _load_shifted(x_ptr, row_start, h, w, c, c_ok,
-                                                                             a - 1, b - 1, H, W, C)
-            mask = (w < W)[:, None] & c_ok[None, :]
-            tl.store(y_ptr + row_start + w[:, None] * C + c[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+    def _conv_tile(ptr, row_start, h, w, c, c_ok, H, W, C, t00, t01, t02, t10, t11, t12, t20, t21, t22):
+        """sum over a, b of t_ab * (the tile at row h + a - 1, columns w + b - 1), float32. With the taps in
+        reverse order (t22 first) this is the input gradient's sum over dy at (h + 1 - a, w + 1 - b)."""
+        acc = t00[None, :] * _load_shifted(ptr, row_start, h, w, c, c_ok, -1, -1, H, W, C)
+        acc += t01[None, :] * _load_shifted(ptr, row_start, h, w, c, c_ok, -1, 0, H, W, C)
+        acc += t02[None, :] * _load_shifted(ptr, row_start, h, w, c, c_ok, -1, 1, H, W, C)
+        acc += t10[None, :] * _load_shifted(ptr, row_start, h, w, c, c_ok, 0, -1, H, W, C)
+        acc += t11[None, :] * _load_shifted(ptr, row_start, h, w, c, c_ok, 0, 0, H, W, C)
+        acc += t12[None, :] * _load_shifted(ptr, row_start, h, w, c, c_ok, 0, 1, H, W, C)
+        acc += t20[None, :] * _load_shifted(ptr, row_start, h, w, c, c_ok, 1, -1, H, W, C)
+        acc += t21[None, :] * _load_shifted(ptr, row_start, h, w, c, c_ok, 1, 0, H, W, C)
+        acc += t22[None, :] * _load_shifted(ptr, row_start, h, w, c, c_ok, 1, 1, H, W, C)
+        return acc
 
     @triton.jit
-    def _tap_grad(dy, x_ptr, row_start, h, w, c, c_ok, DH: tl.constexpr, DW: tl.constexpr, H, W, C):
-        """This tile's share of the weight gradient of the tap that reads x at (h + DH, w + DW)."""
-        return tl.sum(dy * _load_shifted(x_ptr, row_start, h, w, c, c_ok, DH, DW, H, W, C), axis=0)
-
-    @triton.jit
-    def _backward_kernel(x_ptr, w_ptr, dy_ptr, dx_ptr, dw_part_ptr, H, W, C, ROWS, GROUPS, BLOCK_W: tl.constexpr,
-                         BLOCK_C: tl.constexpr):
+    def _forward_kernel(x_ptr, w_ptr, b_ptr, y_ptr, H, W, C, ROWS, GROUPS, HAS_BIAS: tl.constexpr,
+                        BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
         part = tl.program_id(0)  # n * GROUPS + group; the group's rows: group * ROWS .. + ROWS - 1 (below H)
         n = part // GROUPS
         first_row = (part % GROUPS) * ROWS
         c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         c_ok = c < C
-        zero = tl.zeros([BLOCK_C], dtype=tl.float32)
-        d00, d01, d02, d10, d11, d12, d20, d21, d22, dbias = zero, zero, zero, zero, zero, zero, zero, zero, zero, zero
+        t00, t01, t02, t10, t11, t12, t20, t21, t22 = _taps(w_ptr, c, c_ok)
+        if HAS_BIAS:
+            bias = tl.load(b_ptr + c, mask=c_ok, other=0.).to(tl.float32)
+        else:
+            bias = tl.zeros([BLOCK_C], dtype=tl.float32)
         for r in range(0, ROWS):
             h = first_row + r
             row_start = (n * H + h).to(tl.int64) * W * C
             for w0 in range(0, W, BLOCK_W):
                 w = w0 + tl.arange(0, BLOCK_W)
-                mask = ((w < W) & (w * 0 + h < H))[:, None] & c_ok[None, :]  # this row may lie past the last
+                y = bias[None, :] + _conv_tile(x_ptr, row_start, h, w, c, c_ok, H, W, C,
+                                               t00, t01, t02, t10, t11, t12, t20, t21, t22)
+                mask = ((w < W) & (w * 0 + h < H))[:, None] & c_ok[None, :]  # the last group may pass row H - 1
+                tl.store(y_ptr + row_start + w[:, None] * C + c[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _backward_kernel(x_ptr, w_ptr, dy_ptr, dx_ptr, dw_part_ptr, H, W, C, ROWS, GROUPS, BLOCK_W: tl.constexpr,
+                         BLOCK_C: tl.constexpr):
+        part = tl.program_id(0)  # as in the forward
+        n = part // GROUPS
+        first_row = (part % GROUPS) * ROWS
+        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        c_ok = c < C
+        t00, t01, t02, t10, t11, t12, t20, t21, t22 = _taps(w_ptr, c, c_ok)
+        # the weight and bias gradients, summed elementwise over the tiles and over the tile's tokens only at the end
+        zero = tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32)
+        g00, g01, g02, g10, g11, g12, g20, g21, g22, gb = zero, zero, zero, zero, zero, zero, zero, zero, zero, zero
+        for r in range(0, ROWS):
+            h = first_row + r
+            row_start = (n * H + h).to(tl.int64) * W * C
+            for w0 in range(0, W, BLOCK_W):
+                w = w0 + tl.arange(0, BLOCK_W)
+                mask = ((w < W) & (w * 0 + h < H))[:, None] & c_ok[None, :]
                 offsets = row_start + w[:, None] * C + c[None, :]
                 dy = tl.load(dy_ptr + offsets, mask=mask, other=0.).to(tl.float32)
-                dbias += tl.sum(dy, axis=0)
-                d00 += _tap_grad(dy, x_ptr, row_start, h, w, c, c_ok, -1, -1, H, W, C)
-                d01 += _tap_grad(dy, x_ptr, row_start, h, w, c, c_ok, -1, 0, H, W, C)
-                d02 += _tap_grad(dy, x_ptr, row_start, h, w, c, c_ok, -1, 1, H, W, C)
-                d10 += _tap_grad(dy, x_ptr, row_start, h, w, c, c_ok, 0, -1, H, W, C)
-                d11 += _tap_grad(dy, x_ptr, row_start, h, w, c, c_ok, 0, 0, H, W, C)
-                d12 += _tap_grad(dy, x_ptr, row_start, h, w, c, c_ok, 0, 1, H, W, C)
-                d20 += _tap_grad(dy, x_ptr, row_start, h, w, c, c_ok, 1, -1, H, W, C)
-                d21 += _tap_grad(dy, x_ptr, row_start, h, w, c, c_ok, 1, 0, H, W, C)
-                d22 += _tap_grad(dy, x_ptr, row_start, h, w, c, c_ok, 1, 1, H, W, C)
-                dx = tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32)
-                for a in tl.static_range(3):
-                    for b in tl.static_range(3):
-                        dx += _tap(w_ptr, c, c_ok, a, b)[None, :] * _load_shifted(dy_ptr, row_start, h, w, c, c_ok,
-                                                                                  1 - a, 1 - b, H, W, C)
+                gb += dy
+                g00 += dy * _load_shifted(x_ptr, row_start, h, w, c, c_ok, -1, -1, H, W, C)
+                g01 += dy * _load_shifted(x_ptr, row_start, h, w, c, c_ok, -1, 0, H, W, C)
+                g02 += dy * _load_shifted(x_ptr, row_start, h, w, c, c_ok, -1, 1, H, W, C)
+                g10 += dy * _load_shifted(x_ptr, row_start, h, w, c, c_ok, 0, -1, H, W, C)
+                g11 += dy * _load_shifted(x_ptr, row_start, h, w, c, c_ok, 0, 0, H, W, C)
+                g12 += dy * _load_shifted(x_ptr, row_start, h, w, c, c_ok, 0, 1, H, W, C)
+                g20 += dy * _load_shifted(x_ptr, row_start, h, w, c, c_ok, 1, -1, H, W, C)
+                g21 += dy * _load_shifted(x_ptr, row_start, h, w, c, c_ok, 1, 0, H, W, C)
+                g22 += dy * _load_shifted(x_ptr, row_start, h, w, c, c_ok, 1, 1, H, W, C)
+                dx = _conv_tile(dy_ptr, row_start, h, w, c, c_ok, H, W, C, t22, t21, t20, t12, t11, t10, t02, t01, t00)
                 tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)
         out = dw_part_ptr + part.to(tl.int64) * 10 * C + c  # this program's [10, C] row: the 9 taps, then bias
-        tl.store(out + 0 * C, d00, mask=c_ok)
-        tl.store(out + 1 * C, d01, mask=c_ok)
-        tl.store(out + 2 * C, d02, mask=c_ok)
-        tl.store(out + 3 * C, d10, mask=c_ok)
-        tl.store(out + 4 * C, d11, mask=c_ok)
-        tl.store(out + 5 * C, d12, mask=c_ok)
-        tl.store(out + 6 * C, d20, mask=c_ok)
-        tl.store(out + 7 * C, d21, mask=c_ok)
-        tl.store(out + 8 * C, d22, mask=c_ok)
-        tl.store(out + 9 * C, dbias, mask=c_ok)
+        tl.store(out + 0 * C, tl.sum(g00, axis=0), mask=c_ok)
+        tl.store(out + 1 * C, tl.sum(g01, axis=0), mask=c_ok)
+        tl.store(out + 2 * C, tl.sum(g02, axis=0), mask=c_ok)
+        tl.store(out + 3 * C, tl.sum(g10, axis=0), mask=c_ok)
+        tl.store(out + 4 * C, tl.sum(g11, axis=0), mask=c_ok)
+        tl.store(out + 5 * C, tl.sum(g12, axis=0), mask=c_ok)
+        tl.store(out + 6 * C, tl.sum(g20, axis=0), mask=c_ok)
+        tl.store(out + 7 * C, tl.sum(g21, axis=0), mask=c_ok)
+        tl.store(out + 8 * C, tl.sum(g22, axis=0), mask=c_ok)
+        tl.store(out + 9 * C, tl.sum(gb, axis=0), mask=c_ok)
 
 
-def _blocks(W: int, C: int) -> tuple[int, int]:
-    """(BLOCK_W, BLOCK_C): the channel block, and as many tokens of a row as fit in TILE (powers of two)."""
+def _blocks(W: int, C: int, tile: int) -> tuple[int, int]:
+    """(BLOCK_W, BLOCK_C): the channel block, and as many tokens of a row as fit in `tile` (powers of two)."""
     block_c = min(BLOCK_C, 1 << (C - 1).bit_length())
-    return min(1 << (W - 1).bit_length(), max(1, TILE // block_c)), block_c
+    return min(1 << (W - 1).bit_length(), max(1, tile // block_c)), block_c
 
 
-def _rows_per_program(N: int, H: int, channel_blocks: int, device: torch.device) -> int:
-    if BWD_ROWS > 0:
-        return min(BWD_ROWS, H)
+def _rows_per_program(N: int, H: int, channel_blocks: int, device: torch.device, rows: int) -> int:
+    if rows > 0:
+        return min(rows, H)
     if not device.type == "cuda":  # Triton's interpreter: one row per program
         return 1
     from .gla_triton import sm_count_of
@@ -159,15 +178,23 @@ def _rows_per_program(N: int, H: int, channel_blocks: int, device: torch.device)
     return max(1, min(H, N * H * channel_blocks // target))
 
 
+def _grid(x: torch.Tensor, tile: int, rows: int) -> tuple[tuple[int, int], dict]:
+    N, H, W, C = x.shape
+    block_w, block_c = _blocks(W, C, tile)
+    channel_blocks = triton.cdiv(C, block_c)
+    rows = _rows_per_program(N, H, channel_blocks, x.device, rows)
+    groups = triton.cdiv(H, rows)
+    return (N * groups, channel_blocks), dict(ROWS=rows, GROUPS=groups, BLOCK_W=block_w, BLOCK_C=block_c)
+
+
 def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     x, weight = x.contiguous(), weight.contiguous()
     N, H, W, C = x.shape
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
     if y.numel():
-        block_w, block_c = _blocks(W, C)
-        _forward_kernel[(N * H, triton.cdiv(C, block_c))](
-            x, weight, bias if bias is not None else weight, y, H, W, C, HAS_BIAS=bias is not None,
-            BLOCK_W=block_w, BLOCK_C=block_c, num_warps=FWD_WARPS)
+        grid, sizes = _grid(x, TILE, FWD_ROWS)
+        _forward_kernel[grid](x, weight, bias if bias is not None else weight, y, H, W, C, **sizes,
+                              HAS_BIAS=bias is not None, num_warps=FWD_WARPS)
     return y
 
 
@@ -179,13 +206,9 @@ def _backward(x: torch.Tensor, weight: torch.Tensor, dy: torch.Tensor) -> tuple[
     dx = torch.empty_like(x, memory_format=torch.contiguous_format)
     if not x.numel():
         return dx.zero_(), torch.zeros_like(weight), weight.new_zeros(C)
-    block_w, block_c = _blocks(W, C)
-    channel_blocks = triton.cdiv(C, block_c)
-    rows = _rows_per_program(N, H, channel_blocks, x.device)
-    groups = triton.cdiv(H, rows)
-    parts = torch.empty(N * groups, 10, C, dtype=torch.float32, device=x.device)
-    _backward_kernel[(N * groups, channel_blocks)](x, weight, dy, dx, parts, H, W, C, rows, groups,
-                                                   BLOCK_W=block_w, BLOCK_C=block_c, num_warps=BWD_WARPS)
+    grid, sizes = _grid(x, BWD_TILE, BWD_ROWS)
+    parts = torch.empty(grid[0], 10, C, dtype=torch.float32, device=x.device)
+    _backward_kernel[grid](x, weight, dy, dx, parts, H, W, C, **sizes, num_warps=BWD_WARPS)
     total = parts.sum(0)  # [10, C]
     # (copies: a registered operator's outputs may not alias one another)
     dweight = total[:9].t().contiguous().view(weight.shape).to(weight.dtype)
