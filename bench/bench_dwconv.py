@@ -4,13 +4,16 @@
     python3 -m bench.bench_dwconv --quick        # CPU, a tiny shape, the cuDNN column only (checks the plumbing)
 
 x: [N, H, W, C] channels-last tokens in bf16 (fp32 with --quick), weight [C, 1, 3, 3] and bias in x's dtype (what
-autocast hands a convolution). Forward and forward+backward time per call of our Triton kernels (`triton`,
-dig.ops.dwconv_triton) and F.conv2d on the channels-last view (`cudnn`, dig.ops.dwconv_torch: what DiG ran
-before), measured in one run, against the byte floor over --bandwidth: the forward reads x and writes y, the
-backward reads x and dy and writes dx (weights and partial sums are negligible). `*_floor_x` is a time over its
-floor, `triton_*_vs_cudnn` cuDNN's time over ours. --settings adds columns with the kernels' module settings
-(tile sizes, warps, rows per program) replaced, for tuning them side by side. Times are per call (DiG-XL/2 makes one per block, 28 per
-step), each the median of --repeat timings of --inner back-to-back calls."""
+autocast hands a convolution). Measured in one run: our Triton kernels (`triton`, dig.ops.dwconv_triton) and
+F.conv2d on the channels-last view (`cudnn`, dig.ops.dwconv_torch: what DiG ran before), forward and
+forward + backward, per call (DiG-XL/2 makes one per block, 28 per step):
+  - GPU kernel time (torch.profiler over --inner calls): what a CUDA-graphed training step pays;
+  - wall time (median of --repeat timings of --inner back-to-back calls), host launches included: at small
+    shapes (~50 us a call at 256 px) the host's launches can take longer than the GPU's work.
+The byte floor over --bandwidth: the forward reads x and writes y, the backward reads x and dy and writes dx
+(weights and partial sums are negligible). `*_floor_x` is a kernel time over its floor, `triton_*_vs_cudnn`
+cuDNN's kernel time over ours. --settings adds columns with the kernels' module settings (tile sizes, warps,
+rows per program) replaced, for tuning them side by side."""
 from __future__ import annotations
 
 import argparse
@@ -53,7 +56,7 @@ def parse_settings(text: str) -> dict[str, dict]:
             name, _, value = item.partition("=")
             if not hasattr(dwconv_triton, name) or not name.isupper():
                 raise SystemExit(f"--settings: dig.ops.dwconv_triton has no setting {name!r}")
-            settings[name] = int(value)
+            settings[name] = int(value) if value.lstrip("-").isdigit() else value
         out[f"triton[{group}]"] = settings
     return out
 
@@ -69,6 +72,25 @@ def _variants(device: torch.device, extra: dict[str, dict] | None = None) -> dic
 def time_per_call(fn, device: torch.device, inner: int, repeat: int) -> float:
     """ms per call: the median over `repeat` timings of `inner` calls back to back."""
     return median(time_ms(lambda: [fn() for _ in range(inner)], device, warmup=3, repeat=repeat)) / inner
+
+
+def kernel_ms_per_call(fn, device: torch.device, inner: int) -> float | None:
+    """GPU time per call of the kernels (and copies) `inner` calls launch, from torch.profiler: what a CUDA-graphed
+    training step pays. The wall time per call above also counts the host's launches, which at small shapes
+    (one call of ~50 us at 256 px) can exceed the GPU's work."""
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(inner):
+            fn()
+        torch.cuda.synchronize()
+    total_us = sum(e.device_time_total for e in prof.key_averages()
+                   if e.device_type == torch.autograd.DeviceType.CUDA)
+    return total_us / 1e3 / inner
 
 
 def bench_case(res: int, batch: int, device: torch.device, bandwidth: float, inner: int, repeat: int,
@@ -90,19 +112,25 @@ def bench_case(res: int, batch: int, device: torch.device, bandwidth: float, inn
         try:
             with torch.no_grad():
                 row[f"{name}_max_err"] = (fn(x, weight, bias).double() - expected).abs().max().item()
-                fwd = time_per_call(lambda: fn(x, weight, bias), device, inner, repeat)
-            fwd_bwd = time_per_call(lambda: torch.autograd.grad(fn(x, weight, bias), (x, weight, bias), dy),
-                                    device, inner, repeat)
+            calls = {"fwd": lambda: _no_grad(fn, x, weight, bias),
+                     "fwd_bwd": lambda: torch.autograd.grad(fn(x, weight, bias), (x, weight, bias), dy)}
+            for d, call in calls.items():
+                row[f"{name}_{d}_ms"] = time_per_call(call, device, inner, repeat)
+                kernel = kernel_ms_per_call(call, device, inner)
+                row[f"{name}_{d}_kernel_ms"] = kernel
+                row[f"{name}_{d}_floor_x"] = (kernel or row[f"{name}_{d}_ms"]) / floor[d]
         except Exception as e:  # noqa: BLE001  reported in the table, the other columns still run
             row[f"{name}_error"] = f"{type(e).__name__}: {e}"[:120]
-            continue
-        row.update({f"{name}_fwd_ms": fwd, f"{name}_fwd_bwd_ms": fwd_bwd,
-                    f"{name}_fwd_floor_x": fwd / floor["fwd"], f"{name}_fwd_bwd_floor_x": fwd_bwd / floor["fwd_bwd"]})
     for d in ("fwd", "fwd_bwd"):
         for name in _variants(device, extra):
-            if name.startswith("triton") and f"{name}_{d}_ms" in row and f"cudnn_{d}_ms" in row:
-                row[f"{name}_{d}_vs_cudnn"] = row[f"cudnn_{d}_ms"] / row[f"{name}_{d}_ms"]
+            if name.startswith("triton") and row.get(f"{name}_{d}_kernel_ms") and row.get(f"cudnn_{d}_kernel_ms"):
+                row[f"{name}_{d}_vs_cudnn"] = row[f"cudnn_{d}_kernel_ms"] / row[f"{name}_{d}_kernel_ms"]
     return row
+
+
+def _no_grad(fn, *args):
+    with torch.no_grad():
+        return fn(*args)
 
 
 def main(argv=None) -> None:
@@ -135,9 +163,12 @@ def main(argv=None) -> None:
     for d, title in (("fwd", "forward"), ("fwd_bwd", "forward + backward")):
         columns = ["res", "batch", "shape", f"floor_{d}_ms"]
         for n in names:
-            columns += [f"{n}_{d}_ms", f"{n}_{d}_floor_x"] + ([f"{n}_{d}_vs_cudnn"] if n.startswith("triton") else [])
-        tables.append(f"depthwise conv 3x3 {title} ({'bf16' if device.type == 'cuda' else 'fp32'}, C {C}); floor at "
-                      f"{args.bandwidth / 1e12:.2f} TB/s\n" + fmt_table(rows, columns))
+            columns += [f"{n}_{d}_kernel_ms", f"{n}_{d}_floor_x"] + ([f"{n}_{d}_vs_cudnn"] if n.startswith("triton")
+                                                                      else [])
+        tables.append(f"depthwise conv 3x3 {title}, GPU kernel time per call ({'bf16' if device.type == 'cuda' else 'fp32'}, "
+                      f"C {C}); floor at {args.bandwidth / 1e12:.2f} TB/s\n" + fmt_table(rows, columns))
+        tables.append(f"depthwise conv 3x3 {title}, wall time per call (host launches included)\n"
+                      + fmt_table(rows, ["res", "batch"] + [f"{n}_{d}_ms" for n in names]))
     tables.append("Max |y - float64| (forward)\n" + fmt_table(rows, ["res", "batch"] + [f"{n}_max_err" for n in names]))
     finish_report(tables, rows, args.out, "dwconv",
                   {"versions": versions(), "bandwidth": args.bandwidth, "command": command_line("bench.bench_dwconv",

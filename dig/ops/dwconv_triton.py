@@ -34,15 +34,15 @@ import torch
 
 from .dwconv_torch import depthwise_conv3x3_torch
 
-# A program's tile: BLOCK_W tokens x BLOCK_C channels, at most TILE elements in the forward (DiG-XL/2, C = 1152:
-# 128 channels, 16 tokens at 256 px (the whole row), 32 at 512 px and above) and BWD_TILE in the backward, which
-# keeps ten float32 accumulators of a tile's size (the weight and bias gradients, summed over the tokens once at
-# the end: a sum across the tile's tokens at every tile made the first version 2x slower than cuDNN).
+# A program's tile: BLOCK_W tokens x BLOCK_C channels, at most TILE elements in the forward and BWD_TILE in the
+# backward (DiG-XL/2, C = 1152: 128 channels, 8 tokens). The forward keeps ten tiles in float32 registers (three rows
+# of three column shifts, the output), the backward about thirty (x and dy rows, and the weight and bias gradients,
+# summed over the tile's tokens once at the end: a sum at every tile made a first version 2x slower than cuDNN).
 BLOCK_C = 128
-TILE = 4096
+TILE = 1024
 BWD_TILE = 1024
 FWD_WARPS = 4
-BWD_WARPS = 4
+BWD_WARPS = 8
 PROGRAMS_PER_SM = 4  # rows per program chosen for about this many programs per SM
 FWD_ROWS = 0  # > 0: rows per forward program, instead of the automatic choice (tests)
 BWD_ROWS = 0  # likewise for the backward
@@ -58,15 +58,16 @@ if TRITON_INSTALLED:
     import triton.language as tl
 
     @triton.jit
-    def _load_shifted(ptr, row_start, h, w, c, c_ok, DH: tl.constexpr, DW: tl.constexpr, H, W, C):
-        """The [BLOCK_W, BLOCK_C] tile at row h + DH, columns w + DW of the image whose row h starts at row_start,
-        as float32; zero outside the grid."""
-        ww = w + DW
-        hh = ww * 0 + (h + DH)  # the row as a vector: Triton's interpreter mis-types a bool scalar & vector
-        inside = (ww >= 0) & (ww < W) & (hh >= 0) & (hh < H)
-        mask = inside[:, None] & c_ok[None, :]
-        offsets = row_start + DH * W * C + ww[:, None] * C + c[None, :]
-        return tl.load(ptr + offsets, mask=mask, other=0.).to(tl.float32)
+    def _row3(ptr, image_start, h, w, c, c_ok, H, W, C):
+        """Row h of the image starting at image_start at the columns w - 1, w and w + 1: three [BLOCK_W, BLOCK_C]
+        float32 tiles, zero outside the grid (a row h outside 0 .. H - 1 is all zero)."""
+        hh = w * 0 + h  # the row as a vector: Triton's interpreter mis-types a bool scalar & vector
+        row_ok = ((hh >= 0) & (hh < H))[:, None] & c_ok[None, :]
+        at = ptr + image_start + h.to(tl.int64) * W * C + w[:, None] * C + c[None, :]
+        left = tl.load(at - C, mask=row_ok & ((w >= 1) & (w <= W))[:, None], other=0.).to(tl.float32)
+        middle = tl.load(at, mask=row_ok & (w < W)[:, None], other=0.).to(tl.float32)
+        right = tl.load(at + C, mask=row_ok & (w + 1 < W)[:, None], other=0.).to(tl.float32)
+        return left, middle, right
 
     @triton.jit
     def _taps(w_ptr, c, c_ok):
@@ -79,75 +80,79 @@ if TRITON_INSTALLED:
                 tl.load(t + 8, mask=c_ok, other=0.).to(tl.float32))
 
     @triton.jit
-    def _conv_tile(ptr, row_start, h, w, c, c_ok, H, W, C, t00, t01, t02, t10, t11, t12, t20, t21, t22):
-        """sum over a, b of t_ab * (the tile at row h + a - 1, columns w + b - 1), float32. With the taps in
-        reverse order (t22 first) this is the input gradient's sum over dy at (h + 1 - a, w + 1 - b)."""
-        acc = t00[None, :] * _load_shifted(ptr, row_start, h, w, c, c_ok, -1, -1, H, W, C)
-        acc += t01[None, :] * _load_shifted(ptr, row_start, h, w, c, c_ok, -1, 0, H, W, C)
-        acc += t02[None, :] * _load_shifted(ptr, row_start, h, w, c, c_ok, -1, 1, H, W, C)
-        acc += t10[None, :] * _load_shifted(ptr, row_start, h, w, c, c_ok, 0, -1, H, W, C)
-        acc += t11[None, :] * _load_shifted(ptr, row_start, h, w, c, c_ok, 0, 0, H, W, C)
-        acc += t12[None, :] * _load_shifted(ptr, row_start, h, w, c, c_ok, 0, 1, H, W, C)
-        acc += t20[None, :] * _load_shifted(ptr, row_start, h, w, c, c_ok, 1, -1, H, W, C)
-        acc += t21[None, :] * _load_shifted(ptr, row_start, h, w, c, c_ok, 1, 0, H, W, C)
-        acc += t22[None, :] * _load_shifted(ptr, row_start, h, w, c, c_ok, 1, 1, H, W, C)
-        return acc
+    def _program(GROUPS, ROWS, BLOCK_C: tl.constexpr, C):
+        """This program's image, first row, and channels (with their mask)."""
+        part = tl.program_id(0)  # n * GROUPS + group; the group's rows: group * ROWS .. + ROWS - 1 (below H)
+        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        return part, part // GROUPS, (part % GROUPS) * ROWS, c, c < C
+
+    # Both kernels sweep a column strip of BLOCK_W tokens down their rows and keep the rows above and at the current
+    # one in registers, so that each row of x (and dy) is read once per strip, three column shifts, not three times.
 
     @triton.jit
     def _forward_kernel(x_ptr, w_ptr, b_ptr, y_ptr, H, W, C, ROWS, GROUPS, HAS_BIAS: tl.constexpr,
                         BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
-        part = tl.program_id(0)  # n * GROUPS + group; the group's rows: group * ROWS .. + ROWS - 1 (below H)
-        n = part // GROUPS
-        first_row = (part % GROUPS) * ROWS
-        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        c_ok = c < C
+        part, n, first_row, c, c_ok = _program(GROUPS, ROWS, BLOCK_C, C)
         t00, t01, t02, t10, t11, t12, t20, t21, t22 = _taps(w_ptr, c, c_ok)
         if HAS_BIAS:
             bias = tl.load(b_ptr + c, mask=c_ok, other=0.).to(tl.float32)
         else:
             bias = tl.zeros([BLOCK_C], dtype=tl.float32)
-        for r in range(0, ROWS):
-            h = first_row + r
-            row_start = (n * H + h).to(tl.int64) * W * C
-            for w0 in range(0, W, BLOCK_W):
-                w = w0 + tl.arange(0, BLOCK_W)
-                y = bias[None, :] + _conv_tile(x_ptr, row_start, h, w, c, c_ok, H, W, C,
-                                               t00, t01, t02, t10, t11, t12, t20, t21, t22)
+        image_start = (n * H).to(tl.int64) * W * C
+        for w0 in range(0, W, BLOCK_W):
+            w = w0 + tl.arange(0, BLOCK_W)
+            a_l, a_c, a_r = _row3(x_ptr, image_start, first_row - 1, w, c, c_ok, H, W, C)  # the row above
+            b_l, b_c, b_r = _row3(x_ptr, image_start, first_row, w, c, c_ok, H, W, C)  # the current row
+            for r in range(0, ROWS):
+                h = first_row + r
+                c_l, c_c, c_r = _row3(x_ptr, image_start, h + 1, w, c, c_ok, H, W, C)  # the row below
+                y = (bias[None, :] + t00[None, :] * a_l + t01[None, :] * a_c + t02[None, :] * a_r
+                     + t10[None, :] * b_l + t11[None, :] * b_c + t12[None, :] * b_r
+                     + t20[None, :] * c_l + t21[None, :] * c_c + t22[None, :] * c_r)
                 mask = ((w < W) & (w * 0 + h < H))[:, None] & c_ok[None, :]  # the last group may pass row H - 1
-                tl.store(y_ptr + row_start + w[:, None] * C + c[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+                tl.store(y_ptr + image_start + h.to(tl.int64) * W * C + w[:, None] * C + c[None, :],
+                         y.to(y_ptr.dtype.element_ty), mask=mask)
+                a_l, a_c, a_r, b_l, b_c, b_r = b_l, b_c, b_r, c_l, c_c, c_r
 
     @triton.jit
     def _backward_kernel(x_ptr, w_ptr, dy_ptr, dx_ptr, dw_part_ptr, H, W, C, ROWS, GROUPS, BLOCK_W: tl.constexpr,
                          BLOCK_C: tl.constexpr):
-        part = tl.program_id(0)  # as in the forward
-        n = part // GROUPS
-        first_row = (part % GROUPS) * ROWS
-        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        c_ok = c < C
+        part, n, first_row, c, c_ok = _program(GROUPS, ROWS, BLOCK_C, C)
         t00, t01, t02, t10, t11, t12, t20, t21, t22 = _taps(w_ptr, c, c_ok)
+        image_start = (n * H).to(tl.int64) * W * C
         # the weight and bias gradients, summed elementwise over the tiles and over the tile's tokens only at the end
         zero = tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32)
         g00, g01, g02, g10, g11, g12, g20, g21, g22, gb = zero, zero, zero, zero, zero, zero, zero, zero, zero, zero
-        for r in range(0, ROWS):
-            h = first_row + r
-            row_start = (n * H + h).to(tl.int64) * W * C
-            for w0 in range(0, W, BLOCK_W):
-                w = w0 + tl.arange(0, BLOCK_W)
+        for w0 in range(0, W, BLOCK_W):
+            w = w0 + tl.arange(0, BLOCK_W)
+            xa_l, xa_c, xa_r = _row3(x_ptr, image_start, first_row - 1, w, c, c_ok, H, W, C)
+            xb_l, xb_c, xb_r = _row3(x_ptr, image_start, first_row, w, c, c_ok, H, W, C)
+            da_l, da_c, da_r = _row3(dy_ptr, image_start, first_row - 1, w, c, c_ok, H, W, C)
+            db_l, db_c, db_r = _row3(dy_ptr, image_start, first_row, w, c, c_ok, H, W, C)
+            for r in range(0, ROWS):
+                h = first_row + r
+                xc_l, xc_c, xc_r = _row3(x_ptr, image_start, h + 1, w, c, c_ok, H, W, C)
+                dc_l, dc_c, dc_r = _row3(dy_ptr, image_start, h + 1, w, c, c_ok, H, W, C)
+                # dy at (h, w) reads x at (h + a - 1, w + b - 1) through tap (a, b); zero for a row past H - 1
+                gb += db_c
+                g00 += db_c * xa_l
+                g01 += db_c * xa_c
+                g02 += db_c * xa_r
+                g10 += db_c * xb_l
+                g11 += db_c * xb_c
+                g12 += db_c * xb_r
+                g20 += db_c * xc_l
+                g21 += db_c * xc_c
+                g22 += db_c * xc_r
+                # dx at (h, w): tap (a, b) brings dy from (h + 1 - a, w + 1 - b)
+                dx = (t00[None, :] * dc_r + t01[None, :] * dc_c + t02[None, :] * dc_l
+                      + t10[None, :] * db_r + t11[None, :] * db_c + t12[None, :] * db_l
+                      + t20[None, :] * da_r + t21[None, :] * da_c + t22[None, :] * da_l)
                 mask = ((w < W) & (w * 0 + h < H))[:, None] & c_ok[None, :]
-                offsets = row_start + w[:, None] * C + c[None, :]
-                dy = tl.load(dy_ptr + offsets, mask=mask, other=0.).to(tl.float32)
-                gb += dy
-                g00 += dy * _load_shifted(x_ptr, row_start, h, w, c, c_ok, -1, -1, H, W, C)
-                g01 += dy * _load_shifted(x_ptr, row_start, h, w, c, c_ok, -1, 0, H, W, C)
-                g02 += dy * _load_shifted(x_ptr, row_start, h, w, c, c_ok, -1, 1, H, W, C)
-                g10 += dy * _load_shifted(x_ptr, row_start, h, w, c, c_ok, 0, -1, H, W, C)
-                g11 += dy * _load_shifted(x_ptr, row_start, h, w, c, c_ok, 0, 0, H, W, C)
-                g12 += dy * _load_shifted(x_ptr, row_start, h, w, c, c_ok, 0, 1, H, W, C)
-                g20 += dy * _load_shifted(x_ptr, row_start, h, w, c, c_ok, 1, -1, H, W, C)
-                g21 += dy * _load_shifted(x_ptr, row_start, h, w, c, c_ok, 1, 0, H, W, C)
-                g22 += dy * _load_shifted(x_ptr, row_start, h, w, c, c_ok, 1, 1, H, W, C)
-                dx = _conv_tile(dy_ptr, row_start, h, w, c, c_ok, H, W, C, t22, t21, t20, t12, t11, t10, t02, t01, t00)
-                tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+                tl.store(dx_ptr + image_start + h.to(tl.int64) * W * C + w[:, None] * C + c[None, :],
+                         dx.to(dx_ptr.dtype.element_ty), mask=mask)
+                xa_l, xa_c, xa_r, xb_l, xb_c, xb_r = xb_l, xb_c, xb_r, xc_l, xc_c, xc_r
+                da_l, da_c, da_r, db_l, db_c, db_r = db_l, db_c, db_r, dc_l, dc_c, dc_r
         out = dw_part_ptr + part.to(tl.int64) * 10 * C + c  # this program's [10, C] row: the 9 taps, then bias
         tl.store(out + 0 * C, tl.sum(g00, axis=0), mask=c_ok)
         tl.store(out + 1 * C, tl.sum(g01, axis=0), mask=c_ok)
