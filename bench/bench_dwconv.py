@@ -33,18 +33,20 @@ GPU_CASES = [(256, 32), (512, 32), (1024, 8), (2048, 2), (4096, 1)]  # (resoluti
 QUICK_CASES = [(64, 2)]
 
 
-def _with_settings(settings: dict):
-    """depthwise_conv3x3 with dig.ops.dwconv_triton's module settings (TILE, BWD_TILE, FWD_WARPS, ...) replaced."""
-    def run(x, w, b):
-        saved = {k: getattr(dwconv_triton, k) for k in settings}
-        for k, v in settings.items():
+class _Settings:
+    """dig.ops.dwconv_triton's module settings (TILE, BWD_TILE, BACKWARD, ...) replaced while in the block."""
+
+    def __init__(self, settings: dict):
+        self.settings, self.saved = settings, {}
+
+    def __enter__(self):
+        self.saved = {k: getattr(dwconv_triton, k) for k in self.settings}
+        for k, v in self.settings.items():
             setattr(dwconv_triton, k, v)
-        try:
-            return depthwise_conv3x3(x, w, b)
-        finally:
-            for k, v in saved.items():
-                setattr(dwconv_triton, k, v)
-    return run
+
+    def __exit__(self, *exc):
+        for k, v in self.saved.items():
+            setattr(dwconv_triton, k, v)
 
 
 def parse_settings(text: str) -> dict[str, dict]:
@@ -62,10 +64,11 @@ def parse_settings(text: str) -> dict[str, dict]:
 
 
 def _variants(device: torch.device, extra: dict[str, dict] | None = None) -> dict:
-    out = {"triton": lambda x, w, b: depthwise_conv3x3(x, w, b)} if device.type == "cuda" else {}
+    """name -> (fn(x, w, b) -> y, the module settings to run it under)."""
+    out = {"triton": (depthwise_conv3x3, {})} if device.type == "cuda" else {}
     if device.type == "cuda":
-        out.update({name: _with_settings(settings) for name, settings in (extra or {}).items()})
-    out["cudnn"] = depthwise_conv3x3_torch
+        out.update({name: (depthwise_conv3x3, settings) for name, settings in (extra or {}).items()})
+    out["cudnn"] = (depthwise_conv3x3_torch, {})
     return out
 
 
@@ -108,15 +111,16 @@ def bench_case(res: int, batch: int, device: torch.device, bandwidth: float, inn
                  **{f"floor_{k}_ms": ms for k, ms in floor.items()}}
     with torch.no_grad():
         expected = depthwise_conv3x3_torch(x.double(), weight.double(), bias.double())
-    for name, fn in _variants(device, extra).items():
+    for name, (fn, settings) in _variants(device, extra).items():
         try:
-            with torch.no_grad():
+            with _Settings(settings), torch.no_grad():
                 row[f"{name}_max_err"] = (fn(x, weight, bias).double() - expected).abs().max().item()
             calls = {"fwd": lambda: _no_grad(fn, x, weight, bias),
                      "fwd_bwd": lambda: torch.autograd.grad(fn(x, weight, bias), (x, weight, bias), dy)}
             for d, call in calls.items():
-                row[f"{name}_{d}_ms"] = time_per_call(call, device, inner, repeat)
-                kernel = kernel_ms_per_call(call, device, inner)
+                with _Settings(settings):  # (the backward reads them too)
+                    row[f"{name}_{d}_ms"] = time_per_call(call, device, inner, repeat)
+                    kernel = kernel_ms_per_call(call, device, inner)
                 row[f"{name}_{d}_kernel_ms"] = kernel
                 row[f"{name}_{d}_floor_x"] = (kernel or row[f"{name}_{d}_ms"]) / floor[d]
         except Exception as e:  # noqa: BLE001  reported in the table, the other columns still run

@@ -14,7 +14,8 @@ import torch
 assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
 import dig.ops.dwconv_triton as module  # noqa: E402
 
-DEFAULTS = {name: getattr(module, name) for name in ("TILE", "BWD_TILE", "FWD_ROWS", "BWD_ROWS")}
+DEFAULTS = {name: getattr(module, name) for name in ("TILE", "BWD_TILE", "FWD_ROWS", "BWD_ROWS",
+                                                      "BACKWARD")}
 
 
 def run_case(case):

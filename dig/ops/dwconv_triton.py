@@ -39,12 +39,17 @@ from .dwconv_torch import depthwise_conv3x3_torch
 # of three column shifts, the output), the backward about thirty (x and dy rows, and the weight and bias gradients,
 # summed over the tile's tokens once at the end: a sum at every tile made a first version 2x slower than cuDNN).
 BLOCK_C = 128
-TILE = 1024
+TILE = 2048
 BWD_TILE = 1024
 FWD_WARPS = 4
 BWD_WARPS = 8
 PROGRAMS_PER_SM = 4  # rows per program chosen for about this many programs per SM
 FWD_ROWS = 0  # > 0: rows per forward program, instead of the automatic choice (tests)
+# Which backward the operator runs: "cudnn" (aten's convolution backward on the channels-last view) or "triton" (the
+# kernel below). Measured on one H200 (BENCHMARKS.md, 2026-11-30), GPU time per DiG-XL/2 call: this forward 0.091 ms
+# against cuDNN's 0.177 at 512 px / 32 images, but the Triton backward (plus its partial sums) 0.29 ms against cuDNN's
+# 0.26 (0.14 against 0.08 at 256 px), so the backward stays cuDNN's until it wins. DIG_DWCONV_BACKWARD sets it.
+BACKWARD = os.environ.get("DIG_DWCONV_BACKWARD", "cudnn")
 BWD_ROWS = 0  # likewise for the backward
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -206,11 +211,18 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
 def _backward(x: torch.Tensor, weight: torch.Tensor, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
                                                                              torch.Tensor]:
     """dx (x's dtype), dweight (weight's), dbias (weight's dtype; the caller casts it to the bias's)."""
+    if BACKWARD not in ("cudnn", "triton"):
+        raise ValueError(f"DIG_DWCONV_BACKWARD must be 'cudnn' or 'triton', got {BACKWARD!r}")
     x, weight, dy = x.contiguous(), weight.contiguous(), dy.contiguous()
     N, H, W, C = x.shape
-    dx = torch.empty_like(x, memory_format=torch.contiguous_format)
     if not x.numel():
-        return dx.zero_(), torch.zeros_like(weight), weight.new_zeros(C)
+        return torch.zeros_like(x), torch.zeros_like(weight), weight.new_zeros(C)
+    if BACKWARD == "cudnn":
+        dx, dweight, dbias = torch.ops.aten.convolution_backward(
+            dy.permute(0, 3, 1, 2), x.permute(0, 3, 1, 2), weight, [C], [1, 1], [1, 1], [1, 1], False, [0, 0], C,
+            [True, True, True])
+        return dx.permute(0, 2, 3, 1).contiguous(), dweight.contiguous(), dbias
+    dx = torch.empty_like(x, memory_format=torch.contiguous_format)
     grid, sizes = _grid(x, BWD_TILE, BWD_ROWS)
     parts = torch.empty(grid[0], 10, C, dtype=torch.float32, device=x.device)
     _backward_kernel[grid](x, weight, dy, dx, parts, H, W, C, **sizes, num_warps=BWD_WARPS)
