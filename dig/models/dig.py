@@ -132,10 +132,10 @@ def _silu_times_up(gate_up: torch.Tensor) -> torch.Tensor:
 
 class DiGBlock(nn.Module):
     """[long-skip fuse] -> adaLN-Zero GLA -> adaLN-Zero SwiGLU -> depthwise 3x3 conv over the token grid
-    (dw_conv_kernel: the Triton kernels of dig/ops/dwconv_triton.py on CUDA; False: F.conv2d)."""
+    (dw_conv_kernel: the Triton forward of dig/ops/dwconv_triton.py on CUDA; False: F.conv2d)."""
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, gla_backend: str, long_skip: bool,
-                 norm_gate_kernel: bool = True, mlp_recompute: bool = False, dw_conv_kernel: bool = True):
+                 norm_gate_kernel: bool = True, mlp_recompute: bool = False, dw_conv_kernel: bool = False):
         super().__init__()
         self.dw_conv_kernel = dw_conv_kernel
         self.skip_linear = nn.Linear(2 * hidden_size, hidden_size) if long_skip else None
@@ -227,8 +227,9 @@ class DiG(LatentDiffusionTransformer):
     scan_in_kernel (DiG without long skips): the sequence stays in raster order and each block's GLA reads its
     scan direction through a token order (no reorienting copy between blocks; the Triton kernels read the order
     in place). norm_gate_kernel=False: the GLA output norm and gate as the torch expression instead of the Triton
-    kernels (model.overrides.norm_gate_kernel=false; for measuring one against the other); dw_conv_kernel=False
-    likewise the depthwise conv as F.conv2d (cuDNN) instead of dig/ops/dwconv_triton.py. mlp_recompute (default):
+    kernels (model.overrides.norm_gate_kernel=false; for measuring one against the other). dw_conv_kernel (off): the
+    depthwise conv's forward as the Triton kernel of dig/ops/dwconv_triton.py instead of cuDNN's (half its GPU time
+    per call, but no gain measured yet in the step: BENCHMARKS.md, 2026-11-30). mlp_recompute (default):
     each SwiGLU recomputes silu(gate) * up in the backward instead of saving it (SwiGLU.recompute_product): peak
     memory at 512 px / 32 images on one H200 47.6 GiB instead of 52.8 (DiT-XL/2: 47.8) for 0-1 % of the speed."""
 
@@ -237,7 +238,7 @@ class DiG(LatentDiffusionTransformer):
                  learn_sigma: bool = True, class_dropout_prob: float = 0.1, gla_backend: str = "auto",
                  grad_checkpointing: bool = False, pos_embed_base_size: int | tuple[int, int] | None = None,
                  long_skip: bool = False, skip_init: str = "zero", scan_in_kernel: bool = False,
-                 norm_gate_kernel: bool = True, mlp_recompute: bool = True, dw_conv_kernel: bool = True):
+                 norm_gate_kernel: bool = True, mlp_recompute: bool = True, dw_conv_kernel: bool = False):
         super().__init__(input_size=input_size, patch_size=patch_size, in_channels=in_channels,
                          hidden_size=hidden_size, num_classes=num_classes, learn_sigma=learn_sigma,
                          class_dropout_prob=class_dropout_prob, pos_embed_base_size=pos_embed_base_size,

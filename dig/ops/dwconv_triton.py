@@ -1,12 +1,15 @@
-"""DiG's depthwise 3x3 convolution over the token grid as two Triton kernels, on the channels-last tokens in place.
+"""DiG's depthwise 3x3 convolution over the token grid as Triton kernels, on the channels-last tokens in place.
 
 Why. Each DiG block ends with a depthwise 3x3 convolution of its [N, T, C] tokens viewed as an [N, H, W, C]
 image. cuDNN runs it in four kernels (forward; input gradient; weight gradient; the bias gradient, a separate
 reduction) at 2.4 ms per DiG-XL/2 training step at 256 px / 32 images on an H200 and 8.8 ms at 512 px / 32
 (profiled 2026-11-30), about 3.5x the bytes they must move (read x, write y; read x and dy, write dx).
-Here the forward is one kernel that reads x once (the shifted reads of the neighbouring rows and columns hit
-the cache) and writes y; the backward one kernel that reads x and dy and writes dx plus each program's partial
-weight and bias gradients ([programs, 10, C] float32, summed by torch).
+Here the forward is one kernel that reads x once and writes y: 0.089 ms per DiG-XL/2 call at 512 px / 32 against
+cuDNN's 0.173 (GPU time, BENCHMARKS.md). The Triton backward reads x and dy and writes dx plus each program's
+partial weight and bias gradients ([programs, 10, C] float32, summed by torch); it is still no faster than cuDNN's
+(0.25-0.29 ms against 0.25 at 512 px), so the operator's backward is aten's convolution backward unless
+DIG_DWCONV_BACKWARD=triton. DiG runs this forward only with model.overrides.dw_conv_kernel=true (off: half the
+forward's GPU time, -20 % for forward + backward, showed no gain above the noise in the training step yet).
 
 What. x: [N, H, W, C], contiguous (the block's tokens, row by row); weight: [C, 1, 3, 3]; bias: [C] or None.
 y[n, h, w, c] = bias[c] + sum over a, b in 0..2 of weight[c, 0, a, b] * x[n, h + a - 1, w + b - 1, c], zero
@@ -35,9 +38,11 @@ import torch
 from .dwconv_torch import depthwise_conv3x3_torch
 
 # A program's tile: BLOCK_W tokens x BLOCK_C channels, at most TILE elements in the forward and BWD_TILE in the
-# backward (DiG-XL/2, C = 1152: 128 channels, 8 tokens). The forward keeps ten tiles in float32 registers (three rows
-# of three column shifts, the output), the backward about thirty (x and dy rows, and the weight and bias gradients,
-# summed over the tile's tokens once at the end: a sum at every tile made a first version 2x slower than cuDNN).
+# backward (DiG-XL/2, C = 1152: 128 channels; 16 tokens forward, 8 backward). The forward keeps ten tiles in
+# registers (three rows of three column shifts, the output), the backward about thirty (x and dy rows, and the
+# weight and bias gradients, summed over the tile's tokens once at the end: a sum at every tile made a first
+# version 2x slower than cuDNN). Forward tiles of 16 tokens beat 8 (0.089 against 0.134 ms per call at 512 px);
+# the backward's tile and warps changed little (bench.bench_dwconv --settings, BENCHMARKS.md).
 BLOCK_C = 128
 TILE = 2048
 BWD_TILE = 1024
@@ -45,12 +50,10 @@ FWD_WARPS = 4
 BWD_WARPS = 8
 PROGRAMS_PER_SM = 4  # rows per program chosen for about this many programs per SM
 FWD_ROWS = 0  # > 0: rows per forward program, instead of the automatic choice (tests)
-# Which backward the operator runs: "cudnn" (aten's convolution backward on the channels-last view) or "triton" (the
-# kernel below). Measured on one H200 (BENCHMARKS.md, 2026-11-30), GPU time per DiG-XL/2 call: this forward 0.091 ms
-# against cuDNN's 0.177 at 512 px / 32 images, but the Triton backward (plus its partial sums) 0.29 ms against cuDNN's
-# 0.26 (0.14 against 0.08 at 256 px), so the backward stays cuDNN's until it wins. DIG_DWCONV_BACKWARD sets it.
-BACKWARD = os.environ.get("DIG_DWCONV_BACKWARD", "cudnn")
 BWD_ROWS = 0  # likewise for the backward
+# The operator's backward: "cudnn" (aten's convolution backward on the channels-last view) or "triton" (the kernel
+# below, no faster yet: see the module's docstring).
+BACKWARD = os.environ.get("DIG_DWCONV_BACKWARD", "cudnn")
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # Module constants, not calls, so that torch.compile traces depthwise_conv3x3 without a graph break.
