@@ -268,3 +268,37 @@ def test_run_all_ratios_pair_each_batch_with_its_own_dit_row(tmp_path):
     for (gla, batch), ratio in ratios.items():
         want = rows[("DiG-S/2", gla, batch)]["img_s"] / rows[("DiT-S/2", "", batch)]["img_s"]
         assert ratio == pytest.approx(want, rel=1e-12)
+
+
+def test_bench_ab_step_times_steps_in_rotating_rounds(tmp_path):
+    """`dig bench ab-step --quick` on CPU: two tiny DiG steps, every round times each once, the first step's ratio
+    to itself is 1 and the other's is the median of its per-round ratios (recomputed here from the raw times)."""
+    import statistics
+
+    out = dig_bench("ab-step", "--quick", "--rounds", "4", "--out", str(tmp_path), timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads((tmp_path / "ab_step.json").read_text())
+    base, other = report["rows"]
+    times = report["times_ms"]
+    assert [len(times[r["step"]]) for r in (base, other)] == [4, 4]
+    assert base[f"ms / {base['step']}"] == 1.0
+    ratios = [a / b for a, b in zip(times[other["step"]], times[base["step"]])]
+    assert other[f"ms / {base['step']}"] == pytest.approx(statistics.median(ratios))
+    assert other["p10"] <= other[f"ms / {base['step']}"] <= other["p90"]
+    assert other["ms"] == pytest.approx(statistics.median(times[other["step"]]))
+
+
+def test_bench_ab_step_needs_two_different_steps():
+    for steps in ("DiG-S/2", "DiG-S/2,DiG-S/2"):
+        out = dig_bench("ab-step", "--steps", steps, "--variant", "eager", timeout=120)
+        assert out.returncode != 0 and "--steps:" in out.stderr, out.stderr[-500:]
+
+
+def test_bench_dwconv_quick_times_cudnn_against_the_byte_floor(tmp_path):
+    out = dig_bench("dwconv", "--quick", "--out", str(tmp_path), timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (row,) = json.loads((tmp_path / "dwconv.json").read_text())["rows"]
+    nbytes = 2 * 4 * 4 * 1152 * 4  # the quick case: [2, 4, 4, 1152] float32
+    assert row["floor_fwd_ms"] == pytest.approx(2 * nbytes / 3.3e12 * 1e3)
+    assert row["cudnn_fwd_ms"] > 0 and row["cudnn_max_err"] < 1e-5
+    assert "depthwise conv 3x3 forward" in out.stdout

@@ -1,0 +1,153 @@
+"""Two or more training steps timed against each other in rounds, in one process: for 1-3 % differences.
+
+    python3 -m bench.ab_step --res 1024 --batch 8 --steps "DiG-XL/2,DiG-XL/2+dw_conv_kernel=true"
+    python3 -m bench.ab_step --res 256 --batch 32 --steps "DiG-XL/2,DiT-XL/2" --rounds 20
+    python3 -m bench.ab_step --quick       # CPU, a tiny DiG against itself with an override (checks the plumbing)
+
+Why. `bench.run_all` times each model's step in a block of its own (two warm-up steps, then five), one model
+after the other: between such blocks, and between calls, the same step moved by about 2 % (BENCHMARKS.md), so a
+change worth 1-2 % could not be told from the noise. Here every step (bench.bench_model's: fwd + bwd + fused
+AdamW, fp32 parameters, bf16 autocast; blocks compiled with CUDA graphs by default, `--variant`) is built and
+warmed up first, all of them held at once, and then each round times every step for --steps-per-round steps back
+to back (after --settle untimed steps, so that the switch from the other model does not count), in an order that
+rotates from round to round. A step's time is the median over rounds; its ratio to the first step is the median
+of the per-round ratios, with the spread of those ratios (10th-90th percentile) beside it: the drift of the GPU
+and the host over the run cancels within a round.
+
+STEP is a model name with `+KEY=VALUE` model overrides (bench.common.model_options). All steps stay allocated
+together: memory is the sum of their peaks (with CUDA graphs, each step's activations stay in the graphs' pool).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+
+import torch
+
+from .bench_model import VARIANTS, build_step, free
+from .common import command_line, finish_report, model_options, versions
+
+
+def parse_steps(text: str) -> list[tuple[str, str, dict]]:
+    """"DiG-XL/2,DiG-XL/2+dw_conv_kernel=true" -> [(label, model name, overrides), ...]; labels must differ."""
+    steps = []
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        name, _, options = item.partition("+")
+        steps.append((item, name, model_options(options) if options else {}))
+    if len(steps) < 2:
+        raise SystemExit(f"--steps: give at least two steps to compare, got {text!r}")
+    if len({label for label, _, _ in steps}) != len(steps):
+        raise SystemExit(f"--steps: the same step twice in {text!r}")
+    return steps
+
+
+def percentile(xs: list[float], q: float) -> float:
+    """The q-quantile of xs by linear interpolation between order statistics."""
+    ys = sorted(xs)
+    pos = q * (len(ys) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(ys) - 1)
+    return ys[lo] + (ys[hi] - ys[lo]) * (pos - lo)
+
+
+def timed_block(step, device: torch.device, settle: int, count: int) -> float:
+    """ms per step over `count` steps back to back, after `settle` untimed ones."""
+    import time
+
+    for _ in range(settle):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(count):
+            step()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / count
+    t0 = time.perf_counter()
+    for _ in range(count):
+        step()
+    return (time.perf_counter() - t0) * 1e3 / count
+
+
+def run_rounds(steps: dict, device: torch.device, rounds: int, per_round: int, settle: int) -> dict[str, list[float]]:
+    """label -> ms per step in each round; round r starts with step r mod len(steps)."""
+    labels = list(steps)
+    times: dict[str, list[float]] = {label: [] for label in labels}
+    for r in range(rounds):
+        k = r % len(labels)
+        for label in labels[k:] + labels[:k]:
+            times[label].append(timed_block(steps[label], device, settle, per_round))
+    return times
+
+
+def summarise(times: dict[str, list[float]], batch: int) -> list[dict]:
+    labels = list(times)
+    base = times[labels[0]]
+    rows = []
+    for label in labels:
+        ms = times[label]
+        ratios = [a / b for a, b in zip(ms, base)]
+        rows.append({"step": label, "ms": statistics.median(ms), "min_ms": min(ms), "max_ms": max(ms),
+                     "img_s": batch / (statistics.median(ms) * 1e-3),
+                     f"ms / {labels[0]}": statistics.median(ratios),
+                     "p10": percentile(ratios, 0.1), "p90": percentile(ratios, 0.9)})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", default="", help="comma list of STEP (MODEL[+KEY=VALUE...]); the first is the base")
+    ap.add_argument("--res", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=32, help="images per step")
+    ap.add_argument("--variant", choices=VARIANTS, default="graphs", help="eager, compile, or graphs (default)")
+    ap.add_argument("--warmup", type=int, default=4, help="untimed steps of each step after building it")
+    ap.add_argument("--rounds", type=int, default=None, help="default 15 (3 with --quick)")
+    ap.add_argument("--steps-per-round", type=int, default=3)
+    ap.add_argument("--settle", type=int, default=1, help="untimed steps before each timed block")
+    ap.add_argument("--quick", action="store_true", help="CPU dry run: a tiny DiG against itself with an override")
+    ap.add_argument("--out", default=os.environ.get("OUT", ""))
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.steps = args.steps or "DiG-S/2+depth=2,DiG-S/2+depth=2+mlp_recompute=false"
+        args.res, args.batch, args.variant, args.warmup = 64, 2, "eager", 1
+        args.rounds = args.rounds or 3
+    args.rounds = args.rounds or 15
+    if not args.steps:
+        ap.error("--steps is required (or --quick)")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.variant != "eager" and device.type != "cuda" and not args.quick:
+        ap.error("compiled variants need a CUDA GPU here; --variant eager or --quick on the CPU")
+    steps, models = {}, []
+    for label, name, overrides in parse_steps(args.steps):
+        model, step, opt = build_step(name, args.res, args.batch, device, compile_blocks=args.variant != "eager",
+                                      cudagraphs=args.variant == "graphs", **overrides)
+        for _ in range(args.warmup):
+            loss = step()
+        if not torch.isfinite(loss):
+            raise SystemExit(f"{label}: non-finite loss {loss.item()}")
+        steps[label] = step
+        models.append((model, opt))
+        print(f"built and warmed up {label}", flush=True)
+    times = run_rounds(steps, device, args.rounds, args.steps_per_round, args.settle)
+    rows = summarise(times, args.batch)
+    base = rows[0]["step"]
+    table = (f"{args.res} px, {args.batch} images per step, {args.variant}: {args.rounds} rounds of "
+             f"{args.steps_per_round} steps each (after {args.settle} untimed), order rotating; ratio = median of the "
+             f"per-round ratios to {base}, p10-p90 their spread\n")
+    from .common import fmt_table
+
+    table += fmt_table(rows, ["step", "ms", "min_ms", "max_ms", "img_s", f"ms / {base}", "p10", "p90"])
+    for row in rows:
+        row.update(res=args.res, batch=args.batch)
+    finish_report([table], rows, args.out, "ab_step",
+                  {"versions": versions(), "command": command_line("bench.ab_step", argv), "times_ms": times,
+                   "variant": args.variant})
+    del steps, models
+    free(device)
+
+
+if __name__ == "__main__":
+    main()
