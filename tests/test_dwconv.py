@@ -5,7 +5,7 @@ plain torch ops; gradients by float64 autograd.
 On the CPU the kernels run through Triton's interpreter, in a subprocess (tests/dwconv_interpret.py) since Triton
 picks interpreted or compiled kernels at import: grids that are not square and one row high, channel counts that
 leave a block partly masked, rows swept in several tiles, backward programs of several rows with the last group
-running past the grid (forward and backward), no bias, the operator's two backwards (Triton's and aten's), float32 / bfloat16 / float16, autocast (the op casts as autocast casts a
+running past the grid (forward and backward), no bias, the operator's three backwards (aten's and two Triton ones), float32 / bfloat16 / float16, autocast (the op casts as autocast casts a
 convolution), torch.compile(fullgraph=True) around the op, and torch.library.opcheck on both operators. GPU tests
 (`pytest -m gpu tests/test_dwconv.py`) run the comparison at DiG-XL/2's shapes and DiG's blocks with the kernels
 against F.conv2d.
@@ -37,9 +37,16 @@ CASES = {  # id: ([N, H, W, C], dtype, bias?, autocast dtype or None, module set
     "one-row": ((2, 1, 9, 8), f32, True, None, {}),
     "one-column": ((1, 9, 1, 8), f32, True, None, {"BWD_ROWS": 4}),
     "autocast-bf16": ((2, 5, 6, 24), f32, True, bf16, {"BWD_ROWS": 2}),
-    # the operator's other backward: aten's convolution backward (cuDNN on a GPU)
+    # the operator's other backwards: aten's convolution backward (cuDNN on a GPU), and the split Triton one (dx by
+    # the forward kernel with flipped taps, then the weight and bias gradients)
     "aten-backward-fp32": ((2, 5, 7, 24), f32, True, None, {"BACKWARD": "cudnn"}),
     "aten-backward-no-bias": ((2, 3, 4, 16), f32, False, None, {"BACKWARD": "cudnn"}),
+    "split-backward-rows-split": ((3, 7, 5, 40), f32, True, None,
+                                  {"BACKWARD": "triton_split", "FWD_ROWS": 3, "BWD_ROWS": 3}),
+    "split-backward-bf16-strips": ((2, 4, 20, 136), bf16, True, None,
+                                   {"BACKWARD": "triton_split", "TILE": 256, "BWD_TILE": 512}),
+    "split-backward-no-bias-one-column": ((1, 9, 1, 8), f32, False, None, {"BACKWARD": "triton_split"}),
+    "split-backward-autocast": ((2, 5, 6, 24), f32, True, bf16, {"BACKWARD": "triton_split", "BWD_ROWS": 2}),
 }
 TRITON_BACKWARD = {"BACKWARD": "triton"}  # every case but the aten ones runs the Triton backward
 RTOL = {f32: 1e-6, bf16: 2 ** -7, f16: 2 ** -10}
@@ -156,7 +163,7 @@ GPU_SHAPES = {"256px-b32": (32, 16, 16, 1152), "1024px-b8": (8, 64, 64, 1152), "
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backward", ["cudnn", "triton"])
+@pytest.mark.parametrize("backward", ["cudnn", "triton", "triton_split"])
 @pytest.mark.parametrize("dtype", [bf16, f32])
 @pytest.mark.parametrize("shape", list(GPU_SHAPES))
 def test_gpu_kernels_match_float64_dig_shapes(shape, dtype, backward, monkeypatch):

@@ -8,7 +8,8 @@ Here the forward is one kernel that reads x once and writes y: 0.089 ms per DiG-
 cuDNN's 0.173 (GPU time, BENCHMARKS.md). The Triton backward reads x and dy and writes dx plus each program's
 partial weight and bias gradients ([programs, 10, C] float32, summed by torch); it is still no faster than cuDNN's
 (0.25-0.29 ms against 0.25 at 512 px), so the operator's backward is aten's convolution backward unless
-DIG_DWCONV_BACKWARD=triton. DiG runs this forward only with model.overrides.dw_conv_kernel=true (off: half the
+DIG_DWCONV_BACKWARD=triton; DIG_DWCONV_BACKWARD=triton_split (not measured yet) computes dx with the forward kernel
+(dy with the taps flipped) and the weight and bias gradients in a kernel of their own. DiG runs this forward only with model.overrides.dw_conv_kernel=true (off: half the
 forward's GPU time, -20 % for forward + backward, showed no gain above the noise in the training step yet).
 
 What. x: [N, H, W, C], contiguous (the block's tokens, row by row); weight: [C, 1, 3, 3]; bias: [C] or None.
@@ -51,8 +52,10 @@ BWD_WARPS = 8
 PROGRAMS_PER_SM = 4  # rows per program chosen for about this many programs per SM
 FWD_ROWS = 0  # > 0: rows per forward program, instead of the automatic choice (tests)
 BWD_ROWS = 0  # likewise for the backward
-# The operator's backward: "cudnn" (aten's convolution backward on the channels-last view) or "triton" (the kernel
-# below, no faster yet: see the module's docstring).
+# The operator's backward: "cudnn" (aten's convolution backward on the channels-last view), "triton" (one kernel
+# for dx and the weight and bias gradients: no faster yet, see the module's docstring) or "triton_split" (dx by the
+# forward kernel with the taps flipped, then a kernel for the weight and bias gradients; not measured yet).
+BACKWARDS = ("cudnn", "triton", "triton_split")
 BACKWARD = os.environ.get("DIG_DWCONV_BACKWARD", "cudnn")
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -161,7 +164,47 @@ if TRITON_INSTALLED:
                          dx.to(dx_ptr.dtype.element_ty), mask=mask)
                 xa_l, xa_c, xa_r, xb_l, xb_c, xb_r = xb_l, xb_c, xb_r, xc_l, xc_c, xc_r
                 da_l, da_c, da_r, db_l, db_c, db_r = db_l, db_c, db_r, dc_l, dc_c, dc_r
-        out = dw_part_ptr + part.to(tl.int64) * 10 * C + c  # this program's [10, C] row: the 9 taps, then bias
+        _store_parts(dw_part_ptr, part, c, c_ok, C, g00, g01, g02, g10, g11, g12, g20, g21, g22, gb)
+
+
+    @triton.jit
+    def _weight_grad_kernel(x_ptr, dy_ptr, dw_part_ptr, H, W, C, ROWS, GROUPS, BLOCK_W: tl.constexpr,
+                            BLOCK_C: tl.constexpr):
+        """The split backward's second half: each program's partial weight and bias gradients (the first half, dx,
+        is the forward kernel on dy with the taps flipped). Twenty tiles live instead of the fused kernel's thirty:
+        three rows of x, dy's current row, ten accumulators."""
+        part, n, first_row, c, c_ok = _program(GROUPS, ROWS, BLOCK_C, C)
+        image_start = (n * H).to(tl.int64) * W * C
+        zero = tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32)
+        g00, g01, g02, g10, g11, g12, g20, g21, g22, gb = zero, zero, zero, zero, zero, zero, zero, zero, zero, zero
+        for w0 in range(0, W, BLOCK_W):
+            w = w0 + tl.arange(0, BLOCK_W)
+            xa_l, xa_c, xa_r = _row3(x_ptr, image_start, first_row - 1, w, c, c_ok, H, W, C)
+            xb_l, xb_c, xb_r = _row3(x_ptr, image_start, first_row, w, c, c_ok, H, W, C)
+            for r in range(0, ROWS):
+                h = first_row + r
+                xc_l, xc_c, xc_r = _row3(x_ptr, image_start, h + 1, w, c, c_ok, H, W, C)
+                mask = ((w < W) & (w * 0 + h < H))[:, None] & c_ok[None, :]
+                dy = tl.load(dy_ptr + image_start + h.to(tl.int64) * W * C + w[:, None] * C + c[None, :], mask=mask,
+                             other=0.).to(tl.float32)
+                gb += dy
+                g00 += dy * xa_l
+                g01 += dy * xa_c
+                g02 += dy * xa_r
+                g10 += dy * xb_l
+                g11 += dy * xb_c
+                g12 += dy * xb_r
+                g20 += dy * xc_l
+                g21 += dy * xc_c
+                g22 += dy * xc_r
+                xa_l, xa_c, xa_r, xb_l, xb_c, xb_r = xb_l, xb_c, xb_r, xc_l, xc_c, xc_r
+        _store_parts(dw_part_ptr, part, c, c_ok, C, g00, g01, g02, g10, g11, g12, g20, g21, g22, gb)
+
+    @triton.jit
+    def _store_parts(dw_part_ptr, part, c, c_ok, C, g00, g01, g02, g10, g11, g12, g20, g21, g22, gb):
+        """This program's [10, C] row of partial gradients (the 9 taps, then the bias), each summed over its tile's
+        tokens."""
+        out = dw_part_ptr + part.to(tl.int64) * 10 * C + c
         tl.store(out + 0 * C, tl.sum(g00, axis=0), mask=c_ok)
         tl.store(out + 1 * C, tl.sum(g01, axis=0), mask=c_ok)
         tl.store(out + 2 * C, tl.sum(g02, axis=0), mask=c_ok)
@@ -214,8 +257,8 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
 def _backward(x: torch.Tensor, weight: torch.Tensor, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
                                                                              torch.Tensor]:
     """dx (x's dtype), dweight (weight's), dbias (weight's dtype; the caller casts it to the bias's)."""
-    if BACKWARD not in ("cudnn", "triton"):
-        raise ValueError(f"DIG_DWCONV_BACKWARD must be 'cudnn' or 'triton', got {BACKWARD!r}")
+    if BACKWARD not in BACKWARDS:
+        raise ValueError(f"DIG_DWCONV_BACKWARD must be one of {', '.join(BACKWARDS)}, got {BACKWARD!r}")
     x, weight, dy = x.contiguous(), weight.contiguous(), dy.contiguous()
     N, H, W, C = x.shape
     if not x.numel():
@@ -225,10 +268,14 @@ def _backward(x: torch.Tensor, weight: torch.Tensor, dy: torch.Tensor) -> tuple[
             dy.permute(0, 3, 1, 2), x.permute(0, 3, 1, 2), weight, [C], [1, 1], [1, 1], [1, 1], False, [0, 0], C,
             [True, True, True])
         return dx.permute(0, 2, 3, 1).contiguous(), dweight.contiguous(), dbias
-    dx = torch.empty_like(x, memory_format=torch.contiguous_format)
     grid, sizes = _grid(x, BWD_TILE, BWD_ROWS)
     parts = torch.empty(grid[0], 10, C, dtype=torch.float32, device=x.device)
-    _backward_kernel[grid](x, weight, dy, dx, parts, H, W, C, **sizes, num_warps=BWD_WARPS)
+    if BACKWARD == "triton":
+        dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+        _backward_kernel[grid](x, weight, dy, dx, parts, H, W, C, **sizes, num_warps=BWD_WARPS)
+    else:  # "triton_split": dx is the forward of dy with the taps flipped (tap (a, b) reads dy at (h+1-a, w+1-b))
+        dx = _forward(dy, weight.flip(-2, -1), None)
+        _weight_grad_kernel[grid](x, dy, parts, H, W, C, **sizes, num_warps=BWD_WARPS)
     total = parts.sum(0)  # [10, C]
     # (copies: a registered operator's outputs may not alias one another)
     dweight = total[:9].t().contiguous().view(weight.shape).to(weight.dtype)
