@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--res", type=int, default=256)
     ap.add_argument("--batch", type=int, default=32, help="images per step")
     ap.add_argument("--variant", choices=VARIANTS, default="graphs", help="eager, compile, or graphs (default)")
-    ap.add_argument("--warmup", type=int, default=4, help="untimed steps of each step after building it")
+    ap.add_argument("--warmup", type=int, default=4, help="untimed steps of each step after building it (>= 1: "
+                    "the first compiles, and with CUDA graphs records)")
     ap.add_argument("--rounds", type=int, default=None, help="default 15 (3 with --quick)")
     ap.add_argument("--steps-per-round", type=int, default=3)
     ap.add_argument("--settle", type=int, default=1, help="untimed steps before each timed block")
@@ -113,10 +114,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         args.steps = args.steps or "DiG-S/2+depth=2,DiG-S/2+depth=2+mlp_recompute=false"
         args.res, args.batch, args.variant, args.warmup = 64, 2, "eager", 1
-        args.rounds = args.rounds or 3
-    args.rounds = args.rounds or 15
+        args.rounds = 3 if args.rounds is None else args.rounds
+    args.rounds = 15 if args.rounds is None else args.rounds
     if not args.steps:
         ap.error("--steps is required (or --quick)")
+    if args.warmup < 1 or args.rounds < 1 or args.steps_per_round < 1 or args.settle < 0:
+        ap.error("--warmup, --rounds and --steps-per-round must be >= 1, --settle >= 0")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.variant != "eager" and device.type != "cuda" and not args.quick:
         ap.error("compiled variants need a CUDA GPU here; --variant eager or --quick on the CPU")

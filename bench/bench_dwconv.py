@@ -4,16 +4,20 @@
     python3 -m bench.bench_dwconv --quick        # CPU, a tiny shape, the cuDNN column only (checks the plumbing)
 
 x: [N, H, W, C] channels-last tokens in bf16 (fp32 with --quick), weight [C, 1, 3, 3] and bias in x's dtype (what
-autocast hands a convolution). Measured in one run: our Triton kernels (`triton`, dig.ops.dwconv_triton) and
-F.conv2d on the channels-last view (`cudnn`, dig.ops.dwconv_torch: what DiG ran before), forward and
-forward + backward, per call (DiG-XL/2 makes one per block, 28 per step):
-  - GPU kernel time (torch.profiler over --inner calls): what a CUDA-graphed training step pays;
-  - wall time (median of --repeat timings of --inner back-to-back calls), host launches included: at small
-    shapes (~50 us a call at 256 px) the host's launches can take longer than the GPU's work.
-The byte floor over --bandwidth: the forward reads x and writes y, the backward reads x and dy and writes dx
-(weights and partial sums are negligible). `*_floor_x` is a kernel time over its floor, `triton_*_vs_cudnn`
-cuDNN's kernel time over ours. --settings adds columns with the kernels' module settings (tile sizes, warps,
-rows per program) replaced, for tuning them side by side."""
+autocast hands a convolution). Measured in one run, forward and forward + backward, per call (DiG-XL/2 makes one
+per block, 28 per step):
+  - `triton`: our kernels (dig.ops.dwconv_triton; the operator's backward as DIG_DWCONV_BACKWARD says);
+  - `cudnn`: F.conv2d with its bias on the channels-last view (dig.ops.dwconv_torch), as eager PyTorch runs it:
+    cuDNN's convolution, then the bias added in a pass of its own;
+  - `cudnn_nobias`: the same without the bias: **what a compiled DiG block pays**, since inductor calls the
+    convolution without its bias and folds the bias into a neighbouring fused kernel (the step's profile: 0.070
+    ms per forward at 512 px / 32, where `cudnn` measures 0.173). `triton_*_vs_cudnn` is against this one.
+Each in GPU kernel time (torch.profiler over --inner calls: what a CUDA-graphed step pays) and wall time (median of
+--repeat timings of --inner back-to-back calls, host launches included: at small shapes the host's launches can
+take longer than the GPU's work). The byte floor over --bandwidth: the forward reads x and writes y, the backward
+reads x and dy and writes dx (weights and partial sums are negligible); `*_floor_x` is a kernel time over it.
+--settings adds columns with the kernels' module settings (tile sizes, warps, rows per program, BACKWARD)
+replaced, for tuning them side by side."""
 from __future__ import annotations
 
 import argparse
@@ -69,6 +73,9 @@ def _variants(device: torch.device, extra: dict[str, dict] | None = None) -> dic
     if device.type == "cuda":
         out.update({name: (depthwise_conv3x3, settings) for name, settings in (extra or {}).items()})
     out["cudnn"] = (depthwise_conv3x3_torch, {})
+    # What a compiled DiG block runs: inductor calls the convolution without its bias and adds the bias inside a
+    # neighbouring fused kernel, where it costs no extra pass (the bias gradient is one of its fused reductions)
+    out["cudnn_nobias"] = (lambda x, w, b: depthwise_conv3x3_torch(x, w, None), {})
     return out
 
 
@@ -116,7 +123,8 @@ def bench_case(res: int, batch: int, device: torch.device, bandwidth: float, inn
             with _Settings(settings), torch.no_grad():
                 row[f"{name}_max_err"] = (fn(x, weight, bias).double() - expected).abs().max().item()
             calls = {"fwd": lambda: _no_grad(fn, x, weight, bias),
-                     "fwd_bwd": lambda: torch.autograd.grad(fn(x, weight, bias), (x, weight, bias), dy)}
+                     "fwd_bwd": lambda: torch.autograd.grad(fn(x, weight, bias), (x, weight, bias), dy,
+                                                            allow_unused=True)}
             for d, call in calls.items():
                 with _Settings(settings):  # (the backward reads them too)
                     row[f"{name}_{d}_ms"] = time_per_call(call, device, inner, repeat)
@@ -127,8 +135,9 @@ def bench_case(res: int, batch: int, device: torch.device, bandwidth: float, inn
             row[f"{name}_error"] = f"{type(e).__name__}: {e}"[:120]
     for d in ("fwd", "fwd_bwd"):
         for name in _variants(device, extra):
-            if name.startswith("triton") and row.get(f"{name}_{d}_kernel_ms") and row.get(f"cudnn_{d}_kernel_ms"):
-                row[f"{name}_{d}_vs_cudnn"] = row[f"cudnn_{d}_kernel_ms"] / row[f"{name}_{d}_kernel_ms"]
+            base = row.get(f"cudnn_nobias_{d}_kernel_ms")
+            if name.startswith("triton") and row.get(f"{name}_{d}_kernel_ms") and base:
+                row[f"{name}_{d}_vs_cudnn"] = base / row[f"{name}_{d}_kernel_ms"]
     return row
 
 

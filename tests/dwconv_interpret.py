@@ -71,7 +71,8 @@ def compile_report():
 
 
 def opcheck_failures():
-    """torch.library.opcheck on both operators (schema, fake tensors, autograd registration, AOT dispatch)."""
+    """torch.library.opcheck on both operators (schema, fake tensors, autograd registration, AOT dispatch), with each
+    of the operator's backwards."""
     gen = torch.Generator().manual_seed(1)
     x, weight = torch.randn(2, 3, 4, 16, generator=gen), torch.randn(16, 1, 3, 3, generator=gen)
     bias, dy = torch.randn(16, generator=gen), torch.randn(2, 3, 4, 16, generator=gen)
@@ -79,10 +80,13 @@ def opcheck_failures():
     checks = (("forward", torch.ops.dig.depthwise_conv3x3, (x.requires_grad_(), weight, bias)),
               ("forward-no-bias", torch.ops.dig.depthwise_conv3x3, (x, weight, None)),
               ("backward", torch.ops.dig.depthwise_conv3x3_backward, (x.detach(), weight, dy)))
-    for name, op, args in checks:
-        for test, outcome in torch.library.opcheck(op, args, raise_exception=False).items():
-            if outcome != "SUCCESS":
-                failures[f"{name}:{test}"] = str(outcome)[:500]
+    for backward in module.BACKWARDS:  # the autograd and backward checks run the backward the setting selects
+        module.BACKWARD = backward
+        for name, op, args in checks:
+            for test, outcome in torch.library.opcheck(op, args, raise_exception=False).items():
+                if outcome != "SUCCESS":
+                    failures[f"{backward}:{name}:{test}"] = str(outcome)[:500]
+    module.BACKWARD = DEFAULTS["BACKWARD"]
     return failures
 
 

@@ -150,6 +150,13 @@ def test_cpu_without_interpreter_runs_the_reference(kernel):
     assert torch.equal(y, depthwise_conv3x3_torch(x, weight, bias))
 
 
+def test_mixed_dtypes_outside_autocast_fail_as_conv2d_does():
+    """The kernel path takes one dtype (as F.conv2d does): mixed ones go to the reference, which refuses them."""
+    x, weight, bias = torch.randn(1, 3, 3, 8).bfloat16(), torch.randn(8, 1, 3, 3), torch.randn(8)
+    with pytest.raises(RuntimeError):
+        depthwise_conv3x3(x, weight, bias)
+
+
 @pytest.mark.parametrize("shapes", [((2, 3, 4), (4, 1, 3, 3), (4,)), ((1, 2, 3, 4), (4, 1, 5, 5), (4,)),
                                     ((1, 2, 3, 4), (4, 1, 3, 3), (3,))], ids=["x-dims", "kernel-size", "bias-size"])
 def test_mismatched_shapes_are_a_clear_error(shapes):

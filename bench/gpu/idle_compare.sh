@@ -18,7 +18,7 @@ for case_ in "${cases[@]}"; do
     [ "${TRACES:-1}" = 1 ] && trace=(--trace "$OUT/${name}")
     TAIL=${TAIL_IDLE:-40} run "$name" "${IDLE_LIMIT:-170}" python3 -m bench.bench_trainer_overhead --model "$model" \
         --resolution "${case_%x*}" --batch "${case_#*x}" --bare-only --bare-compile-mode reduce-overhead \
-        --steps 8 --warmup 6 --gpu-idle 3 "${trace[@]}" --json "$OUT/${name}.json"
+        --steps 8 --warmup 6 --gpu-idle 3 ${trace[@]+"${trace[@]}"} --json "$OUT/${name}.json"
   done
 done
 show_failures "$OUT"/*.log

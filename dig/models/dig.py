@@ -228,8 +228,8 @@ class DiG(LatentDiffusionTransformer):
     scan direction through a token order (no reorienting copy between blocks; the Triton kernels read the order
     in place). norm_gate_kernel=False: the GLA output norm and gate as the torch expression instead of the Triton
     kernels (model.overrides.norm_gate_kernel=false; for measuring one against the other). dw_conv_kernel (off): the
-    depthwise conv's forward as the Triton kernel of dig/ops/dwconv_triton.py instead of cuDNN's (half its GPU time
-    per call, but no gain measured yet in the step: BENCHMARKS.md, 2026-11-30). mlp_recompute (default):
+    depthwise conv as the operator of dig/ops/dwconv_triton.py (Triton forward) instead of F.conv2d; not faster
+    than what a compiled block runs today (BENCHMARKS.md, 2026-11-30). mlp_recompute (default):
     each SwiGLU recomputes silu(gate) * up in the backward instead of saving it (SwiGLU.recompute_product): peak
     memory at 512 px / 32 images on one H200 47.6 GiB instead of 52.8 (DiT-XL/2: 47.8) for 0-1 % of the speed."""
 

@@ -4,13 +4,17 @@ Why. Each DiG block ends with a depthwise 3x3 convolution of its [N, T, C] token
 image. cuDNN runs it in four kernels (forward; input gradient; weight gradient; the bias gradient, a separate
 reduction) at 2.4 ms per DiG-XL/2 training step at 256 px / 32 images on an H200 and 8.8 ms at 512 px / 32
 (profiled 2026-11-30), about 3.5x the bytes they must move (read x, write y; read x and dy, write dx).
-Here the forward is one kernel that reads x once and writes y: 0.089 ms per DiG-XL/2 call at 512 px / 32 against
-cuDNN's 0.173 (GPU time, BENCHMARKS.md). The Triton backward reads x and dy and writes dx plus each program's
-partial weight and bias gradients ([programs, 10, C] float32, summed by torch); it is still no faster than cuDNN's
-(0.25-0.29 ms against 0.25 at 512 px), so the operator's backward is aten's convolution backward unless
-DIG_DWCONV_BACKWARD=triton; DIG_DWCONV_BACKWARD=triton_split (not measured yet) computes dx with the forward kernel
-(dy with the taps flipped) and the weight and bias gradients in a kernel of their own. DiG runs this forward only with model.overrides.dw_conv_kernel=true (off: half the
-forward's GPU time, -20 % for forward + backward, showed no gain above the noise in the training step yet).
+Here the forward is one kernel that reads x once and writes y: 0.089 ms per DiG-XL/2 call at 512 px / 32 (GPU
+time, BENCHMARKS.md), 2x its byte floor; but a compiled block runs cuDNN's convolution without its bias (inductor
+folds the bias into a neighbouring fused kernel), 0.070 ms per call in the step's profile, so this forward does
+not beat what the step runs (against eager F.conv2d with its bias, 0.173 ms, it looked twice as fast). cuDNN's
+backward, 0.25 ms per call at 512 px, is 3.5x its floor: that is where a kernel can gain. The fused Triton backward
+reads x and dy and writes dx plus each program's partial weight and bias gradients ([programs, 10, C] float32,
+summed by torch) and is no faster (0.25-0.29 ms; 0.14 against 0.08 at 256 px); DIG_DWCONV_BACKWARD=triton_split
+(not measured yet) computes dx with the forward kernel (dy with the taps flipped) and the weight and bias gradients
+in a kernel of their own. The operator's backward is aten's convolution backward unless that variable says
+otherwise, and DiG runs the operator only with model.overrides.dw_conv_kernel=true (off: no gain measured in the
+step).
 
 What. x: [N, H, W, C], contiguous (the block's tokens, row by row); weight: [C, 1, 3, 3]; bias: [C] or None.
 y[n, h, w, c] = bias[c] + sum over a, b in 0..2 of weight[c, 0, a, b] * x[n, h + a - 1, w + b - 1, c], zero
@@ -338,5 +342,7 @@ def depthwise_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
             dtype = torch.get_autocast_dtype(device_type)
             x, weight = x.to(dtype), weight.to(dtype)
             bias = None if bias is None else bias.to(dtype)
-        return torch.ops.dig.depthwise_conv3x3(x, weight, bias)
+        if len({t.dtype for t in (x, weight) + (() if bias is None else (bias,))}) == 1:
+            return torch.ops.dig.depthwise_conv3x3(x, weight, bias)
+        # mixed dtypes outside autocast: F.conv2d's own error, as without the kernels
     return depthwise_conv3x3_torch(x, weight, bias)
