@@ -16,6 +16,9 @@ and the host over the run cancels within a round.
 
 STEP is a model name with `+KEY=VALUE` model overrides (bench.common.model_options). All steps stay allocated
 together: memory is the sum of their peaks (with CUDA graphs, each step's activations stay in the graphs' pool).
+Compare steps whose blocks compute differently (another model, or an override the blocks read, which dynamo
+guards on): two models with identical blocks would share one compiled graph, and with CUDA graphs its recordings,
+across two sets of parameters; that case is not what this measures.
 """
 from __future__ import annotations
 
