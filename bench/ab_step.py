@@ -24,12 +24,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 
 import torch
 
 from .bench_model import VARIANTS, build_step, free
-from .common import command_line, finish_report, model_options, versions
+from .common import command_line, finish_report, fmt_table, model_options, paired_ratios, rotating_rounds, versions
 
 
 def parse_steps(text: str) -> list[tuple[str, str, dict]]:
@@ -43,15 +42,6 @@ def parse_steps(text: str) -> list[tuple[str, str, dict]]:
     if len({label for label, _, _ in steps}) != len(steps):
         raise SystemExit(f"--steps: the same step twice in {text!r}")
     return steps
-
-
-def percentile(xs: list[float], q: float) -> float:
-    """The q-quantile of xs by linear interpolation between order statistics."""
-    ys = sorted(xs)
-    pos = q * (len(ys) - 1)
-    lo = int(pos)
-    hi = min(lo + 1, len(ys) - 1)
-    return ys[lo] + (ys[hi] - ys[lo]) * (pos - lo)
 
 
 def timed_block(step, device: torch.device, settle: int, count: int) -> float:
@@ -75,29 +65,12 @@ def timed_block(step, device: torch.device, settle: int, count: int) -> float:
     return (time.perf_counter() - t0) * 1e3 / count
 
 
-def run_rounds(steps: dict, device: torch.device, rounds: int, per_round: int, settle: int) -> dict[str, list[float]]:
-    """label -> ms per step in each round; round r starts with step r mod len(steps)."""
-    labels = list(steps)
-    times: dict[str, list[float]] = {label: [] for label in labels}
-    for r in range(rounds):
-        k = r % len(labels)
-        for label in labels[k:] + labels[:k]:
-            times[label].append(timed_block(steps[label], device, settle, per_round))
-    return times
-
-
 def summarise(times: dict[str, list[float]], batch: int) -> list[dict]:
-    labels = list(times)
-    base = times[labels[0]]
-    rows = []
-    for label in labels:
-        ms = times[label]
-        ratios = [a / b for a, b in zip(ms, base)]
-        rows.append({"step": label, "ms": statistics.median(ms), "min_ms": min(ms), "max_ms": max(ms),
-                     "img_s": batch / (statistics.median(ms) * 1e-3),
-                     f"ms / {labels[0]}": statistics.median(ratios),
-                     "p10": percentile(ratios, 0.1), "p90": percentile(ratios, 0.9)})
-    return rows
+    base = next(iter(times))
+    stats = paired_ratios(times, base)
+    return [{"step": label, "ms": stats[label]["ms"], "min_ms": min(ms), "max_ms": max(ms),
+             "img_s": batch / (stats[label]["ms"] * 1e-3), f"ms / {base}": stats[label]["ratio"],
+             "p10": stats[label]["p10"], "p90": stats[label]["p90"]} for label, ms in times.items()]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -137,14 +110,14 @@ def main(argv: list[str] | None = None) -> None:
         steps[label] = step
         models.append((model, opt))
         print(f"built and warmed up {label}", flush=True)
-    times = run_rounds(steps, device, args.rounds, args.steps_per_round, args.settle)
+    blocks = {label: (lambda step=step: timed_block(step, device, args.settle, args.steps_per_round))
+              for label, step in steps.items()}
+    times = rotating_rounds(blocks, args.rounds)
     rows = summarise(times, args.batch)
     base = rows[0]["step"]
     table = (f"{args.res} px, {args.batch} images per step, {args.variant}: {args.rounds} rounds of "
              f"{args.steps_per_round} steps each (after {args.settle} untimed), order rotating; ratio = median of the "
              f"per-round ratios to {base}, p10-p90 their spread\n")
-    from .common import fmt_table
-
     table += fmt_table(rows, ["step", "ms", "min_ms", "max_ms", "img_s", f"ms / {base}", "p10", "p90"])
     for row in rows:
         row.update(res=args.res, batch=args.batch)

@@ -65,6 +65,40 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
+def rotating_rounds(blocks: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
+    """Each block (a callable that times something and returns its ms) once per round, for `rounds` rounds; round r
+    starts with block r mod len(blocks), so that no block always runs first or after the same one. Returns
+    label -> its ms in each round. For differences of a few %: the drift of the GPU's clocks and of the host over
+    a run moves every block of a round alike, and cancels in the per-round ratios (`paired_ratios`)."""
+    labels = list(blocks)
+    times: dict[str, list[float]] = {label: [] for label in labels}
+    for r in range(rounds):
+        k = r % len(labels)
+        for label in labels[k:] + labels[:k]:
+            times[label].append(blocks[label]())
+    return times
+
+
+def quantile(xs: list[float], q: float) -> float:
+    """The q-quantile of xs by linear interpolation between order statistics."""
+    ys = sorted(xs)
+    pos = q * (len(ys) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(ys) - 1)
+    return ys[lo] + (ys[hi] - ys[lo]) * (pos - lo)
+
+
+def paired_ratios(times: dict[str, list[float]], base: str) -> dict[str, dict[str, float]]:
+    """label -> the median of its per-round ms, and the median, 10th and 90th percentile of its per-round ratios
+    to `base` (rounds paired by index, as `rotating_rounds` returns them)."""
+    out = {}
+    for label, ms in times.items():
+        ratios = [a / b for a, b in zip(ms, times[base])]
+        out[label] = {"ms": statistics.median(ms), "ratio": statistics.median(ratios),
+                      "p10": quantile(ratios, 0.1), "p90": quantile(ratios, 0.9)}
+    return out
+
+
 def matmul_peak_tflops(device: torch.device, n: int = 8192, repeat: int = 10) -> float:
     """Measured bf16 dense matmul rate on random data (the MFU denominator)."""
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)

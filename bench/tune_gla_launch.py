@@ -6,7 +6,10 @@ Why: at the paper's 32 images per GPU a layer is 576 programs for 132 SMs (4.4 p
 SM holds at once is set by registers per thread x threads per program. The backward dk/dv/dg kernel uses 255
 registers with 4 warps (2 programs per SM: 3 rounds of programs), the others 132-165 (3 per SM: 2 rounds).
 `maxnreg` caps registers (spilling the rest), `num_warps` changes threads per program. The bwd_dq and bwd_dkv
-rows time the whole backward (both kernels), so their differences are that one kernel's.
+rows time the whole backward (both kernels), so their differences are that one kernel's. The option sets of a
+kernel take turns in --rounds rounds (rotating order; each turn the median of --repeat calls): `ms` is the median
+over rounds, `vs_first` the median of the per-round ratios to the first set, p10-p90 their spread. (Timed one
+after the other, identical launches differed by more than the options did: the tenth session's table.)
 
     python3 -m bench.tune_gla_launch --out DIR            # on a GPU machine
     python3 -m bench.tune_gla_launch --configs w4,w4r128,w8 --cases 256x32
@@ -20,6 +23,8 @@ tf32, mixed (its FAST_PRECISION dots on bf16 operands) or bf16 (every dot); with
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import importlib
 import json
 import os
@@ -28,7 +33,7 @@ import re
 import torch
 import torch.nn.functional as F
 
-from .common import command_line, fmt_table, median, time_ms, versions
+from .common import command_line, fmt_table, median, paired_ratios, rotating_rounds, time_ms, versions
 
 HEADS, K, V = 18, 32, 64
 DEFAULT_CASES = "256x32,256x128,512x32,1024x8"
@@ -83,7 +88,8 @@ def _warm_clocks(device: torch.device, seconds: float = 2.0) -> None:
         torch.cuda.synchronize(device)
 
 
-def bench_case(res: int, batch: int, configs: list[str], repeat: int, device: torch.device) -> list[dict]:
+def bench_case(res: int, batch: int, configs: list[str], repeat: int, device: torch.device,
+               rounds: int = 5) -> list[dict]:
     mod = importlib.import_module("dig.ops.gla_triton")  # the package re-exports a function of that name
     kern = importlib.import_module("dig.ops.gla_triton_kernels")
 
@@ -106,39 +112,56 @@ def bench_case(res: int, batch: int, configs: list[str], repeat: int, device: to
     rows = []
     usage = {}  # (kernel, tokens, option set) -> (registers, spills): a shape seen before compiles nothing new
     saved = dict(mod.LAUNCH_OVERRIDE)
-    try:
-        for name, call in calls.items():
-            base = None
-            for config in configs:
-                mod.LAUNCH_OVERRIDE.clear()
-                mod.LAUNCH_OVERRIDE.update(saved)
-                options = parse_config(config)
-                if options is not None and options.get("PREFETCH") and name != "fwd":
-                    continue  # only the forward kernel has the option
-                if options is not None:
-                    mod.LAUNCH_OVERRIDE[name] = options
-                row = {"res": res, "batch": batch, "programs": batch * HEADS, "kernel": name, "config": config}
-                try:
+
+    @contextlib.contextmanager
+    def launched_with(name, options):
+        mod.LAUNCH_OVERRIDE.clear()
+        mod.LAUNCH_OVERRIDE.update(saved)
+        if options is not None:
+            mod.LAUNCH_OVERRIDE[name] = options
+        try:
+            yield
+        finally:
+            mod.LAUNCH_OVERRIDE.clear()
+            mod.LAUNCH_OVERRIDE.update(saved)
+
+    for name, call in calls.items():
+        candidates = {}  # option set -> (options, its row): those that compiled
+        for config in configs:
+            options = parse_config(config)
+            if options is not None and options.get("PREFETCH") and name != "fwd":
+                continue  # only the forward kernel has the option
+            row = {"res": res, "batch": batch, "programs": batch * HEADS, "kernel": name, "config": config}
+            try:
+                with launched_with(name, options):
                     before = {id(b) for b in _binaries(jit[name])}
                     call()
                     new = [b for b in _binaries(jit[name]) if id(b) not in before]
-                    if new:
-                        usage[name, tokens, config] = _usage(new[-1])
-                    row["regs"], row["spills"] = usage.get((name, tokens, config), (None, None))
-                    row["ms"] = median(time_ms(call, device, warmup=3, repeat=repeat))
-                except Exception as e:  # noqa: BLE001  a config Triton refuses is a row, not the end of the run
-                    row["error"] = f"{type(e).__name__}: {e}"[:160]
-                    rows.append(row)
-                    print(json.dumps(row), flush=True)
-                    continue
-                if base is None:
-                    base = row["ms"]
-                row["vs_first"] = row["ms"] / base
+            except Exception as e:  # noqa: BLE001  a config Triton refuses is a row, not the end of the run
+                row["error"] = f"{type(e).__name__}: {e}"[:160]
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    finally:
-        mod.LAUNCH_OVERRIDE.clear()
-        mod.LAUNCH_OVERRIDE.update(saved)
+                continue
+            if new:
+                usage[name, tokens, config] = _usage(new[-1])
+            row["regs"], row["spills"] = usage.get((name, tokens, config), (None, None))
+            candidates[config] = (options, row)
+        if not candidates:
+            continue
+
+        def block(options, call=call, name=name):
+            with launched_with(name, options):
+                return median(time_ms(call, device, warmup=1, repeat=repeat))
+
+        # the option sets take turns, round after round, so that the clocks' drift does not favour the first ones
+        times = rotating_rounds({c: functools.partial(block, options) for c, (options, _) in candidates.items()},
+                                rounds)
+        stats = paired_ratios(times, next(iter(candidates)))
+        for config, (_, row) in candidates.items():
+            row.update(ms=stats[config]["ms"], vs_first=stats[config]["ratio"], p10=stats[config]["p10"],
+                       p90=stats[config]["p90"])
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     return rows
 
 
@@ -146,7 +169,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", default=DEFAULT_CONFIGS, help="option sets; the first is the reference")
     ap.add_argument("--cases", default=DEFAULT_CASES, help="RESxIMAGES list")
-    ap.add_argument("--repeat", type=int, default=20)
+    ap.add_argument("--repeat", type=int, default=6, help="calls timed per option set and round (their median)")
+    ap.add_argument("--rounds", type=int, default=5, help="rounds in which every option set takes its turn")
     ap.add_argument("--out", default=os.environ.get("OUT", ""))
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -159,8 +183,9 @@ def main(argv=None) -> None:
     _warm_clocks(device)
     for case in args.cases.split(","):
         res, batch = (int(x) for x in case.split("x"))
-        rows += bench_case(res, batch, configs, args.repeat, device)
-    text = fmt_table(rows, ["res", "batch", "programs", "kernel", "config", "regs", "spills", "ms", "vs_first"])
+        rows += bench_case(res, batch, configs, args.repeat, device, args.rounds)
+    text = fmt_table(rows, ["res", "batch", "programs", "kernel", "config", "regs", "spills", "ms", "vs_first", "p10",
+                            "p90"])
     print(text)
     best = {}
     for r in rows:

@@ -302,3 +302,26 @@ def test_bench_dwconv_quick_times_cudnn_against_the_byte_floor(tmp_path):
     assert row["floor_fwd_ms"] == pytest.approx(2 * nbytes / 3.3e12 * 1e3)
     assert row["cudnn_fwd_ms"] > 0 and row["cudnn_max_err"] < 1e-5
     assert "depthwise conv 3x3 forward" in out.stdout
+
+
+def test_rotating_rounds_rotate_the_order_and_pair_ratios_by_round():
+    """bench.common.rotating_rounds: round r starts with block r mod n; paired_ratios pairs rounds by index."""
+    from bench.common import paired_ratios, rotating_rounds
+
+    order = []
+    clock = iter(range(100))
+
+    def block(label):
+        def run():
+            order.append(label)
+            return float(next(clock))
+        return run
+
+    times = rotating_rounds({"a": block("a"), "b": block("b"), "c": block("c")}, rounds=4)
+    assert order == ["a", "b", "c", "b", "c", "a", "c", "a", "b", "a", "b", "c"]
+    assert times == {"a": [0.0, 5.0, 7.0, 9.0], "b": [1.0, 3.0, 8.0, 10.0], "c": [2.0, 4.0, 6.0, 11.0]}
+    stats = paired_ratios({"base": [10.0, 20.0, 40.0], "x": [11.0, 18.0, 44.0]}, "base")
+    assert stats["base"] == {"ms": 20.0, "ratio": 1.0, "p10": 1.0, "p90": 1.0}
+    # per-round ratios 1.1, 0.9, 1.1: median 1.1; p10 between 0.9 and 1.1 at 0.2 of the way, p90 1.1
+    assert stats["x"]["ms"] == 18.0 and stats["x"]["ratio"] == pytest.approx(1.1)
+    assert stats["x"]["p10"] == pytest.approx(0.94) and stats["x"]["p90"] == pytest.approx(1.1)
