@@ -11,6 +11,7 @@ session need compiled ones.
 import os
 import sys
 
+import interpreter  # tests/, the worker's folder (on sys.path as the script's own)
 import torch
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
@@ -33,14 +34,6 @@ def run_case(case):
 def compile_report():
     """torch.compile(fullgraph=True) of elementwise ops around the op, forward and backward: one graph, no break,
     our kernels launched once each way, and the same values as eager."""
-    launches = {"forward": 0, "backward": 0}
-    forward, backward = module._forward, module._backward
-
-    def counted(kind, fn):
-        def wrapper(*args):
-            launches[kind] += 1
-            return fn(*args)
-        return wrapper
 
     def block(o, gate, weight):
         return (module.rms_norm_swish_gate(o * 2, gate, weight, 1e-6) + 1).square()
@@ -48,26 +41,7 @@ def compile_report():
     gen = torch.Generator().manual_seed(0)
     inputs = [torch.randn(2, 5, 3, 24, generator=gen), torch.randn(2, 5, 3, 24, generator=gen).bfloat16(),
               1 + 0.1 * torch.randn(24, generator=gen)]
-    explained = torch._dynamo.explain(block)(*inputs)
-    ops_in_graph = [str(n.target) for g in explained.graphs for n in g.graph.nodes if "dig" in str(n.target)]
-    results = {}
-    for name, fn in (("eager", block), ("compiled", torch.compile(block, fullgraph=True))):
-        module._forward, module._backward = counted("forward", forward), counted("backward", backward)
-        launches.update(forward=0, backward=0)
-        leaves = [x.clone().requires_grad_() for x in inputs]
-        y = fn(*leaves)
-        y.sum().backward()
-        results[name] = [y.detach(), *(x.grad for x in leaves)]
-        results[f"{name}_launches"] = dict(launches)
-        module._forward, module._backward = forward, backward
-
-    def rel(a, b):
-        return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-    return {"graphs": explained.graph_count, "graph_breaks": explained.graph_break_count,
-            "ops_in_graph": ops_in_graph, "eager_launches": results["eager_launches"],
-            "compiled_launches": results["compiled_launches"],
-            "compiled_vs_eager": [rel(a, b) for a, b in zip(results["compiled"], results["eager"])]}
+    return interpreter.compile_report(module, block, inputs)
 
 
 def opcheck_failures():

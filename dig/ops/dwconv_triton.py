@@ -148,17 +148,9 @@ if TRITON_INSTALLED:
                 h = first_row + r
                 xc_l, xc_c, xc_r = _row3(x_ptr, image_start, h + 1, w, c, c_ok, H, W, C)
                 dc_l, dc_c, dc_r = _row3(dy_ptr, image_start, h + 1, w, c, c_ok, H, W, C)
-                # dy at (h, w) reads x at (h + a - 1, w + b - 1) through tap (a, b); zero for a row past H - 1
-                gb += db_c
-                g00 += db_c * xa_l
-                g01 += db_c * xa_c
-                g02 += db_c * xa_r
-                g10 += db_c * xb_l
-                g11 += db_c * xb_c
-                g12 += db_c * xb_r
-                g20 += db_c * xc_l
-                g21 += db_c * xc_c
-                g22 += db_c * xc_r
+                g00, g01, g02, g10, g11, g12, g20, g21, g22, gb = _add_tap_grads(
+                    db_c, xa_l, xa_c, xa_r, xb_l, xb_c, xb_r, xc_l, xc_c, xc_r,
+                    g00, g01, g02, g10, g11, g12, g20, g21, g22, gb)
                 # dx at (h, w): tap (a, b) brings dy from (h + 1 - a, w + 1 - b)
                 dx = (t00[None, :] * dc_r + t01[None, :] * dc_c + t02[None, :] * dc_l
                       + t10[None, :] * db_r + t11[None, :] * db_c + t12[None, :] * db_l
@@ -169,7 +161,6 @@ if TRITON_INSTALLED:
                 xa_l, xa_c, xa_r, xb_l, xb_c, xb_r = xb_l, xb_c, xb_r, xc_l, xc_c, xc_r
                 da_l, da_c, da_r, db_l, db_c, db_r = db_l, db_c, db_r, dc_l, dc_c, dc_r
         _store_parts(dw_part_ptr, part, c, c_ok, C, g00, g01, g02, g10, g11, g12, g20, g21, g22, gb)
-
 
     @triton.jit
     def _weight_grad_kernel(x_ptr, dy_ptr, dw_part_ptr, H, W, C, ROWS, GROUPS, BLOCK_W: tl.constexpr,
@@ -191,18 +182,19 @@ if TRITON_INSTALLED:
                 mask = ((w < W) & (w * 0 + h < H))[:, None] & c_ok[None, :]
                 dy = tl.load(dy_ptr + image_start + h.to(tl.int64) * W * C + w[:, None] * C + c[None, :], mask=mask,
                              other=0.).to(tl.float32)
-                gb += dy
-                g00 += dy * xa_l
-                g01 += dy * xa_c
-                g02 += dy * xa_r
-                g10 += dy * xb_l
-                g11 += dy * xb_c
-                g12 += dy * xb_r
-                g20 += dy * xc_l
-                g21 += dy * xc_c
-                g22 += dy * xc_r
+                g00, g01, g02, g10, g11, g12, g20, g21, g22, gb = _add_tap_grads(
+                    dy, xa_l, xa_c, xa_r, xb_l, xb_c, xb_r, xc_l, xc_c, xc_r,
+                    g00, g01, g02, g10, g11, g12, g20, g21, g22, gb)
                 xa_l, xa_c, xa_r, xb_l, xb_c, xb_r = xb_l, xb_c, xb_r, xc_l, xc_c, xc_r
         _store_parts(dw_part_ptr, part, c, c_ok, C, g00, g01, g02, g10, g11, g12, g20, g21, g22, gb)
+
+    @triton.jit
+    def _add_tap_grads(dy, xa_l, xa_c, xa_r, xb_l, xb_c, xb_r, xc_l, xc_c, xc_r,
+                       g00, g01, g02, g10, g11, g12, g20, g21, g22, gb):
+        """The weight and bias gradients plus this tile's terms: dy at (h, w) reads x at (h + a - 1, w + b - 1)
+        through tap (a, b), with x's rows above (a), at (b) and below (c) h; dy is zero for a row past H - 1."""
+        return (g00 + dy * xa_l, g01 + dy * xa_c, g02 + dy * xa_r, g10 + dy * xb_l, g11 + dy * xb_c, g12 + dy * xb_r,
+                g20 + dy * xc_l, g21 + dy * xc_c, g22 + dy * xc_r, gb + dy)
 
     @triton.jit
     def _store_parts(dw_part_ptr, part, c, c_ok, C, g00, g01, g02, g10, g11, g12, g20, g21, g22, gb):
