@@ -28,7 +28,8 @@ import os
 import torch
 
 from .bench_model import VARIANTS, build_step, free
-from .common import command_line, finish_report, fmt_table, model_options, paired_ratios, rotating_rounds, versions
+from .common import (command_line, finish_report, fmt_table, model_options, paired_ratios, rotating_rounds,
+                     time_ms, versions)
 
 
 def parse_steps(text: str) -> list[tuple[str, str, dict]]:
@@ -46,23 +47,9 @@ def parse_steps(text: str) -> list[tuple[str, str, dict]]:
 
 def timed_block(step, device: torch.device, settle: int, count: int) -> float:
     """ms per step over `count` steps back to back, after `settle` untimed ones."""
-    import time
-
     for _ in range(settle):
         step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(count):
-            step()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / count
-    t0 = time.perf_counter()
-    for _ in range(count):
-        step()
-    return (time.perf_counter() - t0) * 1e3 / count
+    return time_ms(lambda: [step() for _ in range(count)], device, warmup=0, repeat=1)[0] / count
 
 
 def summarise(times: dict[str, list[float]], batch: int) -> list[dict]:

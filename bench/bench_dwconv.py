@@ -30,7 +30,7 @@ from dig.ops.dwconv_torch import depthwise_conv3x3_torch
 from dig.ops import dwconv_triton
 from dig.ops.dwconv_triton import depthwise_conv3x3
 
-from .common import command_line, finish_report, fmt_table, median, time_ms, versions
+from .common import command_line, finish_report, fmt_table, time_per_call, versions
 
 C = 1152  # DiG-XL/2's width
 GPU_CASES = [(256, 32), (512, 32), (1024, 8), (2048, 2), (4096, 1)]  # (resolution, images per GPU)
@@ -77,11 +77,6 @@ def _variants(device: torch.device, extra: dict[str, dict] | None = None) -> dic
     # neighbouring fused kernel, where it costs no extra pass (the bias gradient is one of its fused reductions)
     out["cudnn_nobias"] = (lambda x, w, b: depthwise_conv3x3_torch(x, w, None), {})
     return out
-
-
-def time_per_call(fn, device: torch.device, inner: int, repeat: int) -> float:
-    """ms per call: the median over `repeat` timings of `inner` calls back to back."""
-    return median(time_ms(lambda: [fn() for _ in range(inner)], device, warmup=3, repeat=repeat)) / inner
 
 
 def kernel_ms_per_call(fn, device: torch.device, inner: int) -> float | None:

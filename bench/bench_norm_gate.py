@@ -24,7 +24,7 @@ from dig.ops.norm_gate_torch import rms_norm_swish_gate_torch
 from dig.ops.norm_gate_triton import rms_norm_swish_gate
 
 from .bench_gla import DIG_XL
-from .common import command_line, finish_report, fmt_table, median, time_ms, versions
+from .common import command_line, finish_report, fmt_table, time_per_call, versions
 
 HEADS, D = DIG_XL["heads"], DIG_XL["v"]
 EPS = 1e-6
@@ -49,11 +49,6 @@ def floor_bytes(o: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor) -> di
     fwd = o.nbytes + gate.nbytes + weight.nbytes + o.nbytes  # read o, gate, weight; write y
     bwd = 2 * o.nbytes + gate.nbytes + weight.nbytes + o.nbytes + gate.nbytes + weight.nbytes  # + read dy
     return {"fwd": fwd, "fwd_bwd": fwd + bwd}
-
-
-def time_per_call(fn, device: torch.device, inner: int, repeat: int) -> float:
-    """ms per call: the median over `repeat` timings of `inner` calls back to back."""
-    return median(time_ms(lambda: [fn() for _ in range(inner)], device, warmup=3, repeat=repeat)) / inner
 
 
 def bench_case(res: int, batch: int, device: torch.device, bandwidth: float, inner: int, repeat: int) -> dict:

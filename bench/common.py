@@ -65,6 +65,12 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
+def time_per_call(fn: Callable[[], object], device: torch.device, inner: int, repeat: int) -> float:
+    """ms per call: the median over `repeat` timings of `inner` calls back to back (for calls of tens of us, where
+    a single timed call would measure its launch)."""
+    return median(time_ms(lambda: [fn() for _ in range(inner)], device, warmup=3, repeat=repeat)) / inner
+
+
 def rotating_rounds(blocks: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
     """Each block (a callable that times something and returns its ms) once per round, for `rounds` rounds; round r
     starts with block r mod len(blocks), so that no block always runs first or after the same one. Returns
