@@ -79,7 +79,7 @@ def _variants(device: torch.device, extra: dict[str, dict] | None = None) -> dic
     return out
 
 
-def kernel_ms_per_call(fn, device: torch.device, inner: int) -> float | None:
+def kernel_ms_per_call(fn, device: torch.device, inner: int, breakdown: list | None = None) -> float | None:
     """GPU time per call of the kernels (and copies) `inner` calls launch, from torch.profiler: what a CUDA-graphed
     training step pays. The wall time per call above also counts the host's launches, which at small shapes
     (one call of ~50 us at 256 px) can exceed the GPU's work."""
@@ -93,8 +93,11 @@ def kernel_ms_per_call(fn, device: torch.device, inner: int) -> float | None:
         for _ in range(inner):
             fn()
         torch.cuda.synchronize()
-    total_us = sum(e.device_time_total for e in prof.key_averages()
-                   if e.device_type == torch.autograd.DeviceType.CUDA)
+    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    total_us = sum(e.device_time_total for e in kernels)
+    if breakdown is not None:  # the kernels by time, "name: ms per call", to tell cuDNN's dx from its weight gradient
+        for e in sorted(kernels, key=lambda e: -e.device_time_total)[:5]:
+            breakdown.append(f"{e.key[:60]}: {e.device_time_total / 1e3 / inner:.4f}")
     return total_us / 1e3 / inner
 
 
@@ -123,8 +126,11 @@ def bench_case(res: int, batch: int, device: torch.device, bandwidth: float, inn
             for d, call in calls.items():
                 with _Settings(settings):  # (the backward reads them too)
                     row[f"{name}_{d}_ms"] = time_per_call(call, device, inner, repeat)
-                    kernel = kernel_ms_per_call(call, device, inner)
+                    breakdown: list[str] = []
+                    kernel = kernel_ms_per_call(call, device, inner, breakdown)
                 row[f"{name}_{d}_kernel_ms"] = kernel
+                if breakdown:
+                    row[f"{name}_{d}_kernels"] = breakdown
                 row[f"{name}_{d}_floor_x"] = (kernel or row[f"{name}_{d}_ms"]) / floor[d]
         except Exception as e:  # noqa: BLE001  reported in the table, the other columns still run
             row[f"{name}_error"] = f"{type(e).__name__}: {e}"[:120]

@@ -15,8 +15,9 @@ import torch
 assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
 import dig.ops.dwconv_triton as module  # noqa: E402
 
-DEFAULTS = {name: getattr(module, name) for name in ("TILE", "BWD_TILE", "FWD_ROWS", "BWD_ROWS",
-                                                      "BACKWARD")}
+DEFAULTS = {name: getattr(module, name) for name in ("TILE", "BWD_TILE", "FWD_ROWS", "BWD_ROWS", "BACKWARD",
+                                                      "FORWARD", "TILE_TOKENS", "TILE_CHANNELS", "DW_TILE_TOKENS",
+                                                      "DW_TILE_CHANNELS", "DW_PROGRAMS")}
 
 
 def run_case(case):
@@ -54,13 +55,16 @@ def opcheck_failures():
     checks = (("forward", torch.ops.dig.depthwise_conv3x3, (x.requires_grad_(), weight, bias)),
               ("forward-no-bias", torch.ops.dig.depthwise_conv3x3, (x, weight, None)),
               ("backward", torch.ops.dig.depthwise_conv3x3_backward, (x.detach(), weight, dy)))
-    for backward in module.BACKWARDS:  # the autograd and backward checks run the backward the setting selects
-        module.BACKWARD = backward
+    # the autograd and backward checks run the forward and backward the settings select: each backward with the
+    # default forward, each forward with the default backward
+    pairs = [(DEFAULTS["FORWARD"], b) for b in module.BACKWARDS] + [(f, DEFAULTS["BACKWARD"]) for f in module.FORWARDS]
+    for forward, backward in dict.fromkeys(pairs):
+        module.FORWARD, module.BACKWARD = forward, backward
         for name, op, args in checks:
             for test, outcome in torch.library.opcheck(op, args, raise_exception=False).items():
                 if outcome != "SUCCESS":
-                    failures[f"{backward}:{name}:{test}"] = str(outcome)[:500]
-    module.BACKWARD = DEFAULTS["BACKWARD"]
+                    failures[f"{forward}/{backward}:{name}:{test}"] = str(outcome)[:500]
+    module.FORWARD, module.BACKWARD = DEFAULTS["FORWARD"], DEFAULTS["BACKWARD"]
     return failures
 
 

@@ -47,6 +47,22 @@ CASES = {  # id: ([N, H, W, C], dtype, bias?, autocast dtype or None, module set
                                    {"BACKWARD": "triton_split", "TILE": 256, "BWD_TILE": 512}),
     "split-backward-no-bias-one-column": ((1, 9, 1, 8), f32, False, None, {"BACKWARD": "triton_split"}),
     "split-backward-autocast": ((2, 5, 6, 24), f32, True, bf16, {"BACKWARD": "triton_split", "BWD_ROWS": 2}),
+    # the flat-token-tile kernels: tiles that cross rows and images, a last tile past the end, channel blocks partly
+    # masked, the weight gradient summed by several programs over several tiles each (and one program)
+    "tiles-fp32-tiles-cross-rows": ((3, 5, 7, 40), f32, True, None,
+                                    {"FORWARD": "tiles", "BACKWARD": "tiles", "TILE_TOKENS": 16,
+                                     "DW_TILE_TOKENS": 8, "DW_PROGRAMS": 3}),
+    "tiles-bf16-masked-channels": ((2, 4, 6, 136), bf16, True, None,
+                                   {"FORWARD": "tiles", "BACKWARD": "tiles", "TILE_CHANNELS": 64,
+                                    "DW_TILE_CHANNELS": 32, "DW_PROGRAMS": 1}),
+    "tiles-no-bias-one-column": ((1, 9, 1, 8), f32, False, None, {"FORWARD": "tiles", "BACKWARD": "tiles"}),
+    "tiles-autocast": ((2, 5, 6, 24), f32, True, bf16, {"FORWARD": "tiles", "BACKWARD": "tiles"}),
+    # aten's convolution forward inside the operator (the bias added outside it), dx by aten's convolution of dy
+    # with the taps flipped, the weight gradient by the tile kernel (float32 only: the CPU's bfloat16 convolution
+    # does not sum in float32; the GPU tests cover cuDNN in bfloat16)
+    "aten-forward-aten-dx-fp32": ((2, 5, 7, 24), f32, True, None,
+                                  {"FORWARD": "cudnn", "BACKWARD": "cudnn_dx", "DW_PROGRAMS": 4}),
+    "aten-forward-no-bias": ((2, 3, 4, 16), f32, False, None, {"FORWARD": "cudnn", "BACKWARD": "cudnn_dx"}),
 }
 TRITON_BACKWARD = {"BACKWARD": "triton"}  # every case but the aten ones runs the Triton backward
 RTOL = {f32: 1e-6, bf16: 2 ** -7, f16: 2 ** -10}
@@ -170,12 +186,14 @@ GPU_SHAPES = {"256px-b32": (32, 16, 16, 1152), "1024px-b8": (8, 64, 64, 1152), "
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backward", ["cudnn", "triton", "triton_split"])
+@pytest.mark.parametrize("forward,backward", [("rows", "cudnn"), ("rows", "triton"), ("rows", "triton_split"),
+                                              ("tiles", "tiles"), ("cudnn", "cudnn_dx")])
 @pytest.mark.parametrize("dtype", [bf16, f32])
 @pytest.mark.parametrize("shape", list(GPU_SHAPES))
-def test_gpu_kernels_match_float64_dig_shapes(shape, dtype, backward, monkeypatch):
+def test_gpu_kernels_match_float64_dig_shapes(shape, dtype, forward, backward, monkeypatch):
     from dig.ops import dwconv_triton
 
+    monkeypatch.setattr(dwconv_triton, "FORWARD", forward)
     monkeypatch.setattr(dwconv_triton, "BACKWARD", backward)
     inputs, cotangent = make_case(GPU_SHAPES[shape], dtype, True, dtype, seed=3, device="cuda")
     leaves = [t.clone().requires_grad_() for t in inputs]

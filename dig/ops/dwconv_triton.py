@@ -59,8 +59,23 @@ BWD_ROWS = 0  # likewise for the backward
 # The operator's backward: "cudnn" (aten's convolution backward on the channels-last view), "triton" (one kernel
 # for dx and the weight and bias gradients: no faster yet, see the module's docstring) or "triton_split" (dx by the
 # forward kernel with the taps flipped, then a kernel for the weight and bias gradients; not measured yet).
-BACKWARDS = ("cudnn", "triton", "triton_split")
+BACKWARDS = ("cudnn", "triton", "triton_split", "tiles", "cudnn_dx")
 BACKWARD = os.environ.get("DIG_DWCONV_BACKWARD", "cudnn")
+# The operator's forward: "rows" (the row-sweeping kernel above), "tiles" (a kernel over flat token tiles: each
+# program a tile of TILE_TOKENS consecutive tokens x TILE_CHANNELS channels, the nine neighbours as nine
+# independent masked loads that the caches serve) or "cudnn" (aten's convolution on the channels-last view).
+FORWARDS = ("rows", "tiles", "cudnn")
+FORWARD = os.environ.get("DIG_DWCONV_FORWARD", "rows")
+TILE_TOKENS = 32
+TILE_CHANNELS = 128
+TILE_WARPS = 4
+# "tiles" and "cudnn_dx" backwards: dx as a forward of dy with the taps flipped ("tiles": the tile kernel, "cudnn_dx":
+# cuDNN's forward convolution) and the weight and bias gradients by a tile kernel whose programs each sum
+# DW_TILE_TOKENS x DW_TILE_CHANNELS tiles over a run of consecutive tiles (about PROGRAMS_PER_SM programs per SM).
+DW_TILE_TOKENS = 16
+DW_TILE_CHANNELS = 64
+DW_WARPS = 4
+DW_PROGRAMS = 0  # > 0: programs along the tokens, instead of the automatic choice (tests)
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # Module constants, not calls, so that torch.compile traces depthwise_conv3x3 without a graph break.
@@ -188,6 +203,63 @@ if TRITON_INSTALLED:
                 xa_l, xa_c, xa_r, xb_l, xb_c, xb_r = xb_l, xb_c, xb_r, xc_l, xc_c, xc_r
         _store_parts(dw_part_ptr, part, c, c_ok, C, g00, g01, g02, g10, g11, g12, g20, g21, g22, gb)
 
+    # The tile kernels see the image as a flat run of N * H * W tokens: token t is at row (t // W) % H, column t % W,
+    # and its neighbour (dh, dw) is token t + dh * W + dw when that stays inside the image.
+
+    @triton.jit
+    def _neighbours(ptr, t, h, w, c, c_ok, dh: tl.constexpr, dw: tl.constexpr, H, W, C, NT):
+        """The [BLOCK_T, BLOCK_C] float32 tile of the neighbours (dh, dw) of the tokens t, zero outside the image."""
+        ok = (t < NT) & (h + dh >= 0) & (h + dh < H) & (w + dw >= 0) & (w + dw < W)
+        at = ptr + (t + dh * W + dw).to(tl.int64)[:, None] * C + c[None, :]
+        return tl.load(at, mask=ok[:, None] & c_ok[None, :], other=0.).to(tl.float32)
+
+    @triton.jit
+    def _tile_forward_kernel(x_ptr, w_ptr, b_ptr, y_ptr, H, W, C, NT, HAS_BIAS: tl.constexpr,
+                             BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+        t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        c_ok = c < C
+        h, w = (t // W) % H, t % W
+        t00, t01, t02, t10, t11, t12, t20, t21, t22 = _taps(w_ptr, c, c_ok)
+        y = (t00[None, :] * _neighbours(x_ptr, t, h, w, c, c_ok, -1, -1, H, W, C, NT)
+             + t01[None, :] * _neighbours(x_ptr, t, h, w, c, c_ok, -1, 0, H, W, C, NT)
+             + t02[None, :] * _neighbours(x_ptr, t, h, w, c, c_ok, -1, 1, H, W, C, NT)
+             + t10[None, :] * _neighbours(x_ptr, t, h, w, c, c_ok, 0, -1, H, W, C, NT)
+             + t11[None, :] * _neighbours(x_ptr, t, h, w, c, c_ok, 0, 0, H, W, C, NT)
+             + t12[None, :] * _neighbours(x_ptr, t, h, w, c, c_ok, 0, 1, H, W, C, NT)
+             + t20[None, :] * _neighbours(x_ptr, t, h, w, c, c_ok, 1, -1, H, W, C, NT)
+             + t21[None, :] * _neighbours(x_ptr, t, h, w, c, c_ok, 1, 0, H, W, C, NT)
+             + t22[None, :] * _neighbours(x_ptr, t, h, w, c, c_ok, 1, 1, H, W, C, NT))
+        if HAS_BIAS:
+            y += tl.load(b_ptr + c, mask=c_ok, other=0.).to(tl.float32)[None, :]
+        tl.store(y_ptr + t.to(tl.int64)[:, None] * C + c[None, :], y.to(y_ptr.dtype.element_ty),
+                 mask=(t < NT)[:, None] & c_ok[None, :])
+
+    @triton.jit
+    def _tile_weight_grad_kernel(x_ptr, dy_ptr, dw_part_ptr, H, W, C, NT, TILES, BLOCK_T: tl.constexpr,
+                                 BLOCK_C: tl.constexpr):
+        """Each program's partial weight and bias gradients over TILES consecutive token tiles."""
+        part = tl.program_id(0)
+        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        c_ok = c < C
+        zero = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
+        g00, g01, g02, g10, g11, g12, g20, g21, g22, gb = zero, zero, zero, zero, zero, zero, zero, zero, zero, zero
+        for i in range(0, TILES):
+            t = (part * TILES + i) * BLOCK_T + tl.arange(0, BLOCK_T)
+            h, w = (t // W) % H, t % W
+            dy = _neighbours(dy_ptr, t, h, w, c, c_ok, 0, 0, H, W, C, NT)
+            g00 += dy * _neighbours(x_ptr, t, h, w, c, c_ok, -1, -1, H, W, C, NT)
+            g01 += dy * _neighbours(x_ptr, t, h, w, c, c_ok, -1, 0, H, W, C, NT)
+            g02 += dy * _neighbours(x_ptr, t, h, w, c, c_ok, -1, 1, H, W, C, NT)
+            g10 += dy * _neighbours(x_ptr, t, h, w, c, c_ok, 0, -1, H, W, C, NT)
+            g11 += dy * _neighbours(x_ptr, t, h, w, c, c_ok, 0, 0, H, W, C, NT)
+            g12 += dy * _neighbours(x_ptr, t, h, w, c, c_ok, 0, 1, H, W, C, NT)
+            g20 += dy * _neighbours(x_ptr, t, h, w, c, c_ok, 1, -1, H, W, C, NT)
+            g21 += dy * _neighbours(x_ptr, t, h, w, c, c_ok, 1, 0, H, W, C, NT)
+            g22 += dy * _neighbours(x_ptr, t, h, w, c, c_ok, 1, 1, H, W, C, NT)
+            gb += dy
+        _store_parts(dw_part_ptr, part, c, c_ok, C, g00, g01, g02, g10, g11, g12, g20, g21, g22, gb)
+
     @triton.jit
     def _add_tap_grads(dy, xa_l, xa_c, xa_r, xb_l, xb_c, xb_r, xc_l, xc_c, xc_r,
                        g00, g01, g02, g10, g11, g12, g20, g21, g22, gb):
@@ -240,7 +312,17 @@ def _grid(x: torch.Tensor, tile: int, rows: int) -> tuple[tuple[int, int], dict]
 
 
 def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if FORWARD not in FORWARDS:
+        raise ValueError(f"DIG_DWCONV_FORWARD must be one of {', '.join(FORWARDS)}, got {FORWARD!r}")
     x, weight = x.contiguous(), weight.contiguous()
+    if FORWARD == "cudnn":
+        return _cudnn_forward(x, weight, bias)
+    if FORWARD == "tiles":
+        return _tile_forward(x, weight, bias)
+    return _rows_forward(x, weight, bias)
+
+
+def _rows_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     N, H, W, C = x.shape
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
     if y.numel():
@@ -248,6 +330,51 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
         _forward_kernel[grid](x, weight, bias if bias is not None else weight, y, H, W, C, **sizes,
                               HAS_BIAS=bias is not None, num_warps=FWD_WARPS)
     return y
+
+
+def _cudnn_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """aten's convolution of the channels-last view (cuDNN on CUDA), as [N, H, W, C] again."""
+    y = torch.ops.aten.convolution(x.permute(0, 3, 1, 2), weight, bias, [1, 1], [1, 1], [1, 1], False, [0, 0],
+                                   x.shape[-1])
+    return y.permute(0, 2, 3, 1).contiguous()
+
+
+def _tile_sizes(tokens: int, C: int, block_t: int, block_c: int) -> tuple[int, int]:
+    return min(block_t, 1 << max(0, tokens - 1).bit_length()), min(block_c, 1 << (C - 1).bit_length())
+
+
+def _tile_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    N, H, W, C = x.shape
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    if y.numel():
+        tokens = N * H * W
+        block_t, block_c = _tile_sizes(tokens, C, TILE_TOKENS, TILE_CHANNELS)
+        _tile_forward_kernel[(triton.cdiv(tokens, block_t), triton.cdiv(C, block_c))](
+            x, weight, bias if bias is not None else weight, y, H, W, C, tokens, HAS_BIAS=bias is not None,
+            BLOCK_T=block_t, BLOCK_C=block_c, num_warps=TILE_WARPS)
+    return y
+
+
+def _tile_weight_grads(x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+    """[10, C] float32: the nine taps' gradients, then the bias's."""
+    N, H, W, C = x.shape
+    tokens = N * H * W
+    block_t, block_c = _tile_sizes(tokens, C, DW_TILE_TOKENS, DW_TILE_CHANNELS)
+    channel_blocks, tiles = triton.cdiv(C, block_c), triton.cdiv(tokens, block_t)
+    if DW_PROGRAMS > 0:
+        token_programs = DW_PROGRAMS
+    elif x.device.type == "cuda":
+        from .gla_triton import sm_count_of
+
+        token_programs = max(1, PROGRAMS_PER_SM * sm_count_of(x.device) // channel_blocks)
+    else:  # Triton's interpreter
+        token_programs = 2
+    per_program = triton.cdiv(tiles, min(tiles, token_programs))
+    programs = triton.cdiv(tiles, per_program)
+    parts = torch.empty(programs, 10, C, dtype=torch.float32, device=x.device)
+    _tile_weight_grad_kernel[(programs, channel_blocks)](x, dy, parts, H, W, C, tokens, per_program,
+                                                         BLOCK_T=block_t, BLOCK_C=block_c, num_warps=DW_WARPS)
+    return parts.sum(0)
 
 
 def _backward(x: torch.Tensor, weight: torch.Tensor, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
@@ -264,15 +391,21 @@ def _backward(x: torch.Tensor, weight: torch.Tensor, dy: torch.Tensor) -> tuple[
             dy.permute(0, 3, 1, 2), x.permute(0, 3, 1, 2), weight, [C], [1, 1], [1, 1], [1, 1], False, [0, 0], C,
             [True, True, True])
         return dx.permute(0, 2, 3, 1).contiguous(), dweight.contiguous(), dbias
-    grid, sizes = _grid(x, BWD_TILE, BWD_ROWS)
-    parts = torch.empty(grid[0], 10, C, dtype=torch.float32, device=x.device)
-    if BACKWARD == "triton":
-        dx = torch.empty_like(x, memory_format=torch.contiguous_format)
-        _backward_kernel[grid](x, weight, dy, dx, parts, H, W, C, **sizes, num_warps=BWD_WARPS)
-    else:  # "triton_split": dx is the forward of dy with the taps flipped (tap (a, b) reads dy at (h+1-a, w+1-b))
-        dx = _forward(dy, weight.flip(-2, -1), None)
-        _weight_grad_kernel[grid](x, dy, parts, H, W, C, **sizes, num_warps=BWD_WARPS)
-    total = parts.sum(0)  # [10, C]
+    # dx is a forward of dy with the taps flipped: tap (a, b) reads dy at (h + 1 - a, w + 1 - b)
+    flipped = weight.flip(-2, -1).contiguous()
+    if BACKWARD in ("tiles", "cudnn_dx"):
+        dx = _tile_forward(dy, flipped, None) if BACKWARD == "tiles" else _cudnn_forward(dy, flipped, None)
+        total = _tile_weight_grads(x, dy)
+    else:
+        grid, sizes = _grid(x, BWD_TILE, BWD_ROWS)
+        parts = torch.empty(grid[0], 10, C, dtype=torch.float32, device=x.device)
+        if BACKWARD == "triton":
+            dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+            _backward_kernel[grid](x, weight, dy, dx, parts, H, W, C, **sizes, num_warps=BWD_WARPS)
+        else:  # "triton_split"
+            dx = _rows_forward(dy, flipped, None)
+            _weight_grad_kernel[grid](x, dy, parts, H, W, C, **sizes, num_warps=BWD_WARPS)
+        total = parts.sum(0)  # [10, C]
     # (copies: a registered operator's outputs may not alias one another)
     dweight = total[:9].t().contiguous().view(weight.shape).to(weight.dtype)
     return dx, dweight, total[9].to(weight.dtype, copy=True)
@@ -335,6 +468,9 @@ def depthwise_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
             x, weight = x.to(dtype), weight.to(dtype)
             bias = None if bias is None else bias.to(dtype)
         if len({t.dtype for t in (x, weight) + (() if bias is None else (bias,))}) == 1:
+            if FORWARD == "cudnn" and bias is not None:
+                # as inductor lowers F.conv2d: the convolution without its bias, the bias added by a fused kernel
+                return torch.ops.dig.depthwise_conv3x3(x, weight, None) + bias
             return torch.ops.dig.depthwise_conv3x3(x, weight, bias)
         # mixed dtypes outside autocast: F.conv2d's own error, as without the kernels
     return depthwise_conv3x3_torch(x, weight, bias)
