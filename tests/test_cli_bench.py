@@ -294,13 +294,14 @@ def test_bench_ab_step_needs_two_different_steps():
         assert out.returncode != 0 and "--steps:" in out.stderr, out.stderr[-500:]
 
 
-def test_bench_dwconv_quick_times_cudnn_against_the_byte_floor(tmp_path):
+def test_bench_dwconv_quick_times_both_backwards_against_the_byte_floor(tmp_path):
     out = dig_bench("dwconv", "--quick", "--out", str(tmp_path), timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     (row,) = json.loads((tmp_path / "dwconv.json").read_text())["rows"]
     nbytes = 2 * 4 * 4 * 1152 * 4  # the quick case: [2, 4, 4, 1152] float32
     assert row["floor_fwd_ms"] == pytest.approx(2 * nbytes / 3.3e12 * 1e3)
-    assert row["cudnn_fwd_ms"] > 0 and row["cudnn_max_err"] < 1e-5
+    for name in ("conv2d", "flipped"):
+        assert row[f"{name}_fwd_bwd_ms"] > 0 and row[f"{name}_max_err"] < 1e-5, row
     assert "depthwise conv 3x3 forward" in out.stdout
 
 

@@ -1,76 +1,33 @@
-"""The depthwise 3x3 convolution kernels (dig/ops/dwconv_triton.py) against an independent float64 reference:
-y = bias + the sum of the nine shifted copies of the zero-padded token grid, each times its tap, written out in
-plain torch ops; gradients by float64 autograd.
+"""DiG's depthwise 3x3 convolution (dig/ops/dwconv.py: F.conv2d forward, the input gradient as a forward convolution
+of dy with the taps flipped) against an independent float64 reference: y = bias + the sum of the nine shifted
+copies of the zero-padded token grid, each times its tap, written out in plain torch ops; gradients by float64
+autograd. On the CPU in float32 and float64 (grids that are not square, one row or one column high, no bias);
+torch.compile keeps it in one graph whose backward convolves dy instead of calling the input-gradient kernel; DiG's
+blocks with it equal DiG's blocks with F.conv2d. GPU tests (`pytest -m gpu tests/test_dwconv.py`): bf16 and fp32 at
+DiG-XL/2's shapes, under autocast, and DiG's blocks.
 
-On the CPU the kernels run through Triton's interpreter, in a subprocess (tests/dwconv_interpret.py) since Triton
-picks interpreted or compiled kernels at import: grids that are not square and one row high, channel counts that
-leave a block partly masked, rows swept in several tiles, backward programs of several rows with the last group
-running past the grid (forward and backward), no bias, the operator's three backwards (aten's and two Triton ones), float32 / bfloat16 / float16, autocast (the op casts as autocast casts a
-convolution), torch.compile(fullgraph=True) around the op, and torch.library.opcheck on both operators. GPU tests
-(`pytest -m gpu tests/test_dwconv.py`) run the comparison at DiG-XL/2's shapes and DiG's blocks with the kernels
-against F.conv2d.
-
-Tolerances, elementwise: |got - ref| <= rtol * |ref| + atol * max|ref|. The kernels sum in float32 and round once
-to the output dtype: rtol is that dtype's rounding (bfloat16 one ulp, 2^-7: Triton's interpreter truncates where a
-GPU rounds to nearest), atol covers float32 sums whose terms cancel. Inputs and cotangents are representable in
-their dtypes, so the reference sees exactly what the kernels see.
+Tolerances, elementwise: |got - ref| <= rtol * magnitude + atol * max|ref|, with rtol the compute dtype's rounding
+(bf16: one ulp, 2^-7, since y is rounded twice) and magnitude |ref| (for y with a bias, |y - bias| + |bias|: a bf16
+convolution rounds its sum before the bias is added, as F.conv2d does on a GPU); atol covers float32 sums whose
+terms cancel. Inputs and cotangents are
+representable in their dtypes, so the reference sees exactly what the convolution sees.
 """
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
-from interpreter import run_interpreted
 
+from dig.ops.dwconv import depthwise_conv3x3
 from dig.ops.dwconv_torch import depthwise_conv3x3_torch
-from dig.ops.dwconv_triton import depthwise_conv3x3
 
-f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
-CASES = {  # id: ([N, H, W, C], dtype, bias?, autocast dtype or None, module settings)
-    "fp32": ((2, 5, 7, 24), f32, True, None, {}),
-    "fp32-rows-split-last-group-short": ((3, 7, 5, 40), f32, True, None, {"FWD_ROWS": 3, "BWD_ROWS": 3}),  # 3, 3, 1
-    "fp32-forward-rows-split": ((2, 5, 3, 24), f32, True, None, {"FWD_ROWS": 2}),
-    # rows of several tiles (2 tokens in the forward, 4 in the backward); channels 128 + 8 of 128
-    "bf16-row-tiles-masked-channels": ((2, 4, 20, 136), bf16, True, None, {"TILE": 256, "BWD_TILE": 512}),
-    "fp16-square": ((1, 6, 6, 32), f16, True, None, {"FWD_ROWS": 6, "BWD_ROWS": 6}),
-    "no-bias": ((2, 3, 4, 16), f32, False, None, {}),
-    "one-row": ((2, 1, 9, 8), f32, True, None, {}),
-    "one-column": ((1, 9, 1, 8), f32, True, None, {"BWD_ROWS": 4}),
-    "autocast-bf16": ((2, 5, 6, 24), f32, True, bf16, {"BWD_ROWS": 2}),
-    # the operator's other backwards: aten's convolution backward (cuDNN on a GPU), and the split Triton one (dx by
-    # the forward kernel with flipped taps, then the weight and bias gradients)
-    "aten-backward-fp32": ((2, 5, 7, 24), f32, True, None, {"BACKWARD": "cudnn"}),
-    "aten-backward-no-bias": ((2, 3, 4, 16), f32, False, None, {"BACKWARD": "cudnn"}),
-    "split-backward-rows-split": ((3, 7, 5, 40), f32, True, None,
-                                  {"BACKWARD": "triton_split", "FWD_ROWS": 3, "BWD_ROWS": 3}),
-    "split-backward-bf16-strips": ((2, 4, 20, 136), bf16, True, None,
-                                   {"BACKWARD": "triton_split", "TILE": 256, "BWD_TILE": 512}),
-    "split-backward-no-bias-one-column": ((1, 9, 1, 8), f32, False, None, {"BACKWARD": "triton_split"}),
-    "split-backward-autocast": ((2, 5, 6, 24), f32, True, bf16, {"BACKWARD": "triton_split", "BWD_ROWS": 2}),
-    # the flat-token-tile kernels: tiles that cross rows and images, a last tile past the end, channel blocks partly
-    # masked, the weight gradient summed by several programs over several tiles each (and one program)
-    "tiles-fp32-tiles-cross-rows": ((3, 5, 7, 40), f32, True, None,
-                                    {"FORWARD": "tiles", "BACKWARD": "tiles", "TILE_TOKENS": 16,
-                                     "DW_TILE_TOKENS": 8, "DW_PROGRAMS": 3}),
-    "tiles-bf16-masked-channels": ((2, 4, 6, 136), bf16, True, None,
-                                   {"FORWARD": "tiles", "BACKWARD": "tiles", "TILE_CHANNELS": 64,
-                                    "DW_TILE_CHANNELS": 32, "DW_PROGRAMS": 1}),
-    "tiles-no-bias-one-column": ((1, 9, 1, 8), f32, False, None, {"FORWARD": "tiles", "BACKWARD": "tiles"}),
-    "tiles-autocast": ((2, 5, 6, 24), f32, True, bf16, {"FORWARD": "tiles", "BACKWARD": "tiles"}),
-    # aten's convolution forward inside the operator (the bias added outside it), dx by aten's convolution of dy
-    # with the taps flipped, the weight gradient by the tile kernel (float32 only: the CPU's bfloat16 convolution
-    # does not sum in float32; the GPU tests cover cuDNN in bfloat16)
-    "aten-forward-aten-dx-fp32": ((2, 5, 7, 24), f32, True, None,
-                                  {"FORWARD": "cudnn", "BACKWARD": "cudnn_dx", "DW_PROGRAMS": 4}),
-    "aten-forward-no-bias": ((2, 3, 4, 16), f32, False, None, {"FORWARD": "cudnn", "BACKWARD": "cudnn_dx"}),
-}
-TRITON_BACKWARD = {"BACKWARD": "triton"}  # every case but the aten ones runs the Triton backward
-RTOL = {f32: 1e-6, bf16: 2 ** -7, f16: 2 ** -10}
-ATOL = 1e-5  # times max |ref|: float32 sums of up to N * H * W products
+f32, f64, bf16 = torch.float32, torch.float64, torch.bfloat16
+RTOL = {f64: 1e-12, f32: 1e-6, bf16: 2 ** -7}
+ATOL = {f64: 1e-12, f32: 1e-5, bf16: 1e-5}  # times max |ref|: sums of up to N * H * W products
 
 
 def make_case(shape, dtype, bias, rounding, seed, device="cpu"):
-    """(x, weight, bias or None) in `dtype`, representable in `rounding` (the dtype the kernels compute from), and
+    """(x, weight, bias or None) in `dtype`, representable in `rounding` (the dtype the convolution computes in), and
     a float64 cotangent of y representable in y's dtype."""
     gen = torch.Generator(device=device).manual_seed(seed)
     C = shape[-1]
@@ -84,90 +41,133 @@ def make_case(shape, dtype, bias, rounding, seed, device="cpu"):
 
 
 def float64_reference(x, weight, bias, cotangent):
-    """y and the gradients of <y, cotangent>: the nine shifted copies of the zero-padded grid, float64 autograd."""
+    """y without its bias, y, and the gradients of <y, cotangent>: the nine shifted copies of the zero-padded grid,
+    float64 autograd."""
     leaves = [None if t is None else t.detach().double().requires_grad_() for t in (x, weight, bias)]
     x64, w64, b64 = leaves
     H, W = x.shape[1:3]
     padded = F.pad(x64, (0, 0, 1, 1, 1, 1))  # (C: none, W: 1 each side, H: 1 each side)
-    y = sum(w64[:, 0, a, b] * padded[:, a:a + H, b:b + W, :] for a in range(3) for b in range(3))
-    if b64 is not None:
-        y = y + b64
+    conv = sum(w64[:, 0, a, b] * padded[:, a:a + H, b:b + W, :] for a in range(3) for b in range(3))
+    y = conv if b64 is None else conv + b64
     (y * cotangent).sum().backward()
-    return y.detach(), [None if t is None else t.grad for t in leaves]
+    return conv.detach(), y.detach(), [None if t is None else t.grad for t in leaves]
 
 
-def check(name, got, ref, dtype, rounding):
+def check(name, got, ref, dtype, rounding, magnitude=None):
     assert got.dtype == dtype, f"{name}: dtype {got.dtype}, expected {dtype}"
     assert got.shape == ref.shape, f"{name}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
     assert torch.isfinite(got).all(), f"{name}: non-finite values"
     err = (got.double() - ref).abs()
-    bound = RTOL[rounding] * ref.abs() + ATOL * ref.abs().max()
+    bound = RTOL[rounding] * (ref.abs() if magnitude is None else magnitude) + ATOL[rounding] * ref.abs().max()
     worst = (err / bound).argmax()
-    assert (err <= bound).all(), (f"{name}: |got - ref| above rtol {RTOL[rounding]:g} * |ref| + {ATOL:g} * max|ref| "
-                                  f"at {(err > bound).sum().item()} of {err.numel()} elements; worst: got "
+    assert (err <= bound).all(), (f"{name}: |got - ref| above rtol {RTOL[rounding]:g} * |ref| + {ATOL[rounding]:g} * "
+                                  f"max|ref| at {(err > bound).sum().item()} of {err.numel()} elements; worst: got "
                                   f"{got.flatten()[worst].item():.6g}, ref {ref.flatten()[worst].item():.6g}")
 
 
-def check_against_float64(inputs, cotangent, y, grads, rounding):
-    """y in the compute dtype `rounding`; each gradient in its input's dtype, rounded as `rounding` rounds."""
-    y_ref, grads_ref = float64_reference(*inputs, cotangent)
-    check("y", y, y_ref, rounding, rounding)
-    for name, grad, grad_ref, t in zip(("dx", "dweight", "dbias"), grads, grads_ref, inputs):
-        if t is None:
-            assert grad is None
-        else:
-            check(name, grad, grad_ref, t.dtype, rounding)
-
-
-@pytest.fixture(scope="module")
-def interpreted(tmp_path_factory):
-    """Every case, the compile check and opcheck, run once in one interpreter process."""
-    folder = tmp_path_factory.mktemp("dwconv")
-    cases = []
-    for i, (name, (shape, dtype, bias, autocast, settings)) in enumerate(CASES.items()):
-        inputs, cotangent = make_case(shape, dtype, bias, autocast or dtype, seed=i)
-        cases.append({"id": name, "inputs": inputs, "cotangent": cotangent, "autocast": autocast,
-                      "settings": {**TRITON_BACKWARD, **settings}})
-    out = run_interpreted("dwconv_interpret.py", cases, folder)
-    out["cases"] = {c["id"]: (c["inputs"], c["cotangent"], c["autocast"], r) for c, r in zip(cases, out["cases"])}
-    return out
-
-
-@pytest.mark.parametrize("case", list(CASES))
-def test_interpreted_kernels_match_float64(interpreted, case):
-    inputs, cotangent, autocast, got = interpreted["cases"][case]
-    check_against_float64(inputs, cotangent, got["y"], got["grads"], autocast or inputs[0].dtype)
-
-
-def test_op_compiles_inside_one_graph(interpreted):
-    """torch.compile(fullgraph=True) of elementwise ops around depthwise_conv3x3, forward and backward: dynamo
-    traces the op without a graph break, the compiled function launches our two kernels (once each), and
-    compiled = eager."""
-    report = interpreted["compile"]
-    assert report["graphs"] == 1 and report["graph_breaks"] == 0, report
-    assert report["ops_in_graph"] == ["dig.depthwise_conv3x3"], report
-    assert report["compiled_launches"] == report["eager_launches"] == {"forward": 1, "backward": 1}, report
-    assert max(report["compiled_vs_eager"]) < 1e-6, report
-
-
-def test_opcheck_passes_for_both_operators(interpreted):
-    assert interpreted["opcheck"] == {}
-
-
-@pytest.mark.parametrize("kernel", [True, False], ids=["kernel-requested", "kernel-off"])
-def test_cpu_without_interpreter_runs_the_reference(kernel):
-    """CPU tensors outside the interpreter (either setting): F.conv2d, which matches the float64 reference."""
-    (x, weight, bias), cotangent = make_case((2, 4, 5, 24), f32, True, f32, seed=9)
-    leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
-    y = depthwise_conv3x3(*leaves, kernel=kernel)
-    assert y.is_contiguous()
+def run_and_check(inputs, cotangent, rounding, autocast=None):
+    leaves = [None if t is None else t.clone().requires_grad_() for t in inputs]
+    device = inputs[0].device.type
+    with torch.autocast(device, dtype=autocast or bf16, enabled=autocast is not None):
+        y = depthwise_conv3x3(*leaves)
     (y.double() * cotangent).sum().backward()
-    check_against_float64((x, weight, bias), cotangent, y.detach(), [t.grad for t in leaves], f32)
-    assert torch.equal(y, depthwise_conv3x3_torch(x, weight, bias))
+    conv, y_ref, grads_ref = float64_reference(*inputs, cotangent)
+    bias = inputs[2]
+    check("y", y.detach(), y_ref, rounding, rounding,
+          None if bias is None else conv.abs() + bias.double().abs())
+    for name, leaf, grad_ref, t in zip(("dx", "dweight", "dbias"), leaves, grads_ref, inputs):
+        if t is None:
+            assert leaf is None
+        else:
+            check(name, leaf.grad, grad_ref, t.dtype, rounding)
+
+
+CPU_CASES = {  # id: ([N, H, W, C], dtype, bias?)
+    "fp32": ((2, 5, 7, 24), f32, True),
+    "fp64": ((3, 4, 6, 16), f64, True),
+    "no-bias": ((2, 3, 4, 16), f32, False),
+    "one-row": ((2, 1, 9, 8), f32, True),
+    "one-column": ((1, 9, 1, 8), f64, True),
+    "one-token": ((2, 1, 1, 4), f32, True),
+}
+
+
+@pytest.mark.parametrize("case", list(CPU_CASES))
+def test_cpu_matches_float64(case):
+    shape, dtype, bias = CPU_CASES[case]
+    inputs, cotangent = make_case(shape, dtype, bias, dtype, seed=len(case))
+    run_and_check(inputs, cotangent, dtype)
+
+
+def test_compiled_is_one_graph_whose_backward_convolves_dy():
+    """torch.compile(fullgraph=True) around the function: one graph, no break; the backward graph holds two forward
+    convolutions (y's recomputation is not needed: the forward's, and dx's of dy) and a convolution backward for the
+    weight only (output_mask [False, True, False]), not the input-gradient kernel; compiled = eager."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = {}
+
+    def keep(kind):
+        def compiler(gm, example_inputs):
+            graphs[kind] = gm
+            return make_boxed_func(gm.forward)
+        return compiler
+
+    def block(x, weight, bias):
+        return (depthwise_conv3x3(x * 2, weight, bias) + 1).square()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(block, fullgraph=True, backend=aot_autograd(fw_compiler=keep("fw"),
+                                                                          bw_compiler=keep("bw")))
+    (x, weight, bias), _ = make_case((2, 3, 5, 24), f32, True, f32, seed=0)
+    results = []
+    for fn in (block, compiled):
+        leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+        y = fn(*leaves)
+        y.sum().backward()
+        results.append([y.detach(), *(t.grad for t in leaves)])
+    for name, got, want in zip(("y", "dx", "dweight", "dbias"), results[1], results[0]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=name)
+
+    def calls(gm, target):
+        return [n for n in gm.graph.nodes if n.op == "call_function" and n.target == target]
+
+    aten = torch.ops.aten
+    assert len(calls(graphs["fw"], aten.convolution.default)) == 1
+    assert len(calls(graphs["bw"], aten.convolution.default)) == 1  # dx: dy convolved with the flipped taps
+    backward_convs = calls(graphs["bw"], aten.convolution_backward.default)
+    assert [n.args[-1] for n in backward_convs] == [[False, True, False]], "the input gradient must not come from " \
+        "aten.convolution_backward"
+
+
+def test_dig_blocks_match_conv2d_backward():
+    """A DiG (four blocks: every scan direction, a grid that is not square) in float32: the flipped input gradient
+    and F.conv2d's backward give the same output and gradients."""
+    from dig.models import create_model
+
+    outputs = []
+    for flipped in (True, False):
+        torch.manual_seed(0)
+        model = create_model("DiG-S/2", input_size=(8, 12), num_classes=10, depth=4, dw_conv_flipped_grad=flipped)
+        for block in model.blocks:  # random taps and bias: the identity initialisation would hide tap mix-ups
+            torch.nn.init.normal_(block.dw_conv.weight, std=0.3)
+            torch.nn.init.normal_(block.dw_conv.bias, std=0.1)
+        for name, p in model.named_parameters():  # and no zero-initialised layer that would stop the gradients
+            if "adaLN_modulation" in name or name.startswith("final_layer"):
+                torch.nn.init.normal_(p, std=0.02)
+        gen = torch.Generator().manual_seed(1)
+        x = torch.randn(2, 4, 8, 12, generator=gen)
+        out = model(x, torch.tensor([1, 999]), torch.tensor([0, 3]))
+        out.square().mean().backward()
+        outputs.append((out.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (out_f, grads_f), (out_ref, grads_ref) = outputs
+    torch.testing.assert_close(out_f, out_ref, rtol=0, atol=0)
+    for name in grads_ref:
+        torch.testing.assert_close(grads_f[name], grads_ref[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_mixed_dtypes_outside_autocast_fail_as_conv2d_does():
-    """The kernel path takes one dtype (as F.conv2d does): mixed ones go to the reference, which refuses them."""
     x, weight, bias = torch.randn(1, 3, 3, 8).bfloat16(), torch.randn(8, 1, 3, 3), torch.randn(8)
     with pytest.raises(RuntimeError):
         depthwise_conv3x3(x, weight, bias)
@@ -181,64 +181,44 @@ def test_mismatched_shapes_are_a_clear_error(shapes):
         depthwise_conv3x3(x, weight, bias)
 
 
-# DiG-XL/2 (C = 1152): 256 px / 32 images, 1024 px / 8, and a grid that is not square with rows of several tiles
+# DiG-XL/2 (C = 1152): 256 px / 32 images, 1024 px / 8, and a grid that is not square
 GPU_SHAPES = {"256px-b32": (32, 16, 16, 1152), "1024px-b8": (8, 64, 64, 1152), "12x40-b3": (3, 12, 40, 1152)}
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("forward,backward", [("rows", "cudnn"), ("rows", "triton"), ("rows", "triton_split"),
-                                              ("tiles", "tiles"), ("cudnn", "cudnn_dx")])
 @pytest.mark.parametrize("dtype", [bf16, f32])
 @pytest.mark.parametrize("shape", list(GPU_SHAPES))
-def test_gpu_kernels_match_float64_dig_shapes(shape, dtype, forward, backward, monkeypatch):
-    from dig.ops import dwconv_triton
-
-    monkeypatch.setattr(dwconv_triton, "FORWARD", forward)
-    monkeypatch.setattr(dwconv_triton, "BACKWARD", backward)
+def test_gpu_matches_float64_dig_shapes(shape, dtype, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # float32: IEEE sums, as the reference
     inputs, cotangent = make_case(GPU_SHAPES[shape], dtype, True, dtype, seed=3, device="cuda")
-    leaves = [t.clone().requires_grad_() for t in inputs]
-    y = depthwise_conv3x3(*leaves)
-    (y.double() * cotangent).sum().backward()
-    check_against_float64(inputs, cotangent, y.detach(), [t.grad for t in leaves], dtype)
+    run_and_check(inputs, cotangent, dtype)
 
 
 @pytest.mark.gpu
-def test_gpu_compiled_function_matches_eager():
-    """Inductor's real codegen around the op on a GPU: compiled (fullgraph) = eager, forward and gradients."""
-    inputs, _ = make_case((4, 16, 16, 1152), f32, True, bf16, seed=4, device="cuda")
-
-    def block(x, weight, bias):
-        with torch.autocast("cuda", dtype=bf16):
-            return (depthwise_conv3x3(x * 2, weight, bias).float() + 1).square()
-
-    results = []
-    for fn in (block, torch.compile(block, fullgraph=True)):
-        leaves = [t.clone().requires_grad_() for t in inputs]
-        y = fn(*leaves)
-        y.sum().backward()
-        results.append([y.detach(), *(t.grad for t in leaves)])
-    for name, compiled, eager in zip(("y", "dx", "dweight", "dbias"), results[1], results[0]):
-        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5, msg=name)
+def test_gpu_autocast_matches_float64():
+    """float32 inputs under bf16 autocast: computed in bf16, as autocast runs F.conv2d; gradients back in float32."""
+    inputs, cotangent = make_case((4, 16, 16, 1152), f32, True, bf16, seed=4, device="cuda")
+    run_and_check(inputs, cotangent, bf16, autocast=bf16)
 
 
 @pytest.mark.gpu
-def test_gpu_dig_blocks_with_kernels_match_conv2d():
-    """A DiG (four blocks: every scan direction, a grid that is not square) under bf16 autocast: the kernels and
-    F.conv2d give the same output and gradients within bf16 rounding."""
+def test_gpu_dig_blocks_match_conv2d_backward():
+    """DiG's blocks under bf16 autocast, compiled as training compiles them: the flipped input gradient and F.conv2d's
+    backward give the same output and gradients within bf16 rounding."""
     from dig.models import create_model
 
-    torch.manual_seed(0)
     outputs = []
-    for kernel in (True, False):
+    for flipped in (True, False):
         torch.manual_seed(0)
         model = create_model("DiG-S/2", input_size=(16, 24), num_classes=10, depth=4,
-                             dw_conv_kernel=kernel).cuda()
-        for block in model.blocks:  # random taps and bias: the identity initialisation would hide tap mix-ups
+                             dw_conv_flipped_grad=flipped).cuda()
+        for block in model.blocks:
             torch.nn.init.normal_(block.dw_conv.weight, std=0.3)
             torch.nn.init.normal_(block.dw_conv.bias, std=0.1)
-        for name, p in model.named_parameters():  # and no zero-initialised layer that would stop the gradients
+        for name, p in model.named_parameters():
             if "adaLN_modulation" in name or name.startswith("final_layer"):
                 torch.nn.init.normal_(p, std=0.02)
+        model.compile_blocks()
         gen = torch.Generator(device="cuda").manual_seed(1)
         x = torch.randn(3, 4, 16, 24, device="cuda", generator=gen)
         t, y = torch.tensor([1, 500, 999], device="cuda"), torch.tensor([0, 3, 10], device="cuda")
@@ -247,9 +227,9 @@ def test_gpu_dig_blocks_with_kernels_match_conv2d():
         out.float().square().mean().backward()
         grads = {n: p.grad for n, p in model.named_parameters() if "dw_conv" in n or n.startswith("x_embedder")}
         outputs.append((out.float(), grads))
-    (out_k, grads_k), (out_ref, grads_ref) = outputs
-    torch.testing.assert_close(out_k, out_ref, rtol=2e-2, atol=2e-2 * out_ref.abs().max().item())
+    (out_f, grads_f), (out_ref, grads_ref) = outputs
+    torch.testing.assert_close(out_f, out_ref, rtol=2e-2, atol=2e-2 * out_ref.abs().max().item())
     for name in grads_ref:
         ref = grads_ref[name]
-        err = ((grads_k[name] - ref).norm() / ref.norm()).item()
+        err = ((grads_f[name] - ref).norm() / ref.norm()).item()
         assert err < 2e-2, f"{name}: relative error {err:.3g}"

@@ -3,7 +3,7 @@
 # training steps of STEPS (comma list, the first is the base) timed against each other in rotating rounds, one
 # process per case; tables and raw times under $OUT (ab_<case>.{json,md,log}: two cases per call, since the device
 # tool returns 8 files). Two DiG-XL/2 steps held at once with CUDA graphs take ~90 GiB at 1024 px / 8.
-#   STEPS="DiG-XL/2,DiG-XL/2+dw_conv_kernel=true" CASES=1024x8,256x32 bash bench/gpu/ab_step.sh
+#   STEPS="DiG-XL/2,DiG-XL/2+dw_conv_flipped_grad=false" CASES=1024x8,256x32 bash bench/gpu/ab_step.sh
 set -u
 source bench/gpu/env.sh
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"

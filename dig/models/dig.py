@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from dig.ops import BACKENDS, gla, resolve_backend
-from dig.ops.dwconv_triton import depthwise_conv3x3
+from dig.ops.dwconv import depthwise_conv3x3
 from dig.ops.norm_gate_torch import rms_norm_swish_gate_torch
 from dig.ops.norm_gate_triton import rms_norm_swish_gate
 
@@ -132,12 +132,12 @@ def _silu_times_up(gate_up: torch.Tensor) -> torch.Tensor:
 
 class DiGBlock(nn.Module):
     """[long-skip fuse] -> adaLN-Zero GLA -> adaLN-Zero SwiGLU -> depthwise 3x3 conv over the token grid
-    (dw_conv_kernel: the Triton forward of dig/ops/dwconv_triton.py on CUDA; False: F.conv2d)."""
+    (dw_conv_flipped_grad: its input gradient as a forward convolution, dig/ops/dwconv.py; False: F.conv2d's)."""
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, gla_backend: str, long_skip: bool,
-                 norm_gate_kernel: bool = True, mlp_recompute: bool = False, dw_conv_kernel: bool = False):
+                 norm_gate_kernel: bool = True, mlp_recompute: bool = False, dw_conv_flipped_grad: bool = True):
         super().__init__()
-        self.dw_conv_kernel = dw_conv_kernel
+        self.dw_conv_flipped_grad = dw_conv_flipped_grad
         self.skip_linear = nn.Linear(2 * hidden_size, hidden_size) if long_skip else None
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.attn = GatedLinearAttention(hidden_size, num_heads, backend=gla_backend,
@@ -186,7 +186,7 @@ class DiGBlock(nn.Module):
         if conv_taps is not None:
             weight = weight.flatten(2)[:, :, conv_taps].view_as(weight)
         x = depthwise_conv3x3(x.reshape(n, *_transposed_if(grid, transposed), d), weight, self.dw_conv.bias,
-                              kernel=self.dw_conv_kernel)
+                              flipped_input_grad=self.dw_conv_flipped_grad)
         return x.reshape(n, t, d)
 
 
@@ -227,10 +227,10 @@ class DiG(LatentDiffusionTransformer):
     scan_in_kernel (DiG without long skips): the sequence stays in raster order and each block's GLA reads its
     scan direction through a token order (no reorienting copy between blocks; the Triton kernels read the order
     in place). norm_gate_kernel=False: the GLA output norm and gate as the torch expression instead of the Triton
-    kernels (model.overrides.norm_gate_kernel=false; for measuring one against the other). dw_conv_kernel (off): the
-    depthwise conv as the operator of dig/ops/dwconv_triton.py (Triton forward) instead of F.conv2d; not faster
-    than what a compiled block runs today (BENCHMARKS.md, 2026-11-30). mlp_recompute (default):
-    each SwiGLU recomputes silu(gate) * up in the backward instead of saving it (SwiGLU.recompute_product): peak
+    kernels (model.overrides.norm_gate_kernel=false; for measuring one against the other).
+    dw_conv_flipped_grad (default): the depthwise conv's input gradient as cuDNN's forward convolution of the output
+    gradient with the taps flipped (dig/ops/dwconv.py), half the time of cuDNN's input-gradient kernel; false:
+    F.conv2d's backward. mlp_recompute (default): each SwiGLU recomputes silu(gate) * up in the backward instead of saving it (SwiGLU.recompute_product): peak
     memory at 512 px / 32 images on one H200 47.6 GiB instead of 52.8 (DiT-XL/2: 47.8) for 0-1 % of the speed."""
 
     def __init__(self, *, depth: int, hidden_size: int, num_heads: int, patch_size: int, mlp_ratio: float = 4.0,
@@ -238,7 +238,7 @@ class DiG(LatentDiffusionTransformer):
                  learn_sigma: bool = True, class_dropout_prob: float = 0.1, gla_backend: str = "auto",
                  grad_checkpointing: bool = False, pos_embed_base_size: int | tuple[int, int] | None = None,
                  long_skip: bool = False, skip_init: str = "zero", scan_in_kernel: bool = False,
-                 norm_gate_kernel: bool = True, mlp_recompute: bool = True, dw_conv_kernel: bool = False):
+                 norm_gate_kernel: bool = True, mlp_recompute: bool = True, dw_conv_flipped_grad: bool = True):
         super().__init__(input_size=input_size, patch_size=patch_size, in_channels=in_channels,
                          hidden_size=hidden_size, num_classes=num_classes, learn_sigma=learn_sigma,
                          class_dropout_prob=class_dropout_prob, pos_embed_base_size=pos_embed_base_size,
@@ -258,7 +258,8 @@ class DiG(LatentDiffusionTransformer):
         self.skip_init = skip_init
         self.blocks = nn.ModuleList([
             DiGBlock(hidden_size, num_heads, mlp_ratio, gla_backend, long_skip=long_skip and i > depth // 2,
-                     norm_gate_kernel=norm_gate_kernel, mlp_recompute=mlp_recompute, dw_conv_kernel=dw_conv_kernel)
+                     norm_gate_kernel=norm_gate_kernel, mlp_recompute=mlp_recompute,
+                     dw_conv_flipped_grad=dw_conv_flipped_grad)
             for i in range(depth)
         ])
         self.scan_in_kernel = scan_in_kernel

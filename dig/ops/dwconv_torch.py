@@ -1,10 +1,10 @@
-"""DiG's depthwise 3x3 convolution over the token grid in plain PyTorch: the reference for the Triton kernels in
-`dwconv_triton.py`, and their fallback on devices without them.
+"""DiG's depthwise 3x3 convolution over the token grid in plain PyTorch: F.conv2d, with autograd's backward (the
+forward of `dwconv.py`, whose backward computes the input gradient as a forward convolution).
 
 x: [N, H, W, C] tokens laid out row by row (channels-last: the block's [N, T, C] tokens viewed as an image, no
 copy); weight: [C, 1, 3, 3]; bias: [C] or None. y[n, h, w, c] = bias[c] + sum over a, b in 0..2 of
 weight[c, 0, a, b] * x[n, h + a - 1, w + b - 1, c], zero outside the grid (padding 1). This is F.conv2d with
-groups=C on the channels-last view, as the block computed it before the kernels (under autocast, in the autocast
+groups=C on the channels-last view, as the block computed it before `dwconv.py` (under autocast, in the autocast
 dtype, as autocast runs every convolution).
 """
 from __future__ import annotations
