@@ -21,14 +21,31 @@ DEFAULTS = {"TILE": module.TILE}
 
 
 def run_case(case):
-    for name, value in {**DEFAULTS, **case["settings"]}.items():
+    settings = dict(case["settings"])
+    gate_columns = settings.pop("gate_columns", None)
+    for name, value in {**DEFAULTS, **settings}.items():
         setattr(module, name, value)
     leaves = [x.clone().requires_grad_() for x in case["inputs"]]
-    y = module.rms_norm_swish_gate(*leaves, case["eps"])
+    o, gate, weight = leaves
+    out = {}
+    if gate_columns is not None:  # the gate as columns left .. left + H * D of a wider [N, T, X] leaf
+        left, right = gate_columns
+        N, T, H, D = gate.shape
+        wide = torch.zeros(N, T, left + H * D + right, dtype=gate.dtype)
+        wide[..., left:left + H * D] = gate.detach().flatten(2)
+        wide.requires_grad_()
+        gate = wide[..., left:left + H * D].view(N, T, H, D)
+        out["gate_read_in_place"] = module._gate_rows(gate)[1]["H"] > 1
+    y = module.rms_norm_swish_gate(o, gate, weight, case["eps"])
     (y.double() * case["cotangent"]).sum().backward()
     for name, value in DEFAULTS.items():
         setattr(module, name, value)
-    return {"y": y.detach(), "grads": [x.grad for x in leaves]}
+    grads = [x.grad for x in leaves]
+    if gate_columns is not None:
+        grads[1] = wide.grad[..., left:left + H * D].reshape(N, T, H, D)
+        others = torch.cat([wide.grad[..., :left], wide.grad[..., left + H * D:]], dim=-1)
+        out["other_columns_grad_max"] = others.abs().max().item()
+    return {"y": y.detach(), "grads": grads, **out}
 
 
 def compile_report():

@@ -37,7 +37,15 @@ CASES = {  # id: (shape [N, T, H, D], o dtype, gate dtype, weight dtype, values,
     "o-fp32-gate-bf16-weight-bf16": ((2, 13, 3, 64), f32, bf16, bf16, "normal", {}),
     "large-gate-small-o": ((2, 17, 3, 64), f32, f32, f32, "extreme", {}),  # eps ~ mean(o^2); silu(-20) ~ -4e-8
     "large-gate-small-o-bf16": ((2, 17, 3, 64), bf16, bf16, f32, "extreme", {"TILE": 1024}),
+    # the gate as columns of a wider tensor (DiG's fused input projection), read in place: 64 columns before it
+    # and 16 after (bf16 rows of 272 elements: 16-byte aligned); 3 columns before: not aligned, copied first
+    "gate-slice-in-place-bf16": ((2, 13, 3, 64), bf16, bf16, f32, "normal", {"gate_columns": (64, 16)}),
+    "gate-slice-in-place-fp32-many-programs": ((3, 11, 2, 24), f32, f32, f32, "normal",
+                                               {"gate_columns": (8, 4), "TILE": 256}),
+    "gate-slice-misaligned-copied": ((2, 13, 3, 64), bf16, bf16, f32, "normal", {"gate_columns": (3, 5)}),
 }
+GATE_READ_IN_PLACE = {"gate-slice-in-place-bf16": True, "gate-slice-in-place-fp32-many-programs": True,
+                      "gate-slice-misaligned-copied": False}
 RTOL = {f32: 1e-5, bf16: 2 ** -7, f16: 2 ** -10}
 ATOL = 1e-5  # times max |ref|: float32 rounding of the row sums and of do's difference dn - n * mean(dn * n)
 
@@ -101,6 +109,9 @@ def interpreted(tmp_path_factory):
 def test_interpreted_kernels_match_float64(interpreted, case):
     inputs, cotangent, got = interpreted["cases"][case]
     check_against_float64(inputs, cotangent, got["y"], got["grads"])
+    if case in GATE_READ_IN_PLACE:  # a gate sliced from a wider tensor: read in place where aligned, else copied
+        assert got["gate_read_in_place"] is GATE_READ_IN_PLACE[case]
+        assert got["other_columns_grad_max"] == 0
 
 
 def test_op_compiles_inside_one_graph(interpreted):

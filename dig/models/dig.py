@@ -58,8 +58,9 @@ class GatedLinearAttention(nn.Module):
 
     def __init__(self, hidden_size: int, num_heads: int, expand_k: float = 0.5, expand_v: float = 1.0,
                  gate_low_rank_dim: int = 16, gate_logit_normalizer: float = 16.0, norm_eps: float = 1e-6,
-                 backend: str = "auto", norm_gate_kernel: bool = True):
+                 backend: str = "auto", norm_gate_kernel: bool = True, fused_projections: bool = False):
         super().__init__()
+        self.fused_projections = fused_projections
         key_dim, value_dim = int(hidden_size * expand_k), int(hidden_size * expand_v)
         if key_dim % num_heads or value_dim % num_heads:
             raise ValueError(f"GLA: key dim {key_dim} and value dim {value_dim} must be divisible by "
@@ -95,11 +96,24 @@ class GatedLinearAttention(nn.Module):
             # linear would save its own copy of it for backward.
             x = x.to(torch.get_autocast_dtype(x.device.type))
         heads = lambda z: z.reshape(n, t, self.num_heads, -1)  # noqa: E731  [N, T, H, head_dim], fla's layout
-        q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
-        gk = F.logsigmoid(heads(self.gk_proj(x))) / self.gate_logit_normalizer
-        o, _ = _gla(q, k, v, gk, self.backend, token_order)
-        o = self.g_norm_swish_gate(o, heads(self.g_proj(x)))
+        if self.fused_projections:
+            q, k, v, gate, gk_low = self._fused_projections(x)
+            gk = self.gk_proj[1](gk_low)
+        else:
+            q, k, v, gate = self.q_proj(x), self.k_proj(x), self.v_proj(x), self.g_proj(x)
+            gk = self.gk_proj(x)
+        gk = F.logsigmoid(heads(gk)) / self.gate_logit_normalizer
+        o, _ = _gla(heads(q), heads(k), heads(v), gk, self.backend, token_order)
+        o = self.g_norm_swish_gate(o, heads(gate))
         return self.o_proj(o.reshape(n, t, -1))
+
+    def _fused_projections(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """q, k, v, the output gate and the forget gate's low-rank input as column slices of one GEMM's output (the
+        weights concatenated per call: the parameters and their names stay the release's). The GLA and norm-gate
+        kernels read the slices in place."""
+        linears = (self.q_proj, self.k_proj, self.v_proj, self.g_proj, self.gk_proj[0])
+        out = F.linear(x, torch.cat([m.weight for m in linears]))
+        return out.split([m.out_features for m in linears], dim=-1)
 
 
 class SwiGLU(nn.Module):
@@ -135,13 +149,14 @@ class DiGBlock(nn.Module):
     (dw_conv_flipped_grad: its input gradient as a forward convolution, dig/ops/dwconv.py; False: F.conv2d's)."""
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, gla_backend: str, long_skip: bool,
-                 norm_gate_kernel: bool = True, mlp_recompute: bool = False, dw_conv_flipped_grad: bool = True):
+                 norm_gate_kernel: bool = True, mlp_recompute: bool = False, dw_conv_flipped_grad: bool = True,
+                 fused_projections: bool = False):
         super().__init__()
         self.dw_conv_flipped_grad = dw_conv_flipped_grad
         self.skip_linear = nn.Linear(2 * hidden_size, hidden_size) if long_skip else None
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.attn = GatedLinearAttention(hidden_size, num_heads, backend=gla_backend,
-                                         norm_gate_kernel=norm_gate_kernel)
+                                         norm_gate_kernel=norm_gate_kernel, fused_projections=fused_projections)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.mlp = SwiGLU(hidden_size, mlp_ratio, recompute_product=mlp_recompute)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
@@ -230,7 +245,9 @@ class DiG(LatentDiffusionTransformer):
     kernels (model.overrides.norm_gate_kernel=false; for measuring one against the other).
     dw_conv_flipped_grad (default): the depthwise conv's input gradient as cuDNN's forward convolution of the output
     gradient with the taps flipped (dig/ops/dwconv.py), half the time of cuDNN's input-gradient kernel; false:
-    F.conv2d's backward. mlp_recompute (default): each SwiGLU recomputes silu(gate) * up in the backward instead of saving it (SwiGLU.recompute_product): peak
+    F.conv2d's backward. fused_projections (off): each GLA layer's five input projections as one GEMM, its output's
+    column slices read in place by the GLA and norm-gate kernels (GatedLinearAttention._fused_projections).
+    mlp_recompute (default): each SwiGLU recomputes silu(gate) * up in the backward instead of saving it (SwiGLU.recompute_product): peak
     memory at 512 px / 32 images on one H200 47.6 GiB instead of 52.8 (DiT-XL/2: 47.8) for 0-1 % of the speed."""
 
     def __init__(self, *, depth: int, hidden_size: int, num_heads: int, patch_size: int, mlp_ratio: float = 4.0,
@@ -238,7 +255,8 @@ class DiG(LatentDiffusionTransformer):
                  learn_sigma: bool = True, class_dropout_prob: float = 0.1, gla_backend: str = "auto",
                  grad_checkpointing: bool = False, pos_embed_base_size: int | tuple[int, int] | None = None,
                  long_skip: bool = False, skip_init: str = "zero", scan_in_kernel: bool = False,
-                 norm_gate_kernel: bool = True, mlp_recompute: bool = True, dw_conv_flipped_grad: bool = True):
+                 norm_gate_kernel: bool = True, mlp_recompute: bool = True, dw_conv_flipped_grad: bool = True,
+                 fused_projections: bool = False):
         super().__init__(input_size=input_size, patch_size=patch_size, in_channels=in_channels,
                          hidden_size=hidden_size, num_classes=num_classes, learn_sigma=learn_sigma,
                          class_dropout_prob=class_dropout_prob, pos_embed_base_size=pos_embed_base_size,
@@ -259,7 +277,7 @@ class DiG(LatentDiffusionTransformer):
         self.blocks = nn.ModuleList([
             DiGBlock(hidden_size, num_heads, mlp_ratio, gla_backend, long_skip=long_skip and i > depth // 2,
                      norm_gate_kernel=norm_gate_kernel, mlp_recompute=mlp_recompute,
-                     dw_conv_flipped_grad=dw_conv_flipped_grad)
+                     dw_conv_flipped_grad=dw_conv_flipped_grad, fused_projections=fused_projections)
             for i in range(depth)
         ])
         self.scan_in_kernel = scan_in_kernel

@@ -19,6 +19,9 @@ o's dtype. Backward, with dy the gradient of y:
     dn      = dy * weight * s
     do      = rstd * (dn - n * mean(dn * n))                                         (o's dtype)
     dweight = sum over rows of dy * n * s                                            (weight's dtype)
+The gate may be the columns of a wider [N, T, X] tensor viewed as [N, T, H, D] (DiG's fused input projection puts
+q, k, v, the gate and the forget gate's low-rank input side by side): the kernels read it in place, token rows
+X elements apart, instead of copying it (`_gate_rows`).
 The backward recomputes rstd from o (one more sum per row, free next to the loads) rather than saving it: the
 tensors saved for backward are the op's own inputs, nothing else.
 
@@ -79,6 +82,15 @@ if TRITON_INSTALLED:
         return row[:, None] * D + col[None, :], (row[:, None] < rows) & (col[None, :] < D), col
 
     @triton.jit
+    def _gate_offsets(rows, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_ROWS: tl.constexpr, H: tl.constexpr,
+                      GATE_TS: tl.constexpr):
+        """The gate's element offsets for this program's tile: row r is head r % H of token r // H, and a token's
+        heads start GATE_TS elements apart (H * D when the gate is contiguous)."""
+        row = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+        col = tl.arange(0, BLOCK_D)
+        return ((row // H) * GATE_TS + (row % H) * D)[:, None] + col[None, :]
+
+    @triton.jit
     def _load_f32(ptr, offsets, mask):
         return tl.load(ptr + offsets, mask=mask, other=0.).to(tl.float32)
 
@@ -93,20 +105,21 @@ if TRITON_INSTALLED:
 
     @triton.jit
     def _forward_kernel(o_ptr, gate_ptr, weight_ptr, y_ptr, rows, eps, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                        BLOCK_ROWS: tl.constexpr):
+                        BLOCK_ROWS: tl.constexpr, H: tl.constexpr, GATE_TS: tl.constexpr):
         offsets, mask, col = _tile(rows, D, BLOCK_D, BLOCK_ROWS)
         o = _load_f32(o_ptr, offsets, mask)
-        gate = _load_f32(gate_ptr, offsets, mask)
+        gate = _load_f32(gate_ptr, _gate_offsets(rows, D, BLOCK_D, BLOCK_ROWS, H, GATE_TS), mask)
         weight = _load_f32(weight_ptr, col, col < D)
         y = o * _rstd(o, eps, D)[:, None] * weight[None, :] * (gate * _sigmoid(gate))
         tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _backward_kernel(o_ptr, gate_ptr, weight_ptr, dy_ptr, do_ptr, dgate_ptr, dweight_part_ptr, rows, eps,
-                         D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_ROWS: tl.constexpr):
+                         D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_ROWS: tl.constexpr, H: tl.constexpr,
+                         GATE_TS: tl.constexpr):
         offsets, mask, col = _tile(rows, D, BLOCK_D, BLOCK_ROWS)
         o = _load_f32(o_ptr, offsets, mask)
-        gate = _load_f32(gate_ptr, offsets, mask)
+        gate = _load_f32(gate_ptr, _gate_offsets(rows, D, BLOCK_D, BLOCK_ROWS, H, GATE_TS), mask)
         dy = _load_f32(dy_ptr, offsets, mask)
         weight = _load_f32(weight_ptr, col, col < D)
         rstd = _rstd(o, eps, D)
@@ -128,31 +141,46 @@ def _sizes(D: int) -> dict:
     return dict(D=D, BLOCK_D=_block_d(D), BLOCK_ROWS=_block_rows(D))
 
 
+def _gate_rows(gate: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """The gate as the kernels read it, and its layout: a [N, T, H, D] gate whose tokens are rows of a wider tensor
+    (DiG's fused input projection: q, k, v, gate, ... side by side) is read in place, H heads of D a token, tokens
+    GATE_TS elements apart; any other layout is made contiguous (H = 1, GATE_TS = D: one row after another)."""
+    D = gate.shape[-1]
+    if gate.dim() == 4 and gate.stride(3) == 1 and gate.stride(2) == D and gate.stride(1) > gate.shape[2] * D:
+        N, T, H, _ = gate.shape
+        if (N == 1 or gate.stride(0) == T * gate.stride(1)) and gate.data_ptr() % 16 == 0 \
+                and gate.stride(1) * gate.element_size() % 16 == 0:
+            return gate, dict(H=H, GATE_TS=gate.stride(1))
+    return gate.contiguous(), dict(H=1, GATE_TS=D)
+
+
 def _forward(o: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    o, gate, weight = o.contiguous(), gate.contiguous(), weight.contiguous()
+    o, weight = o.contiguous(), weight.contiguous()
+    gate, layout = _gate_rows(gate)
     D = o.shape[-1]
     rows = o.numel() // D
     y = torch.empty_like(o, memory_format=torch.contiguous_format)
     if rows:
         sizes = _sizes(D)
-        _forward_kernel[(triton.cdiv(rows, sizes["BLOCK_ROWS"]),)](o, gate, weight, y, rows, eps, **sizes,
+        _forward_kernel[(triton.cdiv(rows, sizes["BLOCK_ROWS"]),)](o, gate, weight, y, rows, eps, **sizes, **layout,
                                                                    num_warps=FWD_WARPS)
     return y
 
 
 def _backward(o: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, dy: torch.Tensor,
               eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    o, gate, weight, dy = o.contiguous(), gate.contiguous(), weight.contiguous(), dy.contiguous()
+    o, weight, dy = o.contiguous(), weight.contiguous(), dy.contiguous()
+    gate, layout = _gate_rows(gate)
     D = o.shape[-1]
     rows = o.numel() // D
     do = torch.empty_like(o, memory_format=torch.contiguous_format)
-    dgate = torch.empty_like(gate, memory_format=torch.contiguous_format)
+    dgate = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     if not rows:
         return do, dgate, torch.zeros_like(weight)
     sizes = _sizes(D)
     programs = triton.cdiv(rows, sizes["BLOCK_ROWS"])
     dweight_parts = torch.empty(programs, D, dtype=torch.float32, device=o.device)
-    _backward_kernel[(programs,)](o, gate, weight, dy, do, dgate, dweight_parts, rows, eps, **sizes,
+    _backward_kernel[(programs,)](o, gate, weight, dy, do, dgate, dweight_parts, rows, eps, **sizes, **layout,
                                   num_warps=BWD_WARPS)
     return do, dgate, dweight_parts.sum(0).to(weight.dtype)
 
