@@ -7,7 +7,9 @@ decays, and forced), sequences shorter than and not a multiple of a chunk, head 
 uses, also checked to compile inside one graph), the sequence split across programs at several split counts
 (split lengths that leave a partial last split, one chunk per split, more splits asked than there are chunks),
 a token order read in place (with and without states and splits), the forward's loads issued a chunk
-ahead (PREFETCH), float32 and bf16 inputs, and the dots modes for bf16 inputs (DIG_GLA_DOTS_16BIT: "mixed", the
+ahead (PREFETCH), q, k, v (and g) sliced out of one [B, T, X] tensor as DiG's fused input projection gives them
+(read in place at their token stride, gradients through the slicing; misaligned and transposed views copied first),
+float32 and bf16 inputs, and the dots modes for bf16 inputs (DIG_GLA_DOTS_16BIT: "mixed", the
 default, in every bf16 case; tf32 and bf16 everywhere in their own). The interpreter runs dots in float32, and its
 dot takes bf16 tiles as raw bits, so there the kernels stand in for bf16 dots by rounding float32 tiles to bf16:
 the same products. tests/test_gla.py runs the same kernels on a GPU (tensor cores) against the float64 oracle.
@@ -66,7 +68,26 @@ CASES = {  # id: (B, T, H, K, V, gates, with_state, dtype, module settings); "op
                                   {"DOTS_16BIT": dict.fromkeys(KERNELS, "bf16"), "seed": 3}),
     "strong-bf16-tf32-dots": (1, 128, 2, 32, 64, "strong", True, torch.bfloat16,
                               {"DOTS_16BIT": dict.fromkeys(KERNELS, "tf32"), "seed": 3}),
+    # q, k, v (g too where named) sliced out of one [B, T, X] leaf: "rows" lists its columns in order, the inputs'
+    # (H * K or H * V wide) and the widths of other columns between and after them (DiG's fused projection: q, k, v,
+    # then the gate and output-gate projections' columns)
+    "op-rows-dig-fp32": (2, 50, 2, 32, 64, "dig", False, torch.float32, {"rows": ("q", "k", "v", 48)}),
+    "op-rows-order-bf16": (2, 45, 3, 32, 64, "mixed", False, torch.bfloat16,
+                           {"rows": (8, "v", 24, "k", "g", "q", 40), "order": True, "seed": 41}),
+    "op-rows-split2-bf16": (2, 100, 2, 32, 64, "dig", False, torch.bfloat16,
+                            {"rows": ("q", "k", "v", "g", 72), "splits": 2}),
+    "op-rows-prefetch-order-split3-strong": (1, 130, 2, 20, 24, "strong", False, torch.float32,
+                                             {"rows": ("k", 4, "q", "v", "g", 12), "order": True, "splits": 3,
+                                              "LAUNCH_OVERRIDE": PREFETCH}),
+    "rows-with-state-mixed": (2, 40, 2, 32, 64, "mixed", True, torch.float32, {"rows": ("v", "q", 4, "k", 28)}),
+    # v's rows start 3 elements (6 bytes) past a 16-byte boundary: v is copied first, q and k still read in place
+    "op-rows-misaligned-v-bf16": (1, 37, 2, 32, 64, "dig", False, torch.bfloat16, {"rows": ("q", "k", 3, "v", 5)}),
+    # heads outermost in memory ([B, H, T, D] transposed): not a row-strided view, copied first
+    "op-transposed-copied": (2, 50, 2, 32, 64, "dig", False, torch.float32, {"transposed": True}),
+    # the inputs of op-rows-order-bf16 as contiguous tensors (test_sliced_inputs_give_what_contiguous_ones_give)
+    "op-contiguous-order-bf16": (2, 45, 3, 32, 64, "mixed", False, torch.bfloat16, {"order": True, "seed": 41}),
 }
+COPIED = {"op-rows-misaligned-v-bf16": {"v"}, "op-transposed-copied": {"q", "k", "v", "g"}}  # the rest: in place
 LOSES_DG = {"strong-bf16-all-bf16-dots"}  # every other output checked; dg in the test named above
 CASE_TOL = {"op-all-bf16-dots-mixed-gates": 3e-2}  # bf16 operands: about twice the error of bf16 in- and outputs
 DEFAULTS = {"CHUNK": 16, "FACTORISED_MAX_DECAY": 40.0, "LAUNCH_OVERRIDE": {},
@@ -93,13 +114,31 @@ def interpreted(tmp_path_factory):
     cases = []
     for i, (name, (*shape_and_kind, settings)) in enumerate(CASES.items()):
         settings = {**DEFAULTS, **settings}
-        inputs, cotangents = _case_inputs(*shape_and_kind, seed=settings.pop("seed", i))
-        T = shape_and_kind[1]
-        order = torch.randperm(T, generator=torch.Generator().manual_seed(i)) if settings.pop("order", False) else None
+        seed = settings.pop("seed", i)
+        inputs, cotangents = _case_inputs(*shape_and_kind, seed=seed)
+        _, T, H, K, V = shape_and_kind[:5]
+        order = None
+        if settings.pop("order", False):
+            order = torch.randperm(T, generator=torch.Generator().manual_seed(seed))
+        rows = settings.pop("rows", None)
         cases.append({"id": name, "inputs": inputs, "cotangents": cotangents, "splits": settings.pop("splits", None),
-                      "order": order, "settings": settings, "stateless": name.startswith("op-")})
+                      "order": order, "columns": rows and _columns(rows, H, K, V),
+                      "transposed": settings.pop("transposed", False), "settings": settings,
+                      "stateless": name.startswith("op-")})
     results = run_interpreted("gla_triton_interpret.py", cases, folder)
     return {c["id"]: (c["inputs"], c["cotangents"], c["order"], r) for c, r in zip(cases, results)}
+
+
+def _columns(rows, H, K, V):
+    """({input: its first column}, X) of a "rows" layout."""
+    columns, width = {}, 0
+    for item in rows:
+        if isinstance(item, str):
+            columns[item] = width
+            width += H * (V if item == "v" else K)
+        else:
+            width += item
+    return columns, width
 
 
 def recurrence_in_token_order(q, k, v, g, scale, h0, order):
@@ -226,3 +265,99 @@ def test_dig_layer_compiles_with_the_kernel_inside_one_graph():
     assert saved, "the compiled blocks saved no heads-split tensor: the check looks at nothing"
     row_major = [{"shape": s["shape"], "stride": list(torch.empty(s["shape"]).stride())} for s in saved]
     assert saved == row_major, saved
+
+
+def test_row_strided_inputs_are_read_in_place_and_the_rest_copied(interpreted):
+    """Every kernel launch (the sequence-split kernels' too) read each sliced input where the caller's view lies, at
+    the big tensor's row width, and each contiguous input at H * K (H * V for v): the same constexpr strides as
+    before row strides existed, so the same compiled kernels. Misaligned and transposed views were copied first."""
+    for case, (*_, got) in interpreted.items():
+        B, T, H, K, V, *_, settings = CASES[case]
+        columns, width = _columns(settings["rows"], H, K, V) if "rows" in settings else ({}, None)
+        launched = {kernel for kernel, _ in got["reads"]}
+        assert launched == set(KERNELS) | ({"split_states", "split_state_grads"} if settings.get("splits") else set())
+        for kernel, inputs in got["reads"]:
+            assert set(inputs) == {"fwd": set("qkvg"), "bwd_dq": set("qkvg"), "bwd_dkv": set("qkvg"),
+                                   "split_states": set("kvg"), "split_state_grads": set("qg")}[kernel], kernel
+            for name, (in_place, stride) in inputs.items():
+                copied = name in COPIED.get(case, ())
+                assert in_place != copied, (case, kernel, name)
+                packed = H * (V if name == "v" else K)
+                assert stride == (width if name in columns and not copied else packed), (case, kernel, name)
+
+
+@pytest.mark.parametrize("case", [c for c, (*_, settings) in CASES.items() if "rows" in settings])
+def test_gradients_reach_the_tensor_the_inputs_were_sliced_from(interpreted, case):
+    """The big [B, T, X] leaf's gradient: each input's columns hold that input's float64 gradient (computed on
+    contiguous copies), every other column exactly zero."""
+    inputs, cotangents, order, got = interpreted[case]
+    B, T, H, K, V, _, _, dtype, settings = CASES[case]
+    columns, width = _columns(settings["rows"], H, K, V)
+    scale = K ** -0.5
+    if case.startswith("op-"):
+        cotangents = (cotangents[0], torch.zeros_like(cotangents[1]))
+    *_, grads_ref = run_with_grads(lambda *x: recurrence_in_token_order(*x[:4], scale, x[4], order), inputs,
+                                   cotangents)
+    big_grad = got["big_grad"]
+    assert big_grad.shape == (B, T, width) and big_grad.dtype == dtype
+    others = torch.ones(width, dtype=torch.bool)
+    for name, grad_ref in zip("qkvg", grads_ref):
+        if name in columns:
+            start, end = columns[name], columns[name] + H * (V if name == "v" else K)
+            others[start:end] = False
+            tol = FROM_BF16_DOTS.get(f"d{name}", TOL[dtype]) if dtype == torch.bfloat16 else TOL[dtype]
+            check(f"d{name} in the big tensor", big_grad[..., start:end], grad_ref.flatten(2), tol)
+    assert others.any() and not big_grad[..., others].any()
+
+
+def test_sliced_inputs_give_what_contiguous_ones_give(interpreted):
+    """Reading q, k, v, g in place at another stride changes only addresses: the same inputs as contiguous tensors
+    give the same output and gradients, bit for bit."""
+    *_, sliced = interpreted["op-rows-order-bf16"]
+    *_, contiguous = interpreted["op-contiguous-order-bf16"]
+    assert torch.equal(sliced["o"], contiguous["o"])
+    for name, a, b in zip("qkvg", sliced["grads"], contiguous["grads"]):
+        assert torch.equal(a, b), name
+
+
+def _fused_projection_slices(B, T, H, K, V, dtype=torch.float32):
+    """q, k, v as DiG's fused input projection gives them: views of one [B, T, X] tensor, its first 2 * H * K + H * V
+    columns, then others."""
+    big = torch.zeros(B, T, 2 * H * K + H * V + 24, dtype=dtype)
+    return (big[..., :H * K].view(B, T, H, K), big[..., H * K:2 * H * K].view(B, T, H, K),
+            big[..., 2 * H * K:2 * H * K + H * V].view(B, T, H, V))
+
+
+def test_rows_in_place_keeps_row_strided_views_and_copies_the_rest():
+    """gla_triton._rows_in_place (pure torch): a view is kept (no copy: same data pointer) when its heads and
+    channels are packed in each token's row at a 16-byte aligned stride and start; anything else comes back as a
+    contiguous copy, and _token_stride says the stride the kernels are then given."""
+    module = importlib.import_module("dig.ops.gla_triton")
+    for dtype in (torch.float32, torch.bfloat16):
+        for x in _fused_projection_slices(2, 10, 18, 32, 64, dtype):
+            assert module._rows_in_place(x) is x and module._token_stride(x) == 2 * 18 * 32 + 18 * 64 + 24
+    one_image = _fused_projection_slices(1, 10, 18, 32, 64)[1]
+    assert module._rows_in_place(one_image) is one_image
+    every_second_token = torch.zeros(2, 10, 200)[:, ::2, :24].view(2, 5, 3, 8)
+    assert module._rows_in_place(every_second_token) is every_second_token
+    assert module._token_stride(every_second_token) == 400
+    contiguous = torch.zeros(2, 10, 3, 8)
+    assert module._rows_in_place(contiguous) is contiguous and module._token_stride(contiguous) == 24
+    # T = 1 (and a size-1 batch): torch leaves those strides free; the kernels are given a stride that works
+    single = torch.zeros(2, 1, 3, 8).as_strided((2, 1, 3, 8), (24, 5, 8, 1))
+    assert single.is_contiguous() and module._token_stride(single) == 24
+    assert module._token_stride(torch.zeros(1, 1, 3, 8).as_strided((1, 1, 3, 8), (7, 5, 8, 1))) == 24
+    big = torch.zeros(2, 10, 200)
+    copied = {
+        "transposed": torch.zeros(2, 3, 10, 8).transpose(1, 2),   # heads outermost
+        "channels strided": big[..., :48].view(2, 10, 3, 16)[..., ::2],
+        "heads apart": big.view(2, 10, 5, 40)[..., :3, :8],      # gaps between the heads in a row
+        "rows overlap": big.as_strided((2, 10, 3, 8), (160, 16, 8, 1)),
+        "batch apart": torch.zeros(3, 10, 200)[::2, :, :24].view(2, 10, 3, 8),
+        "misaligned start": big[..., 1:25].view(2, 10, 3, 8),
+        "misaligned stride": torch.zeros(2, 10, 201)[..., :24].view(2, 10, 3, 8),
+    }
+    for why, x in copied.items():
+        y = module._rows_in_place(x)
+        assert y.is_contiguous() and y.data_ptr() != x.data_ptr() and torch.equal(y, x), why
+        assert module._token_stride(y) == 24, why

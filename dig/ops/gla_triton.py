@@ -28,6 +28,14 @@ Token order. `token_order` (a permutation of range(T)) makes step s of the recur
 kernel reads and writes the rows at those tokens, so DiG's four scan directions need no reordered copy of the
 sequence (DiG's scan_in_kernel).
 
+Row-strided inputs. q, k, v and g are read at their own token stride: a [B, T, H, D] view whose heads and channels
+are packed (strides (T * S, S, D, 1), S >= H * D) is read in place. DiG computes its input projections as one GEMM
+and slices q, k and v out of its [B, T, X] output; copying those slices to contiguous tensors cost 2.9 ms per
+DiG-XL/2 training step on an H200, more than fusing the GEMMs saved. Other layouts, and views the kernels' vector
+loads could not read aligned, are copied first (`_rows_in_place`). Each stride is a compile-time constant of the
+kernels: a contiguous call compiles to the code it had before strides existed, a new X compiles once more.
+Outputs and gradients are always contiguous.
+
 The reference is `gla_torch.py` (exact, float32/float64); tests run these kernels on GPUs and, through Triton's
 interpreter (TRITON_INTERPRET=1), on the CPU.
 """
@@ -157,11 +165,44 @@ def _splits_for(q: torch.Tensor, splits: int) -> int:
     return automatic_splits(B * H, T, sm_count_of(q.device))
 
 
-def _launch_args(q: torch.Tensor, v: torch.Tensor, splits: int = 1, order: torch.Tensor | None = None) -> dict:
+def _launch_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, splits: int = 1,
+                 order: torch.Tensor | None = None) -> dict:
     B, T, H, K = q.shape
     NS, CPS = _split_layout(T, splits)
     return dict(T=T, H=H, K=K, V=v.shape[-1], BT=CHUNK, BK=_block(K), BV=_block(v.shape[-1]),
-                PRECISION=_precision(q), NS=NS, CPS=CPS, ORDERED=order is not None)
+                PRECISION=_precision(q), NS=NS, CPS=CPS, ORDERED=order is not None, STRIDE_Q=_token_stride(q),
+                STRIDE_K=_token_stride(k), STRIDE_V=_token_stride(v), STRIDE_G=_token_stride(g))
+
+
+def _token_stride(x: torch.Tensor) -> int:
+    """Elements between consecutive tokens of a [B, T, H, D] input as the kernels read it (H * D if contiguous).
+    A size-1 dimension's stride means nothing (torch may report anything for it): the batch's, or H * D."""
+    B, T, H, D = x.shape
+    if T > 1:
+        return x.stride(1)
+    return x.stride(0) if B > 1 else H * D
+
+
+def _rows_in_place(x: torch.Tensor) -> torch.Tensor:
+    """x itself if the kernels can read it where it is, else a contiguous copy. In place: contiguous, or tokens
+    `_token_stride(x)` apart with heads and channels packed in each token's row (a slice of a fused projection's
+    [B, T, X] output), and 16-byte aligned rows so that the kernels' vector loads stay as wide as a contiguous
+    tensor's (16-byte aligned data and stride; a misaligned view would compile slower, narrow-load kernels)."""
+    if x.is_contiguous():
+        return x
+    if x.dim() != 4:
+        return x.contiguous()
+    B, T, H, D = x.shape
+    stride = _token_stride(x)
+    packed = ((D == 1 or x.stride(3) == 1) and (H == 1 or x.stride(2) == D) and stride >= H * D
+              and (B == 1 or x.stride(0) == T * stride))
+    aligned = x.data_ptr() % 16 == 0 and stride * x.element_size() % 16 == 0
+    return x if packed and aligned else x.contiguous()
+
+
+def _only(args: dict, *names: str) -> dict:
+    """The launch arguments without the strides of the inputs that a kernel does not take."""
+    return {key: value for key, value in args.items() if key not in names}
 
 
 def _options(kernel: str, q: torch.Tensor, programs: int) -> dict:
@@ -194,8 +235,8 @@ def _block(n: int) -> int:
 def _forward(q, k, v, g, scale, h0, output_final_state, splits=1, order=None):
     fwd, _, _ = _kernels()
     B, T, H, K = q.shape
-    args = _launch_args(q, v, splits, order)
-    o = torch.empty_like(v, dtype=q.dtype)
+    args = _launch_args(q, k, v, g, splits, order)
+    o = torch.empty_like(v, dtype=q.dtype, memory_format=torch.contiguous_format)
     ht = q.new_empty(B, H, K, v.shape[-1], dtype=torch.float32) if output_final_state else None
     if args["NS"] > 1:
         h0 = _split_start_states(k, v, g, order, args)[0]
@@ -211,7 +252,7 @@ def _split_start_states(k, v, g, order, args):
     NS = args["NS"]
     local = k.new_empty(B * H, NS, K, v.shape[-1], dtype=torch.float32)
     gsum = k.new_empty(B * H, NS, K, dtype=torch.float32)
-    states_kernel[(B * H, NS)](k, v, g, local, gsum, order, **args, num_warps=NUM_WARPS)
+    states_kernel[(B * H, NS)](k, v, g, local, gsum, order, **_only(args, "STRIDE_Q"), num_warps=NUM_WARPS)
     starts = torch.empty_like(local)
     scan[(B * H,)](local, gsum, starts, K=K, V=v.shape[-1], BK=args["BK"], BV=args["BV"], NS=NS, REVERSE=False,
                    num_warps=NUM_WARPS)
@@ -224,7 +265,8 @@ def _split_end_state_grads(q, g, do, gsum, order, scale, args):
     B, T, H, K = q.shape
     NS, V = args["NS"], do.shape[-1]
     local = q.new_empty(B * H, NS, K, V, dtype=torch.float32)
-    grads_kernel[(B * H, NS)](q, g, do, local, order, scale, **args, num_warps=NUM_WARPS)
+    grads_kernel[(B * H, NS)](q, g, do, local, order, scale, **_only(args, "STRIDE_K", "STRIDE_V"),
+                              num_warps=NUM_WARPS)
     ends = torch.empty_like(local)
     scan[(B * H,)](local, gsum, ends, K=K, V=V, BK=args["BK"], BV=args["BV"], NS=NS, REVERSE=True,
                    num_warps=NUM_WARPS)
@@ -236,7 +278,7 @@ def _backward(q, k, v, g, h0, scale, do, dht, need_dh0, splits=1, order=None):
     B, T, H, K = q.shape
     do = do.contiguous()
     dht = dht.contiguous() if dht is not None else None
-    args = _launch_args(q, v, splits, order)
+    args = _launch_args(q, k, v, g, splits, order)
     NS = args["NS"]
     dq = torch.empty(q.shape, dtype=torch.float32, device=q.device)
     final_dg = torch.empty(B, H, K, dtype=torch.float32, device=q.device) if dht is not None else None
@@ -248,8 +290,9 @@ def _backward(q, k, v, g, h0, scale, do, dht, need_dh0, splits=1, order=None):
     bwd_dq[(B * H, NS)](q, k, v, g, do, dq, dht, final_dg, h0, order, scale, FACTORISED_MAX_DECAY,
                         USE_H0=h0 is not None, USE_DHT=dht is not None and NS == 1,
                         **{**args, **_options("bwd_dq", q, B * H * NS)})
-    dk, dv = torch.empty_like(k), torch.empty_like(v)
-    dg = torch.empty_like(g, dtype=torch.float32) if NS > 1 else torch.empty_like(g)
+    contiguous = torch.contiguous_format
+    dk, dv = torch.empty_like(k, memory_format=contiguous), torch.empty_like(v, memory_format=contiguous)
+    dg = torch.empty_like(g, dtype=torch.float32 if NS > 1 else g.dtype, memory_format=contiguous)
     dh0 = torch.empty_like(h0, dtype=torch.float32) if h0 is not None and need_dh0 and NS == 1 else None
     bwd_dkv[(B * H, NS)](q, k, v, g, do, dq, dk, dv, dg, dht, final_dg, dh0, dgsum, order, scale,
                          FACTORISED_MAX_DECAY,
@@ -286,7 +329,7 @@ class _FusedChunkGLA(torch.autograd.Function):
 @torch.library.custom_op("dig::gla_fused_chunk", mutates_args=())
 def gla_fused_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
                     scale: float, splits: int = 0, order: torch.Tensor | None = None) -> torch.Tensor:
-    q, k, v, g = (x.contiguous() for x in (q, k, v, g))
+    q, k, v, g = (_rows_in_place(x) for x in (q, k, v, g))
     return _forward(q, k, v, g, scale, None, False, _splits_for(q, splits), order)[0]
 
 
@@ -300,7 +343,7 @@ def gla_fused_chunk_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
                              do: torch.Tensor, scale: float, splits: int = 0,
                              order: torch.Tensor | None = None) -> tuple[
                                  torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    q, k, v, g = (x.contiguous() for x in (q, k, v, g))
+    q, k, v, g = (_rows_in_place(x) for x in (q, k, v, g))  # the forward's inputs, saved as they came
     return _backward(q, k, v, g, None, scale, do, None, False, _splits_for(q, splits), order)[:4]
 
 
@@ -352,8 +395,8 @@ def gla_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tenso
         return torch.ops.dig.gla_fused_chunk(q, k, v, g, scale, splits or 0, order), None
     if initial_state is not None:
         initial_state = initial_state.float().contiguous()
-    return _FusedChunkGLA.apply(q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(), scale,
-                                initial_state, output_final_state, order)
+    return _FusedChunkGLA.apply(*(_rows_in_place(x) for x in (q, k, v, g)), scale, initial_state,
+                                output_final_state, order)
 
 
 def checked_token_order(token_order: torch.Tensor, q: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,12 @@ Imported only when backend="triton" is used: importing it needs Triton. Notation
 gc = in-chunk inclusive cumulative gate sum (<= 0, decreasing), gl = the chunk's total gate (its last gc),
 q is already multiplied by the attention scale.
 
+Row strides: q, k, v and g are read at their own token stride (STRIDE_Q, STRIDE_K, STRIDE_V, STRIDE_G elements
+between consecutive tokens; H * K or H * V when contiguous), so that slices of a fused projection's [B, T, X] output
+are read in place (gla_triton.py). The strides are constexprs: a contiguous call compiles to the code it had when
+H * K and H * V were written in. Everything the kernels write (o, dq, dk, dv, dg, states), do and the dq buffer
+stay contiguous.
+
 Dot precision (gla_triton.DOTS_16BIT): every kernel takes two. FAST_PRECISION is for the dots that lose nothing that
 matters in bf16: those whose operands are bf16 values already (dA = do v^T: v is a bf16 input, do the gradient of
 the bf16 output o) and those that feed only o or dv (the forward's, except the state update when the final state
@@ -31,19 +37,14 @@ def _mm(a, b, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _head(T: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-          BK: tl.constexpr, BV: tl.constexpr, NS: tl.constexpr):
-    """This program's (sequence, head) and split of the sequence: where its q/k/g and v/o rows start, and its
-    [K, V] state slot (states are [B * H, NS, K, V])."""
+def _head(H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NS: tl.constexpr):
+    """This program's sequence i_b and head i_h, and its split's [K, V] state slot (states are [B * H, NS, K, V])."""
     i_bh = tl.program_id(0)
-    i_b = (i_bh // H).to(tl.int64)
-    base_qk = i_b * T * H * K + (i_bh % H) * K
-    base_v = i_b * T * H * V + (i_bh % H) * V
     o_k = tl.arange(0, BK)
     o_v = tl.arange(0, BV)
     p_s = (i_bh.to(tl.int64) * NS + tl.program_id(1)) * K * V + o_k[:, None] * V + o_v[None, :]
     m_s = (o_k[:, None] < K) & (o_v[None, :] < V)
-    return base_qk, base_v, p_s, m_s
+    return (i_bh // H).to(tl.int64), i_bh % H, p_s, m_s
 
 
 @triton.jit
@@ -61,18 +62,20 @@ def _split_vector(i_s, K: tl.constexpr, BK: tl.constexpr, NS: tl.constexpr):
 
 
 @triton.jit
-def _load_chunk(q, k, g, v, i_t, base_qk, base_v, order, T: tl.constexpr, H: tl.constexpr, K: tl.constexpr,
-                V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ORDERED: tl.constexpr):
+def _load_chunk(q, k, g, v, i_t, i_b, i_h, order, T: tl.constexpr, H: tl.constexpr, K: tl.constexpr,
+                V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ORDERED: tl.constexpr,
+                STRIDE_Q: tl.constexpr, STRIDE_K: tl.constexpr, STRIDE_V: tl.constexpr, STRIDE_G: tl.constexpr):
     """Chunk i_t's q, k, g and v rows as stored."""
-    p_qk, p_v, m_qk, m_v = _chunk_offsets(i_t, base_qk, base_v, order, T, H, K, V, BT, BK, BV, ORDERED)
-    return _load_at(q, k, g, v, p_qk, p_v, m_qk, m_v)
+    p_q, p_k, p_g, p_v, _, _, m_k, m_v = _chunk_offsets(i_t, i_b, i_h, order, T, H, K, V, BT, BK, BV, ORDERED,
+                                                        STRIDE_Q, STRIDE_K, STRIDE_V, STRIDE_G)
+    return _load_at(q, k, g, v, p_q, p_k, p_g, p_v, m_k, m_v)
 
 
 @triton.jit
-def _load_at(q, k, g, v, p_qk, p_v, m_qk, m_v):
+def _load_at(q, k, g, v, p_q, p_k, p_g, p_v, m_k, m_v):
     """q, k, g and v at a chunk's offsets (padding rows: no decay and no key)."""
-    return (tl.load(q + p_qk, mask=m_qk, other=0.), tl.load(k + p_qk, mask=m_qk, other=0.),
-            tl.load(g + p_qk, mask=m_qk, other=0.), tl.load(v + p_v, mask=m_v, other=0.))
+    return (tl.load(q + p_q, mask=m_k, other=0.), tl.load(k + p_k, mask=m_k, other=0.),
+            tl.load(g + p_g, mask=m_k, other=0.), tl.load(v + p_v, mask=m_v, other=0.))
 
 
 @triton.jit
@@ -84,22 +87,45 @@ def _chunk_values(r_q, r_k, r_g, r_v, scale):
 
 
 @triton.jit
-def _chunk_offsets(i_t, base_qk, base_v, order, T: tl.constexpr, H: tl.constexpr, K: tl.constexpr,
-                   V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ORDERED: tl.constexpr):
-    """Scan steps i_t * BT ... of the sequence; with ORDERED, step s is the token order[s] (DiG's scan directions
-    read in place, no reordered copy of the sequence), else token s."""
+def _chunk_rows(i_t, order, T: tl.constexpr, BT: tl.constexpr, ORDERED: tl.constexpr):
+    """Scan steps i_t * BT ... of the sequence: the tokens they visit and which of them exist. With ORDERED, step s
+    is the token order[s] (DiG's scan directions read in place, no reordered copy of the sequence), else token s."""
     o_t = i_t * BT + tl.arange(0, BT)
     if ORDERED:
         rows = tl.load(order + o_t, mask=o_t < T, other=0).to(tl.int64)
     else:
         rows = o_t.to(tl.int64)
-    o_k = tl.arange(0, BK)
-    o_v = tl.arange(0, BV)
-    m_qk = (o_t[:, None] < T) & (o_k[None, :] < K)
-    m_v = (o_t[:, None] < T) & (o_v[None, :] < V)
-    p_qk = base_qk + rows[:, None] * (H * K) + o_k[None, :]
-    p_v = base_v + rows[:, None] * (H * V) + o_v[None, :]
-    return p_qk, p_v, m_qk, m_v
+    return rows, o_t < T
+
+
+@triton.jit
+def _tile(rows, i_b, i_h, T: tl.constexpr, STRIDE: tl.constexpr, D: tl.constexpr, BD: tl.constexpr):
+    """Offsets of head i_h's [BT, BD] tile at these tokens of sequence i_b in a [B, T, H, D] tensor whose
+    consecutive tokens lie STRIDE elements apart (H * D when contiguous)."""
+    return i_b * T * STRIDE + i_h * D + rows[:, None] * STRIDE + tl.arange(0, BD)[None, :]
+
+
+@triton.jit
+def _tile_mask(m_t, D: tl.constexpr, BD: tl.constexpr):
+    """Which elements of a [BT, BD] tile exist: the token's and the channel's."""
+    return m_t[:, None] & (tl.arange(0, BD)[None, :] < D)
+
+
+@triton.jit
+def _chunk_offsets(i_t, i_b, i_h, order, T: tl.constexpr, H: tl.constexpr, K: tl.constexpr,
+                   V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ORDERED: tl.constexpr,
+                   STRIDE_Q: tl.constexpr, STRIDE_K: tl.constexpr, STRIDE_V: tl.constexpr, STRIDE_G: tl.constexpr):
+    """Chunk i_t's offsets in q, k, g, v (each at its own token stride), then in the contiguous [B, T, H, K] and
+    [B, T, H, V] tensors (o and do, the dq buffer, dq, dk, dv, dg), and the masks of K- and V-wide tiles. A
+    contiguous input's offsets are the same expression as the contiguous tensors': computed once."""
+    rows, m_t = _chunk_rows(i_t, order, T, BT, ORDERED)
+    p_q = _tile(rows, i_b, i_h, T, STRIDE_Q, K, BK)
+    p_k = _tile(rows, i_b, i_h, T, STRIDE_K, K, BK)
+    p_g = _tile(rows, i_b, i_h, T, STRIDE_G, K, BK)
+    p_v = _tile(rows, i_b, i_h, T, STRIDE_V, V, BV)
+    p_k_out = _tile(rows, i_b, i_h, T, H * K, K, BK)
+    p_v_out = _tile(rows, i_b, i_h, T, H * V, V, BV)
+    return p_q, p_k, p_g, p_v, p_k_out, p_v_out, _tile_mask(m_t, K, BK), _tile_mask(m_t, V, BV)
 
 
 @triton.jit
@@ -181,28 +207,31 @@ def fwd_kernel(q, k, v, g, o, h0, ht, order, scale, max_decay,
                T: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
                FAST_PRECISION: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr, NS: tl.constexpr,
-               CPS: tl.constexpr, ORDERED: tl.constexpr, PREFETCH: tl.constexpr = False):
+               CPS: tl.constexpr, ORDERED: tl.constexpr, STRIDE_Q: tl.constexpr, STRIDE_K: tl.constexpr,
+               STRIDE_V: tl.constexpr, STRIDE_G: tl.constexpr, PREFETCH: tl.constexpr = False):
     """Outputs of one split of the sequence (the whole sequence when NS = 1), from its state at the start."""
-    base_qk, base_v, p_s, m_s = _head(T, H, K, V, BK, BV, NS)
+    i_b, i_h, p_s, m_s = _head(H, K, V, BK, BV, NS)
     if USE_H0:
         S = tl.load(h0 + p_s, mask=m_s, other=0.).to(tl.float32)
     else:
         S = tl.zeros([BK, BV], dtype=tl.float32)
     first, end = _split_chunks(T, BT, CPS)
     if PREFETCH:
-        n_q, n_k, n_g, n_v = _load_chunk(q, k, g, v, first, base_qk, base_v, order, T, H, K, V, BT, BK, BV, ORDERED)
+        n_q, n_k, n_g, n_v = _load_chunk(q, k, g, v, first, i_b, i_h, order, T, H, K, V, BT, BK, BV, ORDERED,
+                                         STRIDE_Q, STRIDE_K, STRIDE_V, STRIDE_G)
     for i_t in range(first, end):
-        p_qk, p_v, m_qk, m_v = _chunk_offsets(i_t, base_qk, base_v, order, T, H, K, V, BT, BK, BV, ORDERED)
+        p_q, p_k, p_g, p_v, _, p_o, m_k, m_v = _chunk_offsets(i_t, i_b, i_h, order, T, H, K, V, BT, BK, BV, ORDERED,
+                                                              STRIDE_Q, STRIDE_K, STRIDE_V, STRIDE_G)
         if PREFETCH:  # the next chunk's loads are in flight while this one computes
             r_q, r_k, r_g, r_v = n_q, n_k, n_g, n_v
-            n_q, n_k, n_g, n_v = _load_chunk(q, k, g, v, tl.minimum(i_t + 1, end - 1), base_qk, base_v, order,
-                                             T, H, K, V, BT, BK, BV, ORDERED)
+            n_q, n_k, n_g, n_v = _load_chunk(q, k, g, v, tl.minimum(i_t + 1, end - 1), i_b, i_h, order,
+                                             T, H, K, V, BT, BK, BV, ORDERED, STRIDE_Q, STRIDE_K, STRIDE_V, STRIDE_G)
         else:
-            r_q, r_k, r_g, r_v = _load_at(q, k, g, v, p_qk, p_v, m_qk, m_v)
+            r_q, r_k, r_g, r_v = _load_at(q, k, g, v, p_q, p_k, p_g, p_v, m_k, m_v)
         b_q, b_k, b_v, gc, gl = _chunk_values(r_q, r_k, r_g, r_v, scale)
         A = _scores(b_q, b_k, gc, gl, max_decay, FAST_PRECISION, BT)
         b_o = _mm(A, b_v, FAST_PRECISION) + _mm(b_q * tl.exp(gc), S, FAST_PRECISION)
-        tl.store(o + p_v, b_o.to(o.dtype.element_ty), mask=m_v)
+        tl.store(o + p_o, b_o.to(o.dtype.element_ty), mask=m_v)
         if STORE_HT:  # the final state is an output (a later call's initial state): built as the backward's
             S = _next_state(S, b_k, b_v, gc, gl, PRECISION)
         else:
@@ -216,24 +245,26 @@ def bwd_dq_kernel(q, k, v, g, do, dq, dht, final_dg, h0, order, scale, max_decay
                   T: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                   BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
                   FAST_PRECISION: tl.constexpr, USE_H0: tl.constexpr, USE_DHT: tl.constexpr, NS: tl.constexpr,
-                  CPS: tl.constexpr, ORDERED: tl.constexpr):
+                  CPS: tl.constexpr, ORDERED: tl.constexpr, STRIDE_Q: tl.constexpr, STRIDE_K: tl.constexpr,
+                  STRIDE_V: tl.constexpr, STRIDE_G: tl.constexpr):
     """Forward sweep over one split: dq in float32 and, with a final-state gradient (NS = 1 only), the
     gate-gradient term sum_v S_T * dS_T that every position's dg receives."""
-    base_qk, base_v, p_s, m_s = _head(T, H, K, V, BK, BV, NS)
+    i_b, i_h, p_s, m_s = _head(H, K, V, BK, BV, NS)
     if USE_H0:
         S = tl.load(h0 + p_s, mask=m_s, other=0.).to(tl.float32)
     else:
         S = tl.zeros([BK, BV], dtype=tl.float32)
     first, end = _split_chunks(T, BT, CPS)
     for i_t in range(first, end):
-        p_qk, p_v, m_qk, m_v = _chunk_offsets(i_t, base_qk, base_v, order, T, H, K, V, BT, BK, BV, ORDERED)
-        r_q, r_k, r_g, r_v = _load_at(q, k, g, v, p_qk, p_v, m_qk, m_v)
+        p_q, p_k, p_g, p_v, p_dq, p_do, m_k, m_v = _chunk_offsets(i_t, i_b, i_h, order, T, H, K, V, BT, BK, BV,
+                                                                  ORDERED, STRIDE_Q, STRIDE_K, STRIDE_V, STRIDE_G)
+        r_q, r_k, r_g, r_v = _load_at(q, k, g, v, p_q, p_k, p_g, p_v, m_k, m_v)
         b_q, b_k, b_v, gc, gl = _chunk_values(r_q, r_k, r_g, r_v, scale)
-        b_do = tl.load(do + p_v, mask=m_v, other=0.).to(tl.float32)
+        b_do = tl.load(do + p_do, mask=m_v, other=0.).to(tl.float32)
         dA = _output_grad_scores(b_do, b_v, FAST_PRECISION, BT)
         b_dq = _scores_grad_q(dA, b_k, gc, gl, max_decay, PRECISION, BT)
         b_dq += _mm(b_do, tl.trans(S), PRECISION) * tl.exp(gc)
-        tl.store(dq + p_qk, b_dq * scale, mask=m_qk)
+        tl.store(dq + p_dq, b_dq * scale, mask=m_k)
         S = _next_state(S, b_k, b_v, gc, gl, PRECISION)
     if USE_DHT:
         o_k = tl.arange(0, BK)
@@ -246,11 +277,12 @@ def bwd_dkv_kernel(q, k, v, g, do, dq, dk, dv, dg, dht, final_dg, dh0, dgsum, or
                    T: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
                    FAST_PRECISION: tl.constexpr, USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, NS: tl.constexpr,
-                   CPS: tl.constexpr, ORDERED: tl.constexpr):
+                   CPS: tl.constexpr, ORDERED: tl.constexpr, STRIDE_Q: tl.constexpr, STRIDE_K: tl.constexpr,
+                   STRIDE_V: tl.constexpr, STRIDE_G: tl.constexpr):
     """Reverse sweep over one split: dk, dv, and dg as the reverse cumulative sum of q*dq - k*dk. The state
     gradient at the split's end comes from dht ([B * H, NS, K, V]); with NS > 1 the split's dg lacks the sum of
     q*dq - k*dk over the splits after it, and that split total is stored in dgsum for the caller to add."""
-    base_qk, base_v, p_s, m_s = _head(T, H, K, V, BK, BV, NS)
+    i_b, i_h, p_s, m_s = _head(H, K, V, BK, BV, NS)
     o_k = tl.arange(0, BK)
     if USE_DHT:
         dS = tl.load(dht + p_s, mask=m_s, other=0.).to(tl.float32)
@@ -263,22 +295,23 @@ def bwd_dkv_kernel(q, k, v, g, do, dq, dk, dv, dg, dht, final_dg, dh0, dgsum, or
     first, end = _split_chunks(T, BT, CPS)
     for i_r in range(0, end - first):
         i_t = end - 1 - i_r
-        p_qk, p_v, m_qk, m_v = _chunk_offsets(i_t, base_qk, base_v, order, T, H, K, V, BT, BK, BV, ORDERED)
-        r_q, r_k, r_g, r_v = _load_at(q, k, g, v, p_qk, p_v, m_qk, m_v)
+        p_q, p_k, p_g, p_v, p_dk, p_dv, m_k, m_v = _chunk_offsets(i_t, i_b, i_h, order, T, H, K, V, BT, BK, BV,
+                                                                  ORDERED, STRIDE_Q, STRIDE_K, STRIDE_V, STRIDE_G)
+        r_q, r_k, r_g, r_v = _load_at(q, k, g, v, p_q, p_k, p_g, p_v, m_k, m_v)
         b_q, b_k, b_v, gc, gl = _chunk_values(r_q, r_k, r_g, r_v, scale)
-        b_do = tl.load(do + p_v, mask=m_v, other=0.).to(tl.float32)
+        b_do = tl.load(do + p_dv, mask=m_v, other=0.).to(tl.float32)
         to_end = tl.exp(gl[None, :] - gc)
         A = _scores(b_q, b_k, gc, gl, max_decay, FAST_PRECISION, BT)
         dA = _output_grad_scores(b_do, b_v, FAST_PRECISION, BT)
         b_dk = _scores_grad_k(dA, b_q, gc, gl, max_decay, PRECISION, BT)
         b_dk += _mm(b_v, tl.trans(dS), PRECISION) * to_end
         b_dv = _mm(tl.trans(A), b_do, FAST_PRECISION) + _mm(b_k * to_end, dS, FAST_PRECISION)
-        tl.store(dk + p_qk, b_dk.to(dk.dtype.element_ty), mask=m_qk)
-        tl.store(dv + p_v, b_dv.to(dv.dtype.element_ty), mask=m_v)
-        b_dq = tl.load(dq + p_qk, mask=m_qk, other=0.)  # gradient of the unscaled q
+        tl.store(dk + p_dk, b_dk.to(dk.dtype.element_ty), mask=m_k)
+        tl.store(dv + p_dv, b_dv.to(dv.dtype.element_ty), mask=m_v)
+        b_dq = tl.load(dq + p_dk, mask=m_k, other=0.)  # gradient of the unscaled q
         dG = b_q / scale * b_dq - b_k * b_dk
         b_dg = tl.cumsum(dG, axis=0, reverse=True) + dg_after[None, :]
-        tl.store(dg + p_qk, b_dg.to(dg.dtype.element_ty), mask=m_qk)
+        tl.store(dg + p_dk, b_dg.to(dg.dtype.element_ty), mask=m_k)
         dg_after += tl.sum(dG, axis=0)
         dS = dS * tl.exp(gl)[:, None] + _mm(tl.trans(b_q * tl.exp(gc)), b_do, PRECISION)
     if STORE_DH0:
@@ -296,17 +329,19 @@ def bwd_dkv_kernel(q, k, v, g, do, dq, dk, dv, dg, dht, final_dg, dh0, dgsum, or
 def split_states_kernel(k, v, g, states, gsum, order,
                         T: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                         BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
-                        NS: tl.constexpr, CPS: tl.constexpr, ORDERED: tl.constexpr):
+                        NS: tl.constexpr, CPS: tl.constexpr, ORDERED: tl.constexpr, STRIDE_K: tl.constexpr,
+                        STRIDE_V: tl.constexpr, STRIDE_G: tl.constexpr):
     """The state at a split's end from a zero state at its start, and the split's total gate per channel."""
-    base_qk, base_v, p_s, m_s = _head(T, H, K, V, BK, BV, NS)
+    i_b, i_h, p_s, m_s = _head(H, K, V, BK, BV, NS)
     S = tl.zeros([BK, BV], dtype=tl.float32)
     g_total = tl.zeros([BK], dtype=tl.float32)
     first, end = _split_chunks(T, BT, CPS)
     for i_t in range(first, end):
-        p_qk, p_v, m_qk, m_v = _chunk_offsets(i_t, base_qk, base_v, order, T, H, K, V, BT, BK, BV, ORDERED)
-        b_k = tl.load(k + p_qk, mask=m_qk, other=0.).to(tl.float32)
-        b_g = tl.load(g + p_qk, mask=m_qk, other=0.).to(tl.float32)
-        b_v = tl.load(v + p_v, mask=m_v, other=0.).to(tl.float32)
+        rows, m_t = _chunk_rows(i_t, order, T, BT, ORDERED)
+        m_k, m_v = _tile_mask(m_t, K, BK), _tile_mask(m_t, V, BV)
+        b_k = tl.load(k + _tile(rows, i_b, i_h, T, STRIDE_K, K, BK), mask=m_k, other=0.).to(tl.float32)
+        b_g = tl.load(g + _tile(rows, i_b, i_h, T, STRIDE_G, K, BK), mask=m_k, other=0.).to(tl.float32)
+        b_v = tl.load(v + _tile(rows, i_b, i_h, T, STRIDE_V, V, BV), mask=m_v, other=0.).to(tl.float32)
         gl = tl.sum(b_g, axis=0)
         S = _next_state(S, b_k, b_v, tl.cumsum(b_g, axis=0), gl, PRECISION)
         g_total += gl
@@ -319,17 +354,18 @@ def split_states_kernel(k, v, g, states, gsum, order,
 def split_state_grads_kernel(q, g, do, dstates, order, scale,
                              T: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                              BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
-                             NS: tl.constexpr, CPS: tl.constexpr, ORDERED: tl.constexpr):
+                             NS: tl.constexpr, CPS: tl.constexpr, ORDERED: tl.constexpr, STRIDE_Q: tl.constexpr,
+                             STRIDE_G: tl.constexpr):
     """The gradient of the state at a split's start from the split's own outputs."""
-    base_qk, base_v, p_s, m_s = _head(T, H, K, V, BK, BV, NS)
+    i_b, i_h, p_s, m_s = _head(H, K, V, BK, BV, NS)
     dS = tl.zeros([BK, BV], dtype=tl.float32)
     first, end = _split_chunks(T, BT, CPS)
     for i_r in range(0, end - first):
-        p_qk, p_v, m_qk, m_v = _chunk_offsets(end - 1 - i_r, base_qk, base_v, order, T, H, K, V, BT, BK, BV,
-                                               ORDERED)
-        b_q = tl.load(q + p_qk, mask=m_qk, other=0.).to(tl.float32) * scale
-        b_g = tl.load(g + p_qk, mask=m_qk, other=0.).to(tl.float32)
-        b_do = tl.load(do + p_v, mask=m_v, other=0.).to(tl.float32)
+        rows, m_t = _chunk_rows(end - 1 - i_r, order, T, BT, ORDERED)
+        m_k, m_v = _tile_mask(m_t, K, BK), _tile_mask(m_t, V, BV)
+        b_q = tl.load(q + _tile(rows, i_b, i_h, T, STRIDE_Q, K, BK), mask=m_k, other=0.).to(tl.float32) * scale
+        b_g = tl.load(g + _tile(rows, i_b, i_h, T, STRIDE_G, K, BK), mask=m_k, other=0.).to(tl.float32)
+        b_do = tl.load(do + _tile(rows, i_b, i_h, T, H * V, V, BV), mask=m_v, other=0.).to(tl.float32)
         dS = dS * tl.exp(tl.sum(b_g, axis=0))[:, None] + _mm(tl.trans(b_q * tl.exp(tl.cumsum(b_g, axis=0))), b_do,
                                                               PRECISION)
     tl.store(dstates + p_s, dS, mask=m_s)
