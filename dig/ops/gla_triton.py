@@ -51,11 +51,13 @@ CHUNK = 16
 NUM_WARPS = 4
 # Launch options per kernel when a call has at least BUSY_PROGRAMS_PER_SM programs per SM (DiG-XL/2 at 32 images
 # per GPU: 576 programs for 132 SMs). Then how many programs an SM holds at once (registers x threads) and the
-# latency of each chunk's loads decide the time: the forward capped at 96 registers (5 programs per SM instead of 3)
-# with its loads one chunk ahead, the dk/dv/dg sweep in 2 warps. Measured per kernel by bench.tune_gla_launch
-# (BENCHMARKS.md); with fewer programs per SM (high resolution, sequence splits) these lose and NUM_WARPS alone runs.
+# latency of each chunk's loads decide the time: the forward and the dq sweep in one warp each (0.84-0.88x and
+# 0.96-0.97x the time of the earlier 4 warps capped at 96 registers with loads a chunk ahead, and of 4 warps, with
+# the `mixed` dots; 0.71x / 0.94x at 128 images), the dk/dv/dg sweep in 2 warps. Measured per kernel in rotating
+# rounds by bench.tune_gla_launch (BENCHMARKS.md, 2026-11-30); with fewer programs per SM (high resolution,
+# sequence splits) these lose and NUM_WARPS alone runs.
 BUSY_PROGRAMS_PER_SM = 4
-LAUNCH_BUSY: dict[str, dict] = {"fwd": {"maxnreg": 96, "PREFETCH": True}, "bwd_dq": {}, "bwd_dkv": {"num_warps": 2}}
+LAUNCH_BUSY: dict[str, dict] = {"fwd": {"num_warps": 1}, "bwd_dq": {"num_warps": 1}, "bwd_dkv": {"num_warps": 2}}
 # kernel -> its whole launch option set, replacing the above (benchmarks, tests). Its dots follow DOTS_16BIT below
 # unless it sets PRECISION (bench.tune_gla_launch's `t`, `m`, `b` option sets), FAST_PRECISION following PRECISION
 # when unset.
