@@ -397,6 +397,21 @@ def test_non_square_latents_supported():
         assert out.shape == (2, 8, 8, 12) and torch.isfinite(out).all()
 
 
+def output_and_grads(model, x, t, y):
+    """The model's output on (x, t, y) and every parameter's gradient of mean(output^2)."""
+    torch.manual_seed(12)  # the same label dropout draw for every model
+    out = model(x, t, y)
+    out.square().mean().backward()
+    return out, {n: p.grad for n, p in model.named_parameters()}
+
+
+def assert_same_output_and_grads(reference, other, rtol=1e-5, atol=1e-7):
+    (ref, ref_grads), (out, grads) = reference, other
+    torch.testing.assert_close(out, ref, rtol=rtol, atol=atol)
+    for n in ref_grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], rtol=rtol, atol=atol, msg=lambda m, n=n: f"{n}: {m}")
+
+
 @pytest.mark.parametrize("scope", ["blocks", "stack"])
 @pytest.mark.parametrize("name", ["DiG-S/2", "U-DiG-S/2"])
 def test_compiled_blocks_equal_eager_with_reorientation_inside(name, scope):
@@ -412,18 +427,9 @@ def test_compiled_blocks_equal_eager_with_reorientation_inside(name, scope):
     compiled = copy.deepcopy(eager)
     compiled.compile_blocks() if scope == "blocks" else compiled.compile_block_stack()
     x, t, y = torch.randn(2, 4, 4, 6, dtype=torch.float64), torch.tensor([3, 600]), torch.tensor([1, 2])
-    results = []
-    for model in (eager, compiled):
-        torch.manual_seed(12)  # same label dropout draw
-        out = model(x, t, y)
-        out.square().mean().backward()
-        results.append((out, {n: p.grad for n, p in model.named_parameters()}))
-    (ref, ref_grads), (out, grads) = results
     # (the torch GLA backend computes in float32 between the compiled parts: float64 elsewhere, so the two agree
     # to float32 rounding; a misplaced token would be off by O(1))
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-7)
-    for n in ref_grads:
-        torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-5, atol=1e-7, msg=lambda m, n=n: f"{n}: {m}")
+    assert_same_output_and_grads(*(output_and_grads(m, x, t, y) for m in (eager, compiled)))
     if scope == "stack":
         return
     counters = torch._dynamo.utils.counters
@@ -486,15 +492,10 @@ def test_fused_projections_compute_the_separate_projections(compiled):
         torch._dynamo.reset()
         if compiled:
             model.compile_blocks()
-        torch.manual_seed(12)  # same label dropout draw
-        out = model(x, t, y)
-        out.square().mean().backward()
-        results.append((out, {n: p.grad for n, p in model.named_parameters()}))
-    (ref, ref_grads), (out, grads) = results
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-7)
-    for n in ref_grads:
-        assert ref_grads[n] is not None and ref_grads[n].abs().max() > 0 or "attn" not in n, n
-        torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-5, atol=1e-7, msg=lambda m, n=n: f"{n}: {m}")
+        results.append(output_and_grads(model, x, t, y))
+    for n, grad in results[0][1].items():  # the projections' gradients are there to compare
+        assert "attn" not in n or grad.abs().max() > 0, n
+    assert_same_output_and_grads(*results)
 
 
 def test_block_stack_compile_refuses_checkpointed_blocks():
