@@ -132,7 +132,8 @@ def main(argv=None) -> None:
         for n in names:
             columns += [f"{n}_{d}_kernel_ms", f"{n}_{d}_floor_x"]
         columns.append(f"conv2d_over_flipped_{d}")
-        tables.append(f"depthwise conv 3x3 {title}, GPU kernel time per call ({'bf16' if device.type == 'cuda' else 'fp32'}, "
+        dtype = "bf16" if device.type == "cuda" else "fp32"
+        tables.append(f"depthwise conv 3x3 {title}, GPU kernel time per call ({dtype}, "
                       f"C {C}); floor at {args.bandwidth / 1e12:.2f} TB/s\n" + fmt_table(rows, columns))
         tables.append(f"depthwise conv 3x3 {title}, wall time per call (host launches included)\n"
                       + fmt_table(rows, ["res", "batch"] + [f"{n}_{d}_ms" for n in names]))

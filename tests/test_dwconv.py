@@ -1,10 +1,11 @@
 """DiG's depthwise 3x3 convolution (dig/ops/dwconv.py: F.conv2d forward, the input gradient as a forward convolution
 of dy with the taps flipped) against an independent float64 reference: y = bias + the sum of the nine shifted
 copies of the zero-padded token grid, each times its tap, written out in plain torch ops; gradients by float64
-autograd. On the CPU in float32 and float64 (grids that are not square, one row or one column high, no bias);
-torch.compile keeps it in one graph whose backward convolves dy instead of calling the input-gradient kernel; DiG's
-blocks with it equal DiG's blocks with F.conv2d. GPU tests (`pytest -m gpu tests/test_dwconv.py`): bf16 and fp32 at
-DiG-XL/2's shapes, under autocast, and DiG's blocks.
+autograd. On the CPU in float32 and float64 (grids that are not square, one row or one column high, no bias), with
+frozen inputs, and under bf16 autocast against F.conv2d's; torch.compile keeps it in one graph whose backward
+convolves dy instead of calling the input-gradient kernel; DiG's blocks with it equal DiG's blocks with F.conv2d.
+GPU tests (`pytest -m gpu tests/test_dwconv.py`): bf16 and fp32 at DiG-XL/2's shapes, under autocast, and DiG's
+blocks.
 
 Tolerances, elementwise: |got - ref| <= rtol * magnitude + atol * max|ref|, with rtol the compute dtype's rounding
 (bf16: one ulp, 2^-7, since y is rounded twice) and magnitude |ref| (for y with a bias, |y - bias| + |bias|: a bf16
@@ -100,8 +101,8 @@ def test_cpu_matches_float64(case):
 
 
 def test_compiled_is_one_graph_whose_backward_convolves_dy():
-    """torch.compile(fullgraph=True) around the function: one graph, no break; the backward graph holds two forward
-    convolutions (y's recomputation is not needed: the forward's, and dx's of dy) and a convolution backward for the
+    """torch.compile(fullgraph=True) around the function: one graph, no break; the forward graph holds one
+    convolution, the backward graph one (dx: dy convolved with the flipped taps) and a convolution backward for the
     weight only (output_mask [False, True, False]), not the input-gradient kernel; compiled = eager."""
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
@@ -141,21 +142,67 @@ def test_compiled_is_one_graph_whose_backward_convolves_dy():
         "aten.convolution_backward"
 
 
+@pytest.mark.parametrize("frozen", ["x", "weight", "bias", "weight+bias"])
+def test_frozen_inputs_get_no_gradient_and_the_others_the_right_one(frozen):
+    """Only the inputs that require a gradient get one (the Function skips the others' convolutions), equal to
+    F.conv2d's."""
+    (x, weight, bias), _ = make_case((2, 4, 5, 16), f32, True, f32, seed=7)
+    grads = []
+    for conv in (depthwise_conv3x3, depthwise_conv3x3_torch):
+        leaves = [t.clone().requires_grad_(name not in frozen.split("+"))
+                  for name, t in zip(("x", "weight", "bias"), (x, weight, bias))]
+        conv(*leaves).square().sum().backward()
+        grads.append([t.grad for t in leaves])
+    for name, got, want in zip(("x", "weight", "bias"), *grads):
+        if name in frozen.split("+"):
+            assert got is None and want is None, name
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_cpu_autocast_matches_conv2d_under_autocast():
+    """float32 inputs under CPU bf16 autocast: computed from the same bf16 casts F.conv2d makes under autocast, y in
+    bf16 and every gradient in float32 as F.conv2d's; float64 stays float64 (autocast leaves it alone). The CPU's
+    bf16 convolutions do not sum in float32, so this compares with F.conv2d under autocast, not float64."""
+    (x, weight, bias), _ = make_case((2, 6, 5, 32), f32, True, bf16, seed=8)
+    results = []
+    for flipped in (True, False):
+        leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+        with torch.autocast("cpu", dtype=bf16):
+            y = depthwise_conv3x3(*leaves, flipped_input_grad=flipped)
+        y.float().square().sum().backward()
+        results.append([y, *(t.grad for t in leaves)])
+    for name, got, want in zip(("y", "dx", "dweight", "dbias"), *results):
+        assert got.dtype == want.dtype == (bf16 if name == "y" else f32), (name, got.dtype, want.dtype)
+        err = ((got.double() - want.double()).norm() / want.double().norm()).item()
+        assert err < 2e-2, f"{name}: relative error {err:.3g}"
+    with torch.autocast("cpu", dtype=bf16):
+        assert depthwise_conv3x3(x.double(), weight.double(), bias.double()).dtype == f64
+
+
+def dig_with_random_taps(flipped: bool, input_size, device="cpu"):
+    """A four-block DiG-S/2 (every scan direction) whose depthwise convs have random taps and bias (the identity
+    initialisation would hide tap mix-ups) and no zero-initialised layer that would stop the gradients."""
+    from dig.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("DiG-S/2", input_size=input_size, num_classes=10, depth=4,
+                         dw_conv_flipped_grad=flipped).to(device)
+    for block in model.blocks:
+        torch.nn.init.normal_(block.dw_conv.weight, std=0.3)
+        torch.nn.init.normal_(block.dw_conv.bias, std=0.1)
+    for name, p in model.named_parameters():
+        if "adaLN_modulation" in name or name.startswith("final_layer"):
+            torch.nn.init.normal_(p, std=0.02)
+    return model
+
+
 def test_dig_blocks_match_conv2d_backward():
     """A DiG (four blocks: every scan direction, a grid that is not square) in float32: the flipped input gradient
     and F.conv2d's backward give the same output and gradients."""
-    from dig.models import create_model
-
     outputs = []
     for flipped in (True, False):
-        torch.manual_seed(0)
-        model = create_model("DiG-S/2", input_size=(8, 12), num_classes=10, depth=4, dw_conv_flipped_grad=flipped)
-        for block in model.blocks:  # random taps and bias: the identity initialisation would hide tap mix-ups
-            torch.nn.init.normal_(block.dw_conv.weight, std=0.3)
-            torch.nn.init.normal_(block.dw_conv.bias, std=0.1)
-        for name, p in model.named_parameters():  # and no zero-initialised layer that would stop the gradients
-            if "adaLN_modulation" in name or name.startswith("final_layer"):
-                torch.nn.init.normal_(p, std=0.02)
+        model = dig_with_random_taps(flipped, (8, 12))
         gen = torch.Generator().manual_seed(1)
         x = torch.randn(2, 4, 8, 12, generator=gen)
         out = model(x, torch.tensor([1, 999]), torch.tensor([0, 3]))
@@ -205,19 +252,9 @@ def test_gpu_autocast_matches_float64():
 def test_gpu_dig_blocks_match_conv2d_backward():
     """DiG's blocks under bf16 autocast, compiled as training compiles them: the flipped input gradient and F.conv2d's
     backward give the same output and gradients within bf16 rounding."""
-    from dig.models import create_model
-
     outputs = []
     for flipped in (True, False):
-        torch.manual_seed(0)
-        model = create_model("DiG-S/2", input_size=(16, 24), num_classes=10, depth=4,
-                             dw_conv_flipped_grad=flipped).cuda()
-        for block in model.blocks:
-            torch.nn.init.normal_(block.dw_conv.weight, std=0.3)
-            torch.nn.init.normal_(block.dw_conv.bias, std=0.1)
-        for name, p in model.named_parameters():
-            if "adaLN_modulation" in name or name.startswith("final_layer"):
-                torch.nn.init.normal_(p, std=0.02)
+        model = dig_with_random_taps(flipped, (16, 24), device="cuda")
         model.compile_blocks()
         gen = torch.Generator(device="cuda").manual_seed(1)
         x = torch.randn(3, 4, 16, 24, device="cuda", generator=gen)

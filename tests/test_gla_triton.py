@@ -27,6 +27,8 @@ import pytest
 import torch
 
 from interpreter import run_interpreted
+
+from dig.ops.token_rows import token_stride
 from test_gla import FLA_TOL, _norm_err, check, make_inputs, recurrent_gla_float64, run_with_grads
 
 PREFETCH = {"fwd": {"PREFETCH": True}}
@@ -53,7 +55,7 @@ CASES = {  # id: (B, T, H, K, V, gates, with_state, dtype, module settings); "op
     "op-order": (2, 50, 2, 32, 64, "dig", False, torch.float32, {"order": True}),
     "op-order-split3-mixed": (1, 130, 2, 20, 24, "mixed", False, torch.float32, {"order": True, "splits": 3}),
     "order-with-state": (1, 45, 2, 32, 64, "strong", True, torch.float32, {"order": True}),
-    # the forward with its loads one chunk ahead (its launch option on busy GPUs, gla_triton.LAUNCH_BUSY)
+    # the forward with its loads one chunk ahead (bench.tune_gla_launch's `p` option; not a default launch)
     "prefetch-with-state-mixed": (2, 50, 2, 32, 64, "mixed", True, torch.float32, {"LAUNCH_OVERRIDE": PREFETCH}),
     "op-prefetch-order-split3-strong": (1, 130, 2, 20, 24, "strong", False, torch.float32,
                                         {"order": True, "splits": 3, "LAUNCH_OVERRIDE": PREFETCH}),
@@ -331,22 +333,22 @@ def _fused_projection_slices(B, T, H, K, V, dtype=torch.float32):
 def test_rows_in_place_keeps_row_strided_views_and_copies_the_rest():
     """gla_triton._rows_in_place (pure torch): a view is kept (no copy: same data pointer) when its heads and
     channels are packed in each token's row at a 16-byte aligned stride and start; anything else comes back as a
-    contiguous copy, and _token_stride says the stride the kernels are then given."""
+    contiguous copy, and token_rows.token_stride says the stride the kernels are then given."""
     module = importlib.import_module("dig.ops.gla_triton")
     for dtype in (torch.float32, torch.bfloat16):
         for x in _fused_projection_slices(2, 10, 18, 32, 64, dtype):
-            assert module._rows_in_place(x) is x and module._token_stride(x) == 2 * 18 * 32 + 18 * 64 + 24
+            assert module._rows_in_place(x) is x and token_stride(x) == 2 * 18 * 32 + 18 * 64 + 24
     one_image = _fused_projection_slices(1, 10, 18, 32, 64)[1]
     assert module._rows_in_place(one_image) is one_image
     every_second_token = torch.zeros(2, 10, 200)[:, ::2, :24].view(2, 5, 3, 8)
     assert module._rows_in_place(every_second_token) is every_second_token
-    assert module._token_stride(every_second_token) == 400
+    assert token_stride(every_second_token) == 400
     contiguous = torch.zeros(2, 10, 3, 8)
-    assert module._rows_in_place(contiguous) is contiguous and module._token_stride(contiguous) == 24
+    assert module._rows_in_place(contiguous) is contiguous and token_stride(contiguous) == 24
     # T = 1 (and a size-1 batch): torch leaves those strides free; the kernels are given a stride that works
     single = torch.zeros(2, 1, 3, 8).as_strided((2, 1, 3, 8), (24, 5, 8, 1))
-    assert single.is_contiguous() and module._token_stride(single) == 24
-    assert module._token_stride(torch.zeros(1, 1, 3, 8).as_strided((1, 1, 3, 8), (7, 5, 8, 1))) == 24
+    assert single.is_contiguous() and token_stride(single) == 24
+    assert token_stride(torch.zeros(1, 1, 3, 8).as_strided((1, 1, 3, 8), (7, 5, 8, 1))) == 24
     big = torch.zeros(2, 10, 200)
     copied = {
         "transposed": torch.zeros(2, 3, 10, 8).transpose(1, 2),   # heads outermost
@@ -360,4 +362,4 @@ def test_rows_in_place_keeps_row_strided_views_and_copies_the_rest():
     for why, x in copied.items():
         y = module._rows_in_place(x)
         assert y.is_contiguous() and y.data_ptr() != x.data_ptr() and torch.equal(y, x), why
-        assert module._token_stride(y) == 24, why
+        assert token_stride(y) == 24, why

@@ -498,6 +498,18 @@ def test_fused_projections_compute_the_separate_projections(compiled):
     assert_same_output_and_grads(*results)
 
 
+def test_retired_override_is_named_and_dropped_from_saved_kwargs():
+    """A retired runtime option (dw_conv_kernel) is refused with what replaced it; a checkpoint's saved kwargs that
+    still carry it build the model without it."""
+    from dig.models import without_retired
+
+    with pytest.raises(ValueError, match="retired override.*dw_conv_kernel.*dw_conv_flipped_grad"):
+        create_model("DiG-S/2", **TINY, dw_conv_kernel=True)
+    saved = {**TINY, "dw_conv_kernel": False, "depth": 2}
+    assert without_retired(saved) == {**TINY, "depth": 2}
+    assert len(create_model("DiG-S/2", **without_retired(saved)).blocks) == 2
+
+
 def test_block_stack_compile_refuses_checkpointed_blocks():
     """Dynamo would leave checkpointed blocks eager inside the one compiled region: a clear error, not a slow model."""
     model = create_model("DiG-S/2", **TINY, grad_checkpointing=True)

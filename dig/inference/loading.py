@@ -43,8 +43,8 @@ def load_model(source: str, device: str | torch.device = "cpu", **overrides):
 
 
 def _build(info: dict, state: dict, device, overrides: dict):
-    from dig.models import create_model
+    from dig.models import create_model, without_retired
 
-    model = create_model(info["model"], **{**info["model_kwargs"], **overrides})
+    model = create_model(info["model"], **{**without_retired(info["model_kwargs"]), **overrides})
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     return model.to(device).eval().requires_grad_(False)

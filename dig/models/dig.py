@@ -112,7 +112,8 @@ class GatedLinearAttention(nn.Module):
         weights concatenated per call: the parameters and their names stay the release's). The GLA and norm-gate
         kernels read the slices in place."""
         linears = (self.q_proj, self.k_proj, self.v_proj, self.g_proj, self.gk_proj[0])
-        out = F.linear(x, torch.cat([m.weight for m in linears]))
+        # (x is already in autocast's dtype: casting each weight before the concatenation halves its bytes)
+        out = F.linear(x, torch.cat([m.weight.to(x.dtype) for m in linears]))
         return out.split([m.out_features for m in linears], dim=-1)
 
 
@@ -246,9 +247,10 @@ class DiG(LatentDiffusionTransformer):
     dw_conv_flipped_grad (default): the depthwise conv's input gradient as cuDNN's forward convolution of the output
     gradient with the taps flipped (dig/ops/dwconv.py), half the time of cuDNN's input-gradient kernel; false:
     F.conv2d's backward. fused_projections (off): each GLA layer's five input projections as one GEMM, its output's
-    column slices read in place by the GLA and norm-gate kernels (GatedLinearAttention._fused_projections).
-    mlp_recompute (default): each SwiGLU recomputes silu(gate) * up in the backward instead of saving it (SwiGLU.recompute_product): peak
-    memory at 512 px / 32 images on one H200 47.6 GiB instead of 52.8 (DiT-XL/2: 47.8) for 0-1 % of the speed."""
+    column slices read in place by the GLA and norm-gate kernels (GatedLinearAttention._fused_projections; 0.5-1.3 %
+    slower than five GEMMs on an H200, BENCHMARKS.md). mlp_recompute (default): each SwiGLU recomputes silu(gate) * up
+    in the backward instead of saving it (SwiGLU.recompute_product): peak memory at 512 px / 32 images on one H200
+    47.6 GiB instead of 52.8 (DiT-XL/2: 47.8) for 0-1 % of the speed."""
 
     def __init__(self, *, depth: int, hidden_size: int, num_heads: int, patch_size: int, mlp_ratio: float = 4.0,
                  input_size: int | tuple[int, int] = 32, in_channels: int = 4, num_classes: int = 1000,

@@ -17,6 +17,15 @@ _DIG_XL_HEADS = 18
 _PATCHES = (2, 4, 8)
 # Overrides that are fixed by the name and so are not accepted.
 _FIXED = {"patch_size", "long_skip"}
+# Runtime-only options that no longer exist (they never changed the weights): checkpoints that recorded them still
+# load, and a user who passes one is told what replaced it.
+RETIRED_OVERRIDES = {"dw_conv_kernel": "the depthwise conv's Triton kernels were removed; its backward is now "
+                                       "chosen by dw_conv_flipped_grad (2026-11-30)"}
+
+
+def without_retired(model_kwargs: dict) -> dict:
+    """A checkpoint's saved model kwargs without the retired runtime options."""
+    return {k: v for k, v in model_kwargs.items() if k not in RETIRED_OVERRIDES}
 
 
 def _registry() -> dict[str, Callable[..., nn.Module]]:
@@ -57,6 +66,9 @@ def create_model(name: str, **overrides) -> nn.Module:
     factory = _get(name)
     allowed = allowed_overrides(name)
     unknown = sorted(set(overrides) - set(allowed))
+    retired = [f"{k}: {RETIRED_OVERRIDES[k]}" for k in unknown if k in RETIRED_OVERRIDES]
+    if retired:
+        raise ValueError(f"retired override(s) for {name}: {'; '.join(retired)}")
     if unknown:
         raise ValueError(f"unknown override(s) {unknown} for {name}; allowed: {', '.join(allowed)}")
     return factory(**overrides)

@@ -11,8 +11,8 @@ shapes (C = 1152, bf16), 0.065 against 0.127 ms per call at 512 px / 32 images a
 
 Under torch.compile the function's forward and backward are traced into the block's graph (an autograd.Function
 of aten ops), so inductor treats these convolutions as it treats F.conv2d's. Under autocast x, weight and bias are
-cast to the autocast dtype first, as autocast casts a convolution's inputs, so the saved x is the one the
-convolution read.
+cast first by autocast's rule for a convolution (floating-point inputs other than float64 to the autocast dtype),
+so the saved x is the one the convolution read.
 
 Triton kernels for this convolution were written and measured (git history, e712747): a row-sweeping forward
 (0.090 ms at 512 px), a flat-tile forward (0.098), fused and split backwards, a flat-tile weight gradient (0.12
@@ -60,8 +60,9 @@ def depthwise_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     if not flipped_input_grad:
         return depthwise_conv3x3_torch(x, weight, bias)
     device_type = x.device.type
-    if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        # autocast's rule for a convolution: floating-point inputs other than float64 in the autocast dtype
         dtype = torch.get_autocast_dtype(device_type)
-        x, weight = x.to(dtype), weight.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
+        x, weight, bias = (t if t is None or not t.is_floating_point() or t.dtype == torch.float64 else t.to(dtype)
+                           for t in (x, weight, bias))
     return _DepthwiseConv3x3.apply(x, weight, bias)

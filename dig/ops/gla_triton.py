@@ -32,8 +32,9 @@ Row-strided inputs. q, k, v and g are read at their own token stride: a [B, T, H
 are packed (strides (T * S, S, D, 1), S >= H * D) is read in place. DiG computes its input projections as one GEMM
 and slices q, k and v out of its [B, T, X] output; copying those slices to contiguous tensors cost 2.9 ms per
 DiG-XL/2 training step on an H200, more than fusing the GEMMs saved. Other layouts, and views the kernels' vector
-loads could not read aligned, are copied first (`_rows_in_place`). Each stride is a compile-time constant of the
-kernels: a contiguous call compiles to the code it had before strides existed, a new X compiles once more.
+loads could not read aligned, are copied first (`_rows_in_place`, `token_rows.py`). Each stride is a compile-time
+constant of the kernels: a contiguous call compiles to the code it had before strides existed, a new X compiles
+once more.
 Outputs and gradients are always contiguous.
 
 The reference is `gla_torch.py` (exact, float32/float64); tests run these kernels on GPUs and, through Triton's
@@ -46,6 +47,8 @@ import importlib.util
 import os
 
 import torch
+
+from .token_rows import readable_in_place, token_stride
 
 CHUNK = 16
 NUM_WARPS = 4
@@ -172,34 +175,14 @@ def _launch_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Ten
     B, T, H, K = q.shape
     NS, CPS = _split_layout(T, splits)
     return dict(T=T, H=H, K=K, V=v.shape[-1], BT=CHUNK, BK=_block(K), BV=_block(v.shape[-1]),
-                PRECISION=_precision(q), NS=NS, CPS=CPS, ORDERED=order is not None, STRIDE_Q=_token_stride(q),
-                STRIDE_K=_token_stride(k), STRIDE_V=_token_stride(v), STRIDE_G=_token_stride(g))
-
-
-def _token_stride(x: torch.Tensor) -> int:
-    """Elements between consecutive tokens of a [B, T, H, D] input as the kernels read it (H * D if contiguous).
-    A size-1 dimension's stride means nothing (torch may report anything for it): the batch's, or H * D."""
-    B, T, H, D = x.shape
-    if T > 1:
-        return x.stride(1)
-    return x.stride(0) if B > 1 else H * D
+                PRECISION=_precision(q), NS=NS, CPS=CPS, ORDERED=order is not None, STRIDE_Q=token_stride(q),
+                STRIDE_K=token_stride(k), STRIDE_V=token_stride(v), STRIDE_G=token_stride(g))
 
 
 def _rows_in_place(x: torch.Tensor) -> torch.Tensor:
-    """x itself if the kernels can read it where it is, else a contiguous copy. In place: contiguous, or tokens
-    `_token_stride(x)` apart with heads and channels packed in each token's row (a slice of a fused projection's
-    [B, T, X] output), and 16-byte aligned rows so that the kernels' vector loads stay as wide as a contiguous
-    tensor's (16-byte aligned data and stride; a misaligned view would compile slower, narrow-load kernels)."""
-    if x.is_contiguous():
-        return x
-    if x.dim() != 4:
-        return x.contiguous()
-    B, T, H, D = x.shape
-    stride = _token_stride(x)
-    packed = ((D == 1 or x.stride(3) == 1) and (H == 1 or x.stride(2) == D) and stride >= H * D
-              and (B == 1 or x.stride(0) == T * stride))
-    aligned = x.data_ptr() % 16 == 0 and stride * x.element_size() % 16 == 0
-    return x if packed and aligned else x.contiguous()
+    """x itself if the kernels can read it where it is (contiguous, or a fused projection's slice:
+    `token_rows.readable_in_place`), else a contiguous copy."""
+    return x if x.is_contiguous() or readable_in_place(x) else x.contiguous()
 
 
 def _only(args: dict, *names: str) -> dict:

@@ -40,6 +40,7 @@ import os
 import torch
 
 from .norm_gate_torch import rms_norm_swish_gate_torch
+from .token_rows import readable_in_place, token_stride
 
 # One program normalises BLOCK_ROWS rows, a [BLOCK_ROWS, BLOCK_D] tile of TILE elements (BLOCK_D: D rounded up to
 # a power of two; BLOCK_ROWS = 64 at D = 64). 4096 elements: a forward program reads 16 KB of bf16 o and gate in
@@ -144,14 +145,11 @@ def _sizes(D: int) -> dict:
 def _gate_rows(gate: torch.Tensor) -> tuple[torch.Tensor, dict]:
     """The gate as the kernels read it, and its layout: a [N, T, H, D] gate whose tokens are rows of a wider tensor
     (DiG's fused input projection: q, k, v, gate, ... side by side) is read in place, H heads of D a token, tokens
-    GATE_TS elements apart; any other layout is made contiguous (H = 1, GATE_TS = D: one row after another)."""
-    D = gate.shape[-1]
-    if gate.dim() == 4 and gate.stride(3) == 1 and gate.stride(2) == D and gate.stride(1) > gate.shape[2] * D:
-        N, T, H, _ = gate.shape
-        if (N == 1 or gate.stride(0) == T * gate.stride(1)) and gate.data_ptr() % 16 == 0 \
-                and gate.stride(1) * gate.element_size() % 16 == 0:
-            return gate, dict(H=H, GATE_TS=gate.stride(1))
-    return gate.contiguous(), dict(H=1, GATE_TS=D)
+    GATE_TS elements apart (`token_rows.readable_in_place`); any other layout as a contiguous one (H = 1, GATE_TS = D:
+    one row after another)."""
+    if not gate.is_contiguous() and readable_in_place(gate):
+        return gate, dict(H=gate.shape[2], GATE_TS=token_stride(gate))
+    return gate.contiguous(), dict(H=1, GATE_TS=gate.shape[-1])
 
 
 def _forward(o: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -173,7 +173,9 @@ class Trainer:
         """The architecture the run was started with (incl. a position grid set by init_from); only runtime
         options (activation checkpointing, the SwiGLU recompute, GLA backend, the norm-gate kernels, the depthwise
         conv's backward, the fused input projections) may change on resume."""
-        saved = dict(checkpoint.load_trainer_meta(ckpt)["model_kwargs"])
+        from dig.models import without_retired
+
+        saved = without_retired(checkpoint.load_trainer_meta(ckpt)["model_kwargs"])
         runtime_keys = ("grad_checkpointing", "mlp_recompute", "gla_backend", "norm_gate_kernel",
                         "dw_conv_flipped_grad", "fused_projections")
         current = {k: v for k, v in self.model_kwargs.items() if k not in runtime_keys}

@@ -1,0 +1,28 @@
+"""Whether a [B, T, H, D] tensor can be read by our Triton kernels where it is: tokens at one stride, each token's
+heads and channels packed in its row. DiG's fused input projection gives q, k, v and the output gate as column
+slices of one [B, T, X] tensor; the GLA and norm-gate kernels read such slices in place instead of copying them."""
+from __future__ import annotations
+
+import torch
+
+
+def token_stride(x: torch.Tensor) -> int:
+    """Elements between consecutive tokens of a [B, T, H, D] tensor as the kernels read it (H * D if contiguous).
+    A size-1 dimension's stride means nothing (torch may report anything for it): the batch's, or H * D."""
+    B, T, H, D = x.shape
+    if T > 1:
+        return x.stride(1)
+    return x.stride(0) if B > 1 else H * D
+
+
+def readable_in_place(x: torch.Tensor) -> bool:
+    """x is [B, T, H, D] with tokens `token_stride(x)` apart, heads and channels packed in each token's row, batches
+    T tokens apart, and 16-byte aligned rows, so that the kernels' vector loads stay as wide as a contiguous
+    tensor's (a misaligned view would compile to slower, narrow-load kernels)."""
+    if x.dim() != 4:
+        return False
+    B, T, H, D = x.shape
+    stride = token_stride(x)
+    packed = ((D == 1 or x.stride(3) == 1) and (H == 1 or x.stride(2) == D) and stride >= H * D
+              and (B == 1 or x.stride(0) == T * stride))
+    return packed and x.data_ptr() % 16 == 0 and stride * x.element_size() % 16 == 0
