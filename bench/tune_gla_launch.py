@@ -14,11 +14,14 @@ after the other, identical launches differed by more than the options did: the t
     python3 -m bench.tune_gla_launch --out DIR            # on a GPU machine
     python3 -m bench.tune_gla_launch --configs w4,w4r128,w8 --cases 256x32
 
-Option sets: w<num_warps>[r<maxnreg>][s<num_stages>][p][t|m|b], e.g. w4r128s2; p: the forward kernel's PREFETCH, each
+Option sets: w<num_warps>[r<maxnreg>][s<num_stages>][p][t|m|b][@fused], e.g. w4r128s2; p: the forward kernel's PREFETCH, each
 chunk's loads issued one chunk ahead (Triton's pipeliner leaves the q/k/v loads synchronous; the backward sweeps
 had it too, measured slower on an H200, and dropped it); t, m, b: the kernel's dots in DIG_GLA_DOTS_16BIT's modes
 tf32, mixed (its FAST_PRECISION dots on bf16 operands) or bf16 (every dot); without one, the mode the module runs
-(DIG_GLA_DOTS_16BIT, default mixed), as in `auto`: what the module chooses for the shape.
+(DIG_GLA_DOTS_16BIT, default mixed), as in `auto`: what the module chooses for the shape. `@fused`: q, k and v
+are column slices of one [B, T, X] tensor, as `model.overrides.fused_projections` hands them to the kernels (read
+in place at a token stride of X = 2HK + 2HV + 16), e.g. `--configs auto,auto@fused` times that layout against
+contiguous inputs (the dq sweep measured 16 % slower on the slices, 2026-11-30).
 """
 from __future__ import annotations
 
@@ -40,7 +43,19 @@ DEFAULT_CASES = "256x32,256x128,512x32,1024x8"
 DEFAULT_CONFIGS = "w4,auto,w4p,w4r128,w4r128p,w4r96,w4r96p,w2,w2p,w8p"
 
 
+FUSED_WIDTH = 2 * HEADS * K + 2 * HEADS * V + 16  # DiG-XL/2's fused input projection: q, k, v, gate, low rank
+
+
+def parse_layout(text: str) -> tuple[str, bool]:
+    """"w1@fused" -> ("w1", True): the option set, and whether q, k, v are slices of a fused projection."""
+    config, _, layout = text.partition("@")
+    if layout not in ("", "fused"):
+        raise SystemExit(f"bad option set {text!r}: the only layout suffix is @fused")
+    return config, layout == "fused"
+
+
 def parse_config(text: str) -> dict | None:
+    text = parse_layout(text)[0]
     if text == "auto":
         return None
     m = re.fullmatch(r"w(\d+)(?:r(\d+))?(?:s(\d+))?(p)?([tmb])?", text)
@@ -102,12 +117,24 @@ def bench_case(res: int, batch: int, configs: list[str], repeat: int, device: to
     q, k, v = rnd(batch, tokens, HEADS, K), rnd(batch, tokens, HEADS, K), rnd(batch, tokens, HEADS, V)
     g = (F.logsigmoid(rnd(batch, tokens, HEADS, K).float()) / 16).to(torch.bfloat16)
     do = rnd(batch, tokens, HEADS, V)
+    fused = torch.empty(batch, tokens, FUSED_WIDTH, device=device, dtype=torch.bfloat16)
+    columns = [0, HEADS * K, 2 * HEADS * K, 2 * HEADS * K + HEADS * V]
+    sliced = []
+    for x, start in zip((q, k, v), columns):  # the same values, read in place from the wider tensor
+        view = fused[..., start:start + x.shape[2] * x.shape[3]].view(x.shape)
+        view.copy_(x)
+        sliced.append(view)
+    inputs = {False: (q, k, v), True: tuple(mod._rows_in_place(x) for x in sliced)}
+    assert all(x.data_ptr() == y.data_ptr() for x, y in zip(inputs[True], sliced)), "slices were copied"
     scale = K ** -0.5
-    def backward():  # both backward kernels: a row varies one of them
-        return mod._backward(q, k, v, g, None, scale, do, None, False, 1, None)
 
-    calls = {"fwd": lambda: mod._forward(q, k, v, g, scale, None, False, 1, None),
-             "bwd_dq": backward, "bwd_dkv": backward}
+    def forward(layout):
+        return mod._forward(*inputs[layout], g, scale, None, False, 1, None)
+
+    def backward(layout):  # both backward kernels: a row varies one of them
+        return mod._backward(*inputs[layout], g, None, scale, do, None, False, 1, None)
+
+    calls = {"fwd": forward, "bwd_dq": backward, "bwd_dkv": backward}
     jit = {"fwd": kern.fwd_kernel, "bwd_dq": kern.bwd_dq_kernel, "bwd_dkv": kern.bwd_dkv_kernel}
     rows = []
     usage = {}  # (kernel, tokens, option set) -> (registers, spills): a shape seen before compiles nothing new
@@ -132,10 +159,11 @@ def bench_case(res: int, batch: int, configs: list[str], repeat: int, device: to
             if options is not None and options.get("PREFETCH") and name != "fwd":
                 continue  # only the forward kernel has the option
             row = {"res": res, "batch": batch, "programs": batch * HEADS, "kernel": name, "config": config}
+            layout = parse_layout(config)[1]
             try:
                 with launched_with(name, options):
                     before = {id(b) for b in _binaries(jit[name])}
-                    call()
+                    call(layout)
                     new = [b for b in _binaries(jit[name]) if id(b) not in before]
             except Exception as e:  # noqa: BLE001  a config Triton refuses is a row, not the end of the run
                 row["error"] = f"{type(e).__name__}: {e}"[:160]
@@ -145,19 +173,19 @@ def bench_case(res: int, batch: int, configs: list[str], repeat: int, device: to
             if new:
                 usage[name, tokens, config] = _usage(new[-1])
             row["regs"], row["spills"] = usage.get((name, tokens, config), (None, None))
-            candidates[config] = (options, row)
+            candidates[config] = (options, layout, row)
         if not candidates:
             continue
 
-        def block(options, call=call, name=name):
+        def block(options, layout, call=call, name=name):
             with launched_with(name, options):
-                return median(time_ms(call, device, warmup=1, repeat=repeat))
+                return median(time_ms(lambda: call(layout), device, warmup=1, repeat=repeat))
 
         # the option sets take turns, round after round, so that the clocks' drift does not favour the first ones
-        times = rotating_rounds({c: functools.partial(block, options) for c, (options, _) in candidates.items()},
-                                rounds)
+        times = rotating_rounds({c: functools.partial(block, options, layout)
+                                 for c, (options, layout, _) in candidates.items()}, rounds)
         stats = paired_ratios(times, next(iter(candidates)))
-        for config, (_, row) in candidates.items():
+        for config, (_, _, row) in candidates.items():
             row.update(ms=stats[config]["ms"], vs_first=stats[config]["ratio"], p10=stats[config]["p10"],
                        p90=stats[config]["p90"])
             rows.append(row)

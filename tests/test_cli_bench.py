@@ -240,9 +240,13 @@ def test_gla_launch_option_sets_parse_or_fail_clearly():
     """bench.tune_gla_launch's option sets: warps, register cap, stages, prefetch, and a dots mode (t/m/b as
     DIG_GLA_DOTS_16BIT's tf32/mixed/bf16); without a mode the module's own applies (no precision set)."""
     sys.path.insert(0, REPO)
-    from bench.tune_gla_launch import parse_config
+    from bench.tune_gla_launch import parse_config, parse_layout
 
     assert parse_config("auto") is None
+    assert parse_config("auto@fused") is None and parse_config("w1@fused") == {"num_warps": 1}
+    assert parse_layout("w1@fused") == ("w1", True) and parse_layout("w1") == ("w1", False)
+    with pytest.raises(SystemExit, match="layout suffix"):
+        parse_layout("w1@strided")
     assert parse_config("w4") == {"num_warps": 4}
     assert parse_config("w4r96s2pm") == {"num_warps": 4, "maxnreg": 96, "num_stages": 2, "PREFETCH": True,
                                          "PRECISION": "tf32", "FAST_PRECISION": "bf16"}
