@@ -40,12 +40,13 @@ def _variants() -> dict:
             "flipped": lambda x, w: depthwise_conv3x3(x, w, None)}
 
 
-def kernel_ms_per_call(fn, device: torch.device, inner: int, breakdown: list | None = None) -> float | None:
+def kernel_ms_per_call(fn, device: torch.device, inner: int) -> tuple[float | None, list[str]]:
     """GPU time per call of the kernels (and copies) `inner` calls launch, from torch.profiler: what a CUDA-graphed
-    training step pays. The wall time per call above also counts the host's launches, which at small shapes
-    (one call of ~50 us at 256 px) can exceed the GPU's work."""
+    training step pays; and the five longest kernels, "name: ms per call" (to tell cuDNN's dx from its weight
+    gradient). The wall time per call above also counts the host's launches, which at small shapes (one call of
+    ~50 us at 256 px) can exceed the GPU's work."""
     if device.type != "cuda":
-        return None
+        return None, []
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -55,11 +56,9 @@ def kernel_ms_per_call(fn, device: torch.device, inner: int, breakdown: list | N
             fn()
         torch.cuda.synchronize()
     kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
-    total_us = sum(e.device_time_total for e in kernels)
-    if breakdown is not None:  # the kernels by time, "name: ms per call", to tell cuDNN's dx from its weight gradient
-        for e in sorted(kernels, key=lambda e: -e.device_time_total)[:5]:
-            breakdown.append(f"{e.key[:60]}: {e.device_time_total / 1e3 / inner:.4f}")
-    return total_us / 1e3 / inner
+    longest = sorted(kernels, key=lambda e: -e.device_time_total)[:5]
+    return (sum(e.device_time_total for e in kernels) / 1e3 / inner,
+            [f"{e.key[:60]}: {e.device_time_total / 1e3 / inner:.4f}" for e in longest])
 
 
 def bench_case(res: int, batch: int, device: torch.device, bandwidth: float, inner: int, repeat: int) -> dict:
@@ -83,8 +82,7 @@ def bench_case(res: int, batch: int, device: torch.device, bandwidth: float, inn
                      "fwd_bwd": lambda: torch.autograd.grad(fn(x, weight), (x, weight), dy)}
             for d, call in calls.items():
                 row[f"{name}_{d}_ms"] = time_per_call(call, device, inner, repeat)
-                breakdown: list[str] = []
-                kernel = kernel_ms_per_call(call, device, inner, breakdown)
+                kernel, breakdown = kernel_ms_per_call(call, device, inner)
                 row[f"{name}_{d}_kernel_ms"] = kernel
                 if breakdown:
                     row[f"{name}_{d}_kernels"] = breakdown

@@ -36,6 +36,8 @@ import re
 import torch
 import torch.nn.functional as F
 
+from dig.ops.token_rows import readable_in_place
+
 from .common import command_line, fmt_table, median, paired_ratios, rotating_rounds, time_ms, versions
 
 HEADS, K, V = 18, 32, 64
@@ -118,14 +120,11 @@ def bench_case(res: int, batch: int, configs: list[str], repeat: int, device: to
     g = (F.logsigmoid(rnd(batch, tokens, HEADS, K).float()) / 16).to(torch.bfloat16)
     do = rnd(batch, tokens, HEADS, V)
     fused = torch.empty(batch, tokens, FUSED_WIDTH, device=device, dtype=torch.bfloat16)
-    columns = [0, HEADS * K, 2 * HEADS * K, 2 * HEADS * K + HEADS * V]
-    sliced = []
-    for x, start in zip((q, k, v), columns):  # the same values, read in place from the wider tensor
-        view = fused[..., start:start + x.shape[2] * x.shape[3]].view(x.shape)
-        view.copy_(x)
-        sliced.append(view)
-    inputs = {False: (q, k, v), True: tuple(mod._rows_in_place(x) for x in sliced)}
-    assert all(x.data_ptr() == y.data_ptr() for x, y in zip(inputs[True], sliced)), "slices were copied"
+    widths = [HEADS * K, HEADS * K, HEADS * V]
+    parts = fused.split(widths + [FUSED_WIDTH - sum(widths)], dim=-1)
+    sliced = tuple(part.view(x.shape).copy_(x) for part, x in zip(parts, (q, k, v)))  # the same values, in place
+    assert all(readable_in_place(x) for x in sliced), "the kernels would copy the slices"
+    inputs = {False: (q, k, v), True: sliced}
     scale = K ** -0.5
 
     def forward(layout):
