@@ -24,7 +24,25 @@ LOOPBACK = "127.0.0.1"
 
 
 def free_port() -> int:
-    with socket.socket() as s:
+    """A port on 127.0.0.1 that is free now and below the kernel's ephemeral range. A port from bind(0) lies in that
+    range, where any process's next outgoing connection can take it before the server it is meant for binds it (a
+    Ray head's dashboard agent once lost its gRPC port so, and the head died starting); below the range only an
+    explicit bind can. From 20000 up: a Ray node's worker processes take 10002-19999 by default."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            first_ephemeral = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        first_ephemeral = 0
+    if first_ephemeral > 22000:
+        for _ in range(200):
+            port = 20000 + secrets.randbelow(first_ephemeral - 20000)
+            with socket.socket() as s:
+                try:
+                    s.bind((LOOPBACK, port))
+                except OSError:
+                    continue
+                return port
+    with socket.socket() as s:  # no usable range below the ephemeral one: any free port
         s.bind((LOOPBACK, 0))
         return s.getsockname()[1]
 
