@@ -2,9 +2,10 @@
 
 IN holds a list of cases (inputs, cotangents, module settings, and optionally the columns of one [B, T, X] tensor
 that q, k, v and g are sliced from); OUT receives each case's output, final state, input gradients (and that
-tensor's gradient), each GLA kernel launch's two dot precisions, and which inputs each kernel read in place, at what
-token stride. A separate process because Triton chooses interpreted or compiled kernels when they are defined, and
-the GPU tests of the same session need the compiled ones.
+tensor's gradient), each GLA kernel launch's two dot precisions, which inputs each kernel read in place, at what
+token stride, and the token strides the dk/dv/dg sweep wrote dq, dk and dv at. A separate process because Triton
+chooses interpreted or compiled kernels when they are defined, and the GPU tests of the same session need the
+compiled ones.
 """
 import importlib
 import os
@@ -32,11 +33,13 @@ class RecordedLaunches:
             passed = dict(zip(self.kernel.arg_names, args))
             self.reads.append((self.name, {x: (passed[x].data_ptr() == given[x].data_ptr(),
                                                kwargs[f"STRIDE_{x.upper()}"]) for x in INPUTS if x in passed}))
+            if "GRAD_STRIDE_K" in kwargs:
+                grad_strides.append((kwargs["GRAD_STRIDE_K"], kwargs["GRAD_STRIDE_V"]))
             return self.kernel[grid](*args, **kwargs)
         return launch
 
 
-launches, reads, given = [], [], {}
+launches, reads, grad_strides, given = [], [], [], {}
 kernels, split_kernels = module._kernels(), module._split_kernels()
 module._kernels = lambda: tuple(RecordedLaunches(name, kernel, launches, reads)
                                 for name, kernel in zip(module.KERNELS, kernels))
@@ -63,6 +66,7 @@ results = []
 for case in torch.load(sys.argv[1]):
     launches.clear()
     reads.clear()
+    grad_strides.clear()
     for name, value in case["settings"].items():
         setattr(module, name, value)
     big = None
@@ -88,5 +92,6 @@ for case in torch.load(sys.argv[1]):
         grads[:4] = [big.grad[..., columns[n]:columns[n] + x[0, 0].numel()].reshape(x.shape) if n in columns else gx
                      for x, n, gx in zip(leaves, INPUTS, grads)]
     results.append({"o": o.detach(), "state": None if state is None else state.detach(), "grads": grads,
-                    "big_grad": None if big is None else big.grad, "launches": list(launches), "reads": list(reads)})
+                    "big_grad": None if big is None else big.grad, "launches": list(launches), "reads": list(reads),
+                    "grad_strides": list(grad_strides)})
 torch.save(results, sys.argv[2])

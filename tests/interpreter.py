@@ -32,9 +32,9 @@ def compile_report(module, block, inputs: list) -> dict:
     forward, backward = module._forward, module._backward
 
     def counted(kind, fn):
-        def wrapper(*args):
+        def wrapper(*args, **kwargs):
             launches[kind] += 1
-            return fn(*args)
+            return fn(*args, **kwargs)
         return wrapper
 
     explained = torch._dynamo.explain(block)(*inputs)

@@ -243,8 +243,8 @@ def test_gla_launch_option_sets_parse_or_fail_clearly():
     from bench.tune_gla_launch import parse_config, parse_layout
 
     assert parse_config("auto") is None
-    assert parse_config("auto@fused") is None and parse_config("w1@fused") == {"num_warps": 1}
-    assert parse_layout("w1@fused") == ("w1", True) and parse_layout("w1") == ("w1", False)
+    assert parse_config("auto@packed") is None and parse_config("w1@packed") == {"num_warps": 1}
+    assert parse_layout("w1@packed") == ("w1", True) and parse_layout("w1") == ("w1", False)
     with pytest.raises(SystemExit, match="layout suffix"):
         parse_layout("w1@strided")
     assert parse_config("w4") == {"num_warps": 4}

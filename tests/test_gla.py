@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from dig.ops import BACKENDS, FlaUnavailableError, gla, gla_torch, resolve_backend
 from dig.ops.gla_fla import fla_installed, load_chunk_gla
+from dig.ops.token_rows import unpack_qkvz
 
 
 def recurrent_gla_float64(q, k, v, g, scale, initial_state=None):
@@ -465,6 +466,38 @@ def test_triton_reads_fused_projection_slices_in_place(splits, ordered, monkeypa
               **{f"d{n}": _norm_err(a.view_as(b.grad), b.grad) for n, a, b in zip("qkv", grads, leaves64)}}
     assert all(err <= FLA_TOL[torch.bfloat16] for err in errors.values()), errors
     assert not grads[3].any()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("splits,ordered", [(1, False), (3, True)], ids=["plain", "3-splits-ordered"])
+def test_gated_packed_operator_matches_float64(splits, ordered):
+    """DiG-XL/2 at 256 px (4 images), bf16: the GLA and its output norm-gate as one operator on q | k | v | gate
+    packed in one [B, T, 3456] tensor (DiG's packed_projections) against the float64 torch backend and norm-gate
+    reference: y and the gradients of the packed tensor, the gates and the norm weight."""
+    from dig.ops import gla_gated_packed
+    from dig.ops.norm_gate_torch import rms_norm_swish_gate_torch
+
+    B, T, H, K, V = 4, 256, 18, 32, 64
+    gen = torch.Generator(device="cuda").manual_seed(23)
+    qkvz = torch.randn(B, T, 2 * H * K + 2 * H * V, device="cuda", generator=gen).bfloat16().requires_grad_()
+    g = make_gates("dig", (B, T, H, K), gen, "cuda").requires_grad_()
+    weight = (1 + 0.2 * torch.randn(V, device="cuda", generator=gen)).requires_grad_()
+    dy = torch.randn(B, T, H, V, device="cuda", generator=gen)
+    order = torch.randperm(T, device="cuda", generator=gen) if ordered else None
+    y = gla_gated_packed(qkvz, g, weight, 1e-6, backend="triton", token_order=order) if splits == 1 else \
+        importlib.import_module("dig.ops.gla_gated").gla_gated_packed_triton(qkvz, g, weight, 1e-6, splits=splits,
+                                                                             token_order=order)
+    (y.double() * dy).sum().backward()
+    leaves64 = [x.detach().double().requires_grad_() for x in (qkvz, g, weight)]
+    q, k, v, gate = unpack_qkvz(leaves64[0], H, K)
+    index = order.long() if ordered else torch.arange(T, device="cuda")
+    o_ref, _ = gla_torch(q[:, index], k[:, index], v[:, index], leaves64[1][:, index])
+    y_ref = rms_norm_swish_gate_torch(o_ref, gate[:, index], leaves64[2], 1e-6)
+    (y_ref * dy[:, index]).sum().backward()
+    errors = {"y": _norm_err(y[:, index], y_ref),
+              **{name: _norm_err(x.grad, ref.grad) for name, x, ref in zip(("dqkvz", "dg", "dweight"),
+                                                                          (qkvz, g, weight), leaves64)}}
+    assert all(err <= FLA_TOL[torch.bfloat16] for err in errors.values()), errors
 
 
 @pytest.mark.gpu

@@ -249,18 +249,24 @@ def test_automatic_splits_fill_the_gpu_only_when_batch_times_heads_does_not():
 
 
 def test_dig_layer_compiles_with_the_kernel_inside_one_graph():
-    """torch.compile(fullgraph=True) of DiG's GLA layer with backend "triton", with and without a token order:
-    the kernels are a registered operator, so there is no graph break around them, and compiled = eager (outputs
-    and input gradients). And DiG's compiled blocks save q, k, v, the gate logits, the GLA output and its gate
+    """torch.compile(fullgraph=True) of DiG's GLA layer with backend "triton", with and without a token order, and
+    with q, k, v and the gate packed (packed_projections; the same weights: what the separate projections give):
+    the kernels are a
+    registered operator, so there is no graph break around them, and compiled = eager (outputs and input
+    gradients). And DiG's compiled blocks save q, k, v, the gate logits, the GLA output and its gate
     row-major, the layout the kernels read."""
     worker = Path(__file__).with_name("gla_triton_compile_check.py")
     proc = subprocess.run([sys.executable, str(worker)], env={**os.environ, "TRITON_INTERPRET": "1"},
                           capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[1])
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
-    for name in ("", "ordered_"):  # without and with a token order (DiG's scan_in_kernel)
+    for name in ("", "ordered_", "packed_ordered_"):  # with a token order (DiG's scan_in_kernel); q | k | v | gate
+        # packed (DiG's packed_projections)
         assert report[f"{name}graph_breaks"] == 0 and report[f"{name}graphs"] == 1, report
         assert report[f"{name}out_rel"] < 1e-5 and report[f"{name}grad_rel"] < 1e-5, report
+    assert report["ordered_ops"] == ["dig.gla_fused_chunk", "dig.rms_norm_swish_gate"], report
+    assert report["packed_ordered_ops"] == ["dig.gla_gated_packed"], report
+    assert max(report["packed_vs_separate_rel"]) < 1e-5, report
     # Inductor's layout optimization (on for graphs with a convolution: DiG's depthwise conv) would store these
     # token-innermost, as if they were images, and copy them to and from the kernels' layout in every block.
     saved = report["block_saved_heads"]
@@ -286,6 +292,15 @@ def test_row_strided_inputs_are_read_in_place_and_the_rest_copied(interpreted):
                 assert in_place != copied, (case, kernel, name)
                 packed = H * (V if name == "v" else K)
                 assert stride == (width if name in columns and not copied else packed), (case, kernel, name)
+
+
+def test_gradients_are_written_contiguous_by_default(interpreted):
+    """Without a gradient to write into (gla_gated.py's packed projections give one), the dk/dv/dg sweep wrote dq,
+    dk and dv at H * K and H * V, even for sliced inputs: the constexpr strides of the kernels compiled before
+    those strides existed."""
+    for case, (*_, got) in interpreted.items():
+        B, T, H, K, V, *_ = CASES[case]
+        assert got["grad_strides"] and set(got["grad_strides"]) == {(H * K, H * V)}, case
 
 
 @pytest.mark.parametrize("case", [c for c, (*_, settings) in CASES.items() if "rows" in settings])

@@ -478,17 +478,19 @@ def test_mlp_recompute_keeps_the_swiglu_product_out_of_the_saved_activations():
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-def test_fused_projections_compute_the_separate_projections(compiled):
-    """fused_projections=True (one GEMM for q, k, v, the output gate and the forget gate's low-rank input, its
-    column slices passed on): the same outputs and every parameter's gradient as the five separate Linears, in
-    float64 on the CPU, eager and compiled; the state dict keeps the release's names."""
+def test_packed_projections_compute_the_separate_projections(compiled):
+    """packed_projections (the default: q, k, v and the output gate as one GEMM whose output goes whole to the GLA
+    and norm-gate): the same outputs and every parameter's gradient as four separate Linears, in float64 on the
+    CPU, eager and compiled; the state dict keeps the release's names."""
     x, t, y = torch.randn(2, 4, 8, 8, dtype=torch.float64), torch.tensor([3, 600]), torch.tensor([1, 2])
-    separate = randomize(create_model("DiG-S/2", **{**TINY, "depth": 4}, gla_backend="torch"), seed=5).double()
-    fused = create_model("DiG-S/2", **{**TINY, "depth": 4}, gla_backend="torch", fused_projections=True).double()
-    assert fused.state_dict().keys() == separate.state_dict().keys()
-    fused.load_state_dict(separate.state_dict())
+    separate = randomize(create_model("DiG-S/2", **{**TINY, "depth": 4}, gla_backend="torch",
+                                      packed_projections=False), seed=5).double()
+    packed = create_model("DiG-S/2", **{**TINY, "depth": 4}, gla_backend="torch").double()
+    assert packed.blocks[0].attn.packed_projections and not separate.blocks[0].attn.packed_projections
+    assert packed.state_dict().keys() == separate.state_dict().keys()
+    packed.load_state_dict(separate.state_dict())
     results = []
-    for model in (separate, fused):
+    for model in (separate, packed):
         torch._dynamo.reset()
         if compiled:
             model.compile_blocks()
@@ -499,13 +501,15 @@ def test_fused_projections_compute_the_separate_projections(compiled):
 
 
 def test_retired_override_is_named_and_dropped_from_saved_kwargs():
-    """A retired runtime option (dw_conv_kernel) is refused with what replaced it; a checkpoint's saved kwargs that
-    still carry it build the model without it."""
+    """A retired runtime option (dw_conv_kernel, fused_projections) is refused with what replaced it; a checkpoint's
+    saved kwargs that still carry it build the model without it."""
     from dig.models import without_retired
 
     with pytest.raises(ValueError, match="retired override.*dw_conv_kernel.*dw_conv_flipped_grad"):
         create_model("DiG-S/2", **TINY, dw_conv_kernel=True)
-    saved = {**TINY, "dw_conv_kernel": False, "depth": 2}
+    with pytest.raises(ValueError, match="retired override.*fused_projections.*packed_projections"):
+        create_model("DiG-S/2", **TINY, fused_projections=False)
+    saved = {**TINY, "dw_conv_kernel": False, "fused_projections": True, "depth": 2}
     assert without_retired(saved) == {**TINY, "depth": 2}
     assert len(create_model("DiG-S/2", **without_retired(saved)).blocks) == 2
 

@@ -8,10 +8,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from dig.ops import BACKENDS, gla, resolve_backend
+from dig.ops import BACKENDS, gla, gla_gated_packed, resolve_backend
 from dig.ops.dwconv import depthwise_conv3x3
 from dig.ops.norm_gate_torch import rms_norm_swish_gate_torch
 from dig.ops.norm_gate_triton import rms_norm_swish_gate
+from dig.ops.token_rows import unpack_qkvz
 
 from .base import LatentDiffusionTransformer
 from .embedders import modulate
@@ -54,13 +55,16 @@ class RMSNormSwishGate(nn.Module):
 class GatedLinearAttention(nn.Module):
     """fla's GLA layer as DiG uses it: q, k at D*expand_k, v and output gate at D*expand_v, a low-rank
     per-key-channel forget gate logsigmoid(W2 W1 x + b) / 16, no short convolution. The output norm's eps is
-    1e-6, not fla's layer default 1e-5: the release builds the layer with its GLAConfig's rms_norm_eps=1e-6."""
+    1e-6, not fla's layer default 1e-5: the release builds the layer with its GLAConfig's rms_norm_eps=1e-6.
+    packed_projections: q, k, v and the output gate as one GEMM (the weights concatenated per call; parameters and
+    names unchanged) whose output goes whole to one operator for the GLA and the output norm-gate
+    (dig.ops.gla_gated_packed), whose backward writes one gradient for that GEMM."""
 
     def __init__(self, hidden_size: int, num_heads: int, expand_k: float = 0.5, expand_v: float = 1.0,
                  gate_low_rank_dim: int = 16, gate_logit_normalizer: float = 16.0, norm_eps: float = 1e-6,
-                 backend: str = "auto", norm_gate_kernel: bool = True, fused_projections: bool = False):
+                 backend: str = "auto", norm_gate_kernel: bool = True, packed_projections: bool = False):
         super().__init__()
-        self.fused_projections = fused_projections
+        self.packed_projections = packed_projections
         key_dim, value_dim = int(hidden_size * expand_k), int(hidden_size * expand_v)
         if key_dim % num_heads or value_dim % num_heads:
             raise ValueError(f"GLA: key dim {key_dim} and value dim {value_dim} must be divisible by "
@@ -96,25 +100,28 @@ class GatedLinearAttention(nn.Module):
             # linear would save its own copy of it for backward.
             x = x.to(torch.get_autocast_dtype(x.device.type))
         heads = lambda z: z.reshape(n, t, self.num_heads, -1)  # noqa: E731  [N, T, H, head_dim], fla's layout
-        if self.fused_projections:
-            q, k, v, gate, gk_low = self._fused_projections(x)
-            gk = self.gk_proj[1](gk_low)
+        gk = F.logsigmoid(heads(self.gk_proj(x))) / self.gate_logit_normalizer
+        if self.packed_projections:
+            qkvz = _stacked_linears(x, (self.q_proj, self.k_proj, self.v_proj, self.g_proj))
+            q, k, v, gate = unpack_qkvz(qkvz, self.num_heads, gk.shape[-1])
+            if self.g_norm_swish_gate.kernel and resolve_backend(self.backend, x.device, q, v) == "triton":
+                # one operator for the GLA and the norm-gate: its gradient is one tensor of qkvz's layout
+                norm = self.g_norm_swish_gate
+                o = gla_gated_packed(qkvz, gk, norm.weight, norm.eps, backend="triton", token_order=token_order)
+                return self.o_proj(o.reshape(n, t, -1))
         else:
             q, k, v, gate = self.q_proj(x), self.k_proj(x), self.v_proj(x), self.g_proj(x)
-            gk = self.gk_proj(x)
-        gk = F.logsigmoid(heads(gk)) / self.gate_logit_normalizer
-        o, _ = _gla(heads(q), heads(k), heads(v), gk, self.backend, token_order)
-        o = self.g_norm_swish_gate(o, heads(gate))
+            q, k, v, gate = heads(q), heads(k), heads(v), heads(gate)
+        o, _ = _gla(q, k, v, gk, self.backend, token_order)
+        o = self.g_norm_swish_gate(o, gate)
         return self.o_proj(o.reshape(n, t, -1))
 
-    def _fused_projections(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """q, k, v, the output gate and the forget gate's low-rank input as column slices of one GEMM's output (the
-        weights concatenated per call: the parameters and their names stay the release's). The GLA and norm-gate
-        kernels read the slices in place."""
-        linears = (self.q_proj, self.k_proj, self.v_proj, self.g_proj, self.gk_proj[0])
-        # (x is already in autocast's dtype: casting each weight before the concatenation halves its bytes)
-        out = F.linear(x, torch.cat([m.weight.to(x.dtype) for m in linears]))
-        return out.split([m.out_features for m in linears], dim=-1)
+
+def _stacked_linears(x: torch.Tensor, linears: tuple[nn.Linear, ...]) -> torch.Tensor:
+    """Bias-free linears of x as one GEMM, their outputs side by side; the weights are concatenated per call, so
+    the parameters and their names stay the release's."""
+    # (x is already in autocast's dtype: casting each weight before the concatenation halves its bytes)
+    return F.linear(x, torch.cat([m.weight.to(x.dtype) for m in linears]))
 
 
 class SwiGLU(nn.Module):
@@ -147,17 +154,18 @@ def _silu_times_up(gate_up: torch.Tensor) -> torch.Tensor:
 
 class DiGBlock(nn.Module):
     """[long-skip fuse] -> adaLN-Zero GLA -> adaLN-Zero SwiGLU -> depthwise 3x3 conv over the token grid
-    (dw_conv_flipped_grad: its input gradient as a forward convolution, dig/ops/dwconv.py; False: F.conv2d's)."""
+    (dw_conv_flipped_grad: its input gradient as a forward convolution, dig/ops/dwconv.py; False: F.conv2d's;
+    packed_projections: GatedLinearAttention's)."""
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, gla_backend: str, long_skip: bool,
                  norm_gate_kernel: bool = True, mlp_recompute: bool = False, dw_conv_flipped_grad: bool = True,
-                 fused_projections: bool = False):
+                 packed_projections: bool = True):
         super().__init__()
         self.dw_conv_flipped_grad = dw_conv_flipped_grad
         self.skip_linear = nn.Linear(2 * hidden_size, hidden_size) if long_skip else None
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.attn = GatedLinearAttention(hidden_size, num_heads, backend=gla_backend,
-                                         norm_gate_kernel=norm_gate_kernel, fused_projections=fused_projections)
+                                         norm_gate_kernel=norm_gate_kernel, packed_projections=packed_projections)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.mlp = SwiGLU(hidden_size, mlp_ratio, recompute_product=mlp_recompute)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
@@ -246,11 +254,12 @@ class DiG(LatentDiffusionTransformer):
     kernels (model.overrides.norm_gate_kernel=false; for measuring one against the other).
     dw_conv_flipped_grad (default): the depthwise conv's input gradient as cuDNN's forward convolution of the output
     gradient with the taps flipped (dig/ops/dwconv.py), half the time of cuDNN's input-gradient kernel; false:
-    F.conv2d's backward. fused_projections (off): each GLA layer's five input projections as one GEMM, its output's
-    column slices read in place by the GLA and norm-gate kernels (GatedLinearAttention._fused_projections; 0.5-1.3 %
-    slower than five GEMMs on an H200, BENCHMARKS.md). mlp_recompute (default): each SwiGLU recomputes silu(gate) * up
-    in the backward instead of saving it (SwiGLU.recompute_product): peak memory at 512 px / 32 images on one H200
-    47.6 GiB instead of 52.8 (DiT-XL/2: 47.8) for 0-1 % of the speed."""
+    F.conv2d's backward. packed_projections (default): each GLA layer's q, k, v and output-gate projections as one
+    GEMM (DiT's qkv shape), its output read in place and its gradient written as one tensor by one operator for the
+    GLA and its output norm-gate (dig/ops/gla_gated.py): DiG-XL/2 steps about 3 % shorter on an H200 at 256 px / 32,
+    512 px / 32 and 1024 px / 8 (BENCHMARKS.md, 2026-11-30); false: four GEMMs. mlp_recompute (default): each
+    SwiGLU recomputes silu(gate) * up in the backward instead of saving it (SwiGLU.recompute_product): peak memory
+    at 512 px / 32 images on one H200 47.6 GiB instead of 52.8 (DiT-XL/2: 47.8) for 0-1 % of the speed."""
 
     def __init__(self, *, depth: int, hidden_size: int, num_heads: int, patch_size: int, mlp_ratio: float = 4.0,
                  input_size: int | tuple[int, int] = 32, in_channels: int = 4, num_classes: int = 1000,
@@ -258,7 +267,7 @@ class DiG(LatentDiffusionTransformer):
                  grad_checkpointing: bool = False, pos_embed_base_size: int | tuple[int, int] | None = None,
                  long_skip: bool = False, skip_init: str = "zero", scan_in_kernel: bool = False,
                  norm_gate_kernel: bool = True, mlp_recompute: bool = True, dw_conv_flipped_grad: bool = True,
-                 fused_projections: bool = False):
+                 packed_projections: bool = True):
         super().__init__(input_size=input_size, patch_size=patch_size, in_channels=in_channels,
                          hidden_size=hidden_size, num_classes=num_classes, learn_sigma=learn_sigma,
                          class_dropout_prob=class_dropout_prob, pos_embed_base_size=pos_embed_base_size,
@@ -279,7 +288,7 @@ class DiG(LatentDiffusionTransformer):
         self.blocks = nn.ModuleList([
             DiGBlock(hidden_size, num_heads, mlp_ratio, gla_backend, long_skip=long_skip and i > depth // 2,
                      norm_gate_kernel=norm_gate_kernel, mlp_recompute=mlp_recompute,
-                     dw_conv_flipped_grad=dw_conv_flipped_grad, fused_projections=fused_projections)
+                     dw_conv_flipped_grad=dw_conv_flipped_grad, packed_projections=packed_projections)
             for i in range(depth)
         ])
         self.scan_in_kernel = scan_in_kernel

@@ -20,7 +20,10 @@ _FIXED = {"patch_size", "long_skip"}
 # Runtime-only options that no longer exist (they never changed the weights): checkpoints that recorded them still
 # load, and a user who passes one is told what replaced it.
 RETIRED_OVERRIDES = {"dw_conv_kernel": "the depthwise conv's Triton kernels were removed; its backward is now "
-                                       "chosen by dw_conv_flipped_grad (2026-11-30)"}
+                                       "chosen by dw_conv_flipped_grad (2026-11-30)",
+                     "fused_projections": "the five-way fused input projection (slower than separate GEMMs) was "
+                                          "removed; packed_projections (on by default) packs q, k, v and the "
+                                          "output gate into one GEMM with one gradient (2026-11-30)"}
 
 
 def without_retired(model_kwargs: dict) -> dict:

@@ -17,13 +17,18 @@ import warnings
 import torch
 
 from .gla_fla import FlaUnavailableError, fla_installed, gla_fla
+from .gla_gated import gla_gated_packed_triton
 from .gla_torch import gla_torch
 from .gla_triton import MAX_K, MAX_V, checked_token_order, gla_triton, inverse_order, triton_installed
 from .gla_triton import sm_count_of as _sm_count_of
+from .norm_gate_triton import KERNEL_DTYPES as _NORM_GATE_KERNEL_DTYPES
+from .norm_gate_triton import rms_norm_swish_gate
+from .token_rows import unpack_qkvz
 
 BACKENDS = ("auto", "torch", "fla", "triton")
 
-__all__ = ["BACKENDS", "FlaUnavailableError", "gla", "gla_fla", "gla_torch", "gla_triton", "resolve_backend"]
+__all__ = ["BACKENDS", "FlaUnavailableError", "gla", "gla_fla", "gla_gated_packed", "gla_torch", "gla_triton",
+           "resolve_backend"]
 
 
 def resolve_backend(backend: str, device: torch.device, q: torch.Tensor | None = None,
@@ -122,3 +127,23 @@ def gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, scal
     if token_order is not None:
         o = o.index_select(1, inverse_order(order))
     return o, state
+
+
+def gla_gated_packed(qkvz: torch.Tensor, g: torch.Tensor, weight: torch.Tensor, eps: float,
+                     scale: float | None = None, backend: str = "auto",
+                     token_order: torch.Tensor | None = None) -> torch.Tensor:
+    """rms_norm(o) * weight * silu(gate) per head, o = gla(q, k, v, g) without states, for q | k | v | gate packed
+    in one [B, T, 2HK + 2HV] tensor (one GEMM's output; H and K are g's): DiG's GLA layer between its input and
+    output projections. Returns y [B, T, H, V] in qkvz's dtype. With the Triton kernels (backend triton, float32 /
+    bf16 / fp16) one operator whose gradient is one tensor of qkvz's layout (dig/ops/gla_gated.py); otherwise gla
+    and rms_norm_swish_gate on the four views."""
+    if g.dim() != 4:
+        raise ValueError(f"g must be [B, T, H, K], got shape {tuple(g.shape)}")
+    q, k, v, gate = unpack_qkvz(qkvz, g.shape[2], g.shape[3])
+    _check_inputs(q, k, v, g, None)
+    on_kernels = resolve_backend(backend, qkvz.device, q, v) == "triton" and all(
+        x.dtype in _NORM_GATE_KERNEL_DTYPES for x in (qkvz, g, weight))
+    if on_kernels:
+        return gla_gated_packed_triton(qkvz, g, weight, eps, scale=scale, token_order=token_order)
+    o, _ = gla(q, k, v, g, scale=scale, backend=backend, token_order=token_order)
+    return rms_norm_swish_gate(o, gate, weight, eps)

@@ -29,13 +29,13 @@ kernel reads and writes the rows at those tokens, so DiG's four scan directions 
 sequence (DiG's scan_in_kernel).
 
 Row-strided inputs. q, k, v and g are read at their own token stride: a [B, T, H, D] view whose heads and channels
-are packed (strides (T * S, S, D, 1), S >= H * D) is read in place. DiG computes its input projections as one GEMM
-and slices q, k and v out of its [B, T, X] output; copying those slices to contiguous tensors cost 2.9 ms per
-DiG-XL/2 training step on an H200, more than fusing the GEMMs saved. Other layouts, and views the kernels' vector
-loads could not read aligned, are copied first (`_rows_in_place`, `token_rows.py`). Each stride is a compile-time
+are packed (strides (T * S, S, D, 1), S >= H * D) is read in place. DiG computes q, k, v and the output gate as one
+GEMM and hands its [B, T, X] output to gla_gated.py; copying the columns to contiguous tensors cost 2.9 ms per
+DiG-XL/2 training step on an H200, more than one GEMM saved. Other layouts, and views the kernels' vector loads
+could not read aligned, are copied first (`_rows_in_place`, `token_rows.py`). Each stride is a compile-time
 constant of the kernels: a contiguous call compiles to the code it had before strides existed, a new X compiles
-once more.
-Outputs and gradients are always contiguous.
+once more. The backward writes dq, dk, dv into given views (`grads_into`: the columns of one gradient) or new
+contiguous tensors. o and dg are always contiguous.
 
 The reference is `gla_torch.py` (exact, float32/float64); tests run these kernels on GPUs and, through Triton's
 interpreter (TRITON_INTERPRET=1), on the CPU.
@@ -180,7 +180,7 @@ def _launch_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Ten
 
 
 def _rows_in_place(x: torch.Tensor) -> torch.Tensor:
-    """x itself if the kernels can read it where it is (contiguous, or a fused projection's slice:
+    """x itself if the kernels can read it where it is (contiguous, or a column slice of packed projections:
     `token_rows.readable_in_place`), else a contiguous copy."""
     return x if x.is_contiguous() or readable_in_place(x) else x.contiguous()
 
@@ -258,7 +258,10 @@ def _split_end_state_grads(q, g, do, gsum, order, scale, args):
     return ends
 
 
-def _backward(q, k, v, g, h0, scale, do, dht, need_dh0, splits=1, order=None):
+def _backward(q, k, v, g, h0, scale, do, dht, need_dh0, splits=1, order=None, grads_into=None):
+    """dq, dk, dv, dg, dh0. grads_into: three [B, T, H, D] views that receive dq, dk and dv (the columns of one
+    gradient when q, k and v came packed in one tensor, gla_gated.py; token_rows.readable_in_place layouts), else
+    new tensors."""
     _, bwd_dq, bwd_dkv = _kernels()
     B, T, H, K = q.shape
     do = do.contiguous()
@@ -276,20 +279,23 @@ def _backward(q, k, v, g, h0, scale, do, dht, need_dh0, splits=1, order=None):
                         USE_H0=h0 is not None, USE_DHT=dht is not None and NS == 1,
                         **{**args, **_options("bwd_dq", q, B * H * NS)})
     contiguous = torch.contiguous_format
-    dk, dv = torch.empty_like(k, memory_format=contiguous), torch.empty_like(v, memory_format=contiguous)
+    if grads_into is None:
+        dq_out, dk, dv = (torch.empty_like(x, memory_format=contiguous) for x in (q, k, v))
+    else:
+        dq_out, dk, dv = grads_into
     dg = torch.empty_like(g, dtype=torch.float32 if NS > 1 else g.dtype, memory_format=contiguous)
     dh0 = torch.empty_like(h0, dtype=torch.float32) if h0 is not None and need_dh0 and NS == 1 else None
-    bwd_dkv[(B * H, NS)](q, k, v, g, do, dq, dk, dv, dg, dht, final_dg, dh0, dgsum, order, scale,
+    bwd_dkv[(B * H, NS)](q, k, v, g, do, dq, dq_out, dk, dv, dg, dht, final_dg, dh0, dgsum, order, scale,
                          FACTORISED_MAX_DECAY,
-                         USE_DHT=dht is not None, STORE_DH0=dh0 is not None,
-                         **{**args, **_options("bwd_dkv", q, B * H * NS)})
+                         USE_DHT=dht is not None, STORE_DH0=dh0 is not None, GRAD_STRIDE_K=token_stride(dk),
+                         GRAD_STRIDE_V=token_stride(dv), **{**args, **_options("bwd_dkv", q, B * H * NS)})
     if NS > 1:  # each split's dg still lacks the sum of q*dq - k*dk over the splits after it
         after = dgsum.flip(1).cumsum(1).flip(1) - dgsum
         per_step = after.view(B, H, NS, K).transpose(1, 2).repeat_interleave(args["CPS"] * CHUNK, dim=1)[:, :T]
         if order is not None:  # scan step s is token order[s]
             per_step = per_step.index_select(1, inverse_order(order))
         dg = (dg + per_step).to(g.dtype)
-    return dq.to(q.dtype), dk, dv, dg, dh0
+    return dq_out, dk, dv, dg, dh0
 
 
 class _FusedChunkGLA(torch.autograd.Function):
@@ -358,19 +364,8 @@ def gla_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tenso
     `splits`: split each sequence across this many programs (stateless calls only); None chooses.
     `token_order`: the recurrence visits token token_order[s] at step s (a permutation of range(T), int32 or
     int64), read and written in place; None is the tokens' own order."""
-    if not q.dtype == k.dtype == v.dtype:  # the dots' precision is chosen for q's dtype
-        raise ValueError(f"backend='triton' needs q, k, v of one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not all(x.is_cuda for x in (q, k, v, g)) and not _INTERPRETED:
-        raise ValueError("backend='triton' runs Triton kernels and needs CUDA tensors; got "
-                         f"{q.device}. Use backend='torch' (or 'auto') for tensors on {q.device}.")
-    if not TRITON_INSTALLED:
-        raise RuntimeError("backend='triton' needs Triton (`pip install triton`; it ships with CUDA builds of "
-                           "torch). Use backend='torch' for the PyTorch implementation.")
-    if not supports(q, v):
-        raise ValueError(f"backend='triton' handles head sizes K <= {MAX_K}, V <= {MAX_V}; got K={q.shape[-1]}, "
-                         f"V={v.shape[-1]}. Use backend='fla' or 'torch'.")
-    if splits is not None and (not isinstance(splits, int) or splits < 1):
-        raise ValueError(f"splits must be a positive integer or None, got {splits!r}")
+    _check_runnable(q, k, v, g)
+    _check_splits(splits)
     stateless = initial_state is None and not output_final_state
     if splits is not None and splits > 1 and not stateless:
         raise ValueError("splitting the sequence (splits > 1) needs a call without initial or final state")
@@ -382,6 +377,25 @@ def gla_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tenso
         initial_state = initial_state.float().contiguous()
     return _FusedChunkGLA.apply(*(_rows_in_place(x) for x in (q, k, v, g)), scale, initial_state,
                                 output_final_state, order)
+
+
+def _check_splits(splits) -> None:
+    if splits is not None and (not isinstance(splits, int) or splits < 1):
+        raise ValueError(f"splits must be a positive integer or None, got {splits!r}")
+
+
+def _check_runnable(q, k, v, g) -> None:
+    if not q.dtype == k.dtype == v.dtype:  # the dots' precision is chosen for q's dtype
+        raise ValueError(f"backend='triton' needs q, k, v of one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not all(x.is_cuda for x in (q, k, v, g)) and not _INTERPRETED:
+        raise ValueError("backend='triton' runs Triton kernels and needs CUDA tensors; got "
+                         f"{q.device}. Use backend='torch' (or 'auto') for tensors on {q.device}.")
+    if not TRITON_INSTALLED:
+        raise RuntimeError("backend='triton' needs Triton (`pip install triton`; it ships with CUDA builds of "
+                           "torch). Use backend='torch' for the PyTorch implementation.")
+    if not supports(q, v):
+        raise ValueError(f"backend='triton' handles head sizes K <= {MAX_K}, V <= {MAX_V}; got K={q.shape[-1]}, "
+                         f"V={v.shape[-1]}. Use backend='fla' or 'torch'.")
 
 
 def checked_token_order(token_order: torch.Tensor, q: torch.Tensor) -> torch.Tensor:

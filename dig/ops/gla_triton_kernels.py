@@ -5,10 +5,11 @@ gc = in-chunk inclusive cumulative gate sum (<= 0, decreasing), gl = the chunk's
 q is already multiplied by the attention scale.
 
 Row strides: q, k, v and g are read at their own token stride (STRIDE_Q, STRIDE_K, STRIDE_V, STRIDE_G elements
-between consecutive tokens; H * K or H * V when contiguous), so that slices of a fused projection's [B, T, X] output
-are read in place (gla_triton.py). The strides are constexprs: a contiguous call compiles to the code it had when
-H * K and H * V were written in. Everything the kernels write (o, dq, dk, dv, dg, states), do and the dq buffer
-stay contiguous.
+between consecutive tokens; H * K or H * V when contiguous), so that the columns of DiG's packed projections'
+[B, T, X] output are read in place (gla_triton.py). The strides are constexprs: a contiguous call compiles to the
+code it had when H * K and H * V were written in. dq, dk and dv are written at their own token stride too
+(GRAD_STRIDE_K, GRAD_STRIDE_V): into the columns of one [B, T, X] gradient for packed projections (gla_gated.py).
+Everything else the kernels write (o, dg, states), do and the float32 dq buffer stay contiguous.
 
 Dot precision (gla_triton.DOTS_16BIT): every kernel takes two. FAST_PRECISION is for the dots that lose nothing that
 matters in bf16: those whose operands are bf16 values already (dA = do v^T: v is a bf16 input, do the gradient of
@@ -116,9 +117,17 @@ def _chunk_offsets(i_t, i_b, i_h, order, T: tl.constexpr, H: tl.constexpr, K: tl
                    V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ORDERED: tl.constexpr,
                    STRIDE_Q: tl.constexpr, STRIDE_K: tl.constexpr, STRIDE_V: tl.constexpr, STRIDE_G: tl.constexpr):
     """Chunk i_t's offsets in q, k, g, v (each at its own token stride), then in the contiguous [B, T, H, K] and
-    [B, T, H, V] tensors (o and do, the dq buffer, dq, dk, dv, dg), and the masks of K- and V-wide tiles. A
-    contiguous input's offsets are the same expression as the contiguous tensors': computed once."""
+    [B, T, H, V] tensors (o and do, the dq buffer, dg), and the masks of K- and V-wide tiles. A contiguous input's
+    offsets are the same expression as the contiguous tensors': computed once."""
     rows, m_t = _chunk_rows(i_t, order, T, BT, ORDERED)
+    return _offsets_at(rows, m_t, i_b, i_h, T, H, K, V, BK, BV, STRIDE_Q, STRIDE_K, STRIDE_V, STRIDE_G)
+
+
+@triton.jit
+def _offsets_at(rows, m_t, i_b, i_h, T: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                BK: tl.constexpr, BV: tl.constexpr, STRIDE_Q: tl.constexpr, STRIDE_K: tl.constexpr,
+                STRIDE_V: tl.constexpr, STRIDE_G: tl.constexpr):
+    """_chunk_offsets at these tokens."""
     p_q = _tile(rows, i_b, i_h, T, STRIDE_Q, K, BK)
     p_k = _tile(rows, i_b, i_h, T, STRIDE_K, K, BK)
     p_g = _tile(rows, i_b, i_h, T, STRIDE_G, K, BK)
@@ -273,15 +282,18 @@ def bwd_dq_kernel(q, k, v, g, do, dq, dht, final_dg, h0, order, scale, max_decay
 
 
 @triton.jit
-def bwd_dkv_kernel(q, k, v, g, do, dq, dk, dv, dg, dht, final_dg, dh0, dgsum, order, scale, max_decay,
+def bwd_dkv_kernel(q, k, v, g, do, dq, dq_out, dk, dv, dg, dht, final_dg, dh0, dgsum, order, scale, max_decay,
                    T: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
                    FAST_PRECISION: tl.constexpr, USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, NS: tl.constexpr,
                    CPS: tl.constexpr, ORDERED: tl.constexpr, STRIDE_Q: tl.constexpr, STRIDE_K: tl.constexpr,
-                   STRIDE_V: tl.constexpr, STRIDE_G: tl.constexpr):
-    """Reverse sweep over one split: dk, dv, and dg as the reverse cumulative sum of q*dq - k*dk. The state
-    gradient at the split's end comes from dht ([B * H, NS, K, V]); with NS > 1 the split's dg lacks the sum of
-    q*dq - k*dk over the splits after it, and that split total is stored in dgsum for the caller to add."""
+                   STRIDE_V: tl.constexpr, STRIDE_G: tl.constexpr, GRAD_STRIDE_K: tl.constexpr,
+                   GRAD_STRIDE_V: tl.constexpr):
+    """Reverse sweep over one split: dk, dv, and dg as the reverse cumulative sum of q*dq - k*dk; dq from the dq
+    sweep's float32 buffer, stored in dq_out's dtype. dq_out and dk are written at token stride GRAD_STRIDE_K, dv
+    at GRAD_STRIDE_V (H * K and H * V when contiguous; one [B, T, 2HK + HV] gradient of packed q|k|v otherwise).
+    The state gradient at the split's end comes from dht ([B * H, NS, K, V]); with NS > 1 the split's dg lacks the
+    sum of q*dq - k*dk over the splits after it, and that split total is stored in dgsum for the caller to add."""
     i_b, i_h, p_s, m_s = _head(H, K, V, BK, BV, NS)
     o_k = tl.arange(0, BK)
     if USE_DHT:
@@ -294,12 +306,14 @@ def bwd_dkv_kernel(q, k, v, g, do, dq, dk, dv, dg, dht, final_dg, dh0, dgsum, or
         dg_after = tl.zeros([BK], dtype=tl.float32)
     first, end = _split_chunks(T, BT, CPS)
     for i_r in range(0, end - first):
-        i_t = end - 1 - i_r
-        p_q, p_k, p_g, p_v, p_dk, p_dv, m_k, m_v = _chunk_offsets(i_t, i_b, i_h, order, T, H, K, V, BT, BK, BV,
-                                                                  ORDERED, STRIDE_Q, STRIDE_K, STRIDE_V, STRIDE_G)
+        rows, m_t = _chunk_rows(end - 1 - i_r, order, T, BT, ORDERED)
+        p_q, p_k, p_g, p_v, p_kc, p_vc, m_k, m_v = _offsets_at(rows, m_t, i_b, i_h, T, H, K, V, BK, BV,
+                                                               STRIDE_Q, STRIDE_K, STRIDE_V, STRIDE_G)
+        p_dk = _tile(rows, i_b, i_h, T, GRAD_STRIDE_K, K, BK)
+        p_dv = _tile(rows, i_b, i_h, T, GRAD_STRIDE_V, V, BV)
         r_q, r_k, r_g, r_v = _load_at(q, k, g, v, p_q, p_k, p_g, p_v, m_k, m_v)
         b_q, b_k, b_v, gc, gl = _chunk_values(r_q, r_k, r_g, r_v, scale)
-        b_do = tl.load(do + p_dv, mask=m_v, other=0.).to(tl.float32)
+        b_do = tl.load(do + p_vc, mask=m_v, other=0.).to(tl.float32)
         to_end = tl.exp(gl[None, :] - gc)
         A = _scores(b_q, b_k, gc, gl, max_decay, FAST_PRECISION, BT)
         dA = _output_grad_scores(b_do, b_v, FAST_PRECISION, BT)
@@ -308,10 +322,11 @@ def bwd_dkv_kernel(q, k, v, g, do, dq, dk, dv, dg, dht, final_dg, dh0, dgsum, or
         b_dv = _mm(tl.trans(A), b_do, FAST_PRECISION) + _mm(b_k * to_end, dS, FAST_PRECISION)
         tl.store(dk + p_dk, b_dk.to(dk.dtype.element_ty), mask=m_k)
         tl.store(dv + p_dv, b_dv.to(dv.dtype.element_ty), mask=m_v)
-        b_dq = tl.load(dq + p_dk, mask=m_k, other=0.)  # gradient of the unscaled q
+        b_dq = tl.load(dq + p_kc, mask=m_k, other=0.)  # gradient of the unscaled q
+        tl.store(dq_out + p_dk, b_dq.to(dq_out.dtype.element_ty), mask=m_k)
         dG = b_q / scale * b_dq - b_k * b_dk
         b_dg = tl.cumsum(dG, axis=0, reverse=True) + dg_after[None, :]
-        tl.store(dg + p_dk, b_dg.to(dg.dtype.element_ty), mask=m_k)
+        tl.store(dg + p_kc, b_dg.to(dg.dtype.element_ty), mask=m_k)
         dg_after += tl.sum(dG, axis=0)
         dS = dS * tl.exp(gl)[:, None] + _mm(tl.trans(b_q * tl.exp(gc)), b_do, PRECISION)
     if STORE_DH0:

@@ -19,9 +19,10 @@ o's dtype. Backward, with dy the gradient of y:
     dn      = dy * weight * s
     do      = rstd * (dn - n * mean(dn * n))                                         (o's dtype)
     dweight = sum over rows of dy * n * s                                            (weight's dtype)
-The gate may be the columns of a wider [N, T, X] tensor viewed as [N, T, H, D] (DiG's fused input projection puts
-q, k, v, the gate and the forget gate's low-rank input side by side): the kernels read it in place, token rows
-X elements apart, instead of copying it (`_gate_rows`).
+The gate may be the columns of a wider [N, T, X] tensor viewed as [N, T, H, D] (DiG's packed projections put q, k,
+v and the gate side by side): the kernels read it in place, token rows X elements apart, instead of copying it
+(`_gate_rows`), and the backward can write dgate into the same columns of that tensor's gradient (`dgate_into`,
+dig/ops/gla_gated.py).
 The backward recomputes rstd from o (one more sum per row, free next to the loads) rather than saving it: the
 tensors saved for backward are the op's own inputs, nothing else.
 
@@ -117,7 +118,9 @@ if TRITON_INSTALLED:
     @triton.jit
     def _backward_kernel(o_ptr, gate_ptr, weight_ptr, dy_ptr, do_ptr, dgate_ptr, dweight_part_ptr, rows, eps,
                          D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_ROWS: tl.constexpr, H: tl.constexpr,
-                         GATE_TS: tl.constexpr):
+                         GATE_TS: tl.constexpr, DGATE_H: tl.constexpr, DGATE_TS: tl.constexpr):
+        """dgate is written in its own layout (DGATE_H, DGATE_TS: _gate_offsets'), the gate's columns of one packed
+        gradient or contiguous (1, D)."""
         offsets, mask, col = _tile(rows, D, BLOCK_D, BLOCK_ROWS)
         o = _load_f32(o_ptr, offsets, mask)
         gate = _load_f32(gate_ptr, _gate_offsets(rows, D, BLOCK_D, BLOCK_ROWS, H, GATE_TS), mask)
@@ -132,7 +135,8 @@ if TRITON_INSTALLED:
         dn = dy_w * s
         do = rstd[:, None] * (dn - n * (tl.sum(dn * n, axis=1) / D)[:, None])
         tl.store(do_ptr + offsets, do.to(do_ptr.dtype.element_ty), mask=mask)
-        tl.store(dgate_ptr + offsets, dgate.to(dgate_ptr.dtype.element_ty), mask=mask)
+        tl.store(dgate_ptr + _gate_offsets(rows, D, BLOCK_D, BLOCK_ROWS, DGATE_H, DGATE_TS),
+                 dgate.to(dgate_ptr.dtype.element_ty), mask=mask)
         # this program's share of dweight (masked rows have dy = 0 and add nothing)
         tl.store(dweight_part_ptr + tl.program_id(0) * D + col, tl.sum(dy * n * s, axis=0), mask=col < D)
 
@@ -144,7 +148,7 @@ def _sizes(D: int) -> dict:
 
 def _gate_rows(gate: torch.Tensor) -> tuple[torch.Tensor, dict]:
     """The gate as the kernels read it, and its layout: a [N, T, H, D] gate whose tokens are rows of a wider tensor
-    (DiG's fused input projection: q, k, v, gate, ... side by side) is read in place, H heads of D a token, tokens
+    (DiG's packed projections: q, k, v, gate side by side) is read in place, H heads of D a token, tokens
     GATE_TS elements apart (`token_rows.readable_in_place`); any other layout as a contiguous one (H = 1, GATE_TS = D:
     one row after another)."""
     if not gate.is_contiguous() and readable_in_place(gate):
@@ -166,20 +170,25 @@ def _forward(o: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: flo
 
 
 def _backward(o: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, dy: torch.Tensor,
-              eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              eps: float, dgate_into: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """do, dgate, dweight. dgate_into: a [N, T, H, D] view that receives dgate (the gate's columns of a packed
+    gradient, a `token_rows.readable_in_place` layout), else a new tensor."""
     o, weight, dy = o.contiguous(), weight.contiguous(), dy.contiguous()
     gate, layout = _gate_rows(gate)
     D = o.shape[-1]
     rows = o.numel() // D
     do = torch.empty_like(o, memory_format=torch.contiguous_format)
-    dgate = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    if dgate_into is None:
+        dgate, dgate_layout = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device), dict(H=1, GATE_TS=D)
+    else:
+        dgate, dgate_layout = dgate_into, dict(H=dgate_into.shape[2], GATE_TS=token_stride(dgate_into))
     if not rows:
         return do, dgate, torch.zeros_like(weight)
     sizes = _sizes(D)
     programs = triton.cdiv(rows, sizes["BLOCK_ROWS"])
     dweight_parts = torch.empty(programs, D, dtype=torch.float32, device=o.device)
     _backward_kernel[(programs,)](o, gate, weight, dy, do, dgate, dweight_parts, rows, eps, **sizes, **layout,
-                                  num_warps=BWD_WARPS)
+                                  DGATE_H=dgate_layout["H"], DGATE_TS=dgate_layout["GATE_TS"], num_warps=BWD_WARPS)
     return do, dgate, dweight_parts.sum(0).to(weight.dtype)
 
 

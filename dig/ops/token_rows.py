@@ -1,6 +1,7 @@
 """Whether a [B, T, H, D] tensor can be read by our Triton kernels where it is: tokens at one stride, each token's
-heads and channels packed in its row. DiG's fused input projection gives q, k, v and the output gate as column
-slices of one [B, T, X] tensor; the GLA and norm-gate kernels read such slices in place instead of copying them."""
+heads and channels packed in its row. DiG's packed projections give q, k, v and the output gate as the columns of
+one [B, T, X] tensor (`unpack_qkvz`); the GLA and norm-gate kernels read them in place instead of copying them, and
+their backward kernels write the gradient in the same layout (gla_gated.py)."""
 from __future__ import annotations
 
 import torch
@@ -26,3 +27,14 @@ def readable_in_place(x: torch.Tensor) -> bool:
     packed = ((D == 1 or x.stride(3) == 1) and (H == 1 or x.stride(2) == D) and stride >= H * D
               and (B == 1 or x.stride(0) == T * stride))
     return packed and x.data_ptr() % 16 == 0 and stride * x.element_size() % 16 == 0
+
+
+def unpack_qkvz(qkvz: torch.Tensor, heads: int, key_dim: int) -> tuple[torch.Tensor, ...]:
+    """q, k, v and the output gate as [B, T, H, D] views of a [B, T, 2HK + 2HV] tensor whose columns are
+    q | k | v | gate, heads in order within each (DiG's packed projections)."""
+    rest = qkvz.shape[-1] - 2 * heads * key_dim if qkvz.dim() == 3 else 0
+    if rest <= 0 or rest % (2 * heads):
+        raise ValueError(f"packed q|k|v|gate must be [B, T, 2HK + 2HV]; with {heads} heads of key dim {key_dim}, got "
+                         f"shape {tuple(qkvz.shape)}")
+    dims = (key_dim, key_dim, rest // (2 * heads), rest // (2 * heads))
+    return tuple(x.unflatten(-1, (heads, d)) for x, d in zip(qkvz.split([heads * d for d in dims], dim=-1), dims))
