@@ -14,14 +14,14 @@ after the other, identical launches differed by more than the options did: the t
     python3 -m bench.tune_gla_launch --out DIR            # on a GPU machine
     python3 -m bench.tune_gla_launch --configs w4,w4r128,w8 --cases 256x32
 
-Option sets: w<num_warps>[r<maxnreg>][s<num_stages>][p][t|m|b][@fused], e.g. w4r128s2; p: the forward kernel's PREFETCH, each
-chunk's loads issued one chunk ahead (Triton's pipeliner leaves the q/k/v loads synchronous; the backward sweeps
-had it too, measured slower on an H200, and dropped it); t, m, b: the kernel's dots in DIG_GLA_DOTS_16BIT's modes
-tf32, mixed (its FAST_PRECISION dots on bf16 operands) or bf16 (every dot); without one, the mode the module runs
-(DIG_GLA_DOTS_16BIT, default mixed), as in `auto`: what the module chooses for the shape. `@fused`: q, k and v
-are column slices of one [B, T, X] tensor, as `model.overrides.fused_projections` hands them to the kernels (read
-in place at a token stride of X = 2HK + 2HV + 16), e.g. `--configs auto,auto@fused` times that layout against
-contiguous inputs (the dq sweep measured 16 % slower on the slices, 2026-11-30).
+Option sets: w<num_warps>[r<maxnreg>][s<num_stages>][p][t|m|b][@packed], e.g. w4r128s2; p: the forward kernel's
+PREFETCH, each chunk's loads issued one chunk ahead (Triton's pipeliner leaves the q/k/v loads synchronous; the
+backward sweeps had it too, measured slower on an H200, and dropped it); t, m, b: the kernel's dots in
+DIG_GLA_DOTS_16BIT's modes tf32, mixed (its FAST_PRECISION dots on bf16 operands) or bf16 (every dot); without one,
+the mode the module runs (DIG_GLA_DOTS_16BIT, default mixed), as in `auto`: what the module chooses for the shape.
+`@packed`: q, k and v are columns of one [B, T, 2HK + 2HV] tensor and dq, dk, dv are written into the columns of
+another, as DiG's packed projections (`model.overrides.packed_projections`, the default) hand them to the kernels,
+e.g. `--configs auto,auto@packed` times that layout against contiguous tensors (2026-11-30: the same time).
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ import re
 import torch
 import torch.nn.functional as F
 
-from dig.ops.token_rows import readable_in_place
+from dig.ops.token_rows import readable_in_place, unpack_qkvz
 
 from .common import command_line, fmt_table, median, paired_ratios, rotating_rounds, time_ms, versions
 
@@ -45,15 +45,15 @@ DEFAULT_CASES = "256x32,256x128,512x32,1024x8"
 DEFAULT_CONFIGS = "w4,auto,w4p,w4r128,w4r128p,w4r96,w4r96p,w2,w2p,w8p"
 
 
-FUSED_WIDTH = 2 * HEADS * K + 2 * HEADS * V + 16  # DiG-XL/2's fused input projection: q, k, v, gate, low rank
+PACKED_WIDTH = 2 * HEADS * K + 2 * HEADS * V  # DiG-XL/2's packed projections: q | k | v | gate
 
 
 def parse_layout(text: str) -> tuple[str, bool]:
-    """"w1@fused" -> ("w1", True): the option set, and whether q, k, v are slices of a fused projection."""
+    """"w1@packed" -> ("w1", True): the option set, and whether q, k, v are DiG's packed projections' columns."""
     config, _, layout = text.partition("@")
-    if layout not in ("", "fused"):
-        raise SystemExit(f"bad option set {text!r}: the only layout suffix is @fused")
-    return config, layout == "fused"
+    if layout not in ("", "packed"):
+        raise SystemExit(f"bad option set {text!r}: the only layout suffix is @packed")
+    return config, layout == "packed"
 
 
 def parse_config(text: str) -> dict | None:
@@ -119,19 +119,19 @@ def bench_case(res: int, batch: int, configs: list[str], repeat: int, device: to
     q, k, v = rnd(batch, tokens, HEADS, K), rnd(batch, tokens, HEADS, K), rnd(batch, tokens, HEADS, V)
     g = (F.logsigmoid(rnd(batch, tokens, HEADS, K).float()) / 16).to(torch.bfloat16)
     do = rnd(batch, tokens, HEADS, V)
-    fused = torch.empty(batch, tokens, FUSED_WIDTH, device=device, dtype=torch.bfloat16)
-    widths = [HEADS * K, HEADS * K, HEADS * V]
-    parts = fused.split(widths + [FUSED_WIDTH - sum(widths)], dim=-1)
-    sliced = tuple(part.view(x.shape).copy_(x) for part, x in zip(parts, (q, k, v)))  # the same values, in place
+    packed = torch.empty(batch, tokens, PACKED_WIDTH, device=device, dtype=torch.bfloat16)
+    sliced = tuple(part.copy_(x) for part, x in zip(unpack_qkvz(packed, HEADS, K), (q, k, v)))  # the same values
     assert all(readable_in_place(x) for x in sliced), "the kernels would copy the slices"
     inputs = {False: (q, k, v), True: sliced}
+    packed_grad = unpack_qkvz(torch.empty_like(packed), HEADS, K)[:3]  # dq, dk, dv written into their columns
     scale = K ** -0.5
 
     def forward(layout):
         return mod._forward(*inputs[layout], g, scale, None, False, 1, None)
 
     def backward(layout):  # both backward kernels: a row varies one of them
-        return mod._backward(*inputs[layout], g, None, scale, do, None, False, 1, None)
+        return mod._backward(*inputs[layout], g, None, scale, do, None, False, 1, None,
+                             grads_into=packed_grad if layout else None)
 
     calls = {"fwd": forward, "bwd_dq": backward, "bwd_dkv": backward}
     jit = {"fwd": kern.fwd_kernel, "bwd_dq": kern.bwd_dq_kernel, "bwd_dkv": kern.bwd_dkv_kernel}
