@@ -13,7 +13,7 @@ assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
 from dig.models.dig import DiG, GatedLinearAttention  # noqa: E402
 
 torch.manual_seed(0)
-layer = GatedLinearAttention(64, 2, backend="triton")
+layer = GatedLinearAttention(64, 2, backend="triton", packed_projections=False)  # four GEMMs
 packed = GatedLinearAttention(64, 2, backend="triton", packed_projections=True)  # q | k | v | gate: one GEMM
 packed.load_state_dict(layer.state_dict())
 x = torch.randn(2, 40, 64)
@@ -49,7 +49,9 @@ saved = []
 
 
 def pack(tensor):
-    if tensor.dim() == 4 and tensor.shape[0] == 2 and tensor.shape[2] == model.num_heads:  # [N, T, H, head_dim]
+    heads_split = tensor.dim() == 4 and tensor.shape[0] == 2 and tensor.shape[2] == model.num_heads  # [N, T, H, hd]
+    packed = tensor.dim() == 3 and tensor.shape[0] == 2 and tensor.shape[2] == 3 * 64  # [N, T, 2HK + 2HV] q|k|v|gate
+    if heads_split or packed:
         saved.append({"shape": list(tensor.shape), "stride": list(tensor.stride())})
     return tensor
 

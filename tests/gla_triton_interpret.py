@@ -70,7 +70,7 @@ for case in torch.load(sys.argv[1]):
     for name, value in case["settings"].items():
         setattr(module, name, value)
     big = None
-    if case.get("columns"):  # slices of one [B, T, X] tensor (DiG's fused input projection)
+    if case.get("columns"):  # slices of one [B, T, X] tensor (DiG's packed projections)
         big, leaves = sliced_inputs(case["inputs"], *case["columns"])
     elif case.get("transposed"):  # a layout the kernels cannot read in place: heads outermost, [B, H, T, D] memory
         leaves = [x.transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for x in case["inputs"][:4]]

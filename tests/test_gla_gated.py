@@ -64,6 +64,10 @@ def test_gated_operator_matches_float64(interpreted, case):
     for name, grad, x, leaf in zip(("dqkvz", "dg", "dweight"), got["grads"], spec["inputs"], leaves):
         assert grad.dtype == x.dtype, name
         check(name, grad, leaf.grad, TOL[dtype])
+    H, K = spec["inputs"][1].shape[2:]
+    for name, grad, ref in zip(("dq", "dk", "dv", "dgate"), unpack_qkvz(got["grads"][0], H, K),
+                               unpack_qkvz(leaves[0].grad, H, K)):  # each part on its own: none hides in the rest
+        check(name, grad, ref, TOL[dtype])
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -7,7 +7,7 @@ decays, and forced), sequences shorter than and not a multiple of a chunk, head 
 uses, also checked to compile inside one graph), the sequence split across programs at several split counts
 (split lengths that leave a partial last split, one chunk per split, more splits asked than there are chunks),
 a token order read in place (with and without states and splits), the forward's loads issued a chunk
-ahead (PREFETCH), q, k, v (and g) sliced out of one [B, T, X] tensor as DiG's fused input projection gives them
+ahead (PREFETCH), q, k, v (and g) sliced out of one [B, T, X] tensor as DiG's packed projections give them
 (read in place at their token stride, gradients through the slicing; misaligned and transposed views copied first),
 float32 and bf16 inputs, and the dots modes for bf16 inputs (DIG_GLA_DOTS_16BIT: "mixed", the
 default, in every bf16 case; tf32 and bf16 everywhere in their own). The interpreter runs dots in float32, and its
@@ -71,8 +71,8 @@ CASES = {  # id: (B, T, H, K, V, gates, with_state, dtype, module settings); "op
     "strong-bf16-tf32-dots": (1, 128, 2, 32, 64, "strong", True, torch.bfloat16,
                               {"DOTS_16BIT": dict.fromkeys(KERNELS, "tf32"), "seed": 3}),
     # q, k, v (g too where named) sliced out of one [B, T, X] leaf: "rows" lists its columns in order, the inputs'
-    # (H * K or H * V wide) and the widths of other columns between and after them (DiG's fused projection: q, k, v,
-    # then the gate and output-gate projections' columns)
+    # (H * K or H * V wide) and the widths of other columns between and after them (DiG's packed projections:
+    # q, k, v, then the output gate's columns)
     "op-rows-dig-fp32": (2, 50, 2, 32, 64, "dig", False, torch.float32, {"rows": ("q", "k", "v", 48)}),
     "op-rows-order-bf16": (2, 45, 3, 32, 64, "mixed", False, torch.bfloat16,
                            {"rows": (8, "v", 24, "k", "g", "q", 40), "order": True, "seed": 41}),
@@ -251,10 +251,9 @@ def test_automatic_splits_fill_the_gpu_only_when_batch_times_heads_does_not():
 def test_dig_layer_compiles_with_the_kernel_inside_one_graph():
     """torch.compile(fullgraph=True) of DiG's GLA layer with backend "triton", with and without a token order, and
     with q, k, v and the gate packed (packed_projections; the same weights: what the separate projections give):
-    the kernels are a
-    registered operator, so there is no graph break around them, and compiled = eager (outputs and input
-    gradients). And DiG's compiled blocks save q, k, v, the gate logits, the GLA output and its gate
-    row-major, the layout the kernels read."""
+    the kernels are a registered operator, so there is no graph break around them, and compiled = eager (outputs
+    and input gradients). And DiG's compiled blocks (packed projections, the default) save the packed q|k|v|gate
+    projection, the gate logits and the GLA output row-major, the layout the kernels read."""
     worker = Path(__file__).with_name("gla_triton_compile_check.py")
     proc = subprocess.run([sys.executable, str(worker)], env={**os.environ, "TRITON_INTERPRET": "1"},
                           capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[1])
@@ -271,6 +270,7 @@ def test_dig_layer_compiles_with_the_kernel_inside_one_graph():
     # token-innermost, as if they were images, and copy them to and from the kernels' layout in every block.
     saved = report["block_saved_heads"]
     assert saved, "the compiled blocks saved no heads-split tensor: the check looks at nothing"
+    assert any(len(s["shape"]) == 3 for s in saved), "the packed q|k|v|gate projection was not among them"
     row_major = [{"shape": s["shape"], "stride": list(torch.empty(s["shape"]).stride())} for s in saved]
     assert saved == row_major, saved
 
@@ -292,6 +292,26 @@ def test_row_strided_inputs_are_read_in_place_and_the_rest_copied(interpreted):
                 assert in_place != copied, (case, kernel, name)
                 packed = H * (V if name == "v" else K)
                 assert stride == (width if name in columns and not copied else packed), (case, kernel, name)
+
+
+def test_gradient_views_the_kernels_cannot_write_are_refused():
+    """gla_triton._backward's grads_into (pure torch, before any kernel): dq and dk must share a token stride and
+    every view be in [B, T, H, D] rows; anything else is a clear error, not gradients written to the wrong places."""
+    module = importlib.import_module("dig.ops.gla_triton")
+    B, T, H, K, V = 2, 5, 3, 8, 16
+    q, v = torch.zeros(B, T, H, K), torch.zeros(B, T, H, V)
+    packed = torch.zeros(B, T, 2 * H * K + H * V)
+    dq, dk = packed[..., :H * K].view(B, T, H, K), packed[..., H * K:2 * H * K].view(B, T, H, K)
+    dv = packed[..., 2 * H * K:].view(B, T, H, V)
+    module._check_grads_into((dq, dk, dv), q, v)  # the packed layout: accepted
+    bad = {"dk at another stride": (dq, torch.zeros(B, T, H, K), dv),
+           "heads outermost": (dq, dk, torch.zeros(B, H, T, V).transpose(1, 2)),
+           "another dtype": (dq, dk, dv.double())}
+    for name, grads in bad.items():
+        with pytest.raises(ValueError, match="grads_into"):
+            module._check_grads_into(grads, q, v)
+        with pytest.raises(ValueError, match="grads_into"):  # refused before any kernel runs
+            module._backward(q, q, v, q, None, 1.0, v, None, False, grads_into=grads)
 
 
 def test_gradients_are_written_contiguous_by_default(interpreted):
@@ -337,8 +357,8 @@ def test_sliced_inputs_give_what_contiguous_ones_give(interpreted):
         assert torch.equal(a, b), name
 
 
-def _fused_projection_slices(B, T, H, K, V, dtype=torch.float32):
-    """q, k, v as DiG's fused input projection gives them: views of one [B, T, X] tensor, its first 2 * H * K + H * V
+def _packed_projection_slices(B, T, H, K, V, dtype=torch.float32):
+    """q, k, v as DiG's packed projections give them: views of one [B, T, X] tensor, its first 2 * H * K + H * V
     columns, then others."""
     big = torch.zeros(B, T, 2 * H * K + H * V + 24, dtype=dtype)
     return (big[..., :H * K].view(B, T, H, K), big[..., H * K:2 * H * K].view(B, T, H, K),
@@ -351,9 +371,9 @@ def test_rows_in_place_keeps_row_strided_views_and_copies_the_rest():
     contiguous copy, and token_rows.token_stride says the stride the kernels are then given."""
     module = importlib.import_module("dig.ops.gla_triton")
     for dtype in (torch.float32, torch.bfloat16):
-        for x in _fused_projection_slices(2, 10, 18, 32, 64, dtype):
+        for x in _packed_projection_slices(2, 10, 18, 32, 64, dtype):
             assert module._rows_in_place(x) is x and token_stride(x) == 2 * 18 * 32 + 18 * 64 + 24
-    one_image = _fused_projection_slices(1, 10, 18, 32, 64)[1]
+    one_image = _packed_projection_slices(1, 10, 18, 32, 64)[1]
     assert module._rows_in_place(one_image) is one_image
     every_second_token = torch.zeros(2, 10, 200)[:, ::2, :24].view(2, 5, 3, 8)
     assert module._rows_in_place(every_second_token) is every_second_token

@@ -37,7 +37,7 @@ CASES = {  # id: (shape [N, T, H, D], o dtype, gate dtype, weight dtype, values,
     "o-fp32-gate-bf16-weight-bf16": ((2, 13, 3, 64), f32, bf16, bf16, "normal", {}),
     "large-gate-small-o": ((2, 17, 3, 64), f32, f32, f32, "extreme", {}),  # eps ~ mean(o^2); silu(-20) ~ -4e-8
     "large-gate-small-o-bf16": ((2, 17, 3, 64), bf16, bf16, f32, "extreme", {"TILE": 1024}),
-    # the gate as columns of a wider tensor (DiG's fused input projection), read in place: 64 columns before it
+    # the gate as columns of a wider tensor (DiG's packed projections), read in place: 64 columns before it
     # and 16 after (bf16 rows of 272 elements: 16-byte aligned); 3 columns before: not aligned, copied first
     "gate-slice-in-place-bf16": ((2, 13, 3, 64), bf16, bf16, f32, "normal", {"gate_columns": (64, 16)}),
     "gate-slice-in-place-fp32-many-programs": ((3, 11, 2, 24), f32, f32, f32, "normal",

@@ -62,7 +62,7 @@ class GatedLinearAttention(nn.Module):
 
     def __init__(self, hidden_size: int, num_heads: int, expand_k: float = 0.5, expand_v: float = 1.0,
                  gate_low_rank_dim: int = 16, gate_logit_normalizer: float = 16.0, norm_eps: float = 1e-6,
-                 backend: str = "auto", norm_gate_kernel: bool = True, packed_projections: bool = False):
+                 backend: str = "auto", norm_gate_kernel: bool = True, packed_projections: bool = True):
         super().__init__()
         self.packed_projections = packed_projections
         key_dim, value_dim = int(hidden_size * expand_k), int(hidden_size * expand_v)
@@ -96,8 +96,8 @@ class GatedLinearAttention(nn.Module):
         """token_order: the order the recurrence visits the tokens in (see dig.ops.gla); None: as they come."""
         n, t, _ = x.shape
         if x.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(x.device.type):
-            # Cast once: autocast would cast x separately for each of the five projections below, and each
-            # linear would save its own copy of it for backward.
+            # Cast once: autocast would cast x separately for each projection below, and each linear would save
+            # its own copy of it for backward.
             x = x.to(torch.get_autocast_dtype(x.device.type))
         heads = lambda z: z.reshape(n, t, self.num_heads, -1)  # noqa: E731  [N, T, H, head_dim], fla's layout
         gk = F.logsigmoid(heads(self.gk_proj(x))) / self.gate_logit_normalizer

@@ -48,7 +48,7 @@ import os
 
 import torch
 
-from .token_rows import readable_in_place, token_stride
+from .token_rows import in_token_rows, readable_in_place, token_stride
 
 CHUNK = 16
 NUM_WARPS = 4
@@ -262,6 +262,8 @@ def _backward(q, k, v, g, h0, scale, do, dht, need_dh0, splits=1, order=None, gr
     """dq, dk, dv, dg, dh0. grads_into: three [B, T, H, D] views that receive dq, dk and dv (the columns of one
     gradient when q, k and v came packed in one tensor, gla_gated.py; token_rows.readable_in_place layouts), else
     new tensors."""
+    if grads_into is not None:
+        _check_grads_into(grads_into, q, v)
     _, bwd_dq, bwd_dkv = _kernels()
     B, T, H, K = q.shape
     do = do.contiguous()
@@ -377,6 +379,19 @@ def gla_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tenso
         initial_state = initial_state.float().contiguous()
     return _FusedChunkGLA.apply(*(_rows_in_place(x) for x in (q, k, v, g)), scale, initial_state,
                                 output_final_state, order)
+
+
+def _check_grads_into(grads_into, q: torch.Tensor, v: torch.Tensor) -> None:
+    """The dk/dv/dg sweep writes dq and dk at one token stride (GRAD_STRIDE_K), dv at another, each in [B, T, H, D]
+    rows (heads and channels packed in a token's row, batches T tokens apart)."""
+    dq, dk, dv = grads_into
+    shapes_ok = dq.shape == dk.shape == q.shape and dv.shape == v.shape
+    dtypes_ok = dq.dtype == dk.dtype == dv.dtype == q.dtype
+    rows_ok = all(in_token_rows(x) for x in grads_into)
+    if not (shapes_ok and dtypes_ok and rows_ok and token_stride(dq) == token_stride(dk)):
+        raise ValueError("grads_into: dq, dk, dv must have q's, k's and v's shapes and q's dtype, each in [B, T, H, D] "
+                         "rows with dq and dk at one token stride; got strides "
+                         f"{[tuple(x.stride()) for x in grads_into]}, dtypes {[x.dtype for x in grads_into]}")
 
 
 def _check_splits(splits) -> None:

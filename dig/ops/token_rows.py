@@ -20,13 +20,19 @@ def readable_in_place(x: torch.Tensor) -> bool:
     """x is [B, T, H, D] with tokens `token_stride(x)` apart, heads and channels packed in each token's row, batches
     T tokens apart, and 16-byte aligned rows, so that the kernels' vector loads stay as wide as a contiguous
     tensor's (a misaligned view would compile to slower, narrow-load kernels)."""
+    return in_token_rows(x) and x.data_ptr() % 16 == 0 and token_stride(x) * x.element_size() % 16 == 0
+
+
+def in_token_rows(x: torch.Tensor) -> bool:
+    """x is [B, T, H, D] with tokens `token_stride(x)` apart, heads and channels packed in each token's row and
+    batches T tokens apart: where the kernels can address it (to read it as fast as a contiguous tensor, it must
+    also be aligned: readable_in_place)."""
     if x.dim() != 4:
         return False
     B, T, H, D = x.shape
     stride = token_stride(x)
-    packed = ((D == 1 or x.stride(3) == 1) and (H == 1 or x.stride(2) == D) and stride >= H * D
-              and (B == 1 or x.stride(0) == T * stride))
-    return packed and x.data_ptr() % 16 == 0 and stride * x.element_size() % 16 == 0
+    return ((D == 1 or x.stride(3) == 1) and (H == 1 or x.stride(2) == D) and stride >= H * D
+            and (B == 1 or x.stride(0) == T * stride))
 
 
 def unpack_qkvz(qkvz: torch.Tensor, heads: int, key_dim: int) -> tuple[torch.Tensor, ...]:

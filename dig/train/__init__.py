@@ -3,5 +3,5 @@
 
     dig train --config configs/train/<run>.yaml key=value …     # resumes from <run.dir>/checkpoints/latest
     dig export <run dir or checkpoint> --out <folder>            # model.safetensors + config.json
-    model, info = dig.train.export.load_exported(<folder>)       # create_model(info["model"], **info["model_kwargs"])
+    model, info = dig.inference.load_exported(<folder>)          # create_model(info["model"], **info["model_kwargs"])
 """
