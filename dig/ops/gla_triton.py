@@ -260,8 +260,8 @@ def _split_end_state_grads(q, g, do, gsum, order, scale, args):
 
 def _backward(q, k, v, g, h0, scale, do, dht, need_dh0, splits=1, order=None, grads_into=None):
     """dq, dk, dv, dg, dh0. grads_into: three [B, T, H, D] views that receive dq, dk and dv (the columns of one
-    gradient when q, k and v came packed in one tensor, gla_gated.py; token_rows.readable_in_place layouts), else
-    new tensors."""
+    gradient when q, k and v came packed in one tensor, gla_gated.py; token_rows.in_token_rows layouts), else new
+    tensors."""
     if grads_into is not None:
         _check_grads_into(grads_into, q, v)
     _, bwd_dq, bwd_dkv = _kernels()

@@ -291,7 +291,7 @@ def bwd_dkv_kernel(q, k, v, g, do, dq, dq_out, dk, dv, dg, dht, final_dg, dh0, d
                    GRAD_STRIDE_V: tl.constexpr):
     """Reverse sweep over one split: dk, dv, and dg as the reverse cumulative sum of q*dq - k*dk; dq from the dq
     sweep's float32 buffer, stored in dq_out's dtype. dq_out and dk are written at token stride GRAD_STRIDE_K, dv
-    at GRAD_STRIDE_V (H * K and H * V when contiguous; one [B, T, 2HK + HV] gradient of packed q|k|v otherwise).
+    at GRAD_STRIDE_V (H * K and H * V when contiguous; the row width of one packed q|k|v|gate gradient otherwise).
     The state gradient at the split's end comes from dht ([B * H, NS, K, V]); with NS > 1 the split's dg lacks the
     sum of q*dq - k*dk over the splits after it, and that split total is stored in dgsum for the caller to add."""
     i_b, i_h, p_s, m_s = _head(H, K, V, BK, BV, NS)

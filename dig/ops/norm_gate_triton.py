@@ -151,9 +151,14 @@ def _gate_rows(gate: torch.Tensor) -> tuple[torch.Tensor, dict]:
     (DiG's packed projections: q, k, v, gate side by side) is read in place, H heads of D a token, tokens
     GATE_TS elements apart (`token_rows.readable_in_place`); any other layout as a contiguous one (H = 1, GATE_TS = D:
     one row after another)."""
-    if not gate.is_contiguous() and readable_in_place(gate):
-        return gate, dict(H=gate.shape[2], GATE_TS=token_stride(gate))
-    return gate.contiguous(), dict(H=1, GATE_TS=gate.shape[-1])
+    in_place = not gate.is_contiguous() and readable_in_place(gate)
+    return (gate if in_place else gate.contiguous()), _rows_layout(gate, in_place)
+
+
+def _rows_layout(x: torch.Tensor, token_rows: bool) -> dict:
+    """_gate_offsets' (H, GATE_TS) for x: H heads of D in each token's row, tokens GATE_TS elements apart; or, for a
+    contiguous tensor, one row after another (1, D)."""
+    return dict(H=x.shape[2], GATE_TS=token_stride(x)) if token_rows else dict(H=1, GATE_TS=x.shape[-1])
 
 
 def _forward(o: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -172,16 +177,14 @@ def _forward(o: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: flo
 def _backward(o: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, dy: torch.Tensor,
               eps: float, dgate_into: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """do, dgate, dweight. dgate_into: a [N, T, H, D] view that receives dgate (the gate's columns of a packed
-    gradient, a `token_rows.readable_in_place` layout), else a new tensor."""
+    gradient, a `token_rows.in_token_rows` layout), else a new tensor."""
     o, weight, dy = o.contiguous(), weight.contiguous(), dy.contiguous()
     gate, layout = _gate_rows(gate)
     D = o.shape[-1]
     rows = o.numel() // D
     do = torch.empty_like(o, memory_format=torch.contiguous_format)
-    if dgate_into is None:
-        dgate, dgate_layout = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device), dict(H=1, GATE_TS=D)
-    else:
-        dgate, dgate_layout = dgate_into, dict(H=dgate_into.shape[2], GATE_TS=token_stride(dgate_into))
+    dgate = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device) if dgate_into is None else dgate_into
+    dgate_layout = _rows_layout(dgate, dgate_into is not None)
     if not rows:
         return do, dgate, torch.zeros_like(weight)
     sizes = _sizes(D)
