@@ -25,6 +25,7 @@ KINDS = [  # (kind, regex over the kernel name), first match wins
     ("gla (ours)", r"^(fwd_kernel|bwd_dq_kernel|bwd_dkv_kernel)$"),
     ("gla (fla)", r"^chunk_(gla|fwd|bwd|local)"),
     ("attention (sdpa)", r"flash|fmha|attention"),
+    ("swiglu product (ours)", r"^swiglu_"),  # dig/ops/swiglu_triton.py; DiT's GELU is in fused elementwise
     ("matmul", r"gemm|sm90_xmma|cutlass|nvjet|wgmma|matmul"),
     ("conv", r"conv|depthwise"),
     ("flip (scan reorientation)", r"flip_kernel"),  # aten's copies; inductor's kernels with a fused flip are elementwise

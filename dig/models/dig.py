@@ -12,6 +12,9 @@ from dig.ops import BACKENDS, gla, gla_gated_packed, resolve_backend
 from dig.ops.dwconv import depthwise_conv3x3
 from dig.ops.norm_gate_torch import rms_norm_swish_gate_torch
 from dig.ops.norm_gate_triton import rms_norm_swish_gate
+from dig.ops.swiglu_torch import silu_times_up
+from dig.ops.swiglu_triton import kernels_apply as swiglu_kernels_apply
+from dig.ops.swiglu_triton import swiglu_down
 from dig.ops.token_rows import unpack_qkvz
 
 from .base import LatentDiffusionTransformer
@@ -128,38 +131,40 @@ class SwiGLU(nn.Module):
     """silu(gate) * up -> down, hidden width 256 * ceil(int(D * mlp_ratio * 2/3) / 256).
     recompute_product: autograd keeps only the gate/up projection (which the SwiGLU's own backward needs) and
     recomputes silu(gate) * up in the backward for down_proj's weight gradient, instead of saving it too
-    (DiG-XL/2: 6 KB less per token and block, 13 % of a compiled block's activations)."""
+    (DiG-XL/2: 6 KB less per token and block, 13 % of a compiled block's activations). With `kernel` (and CUDA,
+    Triton) that is one operator (dig/ops/swiglu_triton.py) whose backward kernel writes the product beside
+    d(gate/up) from one read of gate/up; otherwise activation checkpointing of the product."""
 
-    def __init__(self, hidden_size: int, mlp_ratio: float = 4.0, recompute_product: bool = False):
+    def __init__(self, hidden_size: int, mlp_ratio: float = 4.0, recompute_product: bool = False,
+                 kernel: bool = True):
         super().__init__()
         inner = int(hidden_size * mlp_ratio * 2 / 3)
         self.intermediate_size = 256 * ((inner + 255) // 256)
         self.gate_proj = nn.Linear(hidden_size, 2 * self.intermediate_size, bias=False)
         self.down_proj = nn.Linear(self.intermediate_size, hidden_size, bias=False)
         self.recompute_product = recompute_product
+        self.kernel = kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_proj(x)
+        if self.recompute_product and self.kernel and swiglu_kernels_apply(gate_up):
+            # (autocast would cast down_proj's weight for F.linear: the operator takes it in gate_up's dtype)
+            return swiglu_down(gate_up, self.down_proj.weight.to(gate_up.dtype))
         if self.recompute_product:
-            product = checkpoint(_silu_times_up, gate_up, use_reentrant=False)
+            product = checkpoint(silu_times_up, gate_up, use_reentrant=False)
         else:
-            product = _silu_times_up(gate_up)
+            product = silu_times_up(gate_up)
         return self.down_proj(product)
-
-
-def _silu_times_up(gate_up: torch.Tensor) -> torch.Tensor:
-    gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
 
 
 class DiGBlock(nn.Module):
     """[long-skip fuse] -> adaLN-Zero GLA -> adaLN-Zero SwiGLU -> depthwise 3x3 conv over the token grid
     (dw_conv_flipped_grad: its input gradient as a forward convolution, dig/ops/dwconv.py; False: F.conv2d's;
-    packed_projections: GatedLinearAttention's)."""
+    packed_projections: GatedLinearAttention's; mlp_recompute, mlp_kernel: SwiGLU's recompute_product, kernel)."""
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, gla_backend: str, long_skip: bool,
                  norm_gate_kernel: bool = True, mlp_recompute: bool = False, dw_conv_flipped_grad: bool = True,
-                 packed_projections: bool = True):
+                 packed_projections: bool = True, mlp_kernel: bool = True):
         super().__init__()
         self.dw_conv_flipped_grad = dw_conv_flipped_grad
         self.skip_linear = nn.Linear(2 * hidden_size, hidden_size) if long_skip else None
@@ -167,7 +172,7 @@ class DiGBlock(nn.Module):
         self.attn = GatedLinearAttention(hidden_size, num_heads, backend=gla_backend,
                                          norm_gate_kernel=norm_gate_kernel, packed_projections=packed_projections)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.mlp = SwiGLU(hidden_size, mlp_ratio, recompute_product=mlp_recompute)
+        self.mlp = SwiGLU(hidden_size, mlp_ratio, recompute_product=mlp_recompute, kernel=mlp_kernel)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
         self.dw_conv = nn.Conv2d(hidden_size, hidden_size, kernel_size=3, padding=1, groups=hidden_size)
 
@@ -259,7 +264,10 @@ class DiG(LatentDiffusionTransformer):
     GLA and its output norm-gate (dig/ops/gla_gated.py): DiG-XL/2 steps about 3 % shorter on an H200 at 256 px / 32,
     512 px / 32 and 1024 px / 8 (BENCHMARKS.md, 2026-11-30); false: four GEMMs. mlp_recompute (default): each
     SwiGLU recomputes silu(gate) * up in the backward instead of saving it (SwiGLU.recompute_product): peak memory
-    at 512 px / 32 images on one H200 47.6 GiB instead of 52.8 (DiT-XL/2: 47.8) for 0-1 % of the speed."""
+    at 512 px / 32 images on one H200 47.6 GiB instead of 52.8 (DiT-XL/2: 47.8) for 0-1 % of the speed. mlp_kernel
+    (default; with mlp_recompute, on CUDA): that recompute inside one operator whose backward kernel writes the
+    product beside d(gate/up) from one read of gate/up (dig/ops/swiglu_triton.py); false: activation checkpointing
+    of the product, a kernel of its own in the backward."""
 
     def __init__(self, *, depth: int, hidden_size: int, num_heads: int, patch_size: int, mlp_ratio: float = 4.0,
                  input_size: int | tuple[int, int] = 32, in_channels: int = 4, num_classes: int = 1000,
@@ -267,7 +275,7 @@ class DiG(LatentDiffusionTransformer):
                  grad_checkpointing: bool = False, pos_embed_base_size: int | tuple[int, int] | None = None,
                  long_skip: bool = False, skip_init: str = "zero", scan_in_kernel: bool = False,
                  norm_gate_kernel: bool = True, mlp_recompute: bool = True, dw_conv_flipped_grad: bool = True,
-                 packed_projections: bool = True):
+                 packed_projections: bool = True, mlp_kernel: bool = True):
         super().__init__(input_size=input_size, patch_size=patch_size, in_channels=in_channels,
                          hidden_size=hidden_size, num_classes=num_classes, learn_sigma=learn_sigma,
                          class_dropout_prob=class_dropout_prob, pos_embed_base_size=pos_embed_base_size,
@@ -288,7 +296,8 @@ class DiG(LatentDiffusionTransformer):
         self.blocks = nn.ModuleList([
             DiGBlock(hidden_size, num_heads, mlp_ratio, gla_backend, long_skip=long_skip and i > depth // 2,
                      norm_gate_kernel=norm_gate_kernel, mlp_recompute=mlp_recompute,
-                     dw_conv_flipped_grad=dw_conv_flipped_grad, packed_projections=packed_projections)
+                     dw_conv_flipped_grad=dw_conv_flipped_grad, packed_projections=packed_projections,
+                     mlp_kernel=mlp_kernel)
             for i in range(depth)
         ])
         self.scan_in_kernel = scan_in_kernel
