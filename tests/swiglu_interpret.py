@@ -55,29 +55,49 @@ def opcheck_failures():
 
 
 def swiglu_module():
-    """DiG's SwiGLU (D 48, F 256) in float32 with the operator and with checkpointing: outputs and the gradients
-    of x, gate_proj's and down_proj's weights, and whether the operator ran."""
+    """DiG's SwiGLU (D 48, F 256, float32 parameters) with the operator and with checkpointing, in float32 and
+    under bf16 autocast (as DiG trains): outputs and the gradients of x, gate_proj's and down_proj's weights, and
+    whether the operator ran."""
     from dig.models.dig import SwiGLU
 
     gen = torch.Generator().manual_seed(2)
     results = {}
-    for kernel in (True, False):
-        torch.manual_seed(3)
-        mlp = SwiGLU(48, 4.0, recompute_product=True, kernel=kernel)
-        x = torch.randn(2, 7, 48, generator=gen.manual_seed(4)).requires_grad_()
-        calls = []
-        forward = module._forward
-        module._forward = lambda *a: calls.append(1) or forward(*a)
-        try:
-            y = mlp(x)
-        finally:
-            module._forward = forward
-        (y * torch.randn(y.shape, generator=gen.manual_seed(5))).sum().backward()
-        results[kernel] = {"y": y.detach(), "grads": [x.grad, mlp.gate_proj.weight.grad, mlp.down_proj.weight.grad],
-                           "operator_calls": len(calls)}
+    for autocast in (False, True):
+        for kernel in (True, False):
+            torch.manual_seed(3)
+            mlp = SwiGLU(48, 4.0, recompute_product=True, kernel=kernel)
+            x = torch.randn(2, 7, 48, generator=gen.manual_seed(4)).requires_grad_()
+            calls = []
+            forward = module._forward
+            module._forward = lambda *a: calls.append(1) or forward(*a)
+            saved = []
+            try:
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), \
+                        torch.autograd.graph.saved_tensors_hooks(lambda z: saved.append(tuple(z.shape)) or z,
+                                                                 lambda z: z):
+                    y = mlp(x)
+            finally:
+                module._forward = forward
+            (y.float() * torch.randn(y.shape, generator=gen.manual_seed(5))).sum().backward()
+            results[autocast, kernel] = {"y": y.detach(), "operator_calls": len(calls), "saved": saved,
+                                         "intermediate": mlp.intermediate_size,
+                                         "grads": [x.grad, mlp.gate_proj.weight.grad, mlp.down_proj.weight.grad]}
     return results
+
+
+def float32_under_autocast():
+    """The operator on float32 inputs inside a bf16 autocast region: the GEMMs inside it stay float32 (out's dtype
+    is what the fake implementation promises) and the backward runs."""
+    gen = torch.Generator().manual_seed(6)
+    gate_up = torch.randn(3, 5, 2 * 40, generator=gen, dtype=torch.float64)
+    weight = torch.randn(24, 40, generator=gen, dtype=torch.float64) / 40 ** 0.5
+    leaves = [x.float().requires_grad_() for x in (gate_up, weight)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = module.swiglu_down(*leaves)
+    out.sum().backward()
+    return {"inputs": (gate_up, weight), "out": out.detach(), "grads": [x.grad for x in leaves]}
 
 
 cases = torch.load(sys.argv[1])
 torch.save({"cases": [run_case(c) for c in cases], "compile": compile_report(), "opcheck": opcheck_failures(),
-            "swiglu_module": swiglu_module()}, sys.argv[2])
+            "swiglu_module": swiglu_module(), "float32_under_autocast": float32_under_autocast()}, sys.argv[2])

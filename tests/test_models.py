@@ -439,6 +439,16 @@ def test_compiled_blocks_equal_eager_with_reorientation_inside(name, scope):
     assert counters["stats"]["unique_graphs"] <= 2 * compiled.block_input_kinds, counters["stats"]
 
 
+@pytest.mark.parametrize("mlp_kernel", [None, False])
+def test_mlp_kernel_reaches_every_swiglu(mlp_kernel):
+    """model.overrides.mlp_kernel (default on) is what each block's SwiGLU runs with (on the CPU it checkpoints
+    either way: the operator needs CUDA or Triton's interpreter; tests/test_swiglu.py)."""
+    overrides = {} if mlp_kernel is None else {"mlp_kernel": mlp_kernel}
+    model = create_model("DiG-S/2", **{**TINY, "depth": 2}, **overrides)
+    assert [block.mlp.kernel for block in model.blocks] == [mlp_kernel is None] * 2
+    assert all(block.mlp.recompute_product for block in model.blocks)
+
+
 def test_mlp_recompute_keeps_the_swiglu_product_out_of_the_saved_activations():
     """mlp_recompute=True: the compiled blocks (inductor on the CPU, float64) no longer save silu(gate) * up
     ([tokens, intermediate]) for the backward, which the same compile without it does; outputs and every gradient

@@ -104,13 +104,31 @@ def test_opcheck_passes_for_both_operators(interpreted):
     assert interpreted["opcheck"] == {}
 
 
-def test_dig_swiglu_with_the_operator_matches_checkpointing(interpreted):
-    """DiG's SwiGLU (float32) computes the same with the operator as with activation checkpointing, its other
-    recompute, and the operator is what runs when `kernel` is on."""
-    with_op, checkpointed = interpreted["swiglu_module"][True], interpreted["swiglu_module"][False]
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_dig_swiglu_with_the_operator_matches_checkpointing(interpreted, autocast):
+    """DiG's SwiGLU computes the same with the operator as with activation checkpointing, its other recompute, in
+    float32 and under bf16 autocast with float32 parameters (as DiG trains: out in bf16, the weights' gradients in
+    float32); the operator is what runs when `kernel` is on."""
+    with_op, checkpointed = (interpreted["swiglu_module"][autocast, kernel] for kernel in (True, False))
     assert with_op["operator_calls"] == 1 and checkpointed["operator_calls"] == 0
+    # what autograd keeps: gate/up ([2, 7, 2F]) and the weights, never the product ([2, 7, F] or [14, F])
+    F = with_op["intermediate"]
+    assert (2, 7, 2 * F) in with_op["saved"]
+    assert (2, 7, F) not in with_op["saved"] and (14, F) not in with_op["saved"], with_op["saved"]
+    assert with_op["y"].dtype == checkpointed["y"].dtype == (bf16 if autocast else f32)
+    tol = 1e-2 if autocast else 1e-5  # bf16: the two paths round the product and gradients at different points
     for a, b in zip([with_op["y"], *with_op["grads"]], [checkpointed["y"], *checkpointed["grads"]]):
-        assert ((a - b).norm() / b.norm()).item() < 1e-5
+        assert a.dtype == b.dtype
+        assert ((a.double() - b.double()).norm() / b.double().norm()).item() < tol
+
+
+def test_float32_inputs_under_autocast_stay_float32(interpreted):
+    """Autocast is still on inside a custom operator's implementation: the operator keeps its GEMMs in the inputs'
+    dtype (float32 here, the dtype its fake implementation gives) and matches float64 at float32's tolerance."""
+    got = interpreted["float32_under_autocast"]
+    gate_up, weight = got["inputs"]
+    check_against_float64((gate_up.float(), weight.float()), torch.ones_like(got["out"], dtype=torch.float64),
+                          got["out"], got["grads"])
 
 
 def test_reference_matches_the_independent_float64_reference():

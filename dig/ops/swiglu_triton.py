@@ -92,25 +92,31 @@ def _launch(kernel, rows: int, F: int, *tensors, num_warps: int) -> None:
                                                                          BLOCK_F=block_f, num_warps=num_warps)
 
 
+# (A custom operator's implementation runs with the caller's autocast state: the GEMMs below are kept in the
+# inputs' dtype, as the fake implementations promise.)
 def _forward(gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    gate_up = gate_up.contiguous()
-    F = gate_up.shape[-1] // 2
-    product = torch.empty(gate_up.shape[:-1] + (F,), dtype=gate_up.dtype, device=gate_up.device)
-    _launch(swiglu_product_kernel, gate_up.numel() // (2 * F), F, gate_up, product, num_warps=FWD_WARPS)
-    return torch.matmul(product, weight.t())
+    with torch.autocast(gate_up.device.type, enabled=False):
+        gate_up = gate_up.contiguous()
+        F = gate_up.shape[-1] // 2
+        product = torch.empty(gate_up.shape[:-1] + (F,), dtype=gate_up.dtype, device=gate_up.device)
+        _launch(swiglu_product_kernel, gate_up.numel() // (2 * F), F, gate_up, product, num_warps=FWD_WARPS)
+        return torch.matmul(product, weight.t())
 
 
 def _backward(gate_up: torch.Tensor, weight: torch.Tensor, dout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    gate_up = gate_up.contiguous()
-    F = gate_up.shape[-1] // 2
-    rows = gate_up.numel() // (2 * F)
-    dout = dout.reshape(rows, weight.shape[0])
-    dproduct = torch.matmul(dout, weight)
-    dgate_up = torch.empty(gate_up.shape, dtype=gate_up.dtype, device=gate_up.device)
-    product = torch.empty(rows, F, dtype=gate_up.dtype, device=gate_up.device)
-    _launch(swiglu_backward_kernel, rows, F, gate_up, dproduct, dgate_up, product, num_warps=BWD_WARPS)
-    del dproduct
-    return dgate_up, torch.matmul(dout.t(), product)
+    with torch.autocast(gate_up.device.type, enabled=False):
+        gate_up = gate_up.contiguous()
+        F = gate_up.shape[-1] // 2
+        rows = gate_up.numel() // (2 * F)
+        dout = dout.reshape(rows, weight.shape[0]).to(gate_up.dtype)
+        dproduct = torch.matmul(dout, weight)
+        dgate_up = torch.empty(gate_up.shape, dtype=gate_up.dtype, device=gate_up.device)
+        # (a buffer of its own: writing the product over dproduct would be safe only if every element's load and
+        # store fell to the same thread, which Triton's layouts do not promise)
+        product = torch.empty(rows, F, dtype=gate_up.dtype, device=gate_up.device)
+        _launch(swiglu_backward_kernel, rows, F, gate_up, dproduct, dgate_up, product, num_warps=BWD_WARPS)
+        del dproduct
+        return dgate_up, torch.matmul(dout.t(), product)
 
 
 @torch.library.custom_op("dig::swiglu_down", mutates_args=())
@@ -151,8 +157,8 @@ def swiglu_down(gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """(silu(gate) * up) @ weight^T for gate_up [..., 2F] (gate | up) and weight [D, F] of gate_up's dtype, on the
     Triton kernels (callers check `kernels_apply` first; the reference is swiglu_torch.swiglu_down_torch). Saves
     only gate_up and weight for the backward."""
-    if weight.dim() != 2 or gate_up.dim() < 1 or gate_up.shape[-1] != 2 * weight.shape[1]:
-        raise ValueError(f"swiglu_down: gate_up must be [..., 2F] and weight [D, F]; got gate_up "
+    if weight.dim() != 2 or gate_up.dim() < 1 or weight.shape[1] == 0 or gate_up.shape[-1] != 2 * weight.shape[1]:
+        raise ValueError(f"swiglu_down: gate_up must be [..., 2F] and weight [D, F], F > 0; got gate_up "
                          f"{tuple(gate_up.shape)}, weight {tuple(weight.shape)}")
     if weight.dtype != gate_up.dtype or weight.device != gate_up.device:
         raise ValueError(f"swiglu_down: weight ({weight.dtype}, {weight.device}) must have gate_up's dtype and "
