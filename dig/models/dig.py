@@ -10,8 +10,6 @@ from torch.utils.checkpoint import checkpoint
 
 from dig.ops import BACKENDS, gla, gla_gated_packed, resolve_backend
 from dig.ops.dwconv import depthwise_conv3x3
-from dig.ops.low_rank_gate_triton import kernels_apply as low_rank_gate_kernels_apply
-from dig.ops.low_rank_gate_triton import low_rank_gate
 from dig.ops.norm_gate_torch import rms_norm_swish_gate_torch
 from dig.ops.norm_gate_triton import rms_norm_swish_gate
 from dig.ops.swiglu_torch import silu_times_up
@@ -63,18 +61,13 @@ class GatedLinearAttention(nn.Module):
     1e-6, not fla's layer default 1e-5: the release builds the layer with its GLAConfig's rms_norm_eps=1e-6.
     packed_projections: q, k, v and the output gate as one GEMM (the weights concatenated per call; parameters and
     names unchanged) whose output goes whole to one operator for the GLA and the output norm-gate
-    (dig.ops.gla_gated_packed), whose backward writes one gradient for that GEMM.
-    forget_gate_kernel: the forget gate after its 16-wide projection, logsigmoid(W2 low + b) / 16, as one Triton
-    kernel each way (dig/ops/low_rank_gate_triton.py; CUDA), instead of a GEMM, an elementwise pass and their
-    backward over [tokens, H*K]."""
+    (dig.ops.gla_gated_packed), whose backward writes one gradient for that GEMM."""
 
     def __init__(self, hidden_size: int, num_heads: int, expand_k: float = 0.5, expand_v: float = 1.0,
                  gate_low_rank_dim: int = 16, gate_logit_normalizer: float = 16.0, norm_eps: float = 1e-6,
-                 backend: str = "auto", norm_gate_kernel: bool = True, packed_projections: bool = True,
-                 forget_gate_kernel: bool = True):
+                 backend: str = "auto", norm_gate_kernel: bool = True, packed_projections: bool = True):
         super().__init__()
         self.packed_projections = packed_projections
-        self.forget_gate_kernel = forget_gate_kernel
         key_dim, value_dim = int(hidden_size * expand_k), int(hidden_size * expand_v)
         if key_dim % num_heads or value_dim % num_heads:
             raise ValueError(f"GLA: key dim {key_dim} and value dim {value_dim} must be divisible by "
@@ -110,7 +103,7 @@ class GatedLinearAttention(nn.Module):
             # its own copy of it for backward.
             x = x.to(torch.get_autocast_dtype(x.device.type))
         heads = lambda z: z.reshape(n, t, self.num_heads, -1)  # noqa: E731  [N, T, H, head_dim], fla's layout
-        gk = heads(self._forget_gate(x))
+        gk = F.logsigmoid(heads(self.gk_proj(x))) / self.gate_logit_normalizer
         if self.packed_projections:
             qkvz = _stacked_linears(x, (self.q_proj, self.k_proj, self.v_proj, self.g_proj))
             q, k, v, gate = unpack_qkvz(qkvz, self.num_heads, gk.shape[-1])
@@ -125,14 +118,6 @@ class GatedLinearAttention(nn.Module):
         o, _ = _gla(q, k, v, gk, self.backend, token_order)
         o = self.g_norm_swish_gate(o, gate)
         return self.o_proj(o.reshape(n, t, -1))
-
-    def _forget_gate(self, x: torch.Tensor) -> torch.Tensor:
-        """logsigmoid(gk_proj(x)) / gate_logit_normalizer, [N, T, H*K], in x's dtype."""
-        if self.forget_gate_kernel and low_rank_gate_kernels_apply(x):
-            low_rank, full = self.gk_proj
-            # (the float32 parameters go to the kernels as they are: they compute in float32)
-            return low_rank_gate(low_rank(x), full.weight, full.bias, self.gate_logit_normalizer)
-        return F.logsigmoid(self.gk_proj(x)) / self.gate_logit_normalizer
 
 
 def _stacked_linears(x: torch.Tensor, linears: tuple[nn.Linear, ...]) -> torch.Tensor:
@@ -175,19 +160,17 @@ class SwiGLU(nn.Module):
 class DiGBlock(nn.Module):
     """[long-skip fuse] -> adaLN-Zero GLA -> adaLN-Zero SwiGLU -> depthwise 3x3 conv over the token grid
     (dw_conv_flipped_grad: its input gradient as a forward convolution, dig/ops/dwconv.py; False: F.conv2d's;
-    packed_projections, forget_gate_kernel: GatedLinearAttention's; mlp_recompute, mlp_kernel: SwiGLU's
-    recompute_product, kernel)."""
+    packed_projections: GatedLinearAttention's; mlp_recompute, mlp_kernel: SwiGLU's recompute_product, kernel)."""
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, gla_backend: str, long_skip: bool,
                  norm_gate_kernel: bool = True, mlp_recompute: bool = False, dw_conv_flipped_grad: bool = True,
-                 packed_projections: bool = True, mlp_kernel: bool = True, forget_gate_kernel: bool = True):
+                 packed_projections: bool = True, mlp_kernel: bool = True):
         super().__init__()
         self.dw_conv_flipped_grad = dw_conv_flipped_grad
         self.skip_linear = nn.Linear(2 * hidden_size, hidden_size) if long_skip else None
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.attn = GatedLinearAttention(hidden_size, num_heads, backend=gla_backend,
-                                         norm_gate_kernel=norm_gate_kernel, packed_projections=packed_projections,
-                                         forget_gate_kernel=forget_gate_kernel)
+                                         norm_gate_kernel=norm_gate_kernel, packed_projections=packed_projections)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.mlp = SwiGLU(hidden_size, mlp_ratio, recompute_product=mlp_recompute, kernel=mlp_kernel)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
@@ -284,9 +267,7 @@ class DiG(LatentDiffusionTransformer):
     at 512 px / 32 images on one H200 47.6 GiB instead of 52.8 (DiT-XL/2: 47.8) for 0-1 % of the speed. mlp_kernel
     (default; with mlp_recompute, on CUDA): that recompute inside one operator whose backward kernel writes the
     product beside d(gate/up) from one read of gate/up (dig/ops/swiglu_triton.py); false: activation checkpointing
-    of the product, a kernel of its own in the backward. forget_gate_kernel (default; CUDA): each GLA layer's forget
-    gate after its 16-wide projection as one Triton kernel each way (dig/ops/low_rank_gate_triton.py); false: a
-    GEMM and an elementwise pass over [tokens, H*K], and their backward."""
+    of the product, a kernel of its own in the backward."""
 
     def __init__(self, *, depth: int, hidden_size: int, num_heads: int, patch_size: int, mlp_ratio: float = 4.0,
                  input_size: int | tuple[int, int] = 32, in_channels: int = 4, num_classes: int = 1000,
@@ -294,7 +275,7 @@ class DiG(LatentDiffusionTransformer):
                  grad_checkpointing: bool = False, pos_embed_base_size: int | tuple[int, int] | None = None,
                  long_skip: bool = False, skip_init: str = "zero", scan_in_kernel: bool = False,
                  norm_gate_kernel: bool = True, mlp_recompute: bool = True, dw_conv_flipped_grad: bool = True,
-                 packed_projections: bool = True, mlp_kernel: bool = True, forget_gate_kernel: bool = True):
+                 packed_projections: bool = True, mlp_kernel: bool = True):
         super().__init__(input_size=input_size, patch_size=patch_size, in_channels=in_channels,
                          hidden_size=hidden_size, num_classes=num_classes, learn_sigma=learn_sigma,
                          class_dropout_prob=class_dropout_prob, pos_embed_base_size=pos_embed_base_size,
@@ -316,7 +297,7 @@ class DiG(LatentDiffusionTransformer):
             DiGBlock(hidden_size, num_heads, mlp_ratio, gla_backend, long_skip=long_skip and i > depth // 2,
                      norm_gate_kernel=norm_gate_kernel, mlp_recompute=mlp_recompute,
                      dw_conv_flipped_grad=dw_conv_flipped_grad, packed_projections=packed_projections,
-                     mlp_kernel=mlp_kernel, forget_gate_kernel=forget_gate_kernel)
+                     mlp_kernel=mlp_kernel)
             for i in range(depth)
         ])
         self.scan_in_kernel = scan_in_kernel
