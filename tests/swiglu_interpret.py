@@ -92,9 +92,9 @@ def float32_under_autocast():
     gate_up = torch.randn(3, 5, 2 * 40, generator=gen, dtype=torch.float64)
     weight = torch.randn(24, 40, generator=gen, dtype=torch.float64) / 40 ** 0.5
     leaves = [x.float().requires_grad_() for x in (gate_up, weight)]
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the backward too: its GEMMs must stay float32 as well
         out = module.swiglu_down(*leaves)
-    out.sum().backward()
+        out.sum().backward()
     return {"inputs": (gate_up, weight), "out": out.detach(), "grads": [x.grad for x in leaves]}
 
 
