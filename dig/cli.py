@@ -273,6 +273,7 @@ def _cmd_config(args) -> int:
 BENCH_SUITES = {
     "gpu": "bench/run_all.py",                           # DiG vs DiT step, GLA op vs SDPA, memory (GPU)
     "ab-step": "bench/ab_step.py",                       # training steps timed against each other in rounds
+    "ab-train": "bench/ab_train.py",                     # `dig train` steps timed against each other in rounds
     "dwconv": "bench/bench_dwconv.py",                   # DiG's depthwise conv: its two backwards, byte floor
     "gla-kernels": "bench/bench_gla_kernels.py",         # GLA kernels fwd / bwd vs fla, SDPA, byte floor
     "train": "bench/bench_train.py",                     # the real `dig train` path (launcher, DeepSpeed, ...)

@@ -298,6 +298,38 @@ def test_bench_ab_step_needs_two_different_steps():
         assert out.returncode != 0 and "--steps:" in out.stderr, out.stderr[-500:]
 
 
+def test_bench_ab_train_times_trainer_steps_in_rotating_rounds(tmp_path):
+    """`dig bench ab-train --quick` on CPU: two real Trainers in one process, the same run twice told apart by
+    --set-run; each trainer built with its own settings, every round times each once, ratios recomputed here."""
+    import statistics
+
+    quick = "DiG-S/2+depth=2+hidden_size=64+num_heads=2"
+    out = dig_bench("ab-train", "--quick", "--runs", f"{quick},{quick}", "--set-run",
+                    "2:model.overrides.mlp_recompute=false", "--rounds", "3", "--steps-per-round", "1", "--out",
+                    str(tmp_path), cwd=tmp_path, timeout=400)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads((tmp_path / "ab_train.json").read_text())
+    base, other = report["rows"]
+    assert (base["run"], other["run"]) == (f"1:{quick}", f"2:{quick}")
+    assert "mlp_recompute" not in base["model_kwargs"] and other["model_kwargs"]["mlp_recompute"] is False
+    assert base["model_kwargs"]["depth"] == other["model_kwargs"]["depth"] == 2
+    times = report["times_ms"]
+    assert [len(times[r["run"]]) for r in (base, other)] == [3, 3] and min(times[base["run"]]) > 0
+    assert base[f"ms / {base['run']}"] == 1.0
+    ratios = [a / b for a, b in zip(times[other["run"]], times[base["run"]])]
+    assert other[f"ms / {base['run']}"] == pytest.approx(statistics.median(ratios))
+    assert other["img_s"] == pytest.approx(2 / (statistics.median(times[other["run"]]) * 1e-3))
+
+
+@pytest.mark.parametrize("args, message", [(["--runs", "DiG-S/2,DiG-S/2"], "the same run twice"),
+                                           (["--runs", "DiG-S/2"], "at least two runs"),
+                                           (["--runs", "DiG-S/2,DiT-S/2", "--set-run", "3:steps=1"], "--set-run")],
+                         ids=["same-run", "one-run", "bad-set-run"])
+def test_bench_ab_train_refuses_runs_it_cannot_compare(args, message):
+    out = dig_bench("ab-train", *args, timeout=120)
+    assert out.returncode != 0 and message in out.stderr, out.stderr[-500:]
+
+
 def test_bench_dwconv_quick_times_both_backwards_against_the_byte_floor(tmp_path):
     out = dig_bench("dwconv", "--quick", "--out", str(tmp_path), timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
