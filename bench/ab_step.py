@@ -23,26 +23,12 @@ across two sets of parameters; that case is not what this measures.
 from __future__ import annotations
 
 import argparse
-import os
 
 import torch
 
 from .bench_model import VARIANTS, build_step, free
-from .common import (command_line, finish_report, fmt_table, model_options, paired_ratios, rotating_rounds,
-                     time_ms, versions)
-
-
-def parse_steps(text: str) -> list[tuple[str, str, dict]]:
-    """"DiG-XL/2,DiG-XL/2+dw_conv_flipped_grad=false" -> [(label, model name, overrides), ...]; labels must differ."""
-    steps = []
-    for item in filter(None, (s.strip() for s in text.split(","))):
-        name, _, options = item.partition("+")
-        steps.append((item, name, model_options(options) if options else {}))
-    if len(steps) < 2:
-        raise SystemExit(f"--steps: give at least two steps to compare, got {text!r}")
-    if len({label for label, _, _ in steps}) != len(steps):
-        raise SystemExit(f"--steps: the same step twice in {text!r}")
-    return steps
+from .common import (add_round_options, check_round_options, command_line, finish_report, fmt_table,
+                     labelled_models, paired_ratios, rotating_rounds, time_ms, versions)
 
 
 def timed_block(step, device: torch.device, settle: int, count: int) -> float:
@@ -66,28 +52,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--res", type=int, default=256)
     ap.add_argument("--batch", type=int, default=32, help="images per step")
     ap.add_argument("--variant", choices=VARIANTS, default="graphs", help="eager, compile, or graphs (default)")
-    ap.add_argument("--warmup", type=int, default=4, help="untimed steps of each step after building it (>= 1: "
-                    "the first compiles, and with CUDA graphs records)")
-    ap.add_argument("--rounds", type=int, default=None, help="default 15 (3 with --quick)")
-    ap.add_argument("--steps-per-round", type=int, default=3)
-    ap.add_argument("--settle", type=int, default=1, help="untimed steps before each timed block")
-    ap.add_argument("--quick", action="store_true", help="CPU dry run: a tiny DiG against itself with an override")
-    ap.add_argument("--out", default=os.environ.get("OUT", ""))
+    add_round_options(ap, warmup=4, rounds=15, what="step")
     args = ap.parse_args(argv)
     if args.quick:
         args.steps = args.steps or "DiG-S/2+depth=2,DiG-S/2+depth=2+mlp_recompute=false"
         args.res, args.batch, args.variant, args.warmup = 64, 2, "eager", 1
         args.rounds = 3 if args.rounds is None else args.rounds
-    args.rounds = 15 if args.rounds is None else args.rounds
+    check_round_options(ap, args, rounds=15)
     if not args.steps:
         ap.error("--steps is required (or --quick)")
-    if args.warmup < 1 or args.rounds < 1 or args.steps_per_round < 1 or args.settle < 0:
-        ap.error("--warmup, --rounds and --steps-per-round must be >= 1, --settle >= 0")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.variant != "eager" and device.type != "cuda" and not args.quick:
         ap.error("compiled variants need a CUDA GPU here; --variant eager or --quick on the CPU")
     steps, models = {}, []
-    for label, name, overrides in parse_steps(args.steps):
+    for label, name, overrides in labelled_models(args.steps, "--steps", "step"):
         model, step, opt = build_step(name, args.res, args.batch, device, compile_blocks=args.variant != "eager",
                                       cudagraphs=args.variant == "graphs", **overrides)
         for _ in range(args.warmup):

@@ -32,24 +32,12 @@ import time
 
 import torch
 
-from .common import (command_line, finish_report, fmt_table, model_options, paired_ratios, rotating_rounds, sync,
-                     versions)
+from .common import (add_round_options, check_round_options, command_line, finish_report, fmt_table,
+                     labelled_models, paired_ratios, rotating_rounds, sync, versions)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK_MODEL = "DiG-S/2+depth=2+hidden_size=64+num_heads=2"
 QUICK_SETTINGS = ["model.compile=false", "engine.precision=fp32", "data.prefetch=false"]
-
-
-def parse_runs(text: str, by_position: bool) -> list[tuple[str, str, dict]]:
-    """"DiG-XL/2,DiG-XL/2+mlp_kernel=false" -> [(label, model name, model overrides), ...]. Labels must differ,
-    unless `by_position` (runs told apart by --set-run): then each label starts with its position, "1:DiG-XL/2"."""
-    runs = []
-    for i, item in enumerate(filter(None, (s.strip() for s in text.split(","))), start=1):
-        name, _, options = item.partition("+")
-        runs.append((f"{i}:{item}" if by_position else item, name, model_options(options) if options else {}))
-    if len({label for label, _, _ in runs}) != len(runs):
-        raise SystemExit(f"--runs: the same run twice in {text!r} (tell them apart with --set-run N:KEY=VALUE)")
-    return runs
 
 
 def model_override_settings(overrides: dict) -> list[str]:
@@ -95,27 +83,19 @@ def main(argv: list[str] | None = None) -> None:
                     help="training-config override for every run")
     ap.add_argument("--set-run", action="append", default=[], metavar="N:KEY=VALUE",
                     help="training-config override for run N (from 1) only")
-    ap.add_argument("--warmup", type=int, default=6, help="untimed steps of each trainer after building it (>= 1: "
-                    "the first compiles, and with CUDA graphs records)")
-    ap.add_argument("--rounds", type=int, default=None, help="default 10 (3 with --quick)")
-    ap.add_argument("--steps-per-round", type=int, default=3)
-    ap.add_argument("--settle", type=int, default=1, help="untimed steps before each timed block")
-    ap.add_argument("--quick", action="store_true", help="CPU dry run: a tiny DiG against itself with an override")
-    ap.add_argument("--out", default=os.environ.get("OUT", ""))
+    add_round_options(ap, warmup=6, rounds=10, what="trainer")
     args = ap.parse_args(argv)
     if args.quick:
         args.runs = args.runs or f"{QUICK_MODEL},{QUICK_MODEL}+mlp_recompute=false"
         args.res, args.batch, args.warmup = 64, 2, 1
         args.settings = QUICK_SETTINGS + args.settings
         args.rounds = 3 if args.rounds is None else args.rounds
-    args.rounds = 10 if args.rounds is None else args.rounds
+    check_round_options(ap, args, rounds=10)
     if not args.runs:
         ap.error("--runs is required (or --quick)")
-    if args.warmup < 1 or args.rounds < 1 or args.steps_per_round < 1 or args.settle < 0:
-        ap.error("--warmup, --rounds and --steps-per-round must be >= 1, --settle >= 0")
-    runs = parse_runs(args.runs, bool(args.set_run))
-    if len(runs) < 2:
-        ap.error(f"--runs: give at least two runs to compare, got {args.runs!r}")
+    # the same run twice is allowed when --set-run tells them apart: then they are labelled by position
+    runs = labelled_models(args.runs, "--runs", "run", by_position=bool(args.set_run),
+                           hint=" (tell them apart with --set-run N:KEY=VALUE)")
     per_run: dict[int, list[str]] = {}
     for item in args.set_run:
         index, sep, setting = item.partition(":")

@@ -121,6 +121,40 @@ def copy_bandwidth_gbs(device: torch.device, nbytes: int = 4 << 30, repeat: int 
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
+def labelled_models(text: str, option: str, noun: str, by_position: bool = False,
+                    hint: str = "") -> list[tuple[str, str, dict]]:
+    """"DiG-XL/2,DiG-XL/2+mlp_kernel=false" (the value of `option`) -> [(label, model name, model overrides), ...]:
+    at least two, to be timed against each other (bench.ab_step, bench.ab_train). Labels must differ, unless
+    `by_position`: then each starts with its position, "1:DiG-XL/2" (items told apart otherwise)."""
+    items = []
+    for i, item in enumerate(filter(None, (s.strip() for s in text.split(","))), start=1):
+        name, _, options = item.partition("+")
+        items.append((f"{i}:{item}" if by_position else item, name, model_options(options) if options else {}))
+    if len(items) < 2:
+        raise SystemExit(f"{option}: give at least two {noun}s to compare, got {text!r}")
+    if len({label for label, _, _ in items}) != len(items):
+        raise SystemExit(f"{option}: the same {noun} twice in {text!r}{hint}")
+    return items
+
+
+def add_round_options(ap, warmup: int, rounds: int, what: str) -> None:
+    """The options of a benchmark timing several `what`s against each other in rotating rounds."""
+    ap.add_argument("--warmup", type=int, default=warmup, help=f"untimed steps of each {what} after building it "
+                    "(>= 1: the first compiles, and with CUDA graphs records)")
+    ap.add_argument("--rounds", type=int, default=None, help=f"default {rounds} (3 with --quick)")
+    ap.add_argument("--steps-per-round", type=int, default=3)
+    ap.add_argument("--settle", type=int, default=1, help="untimed steps before each timed block")
+    ap.add_argument("--quick", action="store_true", help="CPU dry run: a tiny DiG against itself with an override")
+    ap.add_argument("--out", default=os.environ.get("OUT", ""))
+
+
+def check_round_options(ap, args, rounds: int) -> None:
+    """--rounds' default (unless --quick set it) and the options' ranges."""
+    args.rounds = rounds if args.rounds is None else args.rounds
+    if args.warmup < 1 or args.rounds < 1 or args.steps_per_round < 1 or args.settle < 0:
+        ap.error("--warmup, --rounds and --steps-per-round must be >= 1, --settle >= 0")
+
+
 def model_options(text: str, first: str | None = None) -> dict:
     """Model overrides from OPTION+OPTION+... where an option is `scan` (scan_in_kernel) or KEY=VALUE (VALUE true,
     false, a number, or text); with `first`, the first option is that key's value (e.g. the GLA backend)."""
