@@ -14,7 +14,9 @@ after the other, identical launches differed by more than the options did: the t
     python3 -m bench.tune_gla_launch --out DIR            # on a GPU machine
     python3 -m bench.tune_gla_launch --configs w4,w4r128,w8 --cases 256x32
 
-Option sets: w<num_warps>[r<maxnreg>][s<num_stages>][p][t|m|b][@packed], e.g. w4r128s2; p: the forward kernel's
+Option sets: w<num_warps>[c<chunk>][r<maxnreg>][s<num_stages>][p][t|m|b][@packed], e.g. w4r128s2, w2c32; c: that
+kernel's chunk of tokens (its BT; the module's CHUNK, 16, otherwise: no kernel depends on another's chunk when the
+sequence is not split, as here); p: the forward kernel's
 PREFETCH, each chunk's loads issued one chunk ahead (Triton's pipeliner leaves the q/k/v loads synchronous; the
 backward sweeps had it too, measured slower on an H200, and dropped it); t, m, b: the kernel's dots in
 DIG_GLA_DOTS_16BIT's modes tf32, mixed (its FAST_PRECISION dots on bf16 operands) or bf16 (every dot); without one,
@@ -60,20 +62,26 @@ def parse_config(text: str) -> dict | None:
     text = parse_layout(text)[0]
     if text == "auto":
         return None
-    m = re.fullmatch(r"w(\d+)(?:r(\d+))?(?:s(\d+))?(p)?([tmb])?", text)
+    m = re.fullmatch(r"w(?P<warps>\d+)(?:c(?P<chunk>\d+))?(?:r(?P<regs>\d+))?(?:s(?P<stages>\d+))?(?P<prefetch>p)?"
+                     r"(?P<dots>[tmb])?", text)
     if not m:
-        raise SystemExit(f"bad option set {text!r}: expected w<num_warps>[r<maxnreg>][s<num_stages>][p][t|m|b], "
+        raise SystemExit(f"bad option set {text!r}: expected w<num_warps>[c<chunk>][r<maxnreg>][s<num_stages>][p][t|m|b], "
                          "e.g. w4r128p")
-    options = {"num_warps": int(m.group(1))}
-    if m.group(5):
-        mode = {"t": "tf32", "m": "mixed", "b": "bf16"}[m.group(5)]
+    options = {"num_warps": int(m["warps"])}
+    if m["chunk"]:
+        chunk = int(m["chunk"])
+        if chunk < 16 or chunk & (chunk - 1):
+            raise SystemExit(f"bad option set {text!r}: the chunk must be a power of two >= 16 (tl.dot's smallest tile)")
+        options["BT"] = chunk
+    if m["dots"]:
+        mode = {"t": "tf32", "m": "mixed", "b": "bf16"}[m["dots"]]
         options["PRECISION"], options["FAST_PRECISION"] = importlib.import_module("dig.ops.gla_triton").DOT_MODES[mode]
-    if m.group(4):
+    if m["prefetch"]:
         options["PREFETCH"] = True
-    if m.group(2):
-        options["maxnreg"] = int(m.group(2))
-    if m.group(3):
-        options["num_stages"] = int(m.group(3))
+    if m["regs"]:
+        options["maxnreg"] = int(m["regs"])
+    if m["stages"]:
+        options["num_stages"] = int(m["stages"])
     return options
 
 

@@ -237,7 +237,7 @@ def test_model_options_and_cases_parse_or_fail_clearly():
 
 
 def test_gla_launch_option_sets_parse_or_fail_clearly():
-    """bench.tune_gla_launch's option sets: warps, register cap, stages, prefetch, and a dots mode (t/m/b as
+    """bench.tune_gla_launch's option sets: warps, chunk, register cap, stages, prefetch, and a dots mode (t/m/b as
     DIG_GLA_DOTS_16BIT's tf32/mixed/bf16); without a mode the module's own applies (no precision set)."""
     sys.path.insert(0, REPO)
     from bench.tune_gla_launch import parse_config, parse_layout
@@ -252,7 +252,8 @@ def test_gla_launch_option_sets_parse_or_fail_clearly():
                                          "PRECISION": "tf32", "FAST_PRECISION": "bf16"}
     assert parse_config("w2t") == {"num_warps": 2, "PRECISION": "tf32", "FAST_PRECISION": "tf32"}
     assert parse_config("w2b") == {"num_warps": 2, "PRECISION": "bf16", "FAST_PRECISION": "bf16"}
-    for bad in ("w4x", "4", "w4bm", "w4mp"):
+    assert parse_config("w2c32r200") == {"num_warps": 2, "BT": 32, "maxnreg": 200}
+    for bad in ("w4x", "4", "w4bm", "w4mp", "w2c24", "w2c8", "w2r96c32"):
         with pytest.raises(SystemExit, match="bad option set"):
             parse_config(bad)
 
