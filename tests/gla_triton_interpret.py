@@ -2,7 +2,8 @@
 
 IN holds a list of cases (inputs, cotangents, module settings, and optionally the columns of one [B, T, X] tensor
 that q, k, v and g are sliced from); OUT receives each case's output, final state, input gradients (and that
-tensor's gradient), each GLA kernel launch's two dot precisions, which inputs each kernel read in place, at what
+tensor's gradient), each GLA kernel launch's two dot precisions and its token sums' precisions (every kernel's
+(name, GATE_PRECISION, SUM_PRECISION)), which inputs each kernel read in place, at what
 token stride, and the token strides the dk/dv/dg sweep wrote dq, dk and dv at. A separate process because Triton
 chooses interpreted or compiled kernels when they are defined, and the GPU tests of the same session need the
 compiled ones.
@@ -30,6 +31,7 @@ class RecordedLaunches:
         def launch(*args, **kwargs):
             if self.precisions is not None:
                 self.precisions.append((self.name, kwargs.get("PRECISION"), kwargs.get("FAST_PRECISION")))
+            sums.append((self.name, kwargs.get("GATE_PRECISION"), kwargs.get("SUM_PRECISION")))
             passed = dict(zip(self.kernel.arg_names, args))
             self.reads.append((self.name, {x: (passed[x].data_ptr() == given[x].data_ptr(),
                                                kwargs[f"STRIDE_{x.upper()}"]) for x in INPUTS if x in passed}))
@@ -39,7 +41,7 @@ class RecordedLaunches:
         return launch
 
 
-launches, reads, grad_strides, given = [], [], [], {}
+launches, sums, reads, grad_strides, given = [], [], [], [], {}
 kernels, split_kernels = module._kernels(), module._split_kernels()
 module._kernels = lambda: tuple(RecordedLaunches(name, kernel, launches, reads)
                                 for name, kernel in zip(module.KERNELS, kernels))
@@ -65,6 +67,7 @@ def sliced_inputs(inputs, columns, width):
 results = []
 for case in torch.load(sys.argv[1]):
     launches.clear()
+    sums.clear()
     reads.clear()
     grad_strides.clear()
     for name, value in case["settings"].items():
@@ -92,6 +95,7 @@ for case in torch.load(sys.argv[1]):
         grads[:4] = [big.grad[..., columns[n]:columns[n] + x[0, 0].numel()].reshape(x.shape) if n in columns else gx
                      for x, n, gx in zip(leaves, INPUTS, grads)]
     results.append({"o": o.detach(), "state": None if state is None else state.detach(), "grads": grads,
-                    "big_grad": None if big is None else big.grad, "launches": list(launches), "reads": list(reads),
+                    "big_grad": None if big is None else big.grad, "launches": list(launches), "sums": list(sums),
+                    "reads": list(reads),
                     "grad_strides": list(grad_strides)})
 torch.save(results, sys.argv[2])

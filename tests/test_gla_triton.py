@@ -45,6 +45,9 @@ CASES = {  # id: (B, T, H, K, V, gates, with_state, dtype, module settings); "op
     "chunk32": (1, 100, 2, 32, 64, "mixed", True, torch.float32, {"CHUNK": 32}),
     "chunk64-strong": (1, 70, 1, 32, 64, "strong", True, torch.float32, {"CHUNK": 64}),
     "bf16": (2, 70, 3, 32, 64, "dig", True, torch.bfloat16, {}),
+    # bf16 q, k, v with float32 gates: the gates' token sums as three TF32 products (the GPU tests' inputs)
+    "op-bf16-float32-gates-mixed": (2, 70, 3, 32, 64, "mixed", False, torch.bfloat16, {"gates_fp32": True}),
+    "strong-bf16-float32-gates": (1, 45, 2, 32, 64, "strong", True, torch.bfloat16, {"gates_fp32": True}),
     # the sequence split across programs (stateless only): T not a multiple of a chunk or of a split
     "op-split2": (1, 100, 2, 32, 64, "dig", False, torch.float32, {"splits": 2}),
     "op-split3-strong": (2, 130, 1, 32, 64, "strong", False, torch.float32, {"splits": 3}),
@@ -118,6 +121,8 @@ def interpreted(tmp_path_factory):
         settings = {**DEFAULTS, **settings}
         seed = settings.pop("seed", i)
         inputs, cotangents = _case_inputs(*shape_and_kind, seed=seed)
+        if settings.pop("gates_fp32", False):
+            inputs = (*inputs[:3], inputs[3].float(), inputs[4])
         _, T, H, K, V = shape_and_kind[:5]
         order = None
         if settings.pop("order", False):
@@ -214,6 +219,21 @@ def test_dots_cases_ran_every_kernel_at_their_precisions(interpreted):
         assert {name for name, *_ in got["launches"]} == set(KERNELS), case
         default = ("ieee", "ieee") if CASES[case][7] == torch.float32 else ("tf32", "bf16_rounded")  # "mixed"
         assert {tuple(p) for _, *p in got["launches"]} == {expected.get(case, default)}, case
+
+
+def test_token_sums_ran_as_dots_for_16bit_inputs_and_as_scans_for_float32(interpreted):
+    """Every kernel took the gates' token sums (and the dk/dv/dg sweep dg's reverse sum) at the precision the inputs
+    ask: tl.cumsum ("scan") with float32 inputs; dots with bf16 inputs, exact TF32 for bf16 gates, three TF32 products
+    for float32 gates and for dg. The float64 comparisons of the same cases check the sums' values."""
+    for case, (*_, got) in interpreted.items():
+        dtype, settings = CASES[case][7], CASES[case][8]
+        if dtype == torch.float32:
+            gates, dg = "scan", "scan"
+        else:
+            gates, dg = ("tf32x3" if settings.get("gates_fp32") else "tf32"), "tf32x3"
+        expected = {(name, gates, dg if name == "bwd_dkv" else None) for name, *_ in got["sums"]}
+        assert set(map(tuple, got["sums"])) == expected, case
+        assert {name for name, *_ in got["sums"]} >= set(KERNELS), case
 
 
 def test_dots_precision_spec_per_kernel_or_a_clear_error():

@@ -175,8 +175,18 @@ def _launch_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Ten
     B, T, H, K = q.shape
     NS, CPS = _split_layout(T, splits)
     return dict(T=T, H=H, K=K, V=v.shape[-1], BT=CHUNK, BK=_block(K), BV=_block(v.shape[-1]),
-                PRECISION=_precision(q), NS=NS, CPS=CPS, ORDERED=order is not None, STRIDE_Q=token_stride(q),
-                STRIDE_K=token_stride(k), STRIDE_V=token_stride(v), STRIDE_G=token_stride(g))
+                PRECISION=_precision(q), GATE_PRECISION=_token_sum_precisions(q, g)[0], NS=NS, CPS=CPS,
+                ORDERED=order is not None, STRIDE_Q=token_stride(q), STRIDE_K=token_stride(k),
+                STRIDE_V=token_stride(v), STRIDE_G=token_stride(g))
+
+
+def _token_sum_precisions(q: torch.Tensor, g: torch.Tensor) -> tuple[str, str]:
+    """The precisions of the sums over a chunk's tokens (gla_triton_kernels._token_cumsum), the gates' and dg's:
+    tl.cumsum ("scan") with float32 inputs; dots otherwise, exact TF32 for 16-bit gates, three TF32 products for
+    float32 values (float32 gates, dg)."""
+    if q.dtype == torch.float32:
+        return "scan", "scan"
+    return ("tf32" if g.dtype in (torch.bfloat16, torch.float16) else "tf32x3"), "tf32x3"
 
 
 def _rows_in_place(x: torch.Tensor) -> torch.Tensor:
@@ -289,6 +299,7 @@ def _backward(q, k, v, g, h0, scale, do, dht, need_dh0, splits=1, order=None, gr
     dh0 = torch.empty_like(h0, dtype=torch.float32) if h0 is not None and need_dh0 and NS == 1 else None
     bwd_dkv[(B * H, NS)](q, k, v, g, do, dq, dq_out, dk, dv, dg, dht, final_dg, dh0, dgsum, order, scale,
                          FACTORISED_MAX_DECAY,
+                         SUM_PRECISION=_token_sum_precisions(q, g)[1],
                          USE_DHT=dht is not None, STORE_DH0=dh0 is not None, GRAD_STRIDE_K=token_stride(dk),
                          GRAD_STRIDE_V=token_stride(dv), **{**args, **_options("bwd_dkv", q, B * H * NS)})
     if NS > 1:  # each split's dg still lacks the sum of q*dq - k*dk over the splits after it

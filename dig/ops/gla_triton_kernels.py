@@ -11,6 +11,16 @@ code it had when H * K and H * V were written in. dq, dk and dv are written at t
 (GRAD_STRIDE_K, GRAD_STRIDE_V): into the columns of one [B, T, X] gradient for packed projections (gla_gated.py).
 Everything else the kernels write (o, dg, states), do and the float32 dq buffer stay contiguous.
 
+Sums over a chunk's tokens (the gates' cumulative sum, dg's reverse one) are tensor-core products with a triangular
+matrix of ones (`_token_cumsum`) for 16-bit inputs, not tl.cumsum: a scan along the token axis of a register tile
+crosses threads and warps through shuffles and shared memory with barriers, and at 32 images per GPU these kernels
+are bound by their instructions (the dk/dv/dg sweep: half the barriers, 8 % fewer instructions). GATE_PRECISION is
+the gates' sum's input precision: "tf32" for bf16/fp16 gates (their values and the ones are exact in TF32, the
+sums float32), "tf32x3" (three TF32 products of a split float32, about float32's accuracy) for float32 gates;
+SUM_PRECISION, dg's (float32 values), "tf32x3". With float32 inputs both are "scan", tl.cumsum: each row of a dot
+sums on its own where the scan's running sum makes gc_i - gc_j the sum of the gates between, and the kernels' float32
+results under strong decays are held to float32's accuracy (tests/test_gla_triton.py).
+
 Dot precision (gla_triton.DOTS_16BIT): every kernel takes two. FAST_PRECISION is for the dots that lose nothing that
 matters in bf16: those whose operands are bf16 values already (dA = do v^T: v is a bf16 input, do the gradient of
 the bf16 output o) and those that feed only o or dv (the forward's, except the state update when the final state
@@ -80,11 +90,28 @@ def _load_at(q, k, g, v, p_q, p_k, p_g, p_v, m_k, m_v):
 
 
 @triton.jit
-def _chunk_values(r_q, r_k, r_g, r_v, scale):
+def _token_cumsum(x, PRECISION: tl.constexpr, BT: tl.constexpr, REVERSE: tl.constexpr = False):
+    """Inclusive cumulative sum of a [BT, N] tile over its tokens (axis 0), or with REVERSE the sum over each token
+    and those after it: one dot with a triangular matrix of ones (input precision PRECISION), or tl.cumsum when
+    PRECISION is "scan"."""
+    if PRECISION == "scan":
+        out = tl.cumsum(x, axis=0, reverse=REVERSE)
+    else:
+        o_t = tl.arange(0, BT)
+        if REVERSE:
+            ones = (o_t[:, None] <= o_t[None, :]).to(tl.float32)
+        else:
+            ones = (o_t[:, None] >= o_t[None, :]).to(tl.float32)
+        out = tl.dot(ones, x, input_precision=PRECISION)
+    return out
+
+
+@triton.jit
+def _chunk_values(r_q, r_k, r_g, r_v, scale, GATE_PRECISION: tl.constexpr, BT: tl.constexpr):
     """q (scaled), k, v in float32, gc and gl of a loaded chunk."""
     b_g = r_g.to(tl.float32)
-    return (r_q.to(tl.float32) * scale, r_k.to(tl.float32), r_v.to(tl.float32), tl.cumsum(b_g, axis=0),
-            tl.sum(b_g, axis=0))
+    return (r_q.to(tl.float32) * scale, r_k.to(tl.float32), r_v.to(tl.float32),
+            _token_cumsum(b_g, GATE_PRECISION, BT), tl.sum(b_g, axis=0))
 
 
 @triton.jit
@@ -215,7 +242,8 @@ def _scores_grad_k(dA, b_q, gc, gl, max_decay, PRECISION: tl.constexpr, BT: tl.c
 def fwd_kernel(q, k, v, g, o, h0, ht, order, scale, max_decay,
                T: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
-               FAST_PRECISION: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr, NS: tl.constexpr,
+               FAST_PRECISION: tl.constexpr, GATE_PRECISION: tl.constexpr, USE_H0: tl.constexpr,
+               STORE_HT: tl.constexpr, NS: tl.constexpr,
                CPS: tl.constexpr, ORDERED: tl.constexpr, STRIDE_Q: tl.constexpr, STRIDE_K: tl.constexpr,
                STRIDE_V: tl.constexpr, STRIDE_G: tl.constexpr, PREFETCH: tl.constexpr = False):
     """Outputs of one split of the sequence (the whole sequence when NS = 1), from its state at the start."""
@@ -237,7 +265,7 @@ def fwd_kernel(q, k, v, g, o, h0, ht, order, scale, max_decay,
                                              T, H, K, V, BT, BK, BV, ORDERED, STRIDE_Q, STRIDE_K, STRIDE_V, STRIDE_G)
         else:
             r_q, r_k, r_g, r_v = _load_at(q, k, g, v, p_q, p_k, p_g, p_v, m_k, m_v)
-        b_q, b_k, b_v, gc, gl = _chunk_values(r_q, r_k, r_g, r_v, scale)
+        b_q, b_k, b_v, gc, gl = _chunk_values(r_q, r_k, r_g, r_v, scale, GATE_PRECISION, BT)
         A = _scores(b_q, b_k, gc, gl, max_decay, FAST_PRECISION, BT)
         b_o = _mm(A, b_v, FAST_PRECISION) + _mm(b_q * tl.exp(gc), S, FAST_PRECISION)
         tl.store(o + p_o, b_o.to(o.dtype.element_ty), mask=m_v)
@@ -253,7 +281,8 @@ def fwd_kernel(q, k, v, g, o, h0, ht, order, scale, max_decay,
 def bwd_dq_kernel(q, k, v, g, do, dq, dht, final_dg, h0, order, scale, max_decay,
                   T: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                   BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
-                  FAST_PRECISION: tl.constexpr, USE_H0: tl.constexpr, USE_DHT: tl.constexpr, NS: tl.constexpr,
+                  FAST_PRECISION: tl.constexpr, GATE_PRECISION: tl.constexpr, USE_H0: tl.constexpr,
+                  USE_DHT: tl.constexpr, NS: tl.constexpr,
                   CPS: tl.constexpr, ORDERED: tl.constexpr, STRIDE_Q: tl.constexpr, STRIDE_K: tl.constexpr,
                   STRIDE_V: tl.constexpr, STRIDE_G: tl.constexpr):
     """Forward sweep over one split: dq in float32 and, with a final-state gradient (NS = 1 only), the
@@ -268,7 +297,7 @@ def bwd_dq_kernel(q, k, v, g, do, dq, dht, final_dg, h0, order, scale, max_decay
         p_q, p_k, p_g, p_v, p_dq, p_do, m_k, m_v = _chunk_offsets(i_t, i_b, i_h, order, T, H, K, V, BT, BK, BV,
                                                                   ORDERED, STRIDE_Q, STRIDE_K, STRIDE_V, STRIDE_G)
         r_q, r_k, r_g, r_v = _load_at(q, k, g, v, p_q, p_k, p_g, p_v, m_k, m_v)
-        b_q, b_k, b_v, gc, gl = _chunk_values(r_q, r_k, r_g, r_v, scale)
+        b_q, b_k, b_v, gc, gl = _chunk_values(r_q, r_k, r_g, r_v, scale, GATE_PRECISION, BT)
         b_do = tl.load(do + p_do, mask=m_v, other=0.).to(tl.float32)
         dA = _output_grad_scores(b_do, b_v, FAST_PRECISION, BT)
         b_dq = _scores_grad_q(dA, b_k, gc, gl, max_decay, PRECISION, BT)
@@ -285,7 +314,8 @@ def bwd_dq_kernel(q, k, v, g, do, dq, dht, final_dg, h0, order, scale, max_decay
 def bwd_dkv_kernel(q, k, v, g, do, dq, dq_out, dk, dv, dg, dht, final_dg, dh0, dgsum, order, scale, max_decay,
                    T: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
-                   FAST_PRECISION: tl.constexpr, USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, NS: tl.constexpr,
+                   FAST_PRECISION: tl.constexpr, GATE_PRECISION: tl.constexpr, SUM_PRECISION: tl.constexpr,
+                   USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, NS: tl.constexpr,
                    CPS: tl.constexpr, ORDERED: tl.constexpr, STRIDE_Q: tl.constexpr, STRIDE_K: tl.constexpr,
                    STRIDE_V: tl.constexpr, STRIDE_G: tl.constexpr, GRAD_STRIDE_K: tl.constexpr,
                    GRAD_STRIDE_V: tl.constexpr):
@@ -312,7 +342,7 @@ def bwd_dkv_kernel(q, k, v, g, do, dq, dq_out, dk, dv, dg, dht, final_dg, dh0, d
         p_dk = _tile(rows, i_b, i_h, T, GRAD_STRIDE_K, K, BK)
         p_dv = _tile(rows, i_b, i_h, T, GRAD_STRIDE_V, V, BV)
         r_q, r_k, r_g, r_v = _load_at(q, k, g, v, p_q, p_k, p_g, p_v, m_k, m_v)
-        b_q, b_k, b_v, gc, gl = _chunk_values(r_q, r_k, r_g, r_v, scale)
+        b_q, b_k, b_v, gc, gl = _chunk_values(r_q, r_k, r_g, r_v, scale, GATE_PRECISION, BT)
         b_do = tl.load(do + p_vc, mask=m_v, other=0.).to(tl.float32)
         to_end = tl.exp(gl[None, :] - gc)
         A = _scores(b_q, b_k, gc, gl, max_decay, FAST_PRECISION, BT)
@@ -325,7 +355,7 @@ def bwd_dkv_kernel(q, k, v, g, do, dq, dq_out, dk, dv, dg, dht, final_dg, dh0, d
         b_dq = tl.load(dq + p_kc, mask=m_k, other=0.)  # gradient of the unscaled q
         tl.store(dq_out + p_dk, b_dq.to(dq_out.dtype.element_ty), mask=m_k)
         dG = b_q / scale * b_dq - b_k * b_dk
-        b_dg = tl.cumsum(dG, axis=0, reverse=True) + dg_after[None, :]
+        b_dg = _token_cumsum(dG, SUM_PRECISION, BT, REVERSE=True) + dg_after[None, :]
         tl.store(dg + p_kc, b_dg.to(dg.dtype.element_ty), mask=m_k)
         dg_after += tl.sum(dG, axis=0)
         dS = dS * tl.exp(gl)[:, None] + _mm(tl.trans(b_q * tl.exp(gc)), b_do, PRECISION)
@@ -344,8 +374,8 @@ def bwd_dkv_kernel(q, k, v, g, do, dq, dq_out, dk, dv, dg, dht, final_dg, dh0, d
 def split_states_kernel(k, v, g, states, gsum, order,
                         T: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                         BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
-                        NS: tl.constexpr, CPS: tl.constexpr, ORDERED: tl.constexpr, STRIDE_K: tl.constexpr,
-                        STRIDE_V: tl.constexpr, STRIDE_G: tl.constexpr):
+                        GATE_PRECISION: tl.constexpr, NS: tl.constexpr, CPS: tl.constexpr, ORDERED: tl.constexpr,
+                        STRIDE_K: tl.constexpr, STRIDE_V: tl.constexpr, STRIDE_G: tl.constexpr):
     """The state at a split's end from a zero state at its start, and the split's total gate per channel."""
     i_b, i_h, p_s, m_s = _head(H, K, V, BK, BV, NS)
     S = tl.zeros([BK, BV], dtype=tl.float32)
@@ -358,7 +388,7 @@ def split_states_kernel(k, v, g, states, gsum, order,
         b_g = tl.load(g + _tile(rows, i_b, i_h, T, STRIDE_G, K, BK), mask=m_k, other=0.).to(tl.float32)
         b_v = tl.load(v + _tile(rows, i_b, i_h, T, STRIDE_V, V, BV), mask=m_v, other=0.).to(tl.float32)
         gl = tl.sum(b_g, axis=0)
-        S = _next_state(S, b_k, b_v, tl.cumsum(b_g, axis=0), gl, PRECISION)
+        S = _next_state(S, b_k, b_v, _token_cumsum(b_g, GATE_PRECISION, BT), gl, PRECISION)
         g_total += gl
     tl.store(states + p_s, S, mask=m_s)
     p_g, m_g = _split_vector(tl.program_id(1), K, BK, NS)
@@ -369,7 +399,8 @@ def split_states_kernel(k, v, g, states, gsum, order,
 def split_state_grads_kernel(q, g, do, dstates, order, scale,
                              T: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                              BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
-                             NS: tl.constexpr, CPS: tl.constexpr, ORDERED: tl.constexpr, STRIDE_Q: tl.constexpr,
+                             GATE_PRECISION: tl.constexpr, NS: tl.constexpr, CPS: tl.constexpr,
+                             ORDERED: tl.constexpr, STRIDE_Q: tl.constexpr,
                              STRIDE_G: tl.constexpr):
     """The gradient of the state at a split's start from the split's own outputs."""
     i_b, i_h, p_s, m_s = _head(H, K, V, BK, BV, NS)
@@ -381,8 +412,8 @@ def split_state_grads_kernel(q, g, do, dstates, order, scale,
         b_q = tl.load(q + _tile(rows, i_b, i_h, T, STRIDE_Q, K, BK), mask=m_k, other=0.).to(tl.float32) * scale
         b_g = tl.load(g + _tile(rows, i_b, i_h, T, STRIDE_G, K, BK), mask=m_k, other=0.).to(tl.float32)
         b_do = tl.load(do + _tile(rows, i_b, i_h, T, H * V, V, BV), mask=m_v, other=0.).to(tl.float32)
-        dS = dS * tl.exp(tl.sum(b_g, axis=0))[:, None] + _mm(tl.trans(b_q * tl.exp(tl.cumsum(b_g, axis=0))), b_do,
-                                                              PRECISION)
+        gc = _token_cumsum(b_g, GATE_PRECISION, BT)
+        dS = dS * tl.exp(tl.sum(b_g, axis=0))[:, None] + _mm(tl.trans(b_q * tl.exp(gc)), b_do, PRECISION)
     tl.store(dstates + p_s, dS, mask=m_s)
 
 
