@@ -25,6 +25,7 @@ from .tune_gla_launch import HEADS, K, V, _binaries, _usage, _warm_clocks, parse
 KERNELS = {"fwd": "fwd_kernel", "bwd_dq": "bwd_dq_kernel", "bwd_dkv": "bwd_dkv_kernel"}
 REGISTERS_PER_PARTITION = 16384  # an SM has four
 MAX_WARPS_PER_SM = 64
+MAX_BLOCKS_PER_SM = 32
 
 
 def resident_programs(registers: int | None, warps: int) -> int | None:
@@ -35,7 +36,7 @@ def resident_programs(registers: int | None, warps: int) -> int | None:
     if not registers:
         return None
     per_warp = -(-registers * 32 // 256) * 256
-    return min(4 * (REGISTERS_PER_PARTITION // per_warp), MAX_WARPS_PER_SM) // warps
+    return min(min(4 * (REGISTERS_PER_PARTITION // per_warp), MAX_WARPS_PER_SM) // warps, MAX_BLOCKS_PER_SM)
 
 
 def prefer_shared_memory(percent: int) -> None:
@@ -92,7 +93,7 @@ def main(argv=None) -> None:
     tokens = (args.res // 16) ** 2
     _warm_clocks(device)
     rows = []
-    usage = {}  # (config, kernel) -> (registers, spills): later batches reuse the binary (the batch is the grid)
+    usage = {}  # (kernel, its launch options) -> (registers, spills, shared): one binary per key at one resolution
     for config in args.configs.split(","):
         options = parse_config(config)
         for batch in (int(b) for b in args.batches.split(",")):
@@ -113,14 +114,16 @@ def main(argv=None) -> None:
                 before = {name: {id(b) for b in _binaries(getattr(kern, fn))} for name, fn in KERNELS.items()}
                 both()
                 torch.cuda.synchronize()
+                launched = {name: (name, repr(sorted(mod._options(name, q, batch * HEADS).items())))
+                            for name in KERNELS}  # the batch picks the launch (LAUNCH_BUSY), not the binary alone
                 for name, fn in KERNELS.items():
                     new = [b for b in _binaries(getattr(kern, fn)) if id(b) not in before[name]]
                     if new:
-                        usage[config, name] = (*_usage(new[-1]), new[-1].metadata.shared)
+                        usage[launched[name]] = (*_usage(new[-1]), new[-1].metadata.shared)
                 times = kernel_times_us(both, list(KERNELS.values()), args.calls)
                 for name, fn in KERNELS.items():
                     warps = mod._options(name, q, batch * HEADS)["num_warps"]
-                    regs, spills, shared = usage.get((config, name), (None, None, None))
+                    regs, spills, shared = usage.get(launched[name], (None, None, None))
                     per_sm = resident_programs(regs, warps)
                     row = {"config": config, "res": args.res, "batch": batch, "programs": batch * HEADS,
                            "kernel": name, "warps": warps, "regs": regs, "spills": spills, "shared": shared,

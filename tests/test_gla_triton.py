@@ -45,7 +45,9 @@ CASES = {  # id: (B, T, H, K, V, gates, with_state, dtype, module settings); "op
     "chunk32": (1, 100, 2, 32, 64, "mixed", True, torch.float32, {"CHUNK": 32}),
     "chunk64-strong": (1, 70, 1, 32, 64, "strong", True, torch.float32, {"CHUNK": 64}),
     "bf16": (2, 70, 3, 32, 64, "dig", True, torch.bfloat16, {}),
-    # bf16 q, k, v with float32 gates: the gates' token sums as three TF32 products (the GPU tests' inputs)
+    # bf16 q, k, v with float32 gates (not bf16 values): the gates' token sums take the "tf32x3" dots (the GPU tests'
+    # inputs; the interpreter computes every dot in float32, so these check the sums' code and values, the GPU
+    # tests their precision)
     "op-bf16-float32-gates-mixed": (2, 70, 3, 32, 64, "mixed", False, torch.bfloat16, {"gates_fp32": True}),
     "strong-bf16-float32-gates": (1, 45, 2, 32, 64, "strong", True, torch.bfloat16, {"gates_fp32": True}),
     # the sequence split across programs (stateless only): T not a multiple of a chunk or of a split
@@ -103,9 +105,10 @@ TOL = {torch.float32: 2e-5, torch.bfloat16: 1.5e-2}  # bf16: the output and grad
 FROM_BF16_DOTS = {"o": 3e-2, "dv": 3e-2}
 
 
-def _case_inputs(B, T, H, K, V, gates, with_state, dtype, seed):
+def _case_inputs(B, T, H, K, V, gates, with_state, dtype, seed, gate_dtype=None):
     q, k, v, g, h0 = make_inputs(B, T, H, K, V, gates=gates, with_state=with_state, seed=seed)
-    q, k, v, g = (x.to(dtype) for x in (q, k, v, g))
+    q, k, v = (x.to(dtype) for x in (q, k, v))
+    g = g.to(gate_dtype or dtype)
     gen = torch.Generator().manual_seed(seed + 1000)
     cotangents = (torch.randn(B, T, H, V, generator=gen, dtype=torch.float64),
                   torch.randn(B, H, K, V, generator=gen, dtype=torch.float64))
@@ -120,9 +123,8 @@ def interpreted(tmp_path_factory):
     for i, (name, (*shape_and_kind, settings)) in enumerate(CASES.items()):
         settings = {**DEFAULTS, **settings}
         seed = settings.pop("seed", i)
-        inputs, cotangents = _case_inputs(*shape_and_kind, seed=seed)
-        if settings.pop("gates_fp32", False):
-            inputs = (*inputs[:3], inputs[3].float(), inputs[4])
+        inputs, cotangents = _case_inputs(*shape_and_kind, seed=seed,
+                                          gate_dtype=torch.float32 if settings.pop("gates_fp32", False) else None)
         _, T, H, K, V = shape_and_kind[:5]
         order = None
         if settings.pop("order", False):
@@ -222,9 +224,10 @@ def test_dots_cases_ran_every_kernel_at_their_precisions(interpreted):
 
 
 def test_token_sums_ran_as_dots_for_16bit_inputs_and_as_scans_for_float32(interpreted):
-    """Every kernel took the gates' token sums (and the dk/dv/dg sweep dg's reverse sum) at the precision the inputs
-    ask: tl.cumsum ("scan") with float32 inputs; dots with bf16 inputs, exact TF32 for bf16 gates, three TF32 products
-    for float32 gates and for dg. The float64 comparisons of the same cases check the sums' values."""
+    """The token sums' precision reached every launch, of the split kernels too, and dg's only the dk/dv/dg sweep:
+    tl.cumsum ("scan") with float32 inputs; dots with bf16 inputs, TF32 for bf16 gates, three TF32 products for
+    float32 gates and for dg. (The interpreter computes every dot in float32: the float64 comparisons of the same
+    cases check the sums' values, the GPU tests their precision.)"""
     for case, (*_, got) in interpreted.items():
         dtype, settings = CASES[case][7], CASES[case][8]
         if dtype == torch.float32:
@@ -234,6 +237,8 @@ def test_token_sums_ran_as_dots_for_16bit_inputs_and_as_scans_for_float32(interp
         expected = {(name, gates, dg if name == "bwd_dkv" else None) for name, *_ in got["sums"]}
         assert set(map(tuple, got["sums"])) == expected, case
         assert {name for name, *_ in got["sums"]} >= set(KERNELS), case
+        if settings.get("splits", 1) > 1:
+            assert {"split_states", "split_state_grads"} <= {name for name, *_ in got["sums"]}, case
 
 
 def test_dots_precision_spec_per_kernel_or_a_clear_error():

@@ -17,9 +17,10 @@ crosses threads and warps through shuffles and shared memory with barriers, and 
 are bound by their instructions (the dk/dv/dg sweep: half the barriers, 8 % fewer instructions). GATE_PRECISION is
 the gates' sum's input precision: "tf32" for bf16/fp16 gates (their values and the ones are exact in TF32, the
 sums float32), "tf32x3" (three TF32 products of a split float32, about float32's accuracy) for float32 gates;
-SUM_PRECISION, dg's (float32 values), "tf32x3". With float32 inputs both are "scan", tl.cumsum: each row of a dot
-sums on its own where the scan's running sum makes gc_i - gc_j the sum of the gates between, and the kernels' float32
-results under strong decays are held to float32's accuracy (tests/test_gla_triton.py).
+SUM_PRECISION, dg's (float32 values), "tf32x3". With float32 inputs both are "scan", tl.cumsum: with the dots, the
+interpreter's float32 case under strong decays with a token order came out 3.1e-5 off float64 in dk, over the
+2e-5 that float32 inputs are held to (tests/test_gla_triton.py) and the scan keeps. The gates must be finite: a dot
+multiplies every gate by the zeros of the other rows too (0 * -inf is NaN).
 
 Dot precision (gla_triton.DOTS_16BIT): every kernel takes two. FAST_PRECISION is for the dots that lose nothing that
 matters in bf16: those whose operands are bf16 values already (dA = do v^T: v is a bf16 input, do the gradient of
