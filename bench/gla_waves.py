@@ -114,15 +114,15 @@ def main(argv=None) -> None:
                 before = {name: {id(b) for b in _binaries(getattr(kern, fn))} for name, fn in KERNELS.items()}
                 both()
                 torch.cuda.synchronize()
-                launched = {name: (name, repr(sorted(mod._options(name, q, batch * HEADS).items())))
-                            for name in KERNELS}  # the batch picks the launch (LAUNCH_BUSY), not the binary alone
+                options_of = {name: mod._options(name, q, batch * HEADS) for name in KERNELS}  # the batch picks
+                launched = {name: (name, repr(sorted(o.items()))) for name, o in options_of.items()}  # LAUNCH_BUSY
                 for name, fn in KERNELS.items():
                     new = [b for b in _binaries(getattr(kern, fn)) if id(b) not in before[name]]
                     if new:
                         usage[launched[name]] = (*_usage(new[-1]), new[-1].metadata.shared)
                 times = kernel_times_us(both, list(KERNELS.values()), args.calls)
                 for name, fn in KERNELS.items():
-                    warps = mod._options(name, q, batch * HEADS)["num_warps"]
+                    warps = options_of[name]["num_warps"]
                     regs, spills, shared = usage.get(launched[name], (None, None, None))
                     per_sm = resident_programs(regs, warps)
                     row = {"config": config, "res": args.res, "batch": batch, "programs": batch * HEADS,

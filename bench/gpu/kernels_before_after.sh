@@ -20,9 +20,14 @@ for side in before after; do
       --res "${case_%x*}" --batch "${case_#*x}" --rounds "${ROUNDS:-10}"
   done
 done
-for w in ${WAVES:-256:28,32}; do  # kernel, batch, µs before and after (the rows of both runs side by side)
-  echo "== ${w%%:*} px: config | batch | kernel | us before | us after"
-  paste -d'|' <(grep '^| auto' "$OUT/waves_before_${w%%:*}.log" | cut -d'|' -f2,4,6,15) \
-              <(grep '^| auto' "$OUT/waves_after_${w%%:*}.log" | cut -d'|' -f15)
+for w in ${WAVES:-256:28,32}; do  # each kernel's µs before and after, from the two runs' gla_waves.json
+  python3 - "/tmp/waves_before_${w%%:*}/gla_waves.json" "/tmp/waves_after_${w%%:*}/gla_waves.json" <<'PY'
+import json, sys
+before, after = ({(r["batch"], r["kernel"]): r["us"] for r in json.load(open(f))["rows"] if r["config"] == "auto"}
+                 for f in sys.argv[1:])
+print(f"== {json.load(open(sys.argv[1]))['rows'][0]['res']} px: batch | kernel | us before | us after")
+for key in before:
+    print(f"{key[0]} | {key[1]} | {before[key]:.1f} | {after.get(key, float('nan')):.1f}")
+PY
 done
 show_failures "$OUT"/*.log
