@@ -1,11 +1,10 @@
 """Runs dig.ops.gla_gated (the GLA and its output norm-gate as one operator on q | k | v | gate packed in one
 tensor) under Triton's CPU interpreter: `TRITON_INTERPRET=1 python gla_gated_interpret.py IN OUT`.
 
-IN holds a list of cases (qkvz, g, the norm weight, eps, the cotangent of y, splits, a token order; or, for the
-operator with the forget gate packed (`gate_scale` in the case), qkvzr, the gate's second projection and bias, the
-norm weight). OUT receives each case's y and the gradients of its inputs, where the backward's kernels wrote dq, dk,
-dv and dgate (data pointers, in bytes from the start of the gradient they were given), and reports on
-torch.compile(fullgraph=True) of each operator inside a small function. A separate process because Triton decides between interpreted and
+IN holds a list of cases (qkvz, g, the norm weight, eps, the cotangent of y, splits, a token order). OUT receives
+each case's y and the gradients of qkvz, g and the weight, where the backward's kernels wrote dq, dk, dv and dgate
+(data pointers, in bytes from the start of the gradient they were given), and a report on torch.compile(fullgraph=
+True) of the operator inside a small function. A separate process because Triton decides between interpreted and
 compiled kernels when its modules are imported.
 """
 import importlib
@@ -40,14 +39,9 @@ def run_case(case):
     gla_triton._backward, norm_gate_triton._backward = spied_gla_backward, spied_norm_gate_backward
     try:
         leaves = [x.clone().requires_grad_() for x in case["inputs"]]
-        if "gate_scale" in case:
-            qkvzr, gate_weight, gate_bias, weight = leaves
-            y = module.gla_gated_packed_gate_triton(qkvzr, gate_weight, gate_bias, case["gate_scale"], weight,
-                                                    case["eps"], splits=case["splits"], token_order=case["order"])
-        else:
-            qkvz, g, weight = leaves
-            y = module.gla_gated_packed_triton(qkvz, g, weight, case["eps"], splits=case["splits"],
-                                               token_order=case["order"])
+        qkvz, g, weight = leaves
+        y = module.gla_gated_packed_triton(qkvz, g, weight, case["eps"], splits=case["splits"],
+                                           token_order=case["order"])
         (y.double() * case["cotangent"]).sum().backward()
     finally:
         gla_triton._backward, norm_gate_triton._backward = gla_backward, norm_gate_backward
@@ -70,21 +64,5 @@ def compile_report():
     return interpreter.compile_report(gla_triton, block, inputs)
 
 
-def compile_report_gate():
-    """The same for the operator with the forget gate packed."""
-
-    def block(qkvzr, gate_weight, gate_bias, weight):
-        return (module.gla_gated_packed_gate_triton(qkvzr * 2, gate_weight, gate_bias, 1 / 16, weight, 1e-6)
-                + 1).square()
-
-    gen = torch.Generator().manual_seed(0)
-    H, K, V, R = 2, 16, 32, 8
-    inputs = [torch.randn(2, 20, 2 * H * K + 2 * H * V + R, generator=gen),
-              torch.randn(H * K, R, generator=gen) / R ** 0.5, torch.randn(H * K, generator=gen),
-              1 + 0.1 * torch.randn(V, generator=gen)]
-    return interpreter.compile_report(gla_triton, block, inputs)
-
-
 cases = torch.load(sys.argv[1])
-torch.save({"cases": [run_case(c) for c in cases], "compile": compile_report(),
-            "compile_gate": compile_report_gate()}, sys.argv[2])
+torch.save({"cases": [run_case(c) for c in cases], "compile": compile_report()}, sys.argv[2])

@@ -516,52 +516,6 @@ def test_gated_packed_operator_matches_float64(splits, ordered):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("splits,ordered", [(1, False), (None, True)], ids=["one-split", "auto-splits-ordered"])
-def test_gated_packed_operator_with_forget_gate_matches_float64(splits, ordered):
-    """DiG-XL/2 at 256 px (4 images), bf16, its forget gate packed (model.overrides.packed_forget_gate): q | k | v |
-    gate | r in one [B, T, 3472] tensor, the log decays logsigmoid(r W2^T + b) / 16 computed in the kernels from
-    the logits, against float64 autograd of the gate, the torch backend and the norm-gate reference: y, every part
-    of the packed tensor's gradient, W2's, b's (against the sum of their terms' magnitudes) and the norm weight's."""
-    from dig.ops import gla_gated_packed_gate
-    from dig.ops.norm_gate_torch import rms_norm_swish_gate_torch
-
-    B, T, H, K, V, R = 4, 256, 18, 32, 64, 16
-    gen = torch.Generator(device="cuda").manual_seed(29)
-    bf16 = dict(device="cuda", dtype=torch.bfloat16)
-    qkvzr = torch.randn(B, T, 2 * H * K + 2 * H * V + R, device="cuda", generator=gen).bfloat16().requires_grad_()
-    gate_weight = (torch.randn(H * K, R, device="cuda", generator=gen) / 4).to(**bf16).requires_grad_()
-    gate_bias = torch.randn(H * K, device="cuda", generator=gen).to(**bf16).requires_grad_()
-    weight = (1 + 0.2 * torch.randn(V, device="cuda", generator=gen)).requires_grad_()
-    dy = torch.randn(B, T, H, V, device="cuda", generator=gen)
-    order = torch.randperm(T, device="cuda", generator=gen) if ordered else None
-    if splits == 1:  # (4 x 18 sequence-heads: the automatic choice would split on an H200)
-        y = importlib.import_module("dig.ops.gla_gated").gla_gated_packed_gate_triton(
-            qkvzr, gate_weight, gate_bias, 1 / 16, weight, 1e-6, splits=1)
-    else:  # the public function, the automatic splits
-        y = gla_gated_packed_gate(qkvzr, gate_weight, gate_bias, 1 / 16, weight, 1e-6, backend="triton",
-                                  token_order=order)
-    (y.double() * dy).sum().backward()
-    leaves64 = [x.detach().double().requires_grad_() for x in (qkvzr, gate_weight, gate_bias, weight)]
-    logits = leaves64[0][..., -R:] @ leaves64[1].t() + leaves64[2]
-    logits.retain_grad()
-    g = (F.logsigmoid(logits) / 16).unflatten(-1, (H, K))
-    q, k, v, gate = unpack_qkvz(leaves64[0][..., :-R], H, K)
-    index = order.long() if ordered else torch.arange(T, device="cuda")
-    o_ref, _ = gla_torch(q[:, index], k[:, index], v[:, index], g[:, index])
-    y_ref = rms_norm_swish_gate_torch(o_ref, gate[:, index], leaves64[3], 1e-6)
-    (y_ref * dy[:, index]).sum().backward()
-    parts = lambda x: (*unpack_qkvz(x[..., :-R], H, K), x[..., -R:])  # noqa: E731
-    dlogits, low_rank = logits.grad.flatten(0, 1), leaves64[0].detach()[..., -R:].flatten(0, 1)
-    errors = {"y": _norm_err(y[:, index], y_ref), "dweight": _norm_err(weight.grad, leaves64[3].grad),
-              **{name: _norm_err(a, b) for name, a, b in zip(("dq", "dk", "dv", "dgate", "dr"),
-                                                             parts(qkvzr.grad), parts(leaves64[0].grad))},
-              "dW2": ((gate_weight.grad.double() - leaves64[1].grad).norm()
-                      / (dlogits.abs().t() @ low_rank.abs()).norm()).item(),
-              "db": ((gate_bias.grad.double() - leaves64[2].grad).norm() / dlogits.abs().sum(0).norm()).item()}
-    assert all(err <= FLA_TOL[torch.bfloat16] for err in errors.values()), errors
-
-
-@pytest.mark.gpu
 @pytest.mark.parametrize("T", [1, 63, 65, 200])
 def test_kernels_match_recurrence_small(T):
     """Every backend on CUDA against the token-by-token recurrence, T not a multiple of a chunk size."""

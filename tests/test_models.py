@@ -487,20 +487,16 @@ def test_mlp_recompute_keeps_the_swiglu_product_out_of_the_saved_activations():
     assert frames["ok"] == frames["total"] and stats["unique_graphs"] == results["compiled"][3]["unique_graphs"]
 
 
-@pytest.mark.parametrize("forget_gate", [True, False], ids=["forget-gate-packed", "forget-gate-apart"])
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-def test_packed_projections_compute_the_separate_projections(compiled, forget_gate):
+def test_packed_projections_compute_the_separate_projections(compiled):
     """packed_projections (the default: q, k, v and the output gate as one GEMM whose output goes whole to the GLA
-    and norm-gate), with the forget gate's first projection in that GEMM too (packed_forget_gate, the default) or
-    not: the same outputs and every parameter's gradient as separate Linears, in float64 on the CPU, eager and
-    compiled; the state dict keeps the release's names."""
+    and norm-gate): the same outputs and every parameter's gradient as four separate Linears, in float64 on the
+    CPU, eager and compiled; the state dict keeps the release's names."""
     x, t, y = torch.randn(2, 4, 8, 8, dtype=torch.float64), torch.tensor([3, 600]), torch.tensor([1, 2])
     separate = randomize(create_model("DiG-S/2", **{**TINY, "depth": 4}, gla_backend="torch",
                                       packed_projections=False), seed=5).double()
-    packed = create_model("DiG-S/2", **{**TINY, "depth": 4}, gla_backend="torch",
-                          packed_forget_gate=forget_gate).double()
+    packed = create_model("DiG-S/2", **{**TINY, "depth": 4}, gla_backend="torch").double()
     assert packed.blocks[0].attn.packed_projections and not separate.blocks[0].attn.packed_projections
-    assert packed.blocks[0].attn.packed_forget_gate == forget_gate and not separate.blocks[0].attn.packed_forget_gate
     assert packed.state_dict().keys() == separate.state_dict().keys()
     packed.load_state_dict(separate.state_dict())
     results = []

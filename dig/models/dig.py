@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from dig.ops import BACKENDS, gla, gla_gated_packed, gla_gated_packed_gate, resolve_backend
+from dig.ops import BACKENDS, gla, gla_gated_packed, resolve_backend
 from dig.ops.dwconv import depthwise_conv3x3
 from dig.ops.norm_gate_torch import rms_norm_swish_gate_torch
 from dig.ops.norm_gate_triton import rms_norm_swish_gate
@@ -61,17 +61,13 @@ class GatedLinearAttention(nn.Module):
     1e-6, not fla's layer default 1e-5: the release builds the layer with its GLAConfig's rms_norm_eps=1e-6.
     packed_projections: q, k, v and the output gate as one GEMM (the weights concatenated per call; parameters and
     names unchanged) whose output goes whole to one operator for the GLA and the output norm-gate
-    (dig.ops.gla_gated_packed), whose backward writes one gradient for that GEMM. packed_forget_gate (with
-    packed_projections): the forget gate's low-rank first projection W1 as 16 more columns of that GEMM, and its
-    second projection, the logsigmoid and their backward inside the operator (dig.ops.gla_gated_packed_gate)."""
+    (dig.ops.gla_gated_packed), whose backward writes one gradient for that GEMM."""
 
     def __init__(self, hidden_size: int, num_heads: int, expand_k: float = 0.5, expand_v: float = 1.0,
                  gate_low_rank_dim: int = 16, gate_logit_normalizer: float = 16.0, norm_eps: float = 1e-6,
-                 backend: str = "auto", norm_gate_kernel: bool = True, packed_projections: bool = True,
-                 packed_forget_gate: bool = True):
+                 backend: str = "auto", norm_gate_kernel: bool = True, packed_projections: bool = True):
         super().__init__()
         self.packed_projections = packed_projections
-        self.packed_forget_gate = packed_projections and packed_forget_gate
         key_dim, value_dim = int(hidden_size * expand_k), int(hidden_size * expand_v)
         if key_dim % num_heads or value_dim % num_heads:
             raise ValueError(f"GLA: key dim {key_dim} and value dim {value_dim} must be divisible by "
@@ -107,31 +103,18 @@ class GatedLinearAttention(nn.Module):
             # its own copy of it for backward.
             x = x.to(torch.get_autocast_dtype(x.device.type))
         heads = lambda z: z.reshape(n, t, self.num_heads, -1)  # noqa: E731  [N, T, H, head_dim], fla's layout
-        down, up = self.gk_proj
-        log_decays = lambda low_rank: F.logsigmoid(heads(up(low_rank))) / self.gate_logit_normalizer  # noqa: E731
+        gk = F.logsigmoid(heads(self.gk_proj(x))) / self.gate_logit_normalizer
         if self.packed_projections:
-            linears = (self.q_proj, self.k_proj, self.v_proj, self.g_proj)
-            packed = _stacked_linears(x, linears + ((down,) if self.packed_forget_gate else ()))
-            qkvz = packed[..., :-down.out_features] if self.packed_forget_gate else packed
-            q, k, v, gate = unpack_qkvz(qkvz, self.num_heads, self.q_proj.out_features // self.num_heads)
-            low_rank = packed[..., -down.out_features:] if self.packed_forget_gate else down(x)
+            qkvz = _stacked_linears(x, (self.q_proj, self.k_proj, self.v_proj, self.g_proj))
+            q, k, v, gate = unpack_qkvz(qkvz, self.num_heads, gk.shape[-1])
             if self.g_norm_swish_gate.kernel and resolve_backend(self.backend, x.device, q, v) == "triton":
-                # one operator for the GLA and the norm-gate (and the gate's second projection): its gradient is
-                # one tensor of the packed GEMM's layout
+                # one operator for the GLA and the norm-gate: its gradient is one tensor of qkvz's layout
                 norm = self.g_norm_swish_gate
-                if self.packed_forget_gate:
-                    o = gla_gated_packed_gate(packed, up.weight.to(x.dtype), up.bias.to(x.dtype),
-                                              1 / self.gate_logit_normalizer, norm.weight, norm.eps, backend="triton",
-                                              token_order=token_order)
-                else:
-                    o = gla_gated_packed(qkvz, log_decays(low_rank), norm.weight, norm.eps, backend="triton",
-                                         token_order=token_order)
+                o = gla_gated_packed(qkvz, gk, norm.weight, norm.eps, backend="triton", token_order=token_order)
                 return self.o_proj(o.reshape(n, t, -1))
-            gk = log_decays(low_rank)
         else:
             q, k, v, gate = self.q_proj(x), self.k_proj(x), self.v_proj(x), self.g_proj(x)
             q, k, v, gate = heads(q), heads(k), heads(v), heads(gate)
-            gk = log_decays(down(x))
         o, _ = _gla(q, k, v, gk, self.backend, token_order)
         o = self.g_norm_swish_gate(o, gate)
         return self.o_proj(o.reshape(n, t, -1))
@@ -177,19 +160,17 @@ class SwiGLU(nn.Module):
 class DiGBlock(nn.Module):
     """[long-skip fuse] -> adaLN-Zero GLA -> adaLN-Zero SwiGLU -> depthwise 3x3 conv over the token grid
     (dw_conv_flipped_grad: its input gradient as a forward convolution, dig/ops/dwconv.py; False: F.conv2d's;
-    packed_projections, packed_forget_gate: GatedLinearAttention's; mlp_recompute, mlp_kernel: SwiGLU's
-    recompute_product, kernel)."""
+    packed_projections: GatedLinearAttention's; mlp_recompute, mlp_kernel: SwiGLU's recompute_product, kernel)."""
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, gla_backend: str, long_skip: bool,
                  norm_gate_kernel: bool = True, mlp_recompute: bool = False, dw_conv_flipped_grad: bool = True,
-                 packed_projections: bool = True, mlp_kernel: bool = True, packed_forget_gate: bool = True):
+                 packed_projections: bool = True, mlp_kernel: bool = True):
         super().__init__()
         self.dw_conv_flipped_grad = dw_conv_flipped_grad
         self.skip_linear = nn.Linear(2 * hidden_size, hidden_size) if long_skip else None
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.attn = GatedLinearAttention(hidden_size, num_heads, backend=gla_backend,
-                                         norm_gate_kernel=norm_gate_kernel, packed_projections=packed_projections,
-                                         packed_forget_gate=packed_forget_gate)
+                                         norm_gate_kernel=norm_gate_kernel, packed_projections=packed_projections)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.mlp = SwiGLU(hidden_size, mlp_ratio, recompute_product=mlp_recompute, kernel=mlp_kernel)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
@@ -281,10 +262,7 @@ class DiG(LatentDiffusionTransformer):
     F.conv2d's backward. packed_projections (default): each GLA layer's q, k, v and output-gate projections as one
     GEMM (DiT's qkv shape), its output read in place and its gradient written as one tensor by one operator for the
     GLA and its output norm-gate (dig/ops/gla_gated.py): DiG-XL/2 steps about 3 % shorter on an H200 at 256 px / 32,
-    512 px / 32 and 1024 px / 8 (BENCHMARKS.md, 2026-11-30); false: four GEMMs. packed_forget_gate (default, with
-    packed_projections): the forget gate's 16-column first projection in that GEMM too, its second projection and
-    logsigmoid inside the operator (the log decays computed in the GLA kernels from the logits); false: the gate's
-    own two GEMMs and logsigmoid. mlp_recompute (default): each
+    512 px / 32 and 1024 px / 8 (BENCHMARKS.md, 2026-11-30); false: four GEMMs. mlp_recompute (default): each
     SwiGLU recomputes silu(gate) * up in the backward instead of saving it (SwiGLU.recompute_product): peak memory
     at 512 px / 32 images on one H200 47.6 GiB instead of 52.8 (DiT-XL/2: 47.8) for 0-1 % of the speed. mlp_kernel
     (default; with mlp_recompute, on CUDA): that recompute inside one operator whose backward kernel writes the
@@ -297,7 +275,7 @@ class DiG(LatentDiffusionTransformer):
                  grad_checkpointing: bool = False, pos_embed_base_size: int | tuple[int, int] | None = None,
                  long_skip: bool = False, skip_init: str = "zero", scan_in_kernel: bool = False,
                  norm_gate_kernel: bool = True, mlp_recompute: bool = True, dw_conv_flipped_grad: bool = True,
-                 packed_projections: bool = True, mlp_kernel: bool = True, packed_forget_gate: bool = True):
+                 packed_projections: bool = True, mlp_kernel: bool = True):
         super().__init__(input_size=input_size, patch_size=patch_size, in_channels=in_channels,
                          hidden_size=hidden_size, num_classes=num_classes, learn_sigma=learn_sigma,
                          class_dropout_prob=class_dropout_prob, pos_embed_base_size=pos_embed_base_size,
@@ -319,7 +297,7 @@ class DiG(LatentDiffusionTransformer):
             DiGBlock(hidden_size, num_heads, mlp_ratio, gla_backend, long_skip=long_skip and i > depth // 2,
                      norm_gate_kernel=norm_gate_kernel, mlp_recompute=mlp_recompute,
                      dw_conv_flipped_grad=dw_conv_flipped_grad, packed_projections=packed_projections,
-                     mlp_kernel=mlp_kernel, packed_forget_gate=packed_forget_gate)
+                     mlp_kernel=mlp_kernel)
             for i in range(depth)
         ])
         self.scan_in_kernel = scan_in_kernel

@@ -15,10 +15,9 @@ from __future__ import annotations
 import warnings
 
 import torch
-import torch.nn.functional as F
 
 from .gla_fla import FlaUnavailableError, fla_installed, gla_fla
-from .gla_gated import gla_gated_packed_gate_triton, gla_gated_packed_triton, unpack_qkvzr
+from .gla_gated import gla_gated_packed_triton
 from .gla_torch import gla_torch
 from .gla_triton import MAX_K, MAX_V, checked_token_order, gla_triton, inverse_order, triton_installed
 from .gla_triton import sm_count_of as _sm_count_of
@@ -28,8 +27,8 @@ from .token_rows import unpack_qkvz
 
 BACKENDS = ("auto", "torch", "fla", "triton")
 
-__all__ = ["BACKENDS", "FlaUnavailableError", "gla", "gla_fla", "gla_gated_packed", "gla_gated_packed_gate",
-           "gla_torch", "gla_triton", "resolve_backend"]
+__all__ = ["BACKENDS", "FlaUnavailableError", "gla", "gla_fla", "gla_gated_packed", "gla_torch", "gla_triton",
+           "resolve_backend"]
 
 
 def resolve_backend(backend: str, device: torch.device, q: torch.Tensor | None = None,
@@ -148,22 +147,3 @@ def gla_gated_packed(qkvz: torch.Tensor, g: torch.Tensor, weight: torch.Tensor, 
         return gla_gated_packed_triton(qkvz, g, weight, eps, scale=scale, token_order=token_order)
     o, _ = gla(q, k, v, g, scale=scale, backend=backend, token_order=token_order)
     return rms_norm_swish_gate(o, gate, weight, eps)
-
-
-def gla_gated_packed_gate(qkvzr: torch.Tensor, gate_weight: torch.Tensor, gate_bias: torch.Tensor, gate_scale: float,
-                          weight: torch.Tensor, eps: float, scale: float | None = None, backend: str = "auto",
-                          token_order: torch.Tensor | None = None) -> torch.Tensor:
-    """gla_gated_packed with the forget gate's low-rank first projection r as the last R columns (q | k | v | gate
-    | r: DiG's input GEMM with W1 packed in) and g = logsigmoid(r W2^T + b) * gate_scale (gate_weight: W2 [H * K,
-    R], gate_bias: b [H * K]). With the Triton kernels one operator that computes the log decays from the logits
-    inside the GLA kernels and writes r's gradient into the last R columns of qkvzr's gradient
-    (dig/ops/gla_gated.py); otherwise the gate, then gla_gated_packed."""
-    q, k, v, gate, low_rank = unpack_qkvzr(qkvzr, gate_weight, weight)
-    on_kernels = resolve_backend(backend, qkvzr.device, q, v) == "triton" and all(
-        x.dtype in _NORM_GATE_KERNEL_DTYPES for x in (qkvzr, weight))
-    if on_kernels:
-        return gla_gated_packed_gate_triton(qkvzr, gate_weight, gate_bias, gate_scale, weight, eps, scale=scale,
-                                            token_order=token_order)
-    g = F.logsigmoid(F.linear(low_rank, gate_weight, gate_bias)).view(q.shape) * gate_scale
-    return gla_gated_packed(qkvzr[..., :-low_rank.shape[-1]], g, weight, eps, scale=scale, backend=backend,
-                            token_order=token_order)

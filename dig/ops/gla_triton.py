@@ -171,15 +171,13 @@ def _splits_for(q: torch.Tensor, splits: int) -> int:
 
 
 def _launch_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, splits: int = 1,
-                 order: torch.Tensor | None = None, gate_logits: float = 0.0) -> dict:
-    """The kernels' compile-time arguments. gate_logits > 0: g holds gate logits x, the log decays are
-    logsigmoid(x) * gate_logits (computed in the kernels), and the dk/dv/dg sweep writes x's gradient."""
+                 order: torch.Tensor | None = None) -> dict:
     B, T, H, K = q.shape
     NS, CPS = _split_layout(T, splits)
     return dict(T=T, H=H, K=K, V=v.shape[-1], BT=CHUNK, BK=_block(K), BV=_block(v.shape[-1]),
                 PRECISION=_precision(q), GATE_PRECISION=_token_sum_precisions(q, g)[0], NS=NS, CPS=CPS,
                 ORDERED=order is not None, STRIDE_Q=token_stride(q), STRIDE_K=token_stride(k),
-                STRIDE_V=token_stride(v), STRIDE_G=token_stride(g), GATE_LOGITS=float(gate_logits))
+                STRIDE_V=token_stride(v), STRIDE_G=token_stride(g))
 
 
 def _token_sum_precisions(q: torch.Tensor, g: torch.Tensor) -> tuple[str, str]:
@@ -229,10 +227,10 @@ def _block(n: int) -> int:
     return max(16, 1 << (n - 1).bit_length())
 
 
-def _forward(q, k, v, g, scale, h0, output_final_state, splits=1, order=None, gate_logits=0.0):
+def _forward(q, k, v, g, scale, h0, output_final_state, splits=1, order=None):
     fwd, _, _ = _kernels()
     B, T, H, K = q.shape
-    args = _launch_args(q, k, v, g, splits, order, gate_logits)
+    args = _launch_args(q, k, v, g, splits, order)
     o = torch.empty_like(v, dtype=q.dtype, memory_format=torch.contiguous_format)
     ht = q.new_empty(B, H, K, v.shape[-1], dtype=torch.float32) if output_final_state else None
     if args["NS"] > 1:
@@ -270,17 +268,17 @@ def _split_end_state_grads(q, g, do, gsum, order, scale, args):
     return ends
 
 
-def _backward(q, k, v, g, h0, scale, do, dht, need_dh0, splits=1, order=None, grads_into=None, gate_logits=0.0):
+def _backward(q, k, v, g, h0, scale, do, dht, need_dh0, splits=1, order=None, grads_into=None):
     """dq, dk, dv, dg, dh0. grads_into: three [B, T, H, D] views that receive dq, dk and dv (the columns of one
     gradient when q, k and v came packed in one tensor, gla_gated.py; token_rows.in_token_rows layouts), else new
-    tensors. gate_logits > 0: g holds gate logits (_launch_args) and dg is their gradient."""
+    tensors."""
     if grads_into is not None:
         _check_grads_into(grads_into, q, v)
     _, bwd_dq, bwd_dkv = _kernels()
     B, T, H, K = q.shape
     do = do.contiguous()
     dht = dht.contiguous() if dht is not None else None
-    args = _launch_args(q, k, v, g, splits, order, gate_logits)
+    args = _launch_args(q, k, v, g, splits, order)
     NS = args["NS"]
     dq = torch.empty(q.shape, dtype=torch.float32, device=q.device)
     final_dg = torch.empty(B, H, K, dtype=torch.float32, device=q.device) if dht is not None else None
@@ -309,10 +307,7 @@ def _backward(q, k, v, g, h0, scale, do, dht, need_dh0, splits=1, order=None, gr
         per_step = after.view(B, H, NS, K).transpose(1, 2).repeat_interleave(args["CPS"] * CHUNK, dim=1)[:, :T]
         if order is not None:  # scan step s is token order[s]
             per_step = per_step.index_select(1, inverse_order(order))
-        dg = dg + per_step
-        if gate_logits:  # (the kernels' NS > 1 dg are the log decays' gradients)
-            dg = dg * gate_logits * torch.sigmoid(-g.float())
-        dg = dg.to(g.dtype)
+        dg = (dg + per_step).to(g.dtype)
     return dq_out, dk, dv, dg, dh0
 
 

@@ -76,48 +76,18 @@ def _split_vector(i_s, K: tl.constexpr, BK: tl.constexpr, NS: tl.constexpr):
 @triton.jit
 def _load_chunk(q, k, g, v, i_t, i_b, i_h, order, T: tl.constexpr, H: tl.constexpr, K: tl.constexpr,
                 V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ORDERED: tl.constexpr,
-                STRIDE_Q: tl.constexpr, STRIDE_K: tl.constexpr, STRIDE_V: tl.constexpr, STRIDE_G: tl.constexpr,
-                GATE_LOGITS: tl.constexpr):
+                STRIDE_Q: tl.constexpr, STRIDE_K: tl.constexpr, STRIDE_V: tl.constexpr, STRIDE_G: tl.constexpr):
     """Chunk i_t's q, k, g and v rows as stored."""
     p_q, p_k, p_g, p_v, _, _, m_k, m_v = _chunk_offsets(i_t, i_b, i_h, order, T, H, K, V, BT, BK, BV, ORDERED,
                                                         STRIDE_Q, STRIDE_K, STRIDE_V, STRIDE_G)
-    return _load_at(q, k, g, v, p_q, p_k, p_g, p_v, m_k, m_v, GATE_LOGITS)
+    return _load_at(q, k, g, v, p_q, p_k, p_g, p_v, m_k, m_v)
 
 
 @triton.jit
-def _load_at(q, k, g, v, p_q, p_k, p_g, p_v, m_k, m_v, GATE_LOGITS: tl.constexpr):
+def _load_at(q, k, g, v, p_q, p_k, p_g, p_v, m_k, m_v):
     """q, k, g and v at a chunk's offsets (padding rows: no decay and no key)."""
     return (tl.load(q + p_q, mask=m_k, other=0.), tl.load(k + p_k, mask=m_k, other=0.),
-            _load_gates(g, p_g, m_k, GATE_LOGITS), tl.load(v + p_v, mask=m_v, other=0.))
-
-
-@triton.jit
-def _load_gates(g, p_g, m_g, GATE_LOGITS: tl.constexpr):
-    """g as stored, padding with no decay: 0 for log decays, +inf for gate logits (logsigmoid(+inf) = 0)."""
-    if GATE_LOGITS > 0:
-        r_g = tl.load(g + p_g, mask=m_g, other=float("inf"))
-    else:
-        r_g = tl.load(g + p_g, mask=m_g, other=0.)
-    return r_g
-
-
-@triton.jit
-def _log_decays(r_g, GATE_LOGITS: tl.constexpr):
-    """The log decays in float32 of gates as loaded: g itself, or with GATE_LOGITS (a positive scale) logsigmoid(x)
-    * GATE_LOGITS of logits x, rounded to x's dtype (what the gates computed outside and stored would be)."""
-    x = r_g.to(tl.float32)
-    if GATE_LOGITS > 0:
-        x = ((tl.minimum(x, 0.) - tl.log(1. + tl.exp(-tl.abs(x)))) * GATE_LOGITS).to(r_g.dtype).to(tl.float32)
-    return x
-
-
-@triton.jit
-def _logit_grads(dg, r_g, GATE_LOGITS: tl.constexpr):
-    """The gradient of gate logits x from that of their log decays, dg * GATE_LOGITS * sigmoid(-x); dg itself
-    without GATE_LOGITS."""
-    if GATE_LOGITS > 0:
-        dg = dg * GATE_LOGITS / (1. + tl.exp(r_g.to(tl.float32)))
-    return dg
+            tl.load(g + p_g, mask=m_k, other=0.), tl.load(v + p_v, mask=m_v, other=0.))
 
 
 @triton.jit
@@ -138,10 +108,9 @@ def _token_cumsum(x, PRECISION: tl.constexpr, BT: tl.constexpr, REVERSE: tl.cons
 
 
 @triton.jit
-def _chunk_values(r_q, r_k, r_g, r_v, scale, GATE_PRECISION: tl.constexpr, BT: tl.constexpr,
-                  GATE_LOGITS: tl.constexpr):
+def _chunk_values(r_q, r_k, r_g, r_v, scale, GATE_PRECISION: tl.constexpr, BT: tl.constexpr):
     """q (scaled), k, v in float32, gc and gl of a loaded chunk."""
-    b_g = _log_decays(r_g, GATE_LOGITS)
+    b_g = r_g.to(tl.float32)
     return (r_q.to(tl.float32) * scale, r_k.to(tl.float32), r_v.to(tl.float32),
             _token_cumsum(b_g, GATE_PRECISION, BT), tl.sum(b_g, axis=0))
 
@@ -277,8 +246,7 @@ def fwd_kernel(q, k, v, g, o, h0, ht, order, scale, max_decay,
                FAST_PRECISION: tl.constexpr, GATE_PRECISION: tl.constexpr, USE_H0: tl.constexpr,
                STORE_HT: tl.constexpr, NS: tl.constexpr,
                CPS: tl.constexpr, ORDERED: tl.constexpr, STRIDE_Q: tl.constexpr, STRIDE_K: tl.constexpr,
-               STRIDE_V: tl.constexpr, STRIDE_G: tl.constexpr, PREFETCH: tl.constexpr = False,
-               GATE_LOGITS: tl.constexpr = 0.0):
+               STRIDE_V: tl.constexpr, STRIDE_G: tl.constexpr, PREFETCH: tl.constexpr = False):
     """Outputs of one split of the sequence (the whole sequence when NS = 1), from its state at the start."""
     i_b, i_h, p_s, m_s = _head(H, K, V, BK, BV, NS)
     if USE_H0:
@@ -288,18 +256,17 @@ def fwd_kernel(q, k, v, g, o, h0, ht, order, scale, max_decay,
     first, end = _split_chunks(T, BT, CPS)
     if PREFETCH:
         n_q, n_k, n_g, n_v = _load_chunk(q, k, g, v, first, i_b, i_h, order, T, H, K, V, BT, BK, BV, ORDERED,
-                                         STRIDE_Q, STRIDE_K, STRIDE_V, STRIDE_G, GATE_LOGITS)
+                                         STRIDE_Q, STRIDE_K, STRIDE_V, STRIDE_G)
     for i_t in range(first, end):
         p_q, p_k, p_g, p_v, _, p_o, m_k, m_v = _chunk_offsets(i_t, i_b, i_h, order, T, H, K, V, BT, BK, BV, ORDERED,
                                                               STRIDE_Q, STRIDE_K, STRIDE_V, STRIDE_G)
         if PREFETCH:  # the next chunk's loads are in flight while this one computes
             r_q, r_k, r_g, r_v = n_q, n_k, n_g, n_v
             n_q, n_k, n_g, n_v = _load_chunk(q, k, g, v, tl.minimum(i_t + 1, end - 1), i_b, i_h, order,
-                                             T, H, K, V, BT, BK, BV, ORDERED, STRIDE_Q, STRIDE_K, STRIDE_V, STRIDE_G,
-                                             GATE_LOGITS)
+                                             T, H, K, V, BT, BK, BV, ORDERED, STRIDE_Q, STRIDE_K, STRIDE_V, STRIDE_G)
         else:
-            r_q, r_k, r_g, r_v = _load_at(q, k, g, v, p_q, p_k, p_g, p_v, m_k, m_v, GATE_LOGITS)
-        b_q, b_k, b_v, gc, gl = _chunk_values(r_q, r_k, r_g, r_v, scale, GATE_PRECISION, BT, GATE_LOGITS)
+            r_q, r_k, r_g, r_v = _load_at(q, k, g, v, p_q, p_k, p_g, p_v, m_k, m_v)
+        b_q, b_k, b_v, gc, gl = _chunk_values(r_q, r_k, r_g, r_v, scale, GATE_PRECISION, BT)
         A = _scores(b_q, b_k, gc, gl, max_decay, FAST_PRECISION, BT)
         b_o = _mm(A, b_v, FAST_PRECISION) + _mm(b_q * tl.exp(gc), S, FAST_PRECISION)
         tl.store(o + p_o, b_o.to(o.dtype.element_ty), mask=m_v)
@@ -318,7 +285,7 @@ def bwd_dq_kernel(q, k, v, g, do, dq, dht, final_dg, h0, order, scale, max_decay
                   FAST_PRECISION: tl.constexpr, GATE_PRECISION: tl.constexpr, USE_H0: tl.constexpr,
                   USE_DHT: tl.constexpr, NS: tl.constexpr,
                   CPS: tl.constexpr, ORDERED: tl.constexpr, STRIDE_Q: tl.constexpr, STRIDE_K: tl.constexpr,
-                  STRIDE_V: tl.constexpr, STRIDE_G: tl.constexpr, GATE_LOGITS: tl.constexpr = 0.0):
+                  STRIDE_V: tl.constexpr, STRIDE_G: tl.constexpr):
     """Forward sweep over one split: dq in float32 and, with a final-state gradient (NS = 1 only), the
     gate-gradient term sum_v S_T * dS_T that every position's dg receives."""
     i_b, i_h, p_s, m_s = _head(H, K, V, BK, BV, NS)
@@ -330,8 +297,8 @@ def bwd_dq_kernel(q, k, v, g, do, dq, dht, final_dg, h0, order, scale, max_decay
     for i_t in range(first, end):
         p_q, p_k, p_g, p_v, p_dq, p_do, m_k, m_v = _chunk_offsets(i_t, i_b, i_h, order, T, H, K, V, BT, BK, BV,
                                                                   ORDERED, STRIDE_Q, STRIDE_K, STRIDE_V, STRIDE_G)
-        r_q, r_k, r_g, r_v = _load_at(q, k, g, v, p_q, p_k, p_g, p_v, m_k, m_v, GATE_LOGITS)
-        b_q, b_k, b_v, gc, gl = _chunk_values(r_q, r_k, r_g, r_v, scale, GATE_PRECISION, BT, GATE_LOGITS)
+        r_q, r_k, r_g, r_v = _load_at(q, k, g, v, p_q, p_k, p_g, p_v, m_k, m_v)
+        b_q, b_k, b_v, gc, gl = _chunk_values(r_q, r_k, r_g, r_v, scale, GATE_PRECISION, BT)
         b_do = tl.load(do + p_do, mask=m_v, other=0.).to(tl.float32)
         dA = _output_grad_scores(b_do, b_v, FAST_PRECISION, BT)
         b_dq = _scores_grad_q(dA, b_k, gc, gl, max_decay, PRECISION, BT)
@@ -352,13 +319,12 @@ def bwd_dkv_kernel(q, k, v, g, do, dq, dq_out, dk, dv, dg, dht, final_dg, dh0, d
                    USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, NS: tl.constexpr,
                    CPS: tl.constexpr, ORDERED: tl.constexpr, STRIDE_Q: tl.constexpr, STRIDE_K: tl.constexpr,
                    STRIDE_V: tl.constexpr, STRIDE_G: tl.constexpr, GRAD_STRIDE_K: tl.constexpr,
-                   GRAD_STRIDE_V: tl.constexpr, GATE_LOGITS: tl.constexpr = 0.0):
+                   GRAD_STRIDE_V: tl.constexpr):
     """Reverse sweep over one split: dk, dv, and dg as the reverse cumulative sum of q*dq - k*dk; dq from the dq
     sweep's float32 buffer, stored in dq_out's dtype. dq_out and dk are written at token stride GRAD_STRIDE_K, dv
     at GRAD_STRIDE_V (H * K and H * V when contiguous; the row width of one packed q|k|v|gate gradient otherwise).
     The state gradient at the split's end comes from dht ([B * H, NS, K, V]); with NS > 1 the split's dg lacks the
-    sum of q*dq - k*dk over the splits after it, and that split total is stored in dgsum for the caller to add.
-    With GATE_LOGITS (g holds gate logits) and NS = 1, dg is the logits' gradient."""
+    sum of q*dq - k*dk over the splits after it, and that split total is stored in dgsum for the caller to add."""
     i_b, i_h, p_s, m_s = _head(H, K, V, BK, BV, NS)
     o_k = tl.arange(0, BK)
     if USE_DHT:
@@ -376,8 +342,8 @@ def bwd_dkv_kernel(q, k, v, g, do, dq, dq_out, dk, dv, dg, dht, final_dg, dh0, d
                                                                STRIDE_Q, STRIDE_K, STRIDE_V, STRIDE_G)
         p_dk = _tile(rows, i_b, i_h, T, GRAD_STRIDE_K, K, BK)
         p_dv = _tile(rows, i_b, i_h, T, GRAD_STRIDE_V, V, BV)
-        r_q, r_k, r_g, r_v = _load_at(q, k, g, v, p_q, p_k, p_g, p_v, m_k, m_v, GATE_LOGITS)
-        b_q, b_k, b_v, gc, gl = _chunk_values(r_q, r_k, r_g, r_v, scale, GATE_PRECISION, BT, GATE_LOGITS)
+        r_q, r_k, r_g, r_v = _load_at(q, k, g, v, p_q, p_k, p_g, p_v, m_k, m_v)
+        b_q, b_k, b_v, gc, gl = _chunk_values(r_q, r_k, r_g, r_v, scale, GATE_PRECISION, BT)
         b_do = tl.load(do + p_vc, mask=m_v, other=0.).to(tl.float32)
         to_end = tl.exp(gl[None, :] - gc)
         A = _scores(b_q, b_k, gc, gl, max_decay, FAST_PRECISION, BT)
@@ -391,8 +357,6 @@ def bwd_dkv_kernel(q, k, v, g, do, dq, dq_out, dk, dv, dg, dht, final_dg, dh0, d
         tl.store(dq_out + p_dk, b_dq.to(dq_out.dtype.element_ty), mask=m_k)
         dG = b_q / scale * b_dq - b_k * b_dk
         b_dg = _token_cumsum(dG, SUM_PRECISION, BT, REVERSE=True) + dg_after[None, :]
-        if NS == 1:
-            b_dg = _logit_grads(b_dg, r_g, GATE_LOGITS)
         tl.store(dg + p_kc, b_dg.to(dg.dtype.element_ty), mask=m_k)
         dg_after += tl.sum(dG, axis=0)
         dS = dS * tl.exp(gl)[:, None] + _mm(tl.trans(b_q * tl.exp(gc)), b_do, PRECISION)
@@ -412,8 +376,7 @@ def split_states_kernel(k, v, g, states, gsum, order,
                         T: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                         BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
                         GATE_PRECISION: tl.constexpr, NS: tl.constexpr, CPS: tl.constexpr, ORDERED: tl.constexpr,
-                        STRIDE_K: tl.constexpr, STRIDE_V: tl.constexpr, STRIDE_G: tl.constexpr,
-                        GATE_LOGITS: tl.constexpr = 0.0):
+                        STRIDE_K: tl.constexpr, STRIDE_V: tl.constexpr, STRIDE_G: tl.constexpr):
     """The state at a split's end from a zero state at its start, and the split's total gate per channel."""
     i_b, i_h, p_s, m_s = _head(H, K, V, BK, BV, NS)
     S = tl.zeros([BK, BV], dtype=tl.float32)
@@ -423,7 +386,7 @@ def split_states_kernel(k, v, g, states, gsum, order,
         rows, m_t = _chunk_rows(i_t, order, T, BT, ORDERED)
         m_k, m_v = _tile_mask(m_t, K, BK), _tile_mask(m_t, V, BV)
         b_k = tl.load(k + _tile(rows, i_b, i_h, T, STRIDE_K, K, BK), mask=m_k, other=0.).to(tl.float32)
-        b_g = _log_decays(_load_gates(g, _tile(rows, i_b, i_h, T, STRIDE_G, K, BK), m_k, GATE_LOGITS), GATE_LOGITS)
+        b_g = tl.load(g + _tile(rows, i_b, i_h, T, STRIDE_G, K, BK), mask=m_k, other=0.).to(tl.float32)
         b_v = tl.load(v + _tile(rows, i_b, i_h, T, STRIDE_V, V, BV), mask=m_v, other=0.).to(tl.float32)
         gl = tl.sum(b_g, axis=0)
         S = _next_state(S, b_k, b_v, _token_cumsum(b_g, GATE_PRECISION, BT), gl, PRECISION)
@@ -439,7 +402,7 @@ def split_state_grads_kernel(q, g, do, dstates, order, scale,
                              BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
                              GATE_PRECISION: tl.constexpr, NS: tl.constexpr, CPS: tl.constexpr,
                              ORDERED: tl.constexpr, STRIDE_Q: tl.constexpr,
-                             STRIDE_G: tl.constexpr, GATE_LOGITS: tl.constexpr = 0.0):
+                             STRIDE_G: tl.constexpr):
     """The gradient of the state at a split's start from the split's own outputs."""
     i_b, i_h, p_s, m_s = _head(H, K, V, BK, BV, NS)
     dS = tl.zeros([BK, BV], dtype=tl.float32)
@@ -448,7 +411,7 @@ def split_state_grads_kernel(q, g, do, dstates, order, scale,
         rows, m_t = _chunk_rows(end - 1 - i_r, order, T, BT, ORDERED)
         m_k, m_v = _tile_mask(m_t, K, BK), _tile_mask(m_t, V, BV)
         b_q = tl.load(q + _tile(rows, i_b, i_h, T, STRIDE_Q, K, BK), mask=m_k, other=0.).to(tl.float32) * scale
-        b_g = _log_decays(_load_gates(g, _tile(rows, i_b, i_h, T, STRIDE_G, K, BK), m_k, GATE_LOGITS), GATE_LOGITS)
+        b_g = tl.load(g + _tile(rows, i_b, i_h, T, STRIDE_G, K, BK), mask=m_k, other=0.).to(tl.float32)
         b_do = tl.load(do + _tile(rows, i_b, i_h, T, H * V, V, BV), mask=m_v, other=0.).to(tl.float32)
         gc = _token_cumsum(b_g, GATE_PRECISION, BT)
         dS = dS * tl.exp(tl.sum(b_g, axis=0))[:, None] + _mm(tl.trans(b_q * tl.exp(gc)), b_do, PRECISION)

@@ -172,12 +172,12 @@ class Trainer:
     def _resumed_model_kwargs(self, ckpt: str) -> dict:
         """The architecture the run was started with (incl. a position grid set by init_from); only runtime
         options (activation checkpointing, the SwiGLU recompute, GLA backend, the norm-gate kernels, the depthwise
-        conv's backward, the packed input projections and forget gate, the SwiGLU kernels) may change on resume."""
+        conv's backward, the packed input projections, the SwiGLU kernels) may change on resume."""
         from dig.models import without_retired
 
         saved = without_retired(checkpoint.load_trainer_meta(ckpt)["model_kwargs"])
         runtime_keys = ("grad_checkpointing", "mlp_recompute", "gla_backend", "norm_gate_kernel",
-                        "dw_conv_flipped_grad", "packed_projections", "mlp_kernel", "packed_forget_gate")
+                        "dw_conv_flipped_grad", "packed_projections", "mlp_kernel")
         current = {k: v for k, v in self.model_kwargs.items() if k not in runtime_keys}
         changed = {k: (saved.get(k), v) for k, v in current.items()
                    if saved.get(k) != v and not (k == "pos_embed_base_size" and self.cfg.model.pos_embed_base_size
