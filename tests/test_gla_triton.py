@@ -201,14 +201,21 @@ def test_bf16_dots_everywhere_lose_the_gate_gradient_under_strong_decays(interpr
 
 def test_mixed_dots_leave_the_state_and_dq_dk_dg_dh0_as_tf32_dots_do(interpreted):
     """"mixed" moves to bf16 only dots that cannot reach the final state, dq, dk, dg or dh0: on the same inputs
-    those come out bit for bit as with TF32 dots (the interpreter computes both in float32; bf16 rounding of the
-    exact bf16 operands of dA = do v^T changes nothing), while o and dv, from bf16 operands, differ."""
+    those come out as with TF32 dots up to float32's summation order (the interpreter computes every dot in float32,
+    and bf16 rounding of the exact bf16 operands of dA = do v^T changes no value), while o and dv, whose dots take
+    bf16-rounded operands that were not bf16, differ by bf16's rounding.
+    Not bit for bit: the interpreter's np.matmul sums in an order that depends on the CPU's BLAS kernel and the
+    operands' memory layout (a transposed view or the contiguous copy that rounding makes), e.g. 4.8e-6 apart for
+    a [16, 64] x [64, 16] product on an AVX-512 CPU."""
     _, _, _, mixed = interpreted["strong-bf16-mixed-dots"]
     _, _, _, tf32 = interpreted["strong-bf16-tf32-dots"]
-    assert torch.equal(mixed["state"], tf32["state"])
-    for i, name in enumerate(["dq", "dk", "dv", "dg", "dh0"]):
-        assert torch.equal(mixed["grads"][i], tf32["grads"][i]) == (name != "dv"), name
-    assert not torch.equal(mixed["o"], tf32["o"])
+    apart = {"state": _norm_err(mixed["state"], tf32["state"]), "o": _norm_err(mixed["o"], tf32["o"]),
+             **{name: _norm_err(mixed["grads"][i], tf32["grads"][i])
+                for i, name in enumerate(["dq", "dk", "dv", "dg", "dh0"])}}
+    # (on an AVX-512 CPU: dg 6.8e-6 apart, the rest of the group 0; o and dv 4.0e-3 and 4.1e-3. A flipped bf16
+    # rounding of a few of dq's or dk's entries would stay far below 2e-4.)
+    assert all(apart[name] <= 2e-4 for name in ("state", "dq", "dk", "dg", "dh0")), apart
+    assert all(apart[name] >= 1e-3 for name in ("o", "dv")), apart
 
 
 def test_dots_cases_ran_every_kernel_at_their_precisions(interpreted):
