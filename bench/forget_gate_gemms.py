@@ -6,7 +6,9 @@ timed against each other in rotating rounds (one process, one GPU).
 
 separate: y = x Wp^T, lr = x W1^T; dx = dy Wp + dlr W1 (an addmm on the first product), dWp = dy^T x, dW1 = dlr^T x
 packed:   [y | lr] = x [Wp; W1]^T; dx = [dy | dlr] [Wp; W1], d[Wp; W1] = [dy | dlr]^T x
-Only the GEMMs (and the add) that differ: the gate's 16-to-576 projection and the GLA are the same in both.
+Only the GEMMs (and the add) that differ: the gate's 16-to-576 projection and the GLA are the same in both. Plain
+aten GEMMs: in a compiled model inductor also pads rows that are not a multiple of 64 bf16 elements (3472 are not)
+and copies around a custom operator that takes them, which this does not time (BENCHMARKS.md, sixteenth session).
 """
 from __future__ import annotations
 
@@ -48,7 +50,7 @@ def _blocks(tokens: int, hidden: int, packed_cols: int, rank: int, device: torch
         return x @ w1.t(), dlr @ w1, dlr.t() @ x
 
     fns = {"separate (addmm)": separate, "separate (mm + add)": separate_add, "packed": packed,
-           "the 16 columns' GEMMs alone": gate_only}
+           f"the {rank} columns' GEMMs alone": gate_only}
     return {label: (lambda fn=fn: time_per_call(fn, device, inner, repeat)) for label, fn in fns.items()}
 
 
@@ -61,6 +63,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--inner", type=int, default=20, help="calls timed back to back per measurement")
     args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        ap.error("times cuBLAS GEMMs: needs a CUDA GPU")
     device = torch.device("cuda")
     rows = []
     for tokens in (int(t) for t in args.tokens.split(",")):
