@@ -114,8 +114,9 @@ def main(argv=None) -> None:
                 before = {name: {id(b) for b in _binaries(getattr(kern, fn))} for name, fn in KERNELS.items()}
                 both()
                 torch.cuda.synchronize()
-                options_of = {name: mod._options(name, q, batch * HEADS) for name in KERNELS}  # the batch picks
-                launched = {name: (name, repr(sorted(o.items()))) for name, o in options_of.items()}  # LAUNCH_BUSY
+                # the batch picks the launch (LAUNCH_BUSY), not the binary alone
+                options_of = {name: mod._options(name, q, batch * HEADS) for name in KERNELS}
+                launched = {name: (name, repr(sorted(o.items()))) for name, o in options_of.items()}
                 for name, fn in KERNELS.items():
                     new = [b for b in _binaries(getattr(kern, fn)) if id(b) not in before[name]]
                     if new:
